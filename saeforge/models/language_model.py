@@ -1,0 +1,256 @@
+"""LanguageModel: a causal LM with named sites to read and edit.
+
+Reading stops the forward pass as soon as every requested site has been seen, so caching layer 6 of a 30-layer model
+costs 7 layers. Editing goes through one mechanism, :meth:`LanguageModel.edit`, that every later feature uses
+(splicing an SAE in for evals, steering, clamping, flow and circuit experiments).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from saeforge.errors import SaeforgeError
+from saeforge.models.loading import (
+    ModelSource,
+    load_model_and_tokenizer,
+    parse_dtype,
+    resolve_device,
+    resolve_model_source,
+)
+from saeforge.models.sites import Site, canonical_site_names, family_for, resolve_site
+
+EditFn = Callable[[torch.Tensor], torch.Tensor]
+"""An edit takes the activation at a site, ``[batch, seq, d]``, and returns the tensor to use instead."""
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every requested site has been read; never escapes :meth:`LanguageModel.read`."""
+
+
+def _first_tensor(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output, new: torch.Tensor):
+    if isinstance(output, tuple):
+        return (new,) + tuple(output[1:])
+    return new
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    model_type: str
+    n_layers: int
+    d_model: int
+    vocab_size: int
+    max_context: int | None
+    fingerprint: str
+
+
+class LanguageModel:
+    """A Hugging Face causal LM with sites. Build it with :meth:`load`."""
+
+    def __init__(self, model: nn.Module, tokenizer, name: str, source: ModelSource | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.source = source
+        cfg = model.config
+        text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        self.model_type: str = getattr(text_cfg, "model_type", cfg.model_type)
+        self.n_layers: int = int(getattr(text_cfg, "num_hidden_layers", None) or getattr(text_cfg, "n_layer"))
+        self.d_model: int = int(getattr(text_cfg, "hidden_size", None) or getattr(text_cfg, "n_embd"))
+        self.vocab_size: int = int(text_cfg.vocab_size)
+        self.max_context: int | None = getattr(text_cfg, "max_position_embeddings", None) or getattr(
+            text_cfg, "n_positions", None
+        )
+        self._modules = dict(model.named_modules())
+        self._module_names = set(self._modules)
+        self._edit_handles: list = []
+
+    # ----------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, name: str = "embedded", *, dtype: str = "float32", device: str = "auto") -> "LanguageModel":
+        """Load by name: ``embedded`` (SmolLM2-135M-Instruct), a hub id, a local HF folder or a ``.gguf`` file."""
+        torch_dtype = parse_dtype(dtype)
+        source = resolve_model_source(name)
+        model, tokenizer = load_model_and_tokenizer(source, torch_dtype)
+        model.to(device=resolve_device(device), dtype=torch_dtype)
+        return cls(model, tokenizer, name, source)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def fingerprint(self) -> str:
+        """Identifies the weights, not the name: the converted embedded folder and the original GGUF agree."""
+        h = hashlib.sha256()
+        h.update(f"{self.model_type}|{self.n_layers}|{self.d_model}|{self.vocab_size}".encode())
+        emb = self.model.get_input_embeddings().weight
+        h.update(emb[: min(64, emb.shape[0])].detach().float().cpu().numpy().tobytes())
+        last = self._modules.get(self._block_path(self.n_layers - 1)) if self.family else None
+        if last is not None:
+            for p in list(last.parameters())[:1]:
+                h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.name, self.model_type, self.n_layers, self.d_model, self.vocab_size,
+                         self.max_context, self.fingerprint())
+
+    # ----------------------------------------------------------------------------------------------- sites
+    @property
+    def family(self):
+        return family_for(self.model_type)
+
+    def _block_path(self, layer: int) -> str:
+        return f"{self.family.layers}.{layer}"
+
+    def site(self, name: str) -> Site:
+        site = resolve_site(name, model_type=self.model_type, n_layers=self.n_layers, d_model=self.d_model,
+                            module_names=self._module_names)
+        if site.module_path not in self._modules:
+            raise SaeforgeError(
+                f"site {name!r} resolves to module {site.module_path!r}, which this {self.model_type} model lacks",
+                "pass a raw module path; `saeforge sites MODEL` lists the modules",
+            )
+        if site.d is None:
+            site = Site(site.name, site.module_path, site.hook, site.kind, site.layer, self._probe_width(site))
+        return site
+
+    def sites(self) -> list[Site]:
+        """The canonical sites of this model (empty for families saeforge has no mapping for)."""
+        if self.family is None:
+            return []
+        return [self.site(n) for n in canonical_site_names(self.n_layers)]
+
+    def _probe_width(self, site: Site) -> int:
+        ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
+        return int(self.read(ids, [site])[site.name].shape[-1])
+
+    def _resolve(self, sites: Sequence[str | Site]) -> list[Site]:
+        return [s if isinstance(s, Site) else self.site(s) for s in sites]
+
+    def check_context_length(self, context_length: int) -> None:
+        if context_length < 2:
+            raise SaeforgeError(f"context length {context_length} is too short", "use at least 2 tokens")
+        if self.max_context is not None and context_length > self.max_context:
+            raise SaeforgeError(
+                f"context length {context_length} is above the model's maximum of {self.max_context} tokens",
+                f"use --context-length {self.max_context} or less",
+            )
+
+    # ----------------------------------------------------------------------------------------------- hooks
+    def _register(self, site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+        """Call ``fn`` with the site's activation; if it returns a tensor, that tensor replaces the activation."""
+        module = self._modules[site.module_path]
+        if site.hook == "input":
+
+            def pre_hook(mod, args, kwargs):
+                if args:
+                    new = fn(args[0])
+                    return None if new is None else ((new,) + tuple(args[1:]), kwargs)
+                new = fn(kwargs["hidden_states"])
+                return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def hook(mod, args, output):
+            new = fn(_first_tensor(output))
+            return None if new is None else _replace_first(output, new)
+
+        return module.register_forward_hook(hook)
+
+    @contextlib.contextmanager
+    def edit(self, edits: Mapping[str | Site, EditFn]) -> Iterator["LanguageModel"]:
+        """Apply ``edits`` (site → function of the activation) to every forward pass inside the block.
+
+        Edits nest: an inner ``edit`` on the same site sees the outer edit's result. Reads inside the block see
+        the edited activations.
+        """
+        handles = []
+        try:
+            for key, fn in edits.items():
+                site = key if isinstance(key, Site) else self.site(key)
+                handles.append(self._register(site, fn))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    # ----------------------------------------------------------------------------------------------- forward
+    @torch.inference_mode()
+    def read(self, input_ids: torch.Tensor, sites: Sequence[str | Site],
+             attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Activations ``[batch, seq, d]`` at ``sites``; the forward pass stops once all of them are read."""
+        resolved = self._resolve(sites)
+        if not resolved:
+            raise SaeforgeError("no sites to read", "pass at least one site, e.g. layers.5.resid_post")
+        wanted = {s.name for s in resolved}
+        out: dict[str, torch.Tensor] = {}
+        handles = []
+
+        def make_reader(name):
+            def reader(act):
+                if name not in out:
+                    out[name] = act.detach()
+                    if len(out) == len(wanted):
+                        raise _StopForward
+                return None
+
+            return reader
+
+        try:
+            for site in resolved:
+                handles.append(self._register(site, make_reader(site.name)))
+            try:
+                self._call(input_ids, attention_mask)
+            except _StopForward:
+                pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = wanted - set(out)
+        if missing:
+            raise SaeforgeError(f"sites {sorted(missing)} were never reached in the forward pass",
+                                "check the module paths")
+        return out
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits ``[batch, seq, vocab]`` of a full forward pass (edits in force apply)."""
+        return self._call(input_ids, attention_mask).logits
+
+    def _call(self, input_ids, attention_mask):
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    # ----------------------------------------------------------------------------------------------- tokens
+    def special_token_ids(self) -> list[int]:
+        ids = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            val = getattr(self.tokenizer, attr, None)
+            if val is not None:
+                ids.add(int(val))
+        return sorted(ids)
+
+    def bos_token_id(self) -> int | None:
+        """The token that starts a context: BOS, or EOS for tokenizers without BOS (GPT-2 uses one token for both)."""
+        for attr in ("bos_token_id", "eos_token_id"):
+            val = getattr(self.tokenizer, attr, None)
+            if val is not None:
+                return int(val)
+        return None
