@@ -151,7 +151,7 @@ class ActivationCache:
 
     def shard_tensor(self, index: int, site: str) -> torch.Tensor:
         """One shard as a tensor in the cache dtype (a copy; shards are small)."""
-        t = torch.from_numpy(np.ascontiguousarray(self.shard_array(index, site)))
+        t = torch.from_numpy(np.array(self.shard_array(index, site)))
         return t.view(torch.bfloat16) if self.manifest["dtype"] == "bfloat16" else t
 
     def shard_tokens(self, index: int) -> np.ndarray:
@@ -252,8 +252,16 @@ def build_cache(cfg: CacheConfig, lm=None, progress: bool = True) -> ActivationC
         if child.name not in known:
             shutil.rmtree(child, ignore_errors=True)
 
-    done = manifest["token_count"]
     target = cfg.tokens
+    last = manifest["shards"][-1] if manifest["shards"] else None
+    if last is not None and last.get("truncated") and manifest["token_count"] < target:
+        # The last shard was cut to hit the old target; rebuild it whole so an extended cache equals one long run.
+        manifest["shards"].pop()
+        manifest["token_count"] -= last["tokens"]
+        _update_norm_stats(manifest)
+        atomic_write_json(manifest_path, manifest)
+        shutil.rmtree(shards_dir / last["name"], ignore_errors=True)
+    done = manifest["token_count"]
     if done >= target:
         manifest["complete"] = True
         atomic_write_json(manifest_path, manifest)
@@ -274,9 +282,11 @@ def build_cache(cfg: CacheConfig, lm=None, progress: bool = True) -> ActivationC
         nonlocal n_pending, shard_ctx_start, pending_tokens
         need = target - manifest["token_count"]
         name = f"{len(manifest['shards']):05d}"
-        tokens = torch.cat(pending_tokens)[:need]
+        tokens = torch.cat(pending_tokens)
+        truncated = tokens.shape[0] > need
+        tokens = tokens[:need]
         entry = {"name": name, "tokens": int(tokens.shape[0]), "context_start": shard_ctx_start,
-                 "context_end": context_end, "norm_sum": {}, "sq_norm_sum": {}}
+                 "context_end": context_end, "truncated": bool(truncated), "norm_sum": {}, "sq_norm_sum": {}}
         with atomic_directory(shards_dir / name) as tmp:
             for site_name, parts in pending.items():
                 acts = torch.cat(parts)[:need]

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# One command from a fresh clone: set everything up, then run the test suite (slow tests excluded; add -m slow
+# to run only those, or -m "" to run everything). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+exec "${SAEFORGE_VENV:-.venv}/bin/python" -m pytest -q "$@"

@@ -1,0 +1,58 @@
+import subprocess
+import sys
+
+import pytest
+
+from saeforge.cli import main
+
+COMMANDS = ("demo", "fetch", "sites", "cache")
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(c in out for c in COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_from_its_config_docstrings(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "(default:" in out
+
+
+def test_cache_help_documents_the_fields(capsys):
+    with pytest.raises(SystemExit):
+        main(["cache", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--context-length" in help_text and "Leave BOS/EOS/padding positions out" in help_text
+
+
+def test_user_errors_exit_2_with_problem_and_fix(tiny_llama_dir, text_file, tmp_path, capsys):
+    code = main(["cache", "--model", str(tiny_llama_dir), "--sites", "layers.9.resid_post", "--corpus",
+                 str(text_file), "--out", str(tmp_path / "c"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error: site 'layers.9.resid_post': layer 9 does not exist" in err and "fix:" in err
+    assert "Traceback" not in err
+
+
+def test_sites_command_lists_sites(tiny_llama_dir):
+    out = subprocess.run([sys.executable, "-m", "saeforge", "sites", "--model", str(tiny_llama_dir)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "layers.2.mlp_out" in out and "d=32" in out and "model.layers.2.mlp" in out
+
+
+@pytest.mark.embedded
+def test_demo_runs_on_the_embedded_model(embedded_lm, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "saeforge", "demo", "--tokens", "3000", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "cached 3,000 tokens of layers.15.resid_post" in proc.stdout
+    from saeforge.data.activation_cache import ActivationCache
+
+    cache = ActivationCache(tmp_path / "activations")
+    assert cache.complete and cache.d("layers.15.resid_post") == 576
