@@ -3,6 +3,7 @@ function taking it, so the Python API, the CLI and saved run configs never drift
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -70,15 +71,40 @@ def run_cache(cfg) -> None:
         print(f"  {site}: d={m['sites'][site]['d']}, mean norm {norm:.3f}")
 
 
+def given_fields(argv: list[str], cfg_cls: type) -> list[str]:
+    """Names of the config fields set explicitly on the command line (defaults do not count)."""
+    names = {f.name for f in dataclasses.fields(cfg_cls)}
+    out = []
+    for arg in argv:
+        if not arg.startswith("--"):
+            continue
+        name = arg[2:].split("=", 1)[0].replace("-", "_")
+        if name not in names and name.startswith("no") and name[2:] in names:
+            name = name[2:]
+        if name in names and name not in out:
+            out.append(name)
+    return out
+
+
+def run_train(cfg, argv: list[str]) -> None:
+    from saeforge.training import TrainConfig, train
+
+    final = train(cfg, given_fields(argv, TrainConfig))
+    for name, m in final.items():
+        print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float))))
+
+
 def _commands() -> dict[str, tuple[type, Callable, str]]:
     from saeforge.data.activation_cache import CacheConfig
     from saeforge.demo import DemoConfig, run_demo
+    from saeforge.training import TrainConfig
 
     return {
         "demo": (DemoConfig, run_demo, "run the whole pipeline on the embedded model and corpus"),
         "fetch": (FetchConfig, run_fetch, "fetch the embedded model and corpus into $SAEFORGE_HOME"),
         "sites": (SitesConfig, run_sites, "list a model's sites and their dimensions"),
         "cache": (CacheConfig, run_cache, "cache activations at sites to disk (resumable)"),
+        "train": (TrainConfig, run_train, "train SAEs from the live model or a cache (resumable, exact)"),
     }
 
 
@@ -108,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _, fn, _ = _commands()[args.command]
     try:
-        fn(args.cfg)
+        if fn is run_train:
+            fn(args.cfg, list(sys.argv[1:] if argv is None else argv))
+        else:
+            fn(args.cfg)
     except SaeforgeError as err:
         print(f"saeforge {args.command}: error: {err.problem}", file=sys.stderr)
         if err.fix:

@@ -1,0 +1,86 @@
+"""The tiny protocol between ``benchmarks/train_step.py`` (the coordinator) and one worker process per measured
+tool. It must import nothing but numpy and torch: it runs inside each peer's own virtual environment.
+
+A worker loads the cached activations, builds its tool's SAE, runs its warm-up steps, prints ``ready``, then
+answers commands read from stdin, one per line:
+
+    run N SKIP    -> run SKIP + N training steps on the next batches; reply with the N last step times (seconds)
+    quit          -> exit
+
+Replies are single lines ``@@BENCH <json>`` on stdout (libraries may print other lines; the coordinator skips
+them). While one worker runs, the others block on stdin, so the measured tools never share the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+MARK = "@@BENCH "
+
+
+def send(obj: dict) -> None:
+    sys.stdout.write(MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def load_batches(path: str, batch_size: int, d_in: int) -> list[torch.Tensor]:
+    arr = np.load(path, mmap_mode="r")
+    if arr.ndim != 2 or arr.shape[1] != d_in:
+        raise SystemExit(f"{path}: expected [N, {d_in}] activations, got {arr.shape}")
+    n = arr.shape[0] // batch_size
+    if n < 1:
+        raise SystemExit(f"{path}: fewer than {batch_size} rows")
+    return [torch.from_numpy(np.array(arr[i * batch_size : (i + 1) * batch_size], dtype=np.float32)) for i in range(n)]
+
+
+def environment(extra: dict | None = None) -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "executable": sys.executable, **(extra or {})}
+
+
+def commands() -> Iterator[tuple[int, int]]:
+    """Yield (n, skip) for every ``run`` command until ``quit`` or EOF."""
+    for line in sys.stdin:
+        parts = line.split()
+        if not parts:
+            continue
+        if parts[0] == "quit":
+            return
+        if parts[0] == "run":
+            yield int(parts[1]), int(parts[2])
+
+
+def serve(step: Callable[[torch.Tensor], float | None], batches: list[torch.Tensor], warmup: int,
+          info: dict | None = None) -> None:
+    """Drive a worker whose training step is a plain function of one batch (returns a loss, or None)."""
+    i = 0
+    losses: list[float] = []
+    for _ in range(warmup):
+        loss = step(batches[i % len(batches)])
+        i += 1
+        if loss is not None:
+            losses.append(loss)
+    send({"ready": True, "env": environment(info), "warmup_losses": losses})
+    for n, skip in commands():
+        times, losses = [], []
+        for j in range(skip + n):
+            x = batches[i % len(batches)]
+            i += 1
+            t0 = time.perf_counter()
+            loss = step(x)
+            dt = time.perf_counter() - t0
+            if j >= skip:
+                times.append(dt)
+                if loss is not None:
+                    losses.append(loss)
+        send({"times": times, "losses": losses, "steps_done": i})
+    sys.stdout.flush()
+    os._exit(0)

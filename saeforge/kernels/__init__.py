@@ -1,0 +1,8 @@
+"""Fast sparse kernels for TopK-family SAEs (TopK, BatchTopK, Matryoshka, AuxK).
+
+See :mod:`saeforge.kernels.sparse_topk` for the design and the exact semantics.
+"""
+
+from saeforge.kernels.sparse_topk import SparseLatents, decode_sparse, encode_topk
+
+__all__ = ["SparseLatents", "decode_sparse", "encode_topk"]

@@ -1,0 +1,59 @@
+"""The SAE zoo: one module per architecture, all sharing :class:`~saeforge.saes.base.SAE`, built by name.
+
+    from saeforge.saes import TopKConfig, make_sae
+    sae = make_sae(TopKConfig(d_in=768, d_sae=24576, k=32))
+    sae = make_sae({"architecture": "topk", "d_in": 768, "d_sae": 24576, "k": 32})
+"""
+
+from saeforge.saes.base import (
+    SAE,
+    DeadLatentTracker,
+    SAEConfig,
+    TrainOutput,
+    TrainState,
+    geometric_median,
+)
+from saeforge.saes.registry import get_config_class, get_sae_class, known_architectures, make_sae, register_sae
+
+# Importing the architecture modules registers them.
+from saeforge.saes.relu import ReLUConfig, ReLUSAE  # isort: skip
+from saeforge.saes.topk import TopKConfig, TopKSAE  # isort: skip
+from saeforge.saes.batchtopk import BatchTopKConfig, BatchTopKSAE  # isort: skip
+from saeforge.saes.matryoshka import MatryoshkaConfig, MatryoshkaSAE  # isort: skip
+from saeforge.saes.gated import GatedConfig, GatedSAE  # isort: skip
+from saeforge.saes.jumprelu import JumpReLUConfig, JumpReLUSAE  # isort: skip
+from saeforge.saes.normalization import NORMALIZATION_METHODS, ActivationScaler, estimate_scale  # isort: skip
+from saeforge.saes.io import load_feature_stats, load_sae, read_sae_config, save_sae  # isort: skip
+
+__all__ = [
+    "NORMALIZATION_METHODS",
+    "SAE",
+    "ActivationScaler",
+    "BatchTopKConfig",
+    "BatchTopKSAE",
+    "DeadLatentTracker",
+    "GatedConfig",
+    "GatedSAE",
+    "JumpReLUConfig",
+    "JumpReLUSAE",
+    "MatryoshkaConfig",
+    "MatryoshkaSAE",
+    "ReLUConfig",
+    "ReLUSAE",
+    "SAEConfig",
+    "TopKConfig",
+    "TopKSAE",
+    "TrainOutput",
+    "TrainState",
+    "estimate_scale",
+    "geometric_median",
+    "get_config_class",
+    "get_sae_class",
+    "known_architectures",
+    "load_feature_stats",
+    "load_sae",
+    "make_sae",
+    "read_sae_config",
+    "register_sae",
+    "save_sae",
+]

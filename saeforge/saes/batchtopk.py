@@ -1,0 +1,116 @@
+"""BatchTopK SAE (Bussmann, Leask, Nanda 2024; methods.md §2b).
+
+Training: the N·k largest of ReLU(W_enc (x - b_dec) + b_enc) over the whole batch of N tokens are kept, so the
+per-token L0 varies while its batch mean is exactly k (when at least N·k pre-activations are positive). Loss as
+TopK (squared error + AuxK).
+
+Inference: one global threshold θ replaces the batch selection, i.e. a JumpReLU ``f = pre · 1[pre > θ]`` with
+``pre = ReLU(...)``. θ is learned during training as an exponential moving average of the smallest positive
+selected activation of each batch (dictionary_learning: β = 0.999, from step 1000; the first update sets θ
+directly). θ lives in the buffer ``threshold`` (so ``state_dict()`` carries it; -1 = not learned yet). Until θ is
+learned, ``encode`` falls back to the batch selection over the batch it is given.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from saeforge.errors import SaeforgeError
+from saeforge.kernels import SparseLatents
+from saeforge.saes.base import SAEConfig, TrainState, _flatten, _is_int, _is_number, _require
+from saeforge.saes.registry import register_sae
+from saeforge.saes.topk import TopKConfig, TopKSAE
+
+__all__ = ["BatchTopKConfig", "BatchTopKSAE"]
+
+
+@dataclass(frozen=True)
+class BatchTopKConfig(TopKConfig):
+    architecture: ClassVar[str] = "batchtopk"
+
+    # EMA decay of the inference threshold, and the step from which it is updated (early batches come from a
+    # badly-trained encoder and would only pollute the average).
+    threshold_beta: float = 0.999
+    threshold_start_step: int = 1000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        a = self.architecture
+        _require(_is_number(self.threshold_beta) and 0 <= self.threshold_beta < 1,
+                 f"{a}: threshold_beta must be in [0, 1), got {self.threshold_beta!r}", "the default is 0.999")
+        _require(_is_int(self.threshold_start_step) and self.threshold_start_step >= 0,
+                 f"{a}: threshold_start_step must be a non-negative integer, got {self.threshold_start_step!r}",
+                 "the default is 1000")
+
+
+@register_sae
+class BatchTopKSAE(TopKSAE):
+    config_class: ClassVar[type[SAEConfig]] = BatchTopKConfig
+    cfg: BatchTopKConfig
+    batch_selection: ClassVar[bool] = True
+
+    def __init__(self, cfg: BatchTopKConfig):
+        super().__init__(cfg)
+        # float32 whatever the parameter dtype: an EMA with β = 0.999 would stall in bfloat16.
+        self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
+
+    @property
+    def threshold_learned(self) -> bool:
+        return bool(self.threshold >= 0)
+
+    # ---- inference ----
+    def encode(self, x: Tensor) -> Tensor:
+        if not self.threshold_learned:
+            return super().encode(x)  # batch selection over this batch; see the module docstring
+        x2, lead = _flatten(x, self.cfg.d_in, "the input")
+        pre = torch.relu(self._encoder_input(x2) @ self.W_enc + self.b_enc)
+        f = pre * (pre > self.threshold.to(pre.dtype))
+        return f.reshape(*lead, self.cfg.d_sae)
+
+    # ---- training ----
+    @torch.no_grad()
+    def _after_training_forward(self, lat: SparseLatents, state: TrainState) -> None:
+        if state.step < self.cfg.threshold_start_step:
+            return
+        positive = lat.values.detach()
+        positive = positive[positive > 0]
+        if positive.numel() == 0:
+            return
+        smallest = positive.min().float()
+        if self.threshold_learned:
+            beta = self.cfg.threshold_beta
+            self.threshold.mul_(beta).add_((1 - beta) * smallest)
+        else:
+            self.threshold.copy_(smallest)
+
+    # ---- folding ----
+    @torch.no_grad()
+    def _scale_latents(self, factor: Tensor) -> None:
+        if float(factor.max() - factor.min()) > 1e-12 * float(factor.abs().max()):
+            raise SaeforgeError(f"{self.architecture}: the global threshold cannot follow a per-latent rescaling",
+                                "only uniform rescaling (fold_input_scale) is supported for this architecture")
+        super()._scale_latents(factor)
+        if self.threshold_learned:
+            self.threshold.mul_(float(factor[0]))
+
+    # ---- saving ----
+    def saelens_architecture(self) -> str:
+        return "jumprelu_transcoder" if self.cfg.is_transcoder else "jumprelu"
+
+    def saelens_config_extras(self) -> dict:
+        return {}
+
+    def saelens_tensors(self) -> dict[str, Tensor]:
+        out = super().saelens_tensors()
+        if not self.threshold_learned:
+            warnings.warn(f"{self.architecture}: the inference threshold has not been learned yet; SAELens will see "
+                          "threshold 0 (a plain ReLU). saeforge's own loader restores the batch selection.",
+                          stacklevel=3)
+        theta = float(self.threshold.clamp_min(0))
+        out["threshold"] = torch.full((self.cfg.d_sae,), theta, dtype=self.dtype, device=self.device)
+        return out

@@ -1,0 +1,104 @@
+"""Matryoshka BatchTopK SAE (Bussmann, Nabeshima, Karvonen, Nanda 2025; methods.md §4a), fixed-prefix flavour.
+
+The latents are split into consecutive groups of sizes ``group_sizes`` (summing to d_sae); prefix i holds
+groups 0..i, i.e. the first m_i = sum(group_sizes[:i+1]) latents. The BatchTopK code f is computed **once** over
+all latents; each prefix reconstructs with its own latents only:
+
+    x_hat_i = f[:, :m_i] @ W_dec[:m_i] + b_dec
+    L = Σ_i w_i ||x - x_hat_i||² + auxk(on the full reconstruction)
+
+Choices: the weights w_i default to 1 (the paper's App. B code sums the per-prefix errors; dictionary_learning
+averages them with w_i = 1/G, a difference of scale only); the bias-only "empty prefix" term of the Bussmann repo
+is not included. The full-dictionary term is named ``"mse"`` (the same quantity as every other architecture's);
+proper prefixes are ``"mse_prefix_<m_i>"``. Inference is BatchTopK's (a JumpReLU with the learned global threshold),
+and AuxK is applied to the residual of the full reconstruction. Random-prefix training (Nabeshima's variant,
+used for the toy model) is not implemented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from saeforge.kernels import SparseLatents
+from saeforge.saes.base import SAEConfig, TrainOutput, TrainState, _is_int, _is_number, _require
+from saeforge.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
+from saeforge.saes.registry import register_sae
+from saeforge.saes.topk import _fired_and_l0
+
+__all__ = ["MatryoshkaConfig", "MatryoshkaSAE"]
+
+
+@dataclass(frozen=True)
+class MatryoshkaConfig(BatchTopKConfig):
+    architecture: ClassVar[str] = "matryoshka"
+
+    # Sizes of the consecutive latent groups; must sum to d_sae. E.g. the paper's Gemma setup:
+    # (2048, 4096, 8192, 16384, 34816) for d_sae = 65536.
+    group_sizes: tuple[int, ...] = ()
+    # Weight of each prefix's squared error (same length as group_sizes); None -> all 1.
+    group_weights: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.group_sizes, list):
+            self._set("group_sizes", tuple(self.group_sizes))
+        if isinstance(self.group_weights, list):
+            self._set("group_weights", tuple(self.group_weights))
+        super().__post_init__()
+        a = self.architecture
+        gs = self.group_sizes
+        _require(isinstance(gs, tuple) and len(gs) > 0 and all(_is_int(g) and g > 0 for g in gs),
+                 f"{a}: group_sizes must be a non-empty list of positive integers, got {gs!r}",
+                 "e.g. group_sizes=(64, 192, 768) for d_sae=1024")
+        _require(sum(gs) == self.d_sae, f"{a}: group_sizes sum to {sum(gs)}, but d_sae={self.d_sae}",
+                 "make the group sizes add up to d_sae")
+        if self.group_weights is None:
+            self._set("group_weights", tuple(1.0 for _ in gs))
+        gw = self.group_weights
+        _require(isinstance(gw, tuple) and len(gw) == len(gs) and all(_is_number(w) and w >= 0 for w in gw),
+                 f"{a}: group_weights must hold {len(gs)} non-negative numbers, got {gw!r}",
+                 "give one weight per group, or leave group_weights unset (all 1)")
+
+    @property
+    def prefix_sizes(self) -> tuple[int, ...]:
+        """m_1 < m_2 < ... < m_G = d_sae."""
+        out, total = [], 0
+        for g in self.group_sizes:
+            total += g
+            out.append(total)
+        return tuple(out)
+
+
+def _columns(lat: SparseLatents, start: int, stop: int) -> SparseLatents:
+    """The entries of ``lat`` with start <= col < stop, re-indexed to that column range (order preserved)."""
+    keep = (lat.cols >= start) & (lat.cols < stop)
+    return SparseLatents(lat.values[keep], lat.rows[keep], lat.cols[keep] - start, (lat.shape[0], stop - start))
+
+
+@register_sae
+class MatryoshkaSAE(BatchTopKSAE):
+    config_class: ClassVar[type[SAEConfig]] = MatryoshkaConfig
+    cfg: MatryoshkaConfig
+
+    def training_loss(self, x: Tensor, target: Tensor | None = None, *, state: TrainState) -> TrainOutput:
+        x, target = self._check_batch(x, target)
+        lat, aux = self._encode_sparse(self._encoder_input(x), dead_mask=state.dead_mask,
+                                       matmul_dtype=self._matmul_dtype)
+        # Decode group by group and accumulate: prefix i's reconstruction is the running sum after group i.
+        x_hat = self.b_dec.expand(x.shape[0], -1)
+        terms: dict[str, Tensor] = {}
+        start = 0
+        prefixes = self.cfg.prefix_sizes
+        for i, (stop, w) in enumerate(zip(prefixes, self.cfg.group_weights)):
+            x_hat = x_hat + self._decode_sparse(_columns(lat, start, stop), self.W_dec[start:stop])
+            err = self._squared_error(x_hat, target)
+            name = "mse" if i == len(prefixes) - 1 else f"mse_prefix_{stop}"
+            terms[name] = w * err
+            start = stop
+        terms["auxk"] = self._auxk_term(aux, target, x_hat)
+        fired, l0 = _fired_and_l0(lat)
+        self._after_training_forward(lat, state)
+        return TrainOutput(loss=sum(terms.values()), terms=terms, x_hat=x_hat, fired=fired, l0=l0)

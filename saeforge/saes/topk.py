@@ -1,0 +1,184 @@
+"""TopK SAE with the AuxK dead-latent loss (Gao et al. 2024, OpenAI; methods.md §2a).
+
+    z = TopK_k(ReLU(W_enc (x - b_dec) + b_enc)),   x_hat = W_dec z + b_dec
+    L = ||x - x_hat||^2 + auxk
+
+The training forward runs through the sparse kernels in :mod:`saeforge.kernels` (``encode_topk`` /
+``decode_sparse``); the dense path is never materialised. Decoder rows are kept at unit norm (gradient
+projection + renormalisation every step, as in the OpenAI code): TopK selection is not invariant to rescaling a
+latent, so the unit norm is what makes the latents comparable.
+
+AuxK (OpenAI ``train.py``): with e = x - x_hat (stop-gradient) and ê = W_dec z_aux (no bias), where z_aux keeps
+each row's top ``aux_k`` pre-activations among *dead* latents, OpenAI adds α·NMSE(ê, e) to a main loss that is
+itself normalised by the data variance. saeforge keeps the main term in raw squared-error units (comparable
+across architectures), so the aux term is OpenAI's multiplied by the same per-batch data variance:
+
+    auxk = α · ||ê - e||² / ||e - mean_batch(e)||² · mean_batch ||x - mean_batch(x)||²     (sums over the batch)
+
+which is OpenAI's loss times a positive per-batch constant, i.e. the same balance between the two terms. It is 0
+when no latent is dead (OpenAI: NaN -> 0). Dead = not fired for ``dead_after_tokens`` tokens; the trainer tracks
+that and passes ``TrainState.dead_mask``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import KW_ONLY, dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from saeforge.errors import SaeforgeError
+from saeforge.kernels import SparseLatents, decode_sparse, encode_topk
+from saeforge.saes.base import (
+    DTYPES,
+    SAE,
+    SAEConfig,
+    TrainOutput,
+    TrainState,
+    _flatten,
+    _is_int,
+    _is_number,
+    _require,
+)
+from saeforge.saes.registry import register_sae
+
+__all__ = ["KERNEL_IMPLS", "TopKConfig", "TopKSAE"]
+
+KERNEL_IMPLS = ("fast", "reference")
+
+
+@dataclass(frozen=True)
+class TopKConfig(SAEConfig):
+    architecture: ClassVar[str] = "topk"
+
+    _: KW_ONLY
+    k: int
+    # Latents per token in the AuxK reconstruction. None -> d_out // 2 (dictionary_learning / sparsify; the paper
+    # says "a power of two close to d_model / 2"), capped at d_sae.
+    aux_k: int | None = None
+    auxk_coefficient: float = 1 / 32
+    # The trainer marks a latent dead after this many tokens without firing (OpenAI: 10M).
+    dead_after_tokens: int = 10_000_000
+    kernel: str = "fast"
+    # None: the encoder GEMM runs in the parameter dtype; "bfloat16": in bfloat16 (values/grads come back in
+    # the parameter dtype).
+    matmul_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        a = self.architecture
+        _require(_is_int(self.k) and self.k > 0, f"{a}: k must be a positive integer, got {self.k!r}",
+                 "set k to the number of active latents per token, e.g. k=32")
+        _require(self.k <= self.d_sae, f"{a}: k={self.k} is larger than d_sae={self.d_sae}",
+                 "choose k <= d_sae (typically k is a few dozen and d_sae thousands)")
+        if self.aux_k is None:
+            self._set("aux_k", max(1, min(self.d_output // 2, self.d_sae)))
+        _require(_is_int(self.aux_k) and 0 <= self.aux_k <= self.d_sae,
+                 f"{a}: aux_k must be an integer in [0, d_sae={self.d_sae}], got {self.aux_k!r}",
+                 "leave aux_k unset for d_out // 2, or 0 to turn AuxK off")
+        _require(_is_number(self.auxk_coefficient) and self.auxk_coefficient >= 0,
+                 f"{a}: auxk_coefficient must be a non-negative number, got {self.auxk_coefficient!r}",
+                 "the OpenAI default is 1/32")
+        _require(_is_int(self.dead_after_tokens) and self.dead_after_tokens > 0,
+                 f"{a}: dead_after_tokens must be a positive integer, got {self.dead_after_tokens!r}",
+                 "the OpenAI default is 10_000_000")
+        _require(self.kernel in KERNEL_IMPLS, f"{a}: unknown kernel {self.kernel!r}",
+                 f"use one of {', '.join(KERNEL_IMPLS)}")
+        _require(self.matmul_dtype is None or self.matmul_dtype in DTYPES,
+                 f"{a}: unknown matmul_dtype {self.matmul_dtype!r}", "use None or 'bfloat16'")
+
+
+def _fired_and_l0(lat: SparseLatents) -> tuple[Tensor, float]:
+    positive = lat.values.detach() > 0
+    fired = torch.zeros(lat.shape[1], dtype=torch.bool, device=lat.values.device)
+    fired[lat.cols[positive]] = True
+    return fired, float(positive.sum()) / lat.shape[0]
+
+
+@register_sae
+class TopKSAE(SAE):
+    config_class: ClassVar[type[SAEConfig]] = TopKConfig
+    cfg: TopKConfig
+
+    # BatchTopK sets this: select the top N*k over the whole batch instead of k per row.
+    batch_selection: ClassVar[bool] = False
+
+    # ---- kernels ----
+    @property
+    def _matmul_dtype(self) -> torch.dtype | None:
+        return None if self.cfg.matmul_dtype is None else DTYPES[self.cfg.matmul_dtype]
+
+    def _encode_sparse(self, enc_in: Tensor, *, dead_mask: Tensor | None = None,
+                       matmul_dtype: torch.dtype | None = None) -> tuple[SparseLatents, SparseLatents | None]:
+        aux_k = 0
+        if dead_mask is not None and self.cfg.aux_k > 0 and self.cfg.auxk_coefficient > 0:
+            dead_mask = dead_mask.to(self.device).bool()
+            if dead_mask.shape != (self.cfg.d_sae,):
+                raise SaeforgeError(f"dead_mask must be bool [{self.cfg.d_sae}], got {tuple(dead_mask.shape)}",
+                                    "pass the mask the dead-latent tracker produced")
+            if bool(dead_mask.any()):
+                aux_k = self.cfg.aux_k
+        return encode_topk(enc_in, self.W_enc, self.b_enc, k=self.cfg.k, batch=self.batch_selection,
+                           aux_k=aux_k, aux_mask=dead_mask if aux_k else None,
+                           matmul_dtype=matmul_dtype, impl=self.cfg.kernel)
+
+    def _decode_sparse(self, lat: SparseLatents, W_dec: Tensor | None = None) -> Tensor:
+        return decode_sparse(lat, self.W_dec if W_dec is None else W_dec, impl=self.cfg.kernel)
+
+    # ---- inference ----
+    def encode(self, x: Tensor) -> Tensor:
+        x2, lead = _flatten(x, self.cfg.d_in, "the input")
+        lat, _ = self._encode_sparse(self._encoder_input(x2))
+        return lat.to_dense().reshape(*lead, self.cfg.d_sae)
+
+    # ---- training ----
+    def _auxk_term(self, aux: SparseLatents | None, target: Tensor, x_hat: Tensor) -> Tensor:
+        zero = x_hat.new_zeros(())
+        if aux is None:
+            return zero
+        e = (target - x_hat).detach()
+        e_hat = self._decode_sparse(aux)
+        denom = (e - e.mean(0)).pow(2).sum()
+        if not bool(denom > 0):
+            return zero
+        data_var = (target - target.mean(0)).pow(2).sum(-1).mean().detach()
+        nmse = (e_hat - e).pow(2).sum() / denom
+        return torch.nan_to_num(self.cfg.auxk_coefficient * nmse * data_var, nan=0.0)
+
+    def training_loss(self, x: Tensor, target: Tensor | None = None, *, state: TrainState) -> TrainOutput:
+        x, target = self._check_batch(x, target)
+        lat, aux = self._encode_sparse(self._encoder_input(x), dead_mask=state.dead_mask,
+                                       matmul_dtype=self._matmul_dtype)
+        x_hat = self._decode_sparse(lat) + self.b_dec
+        terms = {"mse": self._squared_error(x_hat, target), "auxk": self._auxk_term(aux, target, x_hat)}
+        fired, l0 = _fired_and_l0(lat)
+        self._after_training_forward(lat, state)
+        return TrainOutput(loss=sum(terms.values()), terms=terms, x_hat=x_hat, fired=fired, l0=l0)
+
+    def _after_training_forward(self, lat: SparseLatents, state: TrainState) -> None:
+        """Hook for training-time statistics (BatchTopK's threshold)."""
+
+    # ---- folding ----
+    @torch.no_grad()
+    def fold_decoder_norms(self) -> None:
+        """TopK-family decoders are kept at unit norm, so there is nothing to fold.
+
+        Rescaling one latent changes which latents win the TopK, so a decoder with non-unit rows cannot be folded
+        without changing the function; that case is refused instead of silently changing the SAE.
+        """
+        norms = self.W_dec.norm(dim=1).float()
+        tol = max(1e-5, 8 * torch.finfo(self.dtype).eps)
+        if float((norms - 1).abs().max()) > tol:
+            raise SaeforgeError(
+                f"{self.architecture}: decoder rows are not unit norm (max |norm - 1| = "
+                f"{float((norms - 1).abs().max()):.3g}), and TopK selection is not invariant to rescaling latents",
+                "train with saeforge (it keeps the rows at unit norm), or convert the SAE to a JumpReLU/ReLU form first")
+
+    # ---- saving ----
+    def saelens_architecture(self) -> str:
+        # SAELens has no TopK transcoder; a TopK transcoder is saved as "topk" with d_out and only saeforge loads it.
+        return "topk"
+
+    def saelens_config_extras(self) -> dict[str, Any]:
+        return {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}

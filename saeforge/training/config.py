@@ -1,0 +1,228 @@
+"""The training config: one dataclass for the API, the CLI (field docstrings are the --help) and run.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simple_parsing.helpers import field
+
+from saeforge.errors import SaeforgeError
+
+# Fields that may be overridden per SAE in the `saes:` list of a config file.
+PER_SAE_FIELDS = ("architecture", "expansion_factor", "d_sae", "k", "sparsity_coefficient", "sae_options", "lr",
+                  "dead_after_tokens")
+# Fields that do not change what is computed, so a resumed run may differ in them.
+RESUME_FREE_FIELDS = ("out", "resume", "config", "device", "progress")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Train one or more SAEs from the live model or from an activation cache."""
+
+    out: str = ""
+    """Run directory to create: run.json, checkpoints/, saes/<name>/, metrics.jsonl."""
+    resume: str = ""
+    """Resume the run in this directory. Other options may be left out; any given must match the saved run."""
+    config: str = ""
+    """YAML or JSON file with any of these options, plus `saes:` (a list of per-SAE settings, see the docs)."""
+
+    # ---- data
+    model: str = "embedded"
+    """Model: `embedded`, a hub id, a local Hugging Face folder or a .gguf file."""
+    sites: tuple[str, ...] = ("layers.5.resid_post",)
+    """Sites to train on: one SAE per site (unless a config file lists `saes`)."""
+    cache: str = ""
+    """Train from this activation cache folder (saeforge cache) instead of running the model."""
+    corpus: str = "embedded:train"
+    """Text for live training: embedded[:split], .txt file or folder, .jsonl, or hf:NAME[:SPLIT]."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl files and hf: datasets."""
+    context_length: int = 128
+    """Tokens per context (live training)."""
+    prepend_bos: bool = True
+    """Start every context with BOS (live training)."""
+    exclude_special_tokens: bool = True
+    """Leave BOS/EOS/padding positions out of the training data (live training)."""
+    model_dtype: str = "float32"
+    """dtype the model runs in for live training: float32 or bfloat16."""
+    tokens: int = 2_000_000
+    """Training tokens (activation vectors); steps = tokens // batch_size."""
+    batch_size: int = 4096
+    """Activation vectors per step."""
+    buffer_tokens: int = 65_536
+    """Mixing-buffer size for live training: batches are drawn from this many shuffled vectors."""
+    shards_per_fill: int = 2
+    """Cache shards mixed into each buffer fill when training from a cache."""
+    seed: int = 0
+    """Seed for initialisation and shuffling; the same seed gives bit-identical results."""
+    device: str = "auto"
+    """auto, cpu or cuda (auto: cuda when available)."""
+
+    # ---- SAE
+    architecture: str = "topk"
+    """relu, topk, batchtopk, gated, jumprelu or matryoshka."""
+    expansion_factor: int = 8
+    """Latents per input dimension (d_sae = expansion_factor × d_in) unless --d-sae is given."""
+    d_sae: int = 0
+    """Number of latents; 0: expansion_factor × d_in."""
+    k: int = 32
+    """Active latents per token (topk, batchtopk, matryoshka)."""
+    sparsity_coefficient: float = -1.0
+    """L1 (relu, gated) or L0 (jumprelu) coefficient; negative: the architecture's default."""
+    sae_options: str = ""
+    """Other architecture options as JSON, e.g. '{"aux_k": 256, "matmul_dtype": "bfloat16"}'."""
+    normalize_activations: str = "expected_norm"
+    """Input scaling estimated from data and folded into the saved SAE: expected_norm (E‖x‖=√d), unit_mean_squared, none."""
+    dead_after_tokens: int = 0
+    """A latent is dead after this many tokens without firing (AuxK, resampling, stats); 0: architecture default."""
+
+    # ---- optimisation
+    optimizer: str = "adam"
+    """adam or adamw."""
+    lr: float = 0.0
+    """Learning rate; 0: the architecture default (TopK family: 2e-4 / sqrt(d_sae / 2^14))."""
+    adam_beta1: float = 0.9
+    """Adam β1."""
+    adam_beta2: float = 0.999
+    """Adam β2."""
+    adam_eps: float = 1e-8
+    """Adam ε."""
+    weight_decay: float = 0.0
+    """Weight decay (adamw)."""
+    lr_warmup_steps: int = 50
+    """Linear learning-rate warm-up steps."""
+    lr_decay: str = "linear"
+    """Learning-rate decay at the end of the run: linear, cosine or none."""
+    lr_decay_fraction: float = 0.2
+    """Fraction of the run, at its end, over which the learning rate decays to 0."""
+    sparsity_warmup_fraction: float = 0.05
+    """Fraction of the run over which the sparsity coefficient warms up linearly from 0."""
+    grad_clip_norm: float = 1.0
+    """Clip the gradient norm of each SAE to this; 0 turns clipping off."""
+
+    # ---- bookkeeping
+    checkpoint_every: int = 200
+    """Write a checkpoint (atomically) every this many steps."""
+    log_every: int = 20
+    """Record metrics to metrics.jsonl every this many steps."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    saes: tuple[dict, ...] = field(default=(), cmd=False)
+    """(config files only) per-SAE settings: each needs `site`, may set `name`, `target_site` (a transcoder) and
+    any of: architecture, expansion_factor, d_sae, k, sparsity_coefficient, sae_options, lr, dead_after_tokens."""
+
+    # ------------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(ok: bool, problem: str, fix: str) -> None:
+            if not ok:
+                raise SaeforgeError(problem, fix)
+
+        need(self.tokens > 0, f"--tokens must be positive, got {self.tokens}", "pass e.g. --tokens 2000000")
+        need(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}", "pass e.g. 4096")
+        need(self.tokens >= self.batch_size, f"--tokens {self.tokens} is less than one batch of {self.batch_size}",
+             "train on more tokens or use a smaller batch")
+        need(math.isfinite(self.lr) and self.lr >= 0, f"the learning rate must be positive, got {self.lr}",
+             "pass --lr with a positive value such as 3e-4 (or 0 for the architecture default)")
+        need(self.optimizer in ("adam", "adamw"), f"unknown optimizer {self.optimizer!r}", "use adam or adamw")
+        need(self.checkpoint_every > 0 and self.log_every > 0, "checkpoint_every and log_every must be positive",
+             "pass positive step counts")
+        need(0 <= self.lr_decay_fraction <= 1 and 0 <= self.sparsity_warmup_fraction <= 1,
+             "lr_decay_fraction and sparsity_warmup_fraction must lie in [0, 1]", "pass fractions such as 0.2")
+        need(bool(self.sites) or bool(self.saes), "no sites to train on", "pass --sites layers.5.resid_post")
+        self.sae_option_dict()
+        for spec in self.sae_specs():
+            for f in ("lr",):
+                v = spec.get(f, 0.0)
+                need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+                     f"SAE {spec['name']!r}: learning rate must be positive, got {v!r}",
+                     "set a positive lr (or 0 for the architecture default)")
+
+    def sae_option_dict(self) -> dict[str, Any]:
+        if not self.sae_options:
+            return {}
+        if isinstance(self.sae_options, dict):
+            return dict(self.sae_options)
+        try:
+            opts = json.loads(self.sae_options)
+        except json.JSONDecodeError as err:
+            raise SaeforgeError(f"--sae-options is not valid JSON: {err}",
+                                """pass a JSON object, e.g. '{"aux_k": 256}'""") from err
+        if not isinstance(opts, dict):
+            raise SaeforgeError("--sae-options must be a JSON object", """e.g. '{"aux_k": 256}'""")
+        return opts
+
+    def sae_specs(self) -> list[dict[str, Any]]:
+        """One dict per SAE: name, site, target_site and the per-SAE fields, defaults filled from this config."""
+        base = {f: getattr(self, f) for f in PER_SAE_FIELDS}
+        entries = list(self.saes) if self.saes else [{"site": s} for s in self.sites]
+        specs, names = [], set()
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or "site" not in entry:
+                raise SaeforgeError(f"entry {i} of `saes` has no `site`", "give every SAE a site")
+            unknown = set(entry) - set(PER_SAE_FIELDS) - {"site", "name", "target_site"}
+            if unknown:
+                raise SaeforgeError(f"entry {i} of `saes` has unknown keys: {', '.join(sorted(unknown))}",
+                                    f"use site, name, target_site, {', '.join(PER_SAE_FIELDS)}")
+            spec = {**base, **entry}
+            spec.setdefault("target_site", None)
+            spec.setdefault("name", entry["site"] if len(entries) == 1 or sum(
+                e.get("site") == entry["site"] for e in entries) == 1 else f"{entry['site']}-{i}")
+            if spec["name"] in names:
+                raise SaeforgeError(f"two SAEs are named {spec['name']!r}", "give them distinct `name`s")
+            names.add(spec["name"])
+            specs.append(spec)
+        return specs
+
+    def needed_sites(self) -> list[str]:
+        out: list[str] = []
+        for spec in self.sae_specs():
+            for s in (spec["site"], spec["target_site"]):
+                if s and s not in out:
+                    out.append(s)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SaeforgeError(f"unknown training option(s): {', '.join(unknown)}",
+                                f"remove them; `saeforge train --help` lists the options")
+        kw = {k: (tuple(v) if k in ("sites", "saes") and isinstance(v, list) else v) for k, v in d.items()}
+        return cls(**kw)
+
+    def differences(self, other: "TrainConfig", fields: list[str] | None = None) -> list[str]:
+        """Human-readable differences in the fields that determine the result."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        keys = fields if fields is not None else [k for k in mine if k not in RESUME_FREE_FIELDS]
+        return [f"{k}: saved {theirs[k]!r}, given {mine[k]!r}" for k in keys
+                if k not in RESUME_FREE_FIELDS and mine[k] != theirs[k]]
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise SaeforgeError(f"config file {path} does not exist", "check the path")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:
+        raise SaeforgeError(f"could not parse config file {path}: {err}", "fix the YAML/JSON syntax") from err
+    if not isinstance(data, dict):
+        raise SaeforgeError(f"config file {path} must hold a mapping of options", "see `saeforge train --help`")
+    return data

@@ -1,0 +1,217 @@
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saeforge.errors import SaeforgeError
+from saeforge.saes import load_sae
+from saeforge.training import TrainConfig, Trainer, train
+from tests.training.conftest import SITES
+
+
+def _cfg(cache, out, **kw):
+    base = dict(out=str(out), cache=str(cache.folder), sites=(SITES[0],), tokens=256 * 40, batch_size=256,
+                d_sae=128, k=8, checkpoint_every=5, log_every=5, progress=False, device="cpu", lr_warmup_steps=5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(run_dir, name=SITES[0]):
+    return load_file(str(run_dir / "saes" / name / "sae_weights.safetensors"))
+
+
+def _checkpoint_weights(run_dir):
+    state = torch.load(run_dir / "checkpoints" / "checkpoint.pt", weights_only=False)
+    return {n: s["model"] for n, s in state["saes"].items()}
+
+
+def test_training_lowers_the_loss_and_writes_the_run(tiny_cache, tmp_path):
+    final = train(_cfg(tiny_cache, tmp_path / "run"))
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(5, 41, 5))
+    m0, m1 = records[0]["saes"][SITES[0]], records[-1]["saes"][SITES[0]]
+    assert m1["fvu"] < 0.8 * m0["fvu"] and m1["l0"] == pytest.approx(8.0)
+    assert final[SITES[0]]["fvu"] == m1["fvu"]
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "complete" and info["config"]["k"] == 8 and info["data"]["context_size"] == 64
+    cfg_json = json.loads((run / "saes" / SITES[0] / "cfg.json").read_text())
+    assert cfg_json["architecture"] == "topk" and cfg_json["metadata"]["hook_name"] == SITES[0]
+
+
+def test_saved_sae_works_on_raw_activations(tiny_cache, tmp_path):
+    """Normalisation is folded in: the saved SAE on raw x equals the trained SAE on scaled x, rescaled."""
+    cfg = _cfg(tiny_cache, tmp_path / "run", tokens=256 * 10)
+    train(cfg)
+    saved = load_sae(tmp_path / "run" / "saes" / SITES[0])
+    trainer = Trainer(dataclasses.replace(cfg, resume=str(tmp_path / "run")), tmp_path / "run")
+    trainer._build_trainees()
+    trainer._load_checkpoint()
+    t = trainer.trainees[0]
+    x = tiny_cache.load(SITES[0])[:500]
+    trained = t.sae(t.scaler.scale_input(x)) / t.scaler.scale_out
+    torch.testing.assert_close(saved(x), trained, rtol=1e-4, atol=1e-5)
+    assert t.scaler.scale_in != 1.0
+    raw_fvu = ((saved(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert raw_fvu < 0.9
+
+
+def test_interrupted_run_resumes_bit_identically(tiny_cache, tmp_path, monkeypatch):
+    train(_cfg(tiny_cache, tmp_path / "whole"))
+    real_step = Trainer._train_step
+    calls = {"n": 0}
+
+    def dying_step(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 13:  # between the checkpoints at steps 10 and 15
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "_train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_cache, tmp_path / "cut"))
+    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    assert not (tmp_path / "cut" / "saes").exists()
+    train(TrainConfig(resume=str(tmp_path / "cut"), progress=False))
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines_a = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    lines_b = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}  # noqa: E731
+    assert [strip(line) for line in lines_a] == [strip(line) for line in lines_b]
+
+
+def test_killed_training_process_resumes_bit_identically(tiny_cache, tmp_path):
+    """A real `saeforge train` process killed with SIGKILL, then `saeforge train --resume`."""
+    args = ["--cache", str(tiny_cache.folder), "--sites", SITES[0], "--tokens", str(256 * 120), "--batch-size",
+            "256", "--d-sae", "256", "-k", "8", "--checkpoint-every", "3", "--log-every", "3", "--device", "cpu",
+            "--progress", "false", "--seed", "7"]
+    cmd = [sys.executable, "-m", "saeforge", "train"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run(cmd + args + ["--out", str(tmp_path / "ref")], check=True, env=env, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + args + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoints" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # land somewhere after the first checkpoint, wherever that is
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "saes").exists(), "the run finished before it was killed; make it longer"
+    done = subprocess.run(cmd + ["--resume", str(out), "--progress", "false"], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    a, b = _weights(tmp_path / "ref"), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_changed_config_lists_the_differences(tiny_cache, tmp_path):
+    train(_cfg(tiny_cache, tmp_path / "run", tokens=256 * 5))
+    with pytest.raises(SaeforgeError) as err:
+        train(dataclasses.replace(_cfg(tiny_cache, "", tokens=256 * 5, k=16, lr=1e-3), resume=str(tmp_path / "run")),
+              given=["resume", "k", "lr", "device"])
+    msg = str(err.value)
+    assert "k: saved 8, given 16" in msg and "lr: saved 0.0, given 0.001" in msg and "tokens" not in msg
+    with pytest.raises(SaeforgeError, match="already holds a run"):
+        train(_cfg(tiny_cache, tmp_path / "run"))
+
+
+def test_checkpoint_from_another_run_is_refused(tiny_cache, tmp_path):
+    train(_cfg(tiny_cache, tmp_path / "a", tokens=256 * 5))
+    with pytest.raises(KeyboardInterrupt):
+        cfg = _cfg(tiny_cache, tmp_path / "b", tokens=256 * 5)
+        orig = Trainer.fit
+
+        def interrupt(self):
+            raise KeyboardInterrupt
+
+        Trainer.fit = interrupt
+        try:
+            train(cfg)
+        finally:
+            Trainer.fit = orig
+    shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")
+    with pytest.raises(SaeforgeError, match="belongs to another run"):
+        train(TrainConfig(resume=str(tmp_path / "b"), progress=False))
+
+
+def test_nan_activations_stop_with_the_step_and_keep_the_checkpoint(tiny_cache, tmp_path, monkeypatch):
+    import saeforge.data.activation_stream as stream_mod
+
+    real_iter = stream_mod.ActivationStream.__iter__
+
+    def poisoned(self):
+        for i, batch in enumerate(real_iter(self)):
+            if i == 7:
+                batch = {k: v.clone().index_fill_(0, torch.tensor([3]), float("nan")) for k, v in batch.items()}
+            yield batch
+
+    monkeypatch.setattr(stream_mod.ActivationStream, "__iter__", poisoned)
+    with pytest.raises(SaeforgeError) as err:
+        train(_cfg(tiny_cache, tmp_path / "run"))
+    assert "NaN or Inf in the activations" in str(err.value) and "step 7" in str(err.value)
+    assert "--resume" in str(err.value)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 5 and all(torch.isfinite(v).all() for v in state["saes"][SITES[0]]["model"].values())
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(lr=-1.0), "learning rate must be positive"),
+    (dict(k=1000), "k=1000 is larger than d_sae=128"),
+    (dict(architecture="wavelet"), "unknown SAE architecture 'wavelet'"),
+    (dict(tokens=10), "less than one batch"),
+    (dict(sae_options="{nope"), "--sae-options is not valid JSON"),
+])
+def test_bad_training_settings_are_refused(tiny_cache, tmp_path, kw, message):
+    with pytest.raises(SaeforgeError, match=message.replace("(", r"\(")) as err:
+        train(_cfg(tiny_cache, tmp_path / "run", **kw))
+    if "architecture" in kw:
+        assert "topk" in str(err.value) and "jumprelu" in str(err.value)
+
+
+def test_input_width_not_matching_d_in_is_refused(tiny_cache, tmp_path):
+    from saeforge.saes import TrainState
+
+    train(_cfg(tiny_cache, tmp_path / "run", tokens=256 * 5))
+    sae = load_sae(tmp_path / "run" / "saes" / SITES[0])
+    with pytest.raises(SaeforgeError, match=r"\[N, 32\]"):
+        sae.training_loss(torch.randn(4, 64), state=TrainState())
+
+
+def test_several_saes_train_from_one_stream(tiny_cache, tmp_path):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(
+        "tokens: 15360\nbatch_size: 256\nd_sae: 128\nprogress: false\ndevice: cpu\nlr_warmup_steps: 5\n"
+        f"cache: {tiny_cache.folder}\n"
+        "saes:\n"
+        f"  - {{site: {SITES[0]}, name: topk8, k: 8}}\n"
+        f"  - {{site: {SITES[0]}, name: topk16, k: 16}}\n"
+        f"  - {{site: {SITES[1]}, architecture: relu, sparsity_coefficient: 0.5}}\n"
+        f"  - {{site: {SITES[0]}, target_site: {SITES[1]}, name: transcoder, k: 8}}\n")
+    final = train(TrainConfig(config=str(config), out=str(tmp_path / "run")), given=["config", "out"])
+    assert set(final) == {"topk8", "topk16", SITES[1], "transcoder"}
+    assert final["topk8"]["l0"] == pytest.approx(8) and final["topk16"]["l0"] == pytest.approx(16)
+    assert final["topk16"]["fvu"] < final["topk8"]["fvu"]
+    tc = json.loads((tmp_path / "run" / "saes" / "transcoder" / "cfg.json").read_text())
+    assert tc["metadata"]["hook_name_out"] == SITES[1]
+
+
+def test_live_model_training(tiny_llama_dir, text_file, tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "run"), model=str(tiny_llama_dir), corpus=str(text_file),
+                      sites=("layers.1.mlp_out",), context_length=32, tokens=128 * 12, batch_size=128,
+                      buffer_tokens=1024, d_sae=64, k=4, progress=False, device="cpu", log_every=4,
+                      checkpoint_every=4)
+    final = train(cfg)
+    assert final["layers.1.mlp_out"]["l0"] == pytest.approx(4)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["data"]["model_fingerprint"] and info["data"]["context_size"] == 32
