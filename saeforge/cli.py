@@ -97,6 +97,7 @@ def run_train(cfg, argv: list[str]) -> None:
 def _commands() -> dict[str, tuple[type, Callable, str]]:
     from saeforge.data.activation_cache import CacheConfig
     from saeforge.demo import DemoConfig, run_demo
+    from saeforge.evals.evaluate import EvalConfig, run_eval
     from saeforge.training import TrainConfig
 
     return {
@@ -105,6 +106,7 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
         "sites": (SitesConfig, run_sites, "list a model's sites and their dimensions"),
         "cache": (CacheConfig, run_cache, "cache activations at sites to disk (resumable)"),
         "train": (TrainConfig, run_train, "train SAEs from the live model or a cache (resumable, exact)"),
+        "eval": (EvalConfig, run_eval, "evaluate SAEs on held-out text: FVU, L0, dead latents, CE recovered, KL"),
     }
 
 

@@ -12,7 +12,8 @@ from saeforge.home import saeforge_home
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Cache activations of the embedded model at a middle layer, train a TopK SAE on them, print its metrics."""
+    """Cache activations of the embedded model at a middle layer, train a TopK SAE on them, evaluate it on held-out
+    plays (reconstruction, sparsity, CE loss recovered) and print the table."""
 
     site: str = "layers.15.resid_post"
     """Site to cache and train on (the embedded model has 30 layers; 15 is the middle)."""
@@ -28,26 +29,29 @@ class DemoConfig:
     """Activation vectors per training step."""
     out: str = ""
     """Demo folder; empty: $SAEFORGE_HOME/runs/demo. A rerun reuses its cache and starts a new training run."""
+    eval_tokens: int = 4096
+    """Held-out token positions (embedded:validation) for the evaluation."""
     device: str = "auto"
     """auto, cpu or cuda."""
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     from saeforge.data.activation_cache import CacheConfig, build_cache
+    from saeforge.evals.evaluate import EvalConfig, evaluate, format_table
     from saeforge.models.language_model import LanguageModel
     from saeforge.training import TrainConfig, train
 
     root = Path(cfg.out) if cfg.out else saeforge_home() / "runs" / "demo"
     t0 = time.time()
     lm = LanguageModel.load("embedded", device=cfg.device)
-    print(f"[1/3] loaded the embedded model ({lm.model_type}, {lm.n_layers} layers, d_model {lm.d_model}) "
+    print(f"[1/4] loaded the embedded model ({lm.model_type}, {lm.n_layers} layers, d_model {lm.d_model}) "
           f"in {time.time() - t0:.1f} s", flush=True)
 
     t1 = time.time()
     cache = build_cache(CacheConfig(out=str(root / "activations"), model="embedded", sites=(cfg.site,),
                                     tokens=cfg.cache_tokens, corpus="embedded:train", device=cfg.device), lm=lm)
     m = cache.manifest
-    print(f"[2/3] cached {m['token_count']:,} tokens of {cfg.site} into {cache.folder} "
+    print(f"[2/4] cached {m['token_count']:,} tokens of {cfg.site} into {cache.folder} "
           f"({len(m['shards'])} shards, mean norm {m['mean_norm'][cfg.site]:.1f}, {time.time() - t1:.0f} s)",
           flush=True)
 
@@ -61,10 +65,18 @@ def run_demo(cfg: DemoConfig) -> dict:
                               log_every=10, checkpoint_every=100))
     metrics = final[cfg.site]
     dt = time.time() - t2
-    print(f"[3/3] trained a TopK SAE (d_sae {cfg.expansion_factor * lm.d_model}, k {cfg.k}) on "
+    print(f"[3/4] trained a TopK SAE (d_sae {cfg.expansion_factor * lm.d_model}, k {cfg.k}) on "
           f"{cfg.train_tokens:,} tokens in {dt:.0f} s ({cfg.train_tokens / dt:,.0f} tokens/s)")
     print(f"      final training batch: FVU {metrics['fvu']:.3f} (explained variance {1 - metrics['fvu']:.1%}), "
           f"L0 {metrics['l0']:.1f}, dead latents {metrics['dead_fraction']:.1%}")
     print(f"      SAE saved to {run_dir / 'saes' / cfg.site} (SAELens-compatible); metrics in "
-          f"{run_dir / 'metrics.jsonl'}")
-    return metrics
+          f"{run_dir / 'metrics.jsonl'}", flush=True)
+
+    t3 = time.time()
+    report = evaluate(EvalConfig(path=str(run_dir), corpus="embedded:validation", tokens=cfg.eval_tokens,
+                                 device=cfg.device))
+    print(f"[4/4] evaluated on {report['n_token_positions']:,} held-out token positions (Hamlet, Macbeth, ...) "
+          f"in {time.time() - t3:.0f} s:")
+    print("      " + format_table(report).replace("\n", "\n      "))
+    print(f"      eval.json and plots in {run_dir}")
+    return report["saes"][cfg.site]

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -5,7 +6,7 @@ import pytest
 
 from saeforge.cli import main
 
-COMMANDS = ("demo", "fetch", "sites", "cache", "train")
+COMMANDS = ("demo", "fetch", "sites", "cache", "train", "eval")
 
 
 def test_help_lists_every_command(capsys):
@@ -49,11 +50,15 @@ def test_sites_command_lists_sites(tiny_llama_dir):
 @pytest.mark.embedded
 def test_demo_runs_on_the_embedded_model(embedded_lm, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "saeforge", "demo", "--cache-tokens", "3000", "--train-tokens",
-                           "6144", "--batch-size", "512", "--expansion-factor", "2", "--out", str(tmp_path)],
+                           "6144", "--batch-size", "512", "--expansion-factor", "2", "--eval-tokens", "1024",
+                           "--out", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "cached 3,000 tokens of layers.15.resid_post" in proc.stdout
     assert "trained a TopK SAE (d_sae 1152, k 32) on 6,144 tokens" in proc.stdout
+    assert "evaluated on 1,024 held-out token positions" in proc.stdout and "CE rec." in proc.stdout
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())["saes"]["layers.15.resid_post"]
+    assert report["ce_loss_clean"] < report["ce_loss_sae"] < report["ce_loss_zero_ablation"]
     from saeforge.data.activation_cache import ActivationCache
     from saeforge.saes import load_sae
 
