@@ -4,7 +4,8 @@ A source is named by one string, the same in the API, the CLI and saved configs:
 - ``embedded`` / ``embedded:train`` / ``embedded:validation`` / ``embedded:all``: the Shakespeare corpus;
 - a ``.txt`` file (one document) or a folder of ``.txt`` files (one document each, sorted by name);
 - a ``.jsonl`` file, one document per line in the field named by ``text_field``;
-- ``hf:NAME[:SPLIT]``: a Hugging Face dataset (the ``datasets`` extra; local or cached data only when offline).
+- ``hf:NAME[:SPLIT]``: a Hugging Face dataset (the ``datasets`` extra): a hub name (local or cached data only when
+  offline) or a folder written by ``Dataset.save_to_disk``.
 """
 
 from __future__ import annotations
@@ -87,7 +88,13 @@ class TextSource:
                                 "pip install 'saeforge[datasets]'") from err
         name, _, split = name.partition(":")
         try:
-            ds = datasets.load_dataset(name, split=split or "train", streaming=False)
+            local = Path(name).expanduser()
+            if (local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file():
+                ds = datasets.load_from_disk(str(local))  # a folder written by Dataset.save_to_disk
+                if isinstance(ds, datasets.DatasetDict):
+                    ds = ds[split or "train"]
+            else:
+                ds = datasets.load_dataset(name, split=split or "train", streaming=False)
         except Exception as err:
             raise SaeforgeError(f"could not load dataset {name!r}: {type(err).__name__}: {err}",
                                 "check the name; offline only local or cached datasets load") from err

@@ -42,6 +42,14 @@ def test_hf_source_without_datasets_or_data_is_a_clear_error():
     assert "datasets" in str(err.value)
 
 
+def test_hf_dataset_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"body": ["first doc", "second doc"]}).save_to_disk(str(tmp_path / "ds"))
+    assert list(TextSource(f"hf:{tmp_path / 'ds'}", text_field="body").documents()) == ["first doc", "second doc"]
+    with pytest.raises(SaeforgeError, match="has no column 'text'"):
+        list(TextSource(f"hf:{tmp_path / 'ds'}").documents())
+
+
 @pytest.mark.embedded
 def test_embedded_split_is_by_work_and_disjoint(embedded_lm):
     from saeforge.data.corpus import VALIDATION_WORKS, corpus_files, work_name

@@ -1,0 +1,1 @@
+from .helpers import variant  # noqa: F401  (the fixture parametrised over every architecture variant)

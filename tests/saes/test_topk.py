@@ -1,0 +1,140 @@
+"""TopK SAE: exact k per token, AuxK formula and gradient routing, config validation, kernel options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saeforge.errors import SaeforgeError
+from saeforge.saes import TopKConfig, TrainState
+
+from .helpers import D_IN, D_SAE, batch, build
+
+
+def test_exactly_k_latents_per_token():
+    sae = build("topk", k=5)
+    f = sae.encode(batch(100))
+    assert bool(((f > 0).sum(1) == 5).all())
+    # they are the k largest pre-activations
+    pre = torch.relu((batch(100) - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    top = pre.topk(5, dim=1)
+    assert torch.allclose(f.gather(1, top.indices), top.values)
+
+
+def test_defaults():
+    cfg = TopKConfig(d_in=64, d_sae=256, k=8)
+    assert cfg.apply_b_dec_to_input is True
+    assert cfg.aux_k == 32 and cfg.auxk_coefficient == 1 / 32
+    assert cfg.dead_after_tokens == 10_000_000 and cfg.kernel == "fast" and cfg.matmul_dtype is None
+    assert TopKConfig(d_in=64, d_sae=20, k=8).aux_k == 20  # capped at d_sae
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"k": 33}, "k=33 is larger than d_sae=32"),
+    ({"k": 0}, "k must be a positive integer"),
+    ({"k": 2.5}, "k must be a positive integer"),
+    ({"k": 4, "aux_k": 40}, "aux_k"),
+    ({"k": 4, "auxk_coefficient": -1.0}, "auxk_coefficient"),
+    ({"k": 4, "kernel": "triton"}, "unknown kernel"),
+    ({"k": 4, "matmul_dtype": "int8"}, "matmul_dtype"),
+    ({"k": 4, "dead_after_tokens": 0}, "dead_after_tokens"),
+])
+def test_config_errors(kwargs, match):
+    with pytest.raises(SaeforgeError, match=match):
+        TopKConfig(d_in=D_IN, d_sae=D_SAE, **kwargs)
+
+
+def test_k_is_required():
+    with pytest.raises(TypeError):
+        TopKConfig(d_in=D_IN, d_sae=D_SAE)  # type: ignore[call-arg]
+
+
+def test_auxk_is_zero_without_dead_latents():
+    sae = build("topk")
+    x = batch(64)
+    assert float(sae.training_loss(x, state=TrainState()).terms["auxk"]) == 0.0
+    none_dead = torch.zeros(D_SAE, dtype=torch.bool)
+    assert float(sae.training_loss(x, state=TrainState(dead_mask=none_dead)).terms["auxk"]) == 0.0
+
+
+def _dense_auxk(sae, x, dead, aux_k):
+    """AuxK recomputed densely from its definition (module docstring of saeforge.saes.topk)."""
+    pre = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    top = pre.topk(sae.cfg.k, dim=1)
+    z = torch.zeros_like(pre).scatter(1, top.indices, top.values)
+    x_hat = z @ sae.W_dec + sae.b_dec
+    e = x - x_hat
+    masked = pre.masked_fill(~dead, float("-inf"))
+    aux = masked.topk(aux_k, dim=1)
+    z_aux = torch.zeros_like(pre).scatter(1, aux.indices, torch.relu(aux.values))
+    e_hat = z_aux @ sae.W_dec
+    nmse = (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+    return sae.cfg.auxk_coefficient * nmse * (x - x.mean(0)).pow(2).sum(1).mean()
+
+
+@pytest.mark.parametrize("kernel", ["fast", "reference"])
+def test_auxk_matches_its_definition(kernel):
+    sae = build("topk", aux_k=3, auxk_coefficient=0.5, kernel=kernel)
+    x = batch(64)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[[0, 5, 9, 20, 31]] = True
+    got = sae.training_loss(x, state=TrainState(dead_mask=dead)).terms["auxk"]
+    assert float(got) > 0
+    assert torch.allclose(got, _dense_auxk(sae, x, dead, 3), rtol=1e-5)
+    # fewer dead latents than aux_k: all of them are used
+    few = torch.zeros(D_SAE, dtype=torch.bool)
+    few[[2, 3]] = True
+    got = sae.training_loss(x, state=TrainState(dead_mask=few)).terms["auxk"]
+    assert torch.allclose(got, _dense_auxk(sae, x, few, 2), rtol=1e-5)
+
+
+def test_auxk_gradient_reaches_only_dead_latents():
+    sae = build("topk", aux_k=3)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[[1, 2, 8, 30]] = True
+    out = sae.training_loss(batch(64), state=TrainState(dead_mask=dead))
+    out.terms["auxk"].backward()
+    assert sae.W_enc.grad[:, dead].abs().sum() > 0 and sae.W_dec.grad[dead].abs().sum() > 0
+    assert float(sae.W_enc.grad[:, ~dead].abs().sum()) == 0
+    assert float(sae.W_dec.grad[~dead].abs().sum()) == 0
+    assert float(sae.b_enc.grad[~dead].abs().sum()) == 0
+
+
+def test_fast_and_reference_kernels_agree():
+    x = batch(64)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::4] = True
+    outs = []
+    for kernel in ("fast", "reference"):
+        sae = build("topk", kernel=kernel)
+        out = sae.training_loss(x, state=TrainState(dead_mask=dead))
+        out.loss.backward()
+        outs.append((out, sae.W_enc.grad.clone()))
+    (a, ga), (b, gb) = outs
+    assert torch.allclose(a.loss, b.loss, rtol=1e-5) and torch.allclose(a.x_hat, b.x_hat, atol=1e-5)
+    assert torch.allclose(ga, gb, atol=1e-5)
+
+
+def test_bfloat16_matmul_is_close_to_float32():
+    x = batch(64)
+    full = build("topk").training_loss(x, state=TrainState())
+    half = build("topk", matmul_dtype="bfloat16").training_loss(x, state=TrainState())
+    assert half.x_hat.dtype == torch.float32
+    assert torch.allclose(full.terms["mse"], half.terms["mse"], rtol=0.05)
+
+
+def test_fired_and_l0_come_from_the_selection():
+    sae = build("topk", k=3)
+    x = batch(5)
+    out = sae.training_loss(x, state=TrainState())
+    f = sae.encode(x)
+    assert out.l0 == pytest.approx(3.0)
+    assert torch.equal(out.fired, (f > 0).any(0))
+
+
+def test_saelens_view():
+    sae = build("topk", k=4)
+    assert sae.saelens_architecture() == "topk"
+    assert sae.saelens_config_extras() == {"k": 4, "rescale_acts_by_decoder_norm": False}
+    assert set(sae.saelens_tensors()) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    assert sae.extra_tensors() == {}
