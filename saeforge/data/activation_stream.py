@@ -80,7 +80,7 @@ class LiveActivations:
         self.dtype = dtype
         self._n_contexts: int | None = None
         self._iter = None
-        self._next_context = 0
+        self._next_context = self._iter_start = 0
 
     @property
     def n_contexts(self) -> int:
@@ -92,19 +92,25 @@ class LiveActivations:
         return self._n_contexts
 
     def _contexts(self, start: int, count: int) -> torch.Tensor:
-        """Contexts ``start .. start+count`` of the endless (wrapped) sequence, reusing the open iterator."""
+        """Contexts ``start .. start+count`` of the endless (wrapped) sequence, reusing the open iterator.
+
+        The corpus length is learnt when the first pass ends, so no upfront tokenization pass is needed."""
         out = []
         global_index = start
         while len(out) < count:
-            local = global_index % self.n_contexts
+            local = global_index if self._n_contexts is None else global_index % self._n_contexts
             if self._iter is None or self._next_context != local:
                 self._iter = self.tokens.contexts(local)
-                self._next_context = local
+                self._next_context = self._iter_start = local
             try:
                 out.append(torch.from_numpy(next(self._iter)))
             except StopIteration:
                 self._iter = None
-                global_index = (global_index // self.n_contexts + 1) * self.n_contexts
+                if self._n_contexts is None:
+                    if self._next_context > self._iter_start:
+                        self._n_contexts = self._next_context  # ran off the end: that is the corpus length
+                    else:
+                        self.n_contexts  # noqa: B018 - started past the end (a resume): count, and check non-empty
                 continue
             self._next_context += 1
             global_index += 1

@@ -116,3 +116,27 @@ def test_resume_with_other_settings_is_refused(cache):
         other.load_state_dict(s.state_dict())
     with pytest.raises(SaeforgeError, match="not in the cache"):
         CachedActivations(cache, ["layers.0.mlp_out"])
+
+
+def test_live_stream_resumed_past_the_first_epoch(tiny_llama, tmp_path):
+    """A fresh process resuming in epoch 2 does not know the corpus length yet; it must still continue exactly."""
+    from tests.conftest import TEXT
+
+    short = tmp_path / "short.txt"
+    short.write_text(TEXT * 4)
+
+    def make():
+        ts = TokenStream.for_model(TextSource(str(short)), tiny_llama, TokenPolicy(context_length=16))
+        return ActivationStream(LiveActivations(tiny_llama, ts, [SITE], buffer_tokens=512, batch_contexts=8),
+                                batch_size=64, seed=2)
+
+    ref = _take(make(), 60)
+    n_contexts = make().source.n_contexts
+    s = make()
+    it = iter(s)
+    for _ in range(45):
+        next(it)
+    assert s.position.fill * s.source.contexts_per_fill >= n_contexts  # really in a later epoch
+    resumed = make()
+    resumed.load_state_dict(s.state_dict())
+    assert all(torch.equal(x, y) for x, y in zip(ref[45:], _take(resumed, 15)))
