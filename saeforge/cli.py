@@ -98,6 +98,7 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     from saeforge.data.activation_cache import CacheConfig
     from saeforge.demo import DemoConfig, run_demo
     from saeforge.evals.evaluate import EvalConfig, run_eval
+    from saeforge.features.harvest import HarvestConfig, run_harvest
     from saeforge.training import TrainConfig
 
     return {
@@ -107,6 +108,7 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
         "cache": (CacheConfig, run_cache, "cache activations at sites to disk (resumable)"),
         "train": (TrainConfig, run_train, "train SAEs from the live model or a cache (resumable, exact)"),
         "eval": (EvalConfig, run_eval, "evaluate SAEs on held-out text: FVU, L0, dead latents, CE recovered, KL"),
+        "harvest": (HarvestConfig, run_harvest, "fill the feature store: stats, top/quantile examples, logits"),
     }
 
 

@@ -238,6 +238,18 @@ class LanguageModel:
             attention_mask = attention_mask.to(self.device)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
+    @torch.no_grad()
+    def direction_logits(self, directions: torch.Tensor) -> torch.Tensor:
+        """Direct effect of residual-stream directions ``[n, d_model]`` on the logits ``[n, vocab]``: through the
+        final norm's scale (not its normalisation, which depends on the token) and the unembedding."""
+        W_U = self.model.get_output_embeddings().weight
+        d = directions.to(W_U.device, W_U.dtype)
+        fam = self.family
+        norm = self._modules.get(fam.final_norm) if fam else None
+        if norm is not None and getattr(norm, "weight", None) is not None:
+            d = d * (norm.weight + fam.norm_weight_offset)
+        return d @ W_U.T
+
     # ----------------------------------------------------------------------------------------------- tokens
     def special_token_ids(self) -> list[int]:
         ids = set(getattr(self.tokenizer, "all_special_ids", []) or [])

@@ -26,6 +26,8 @@ class ModelFamily:
     layers: str  # module path of the list of decoder blocks
     attn_out: str  # module, relative to a block, whose output is the attention contribution
     mlp_out: str
+    final_norm: str = "model.norm"  # the norm before the unembedding
+    norm_weight_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + weight)
 
 
 FAMILIES = (
@@ -36,9 +38,9 @@ FAMILIES = (
         "model.layers", "self_attn", "mlp",
     ),
     ModelFamily("gemma2", ("gemma2", "gemma3_text"), "model.layers", "post_attention_layernorm",
-                "post_feedforward_layernorm"),
-    ModelFamily("gpt2", ("gpt2", "gptj", "gpt_bigcode"), "transformer.h", "attn", "mlp"),
-    ModelFamily("gpt_neox", ("gpt_neox",), "gpt_neox.layers", "attention", "mlp"),
+                "post_feedforward_layernorm", norm_weight_offset=1.0),
+    ModelFamily("gpt2", ("gpt2", "gptj", "gpt_bigcode"), "transformer.h", "attn", "mlp", "transformer.ln_f"),
+    ModelFamily("gpt_neox", ("gpt_neox",), "gpt_neox.layers", "attention", "mlp", "gpt_neox.final_layer_norm"),
 )
 
 

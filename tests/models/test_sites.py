@@ -119,3 +119,16 @@ def test_bfloat16_loading_reads_bfloat16(tiny_llama_dir):
 def test_context_length_above_maximum_is_refused(models):
     with pytest.raises(SaeforgeError, match="above the model's maximum of 256"):
         models["llama"].check_context_length(1024)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_direction_logits_equal_the_head_on_unit_rms_vectors(models, family):
+    """RMSNorm is the identity on its own scale for a vector of RMS 1, so there the direct logit effect must equal
+    the model's own final norm + unembedding (this checks the norm path and Gemma's (1 + weight))."""
+    lm = models[family]
+    v = torch.randn(3, lm.d_model, dtype=torch.float64).float()
+    v = v / v.pow(2).mean(-1, keepdim=True).sqrt()
+    norm = lm._modules[lm.family.final_norm]
+    with torch.no_grad():
+        expected = lm.model.get_output_embeddings()(norm(v))
+    torch.testing.assert_close(lm.direction_logits(v), expected, rtol=1e-4, atol=1e-4)

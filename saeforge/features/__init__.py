@@ -1,0 +1,1 @@
+"""Understanding features: the feature store, harvesting, prompt inspection, contrastive discovery, autointerp."""

@@ -1,0 +1,306 @@
+"""``saeforge harvest``: stream held-out text through the model and the SAE(s) and fill the feature store.
+
+One forward pass per batch of contexts (stopped after the deepest SAE site); each SAE encodes the kept positions
+and only its nonzero latents are kept, as (token, feature, value) triples. Memory is therefore bounded by
+tokens × L0 (about 12 bytes per active latent), not by tokens × d_sae. When the stream ends, per feature: firing
+density, max and mean activation, quantiles and a histogram of its nonzero activations; the top contexts (one example
+per context, highest activation first); quantile-sampled contexts (activation range split into equal bins, a few
+random contexts per bin); random contexts where it never fires (for scoring explanations); the tokens it fires on
+most; promoted and suppressed tokens (decoder direction through the final norm scale and the unembedding); and the
+nearest features by decoder cosine. The store is built under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from simple_parsing.helpers import field
+
+from saeforge.errors import SaeforgeError
+from saeforge.features.store import STORE_FILE, FeatureStore
+from saeforge.utils.atomic import TMP_PREFIX
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    """Stream held-out text through the model and SAEs and fill the feature store (features.sqlite)."""
+
+    path: str = field(default="", positional=True)
+    """A run directory (every SAE under saes/) or one SAE folder."""
+    corpus: str = "embedded:validation"
+    """Held-out text: embedded:validation, a .txt file or folder, .jsonl, or hf:NAME[:SPLIT]."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl files and hf: datasets."""
+    tokens: int = 65_536
+    """Token positions to stream (contexts × context length)."""
+    context_length: int = 0
+    """Tokens per context; 0: the SAE's training context length."""
+    batch_size: int = 16
+    """Contexts per forward pass."""
+    top_examples: int = 20
+    """Top-activating contexts kept per feature."""
+    quantile_bins: int = 10
+    """Activation bins for quantile-sampled examples."""
+    examples_per_bin: int = 3
+    """Random contexts kept per activation bin."""
+    random_examples: int = 10
+    """Random contexts where the feature does not fire (used to score explanations)."""
+    window_before: int = 24
+    """Tokens shown before the activating token."""
+    window_after: int = 8
+    """Tokens shown after it."""
+    n_logits: int = 10
+    """Promoted and suppressed tokens kept per feature."""
+    n_neighbors: int = 10
+    """Nearest features (decoder cosine) kept per feature."""
+    model: str = ""
+    """Model; empty: the one the SAE was trained on."""
+    dtype: str = "float32"
+    """Model dtype."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    seed: int = 0
+    """Seed for the sampled examples."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def _window(cfg: HarvestConfig, T: int, g: int) -> tuple[int, int, int]:
+    """For global token index ``g``: (context, window start, window end) in context positions."""
+    ctx, pos = divmod(int(g), T)
+    return ctx, max(0, pos - cfg.window_before), min(T, pos + cfg.window_after + 1)
+
+
+def _window_acts(toks: np.ndarray, vals: np.ndarray, T: int, ctx: int, start: int, end: int) -> np.ndarray:
+    """The feature's activations over context positions [start, end) (``toks`` sorted ascending)."""
+    lo, hi = np.searchsorted(toks, [ctx * T + start, ctx * T + end])
+    out = np.zeros(end - start, dtype=np.float32)
+    out[toks[lo:hi] - ctx * T - start] = vals[lo:hi]
+    return out
+
+
+def _feature_records(cfg: HarvestConfig, rng: np.random.Generator, T: int, n_ctx: int, n_kept: int,
+                     toks: np.ndarray, vals: np.ndarray, ids_flat: np.ndarray, vocab: dict[int, str],
+                     kept_flat: np.ndarray):
+    """Statistics and examples of one feature from its (token, value) entries (tokens ascending)."""
+    n = len(vals)
+    rec = {"density": n / max(n_kept, 1), "fire_count": n, "max_act": float(vals.max()) if n else 0.0,
+           "mean_act": float(vals.mean()) if n else 0.0, "quantiles": None, "histogram": None, "top_tokens": []}
+    examples = []
+    if n:
+        qs = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+        rec["quantiles"] = {str(q): float(v) for q, v in zip(qs, np.quantile(vals, qs))}
+        counts, edges = np.histogram(vals, bins=24, range=(0.0, rec["max_act"]))
+        rec["histogram"] = {"edges": edges.tolist(), "counts": counts.tolist()}
+        order = np.argsort(-vals, kind="stable")
+        top_tok = collections.Counter(ids_flat[toks[order[:100]]].tolist()).most_common(5)
+        rec["top_tokens"] = [[vocab.get(t, ""), c] for t, c in top_tok]
+        ctx_sorted = toks[order] // T
+        _, first = np.unique(ctx_sorted, return_index=True)  # best entry of every context
+        best = order[np.sort(first)[: cfg.top_examples]]
+        used = set()
+        for rank, e in enumerate(best):
+            c, s, end = _window(cfg, T, toks[e])
+            examples.append((rank, "top", c, s, int(toks[e] % T), float(vals[e]),
+                             _window_acts(toks, vals, T, c, s, end)))
+            used.add(c)
+        edges_q = np.linspace(0.0, rec["max_act"], cfg.quantile_bins + 1)
+        for b in range(cfg.quantile_bins):
+            in_bin = np.nonzero((vals > edges_q[b]) & (vals <= edges_q[b + 1]))[0]
+            rng.shuffle(in_bin)
+            taken = 0
+            for e in in_bin:
+                c = int(toks[e] // T)
+                if c in used:
+                    continue
+                c, s, end = _window(cfg, T, toks[e])
+                examples.append((b, "quantile", c, s, int(toks[e] % T), float(vals[e]),
+                                 _window_acts(toks, vals, T, c, s, end)))
+                used.add(c)
+                taken += 1
+                if taken == cfg.examples_per_bin:
+                    break
+    firing_contexts = set((toks // T).tolist())
+    quiet = [c for c in rng.permutation(n_ctx)[: cfg.random_examples * 4].tolist() if c not in firing_contexts]
+    for rank, c in enumerate(quiet[: cfg.random_examples]):
+        kept_pos = np.nonzero(kept_flat[c * T:(c + 1) * T])[0]
+        if not len(kept_pos):
+            continue
+        p = int(rng.choice(kept_pos))
+        _, s, end = _window(cfg, T, c * T + p)
+        examples.append((rank, "random", c, s, p, 0.0, np.zeros(end - s, dtype=np.float32)))
+    return rec, examples
+
+
+def harvest(cfg: HarvestConfig) -> Path:
+    from tqdm.auto import tqdm
+
+    from saeforge.data.text_source import TextSource
+    from saeforge.data.token_stream import TokenPolicy, TokenStream
+    from saeforge.evals.evaluate import find_saes
+    from saeforge.models.language_model import LanguageModel
+    from saeforge.saes import load_sae, read_sae_config
+
+    if not cfg.path:
+        raise SaeforgeError("no run or SAE folder given", "saeforge harvest RUN_DIR")
+    root = Path(cfg.path)
+    if not root.exists():
+        raise SaeforgeError(f"{root} does not exist", "pass a run directory or an SAE folder")
+    found = find_saes(root)
+    metas = {n: read_sae_config(f).get("metadata", {}) or {} for n, f in found.items()}
+    first = next(iter(metas.values()))
+    model_name = cfg.model or first.get("model_name")
+    if not model_name:
+        raise SaeforgeError("the SAE's metadata does not name its model", "pass --model")
+    lm = LanguageModel.load(model_name, dtype=cfg.dtype, device=cfg.device)
+    saes = {}
+    for name, folder in found.items():
+        site = lm.site(metas[name].get("hook_name") or "")
+        sae = load_sae(folder, device=lm.device).eval()
+        if sae.cfg.d_in != site.d:
+            raise SaeforgeError(f"SAE {name} has d_in {sae.cfg.d_in} but site {site.name} has width {site.d}",
+                                "harvest with the model the SAE was trained on")
+        saes[name] = (sae, site, folder)
+    T = cfg.context_length or int(first.get("context_size") or 128)
+    tokens = TokenStream.for_model(TextSource(cfg.corpus, cfg.text_field), lm,
+                                   TokenPolicy(T, bool(first.get("prepend_bos", True)),
+                                               bool(first.get("exclude_special_tokens", True))))
+    n_target = max(1, -(-cfg.tokens // T))
+    sites = sorted({s.name for _, s, _ in saes.values()})
+
+    entries = {n: ([], [], []) for n in saes}
+    all_ids, all_kept = [], []
+    n_ctx = 0
+    t0 = time.time()
+    bar = tqdm(total=n_target * T, unit="tok", unit_scale=True, desc="harvesting", disable=not cfg.progress,
+               dynamic_ncols=True)
+    for _, ids in tokens.batches(cfg.batch_size):
+        ids = ids[: n_target - n_ctx]
+        keep = tokens.keep_mask(ids)
+        acts = lm.read(ids, sites)
+        flat_index = (torch.arange(ids.numel()) + n_ctx * T).view(ids.shape)[keep]
+        keep_dev = keep.to(lm.device)
+        with torch.inference_mode():
+            for name, (sae, site, _) in saes.items():
+                f = sae.encode(acts[site.name][keep_dev].float())
+                rows, feats = (f != 0).nonzero(as_tuple=True)
+                entries[name][0].append(flat_index[rows.cpu()].numpy())
+                entries[name][1].append(feats.cpu().numpy().astype(np.int32))
+                entries[name][2].append(f[rows, feats].float().cpu().numpy())
+        all_ids.append(ids.numpy().astype(np.int32))
+        all_kept.append(keep.numpy())
+        n_ctx += ids.shape[0]
+        bar.update(ids.numel())
+        if n_ctx >= n_target:
+            break
+    bar.close()
+    stream_seconds = time.time() - t0
+    if n_ctx == 0:
+        raise SaeforgeError(f"the corpus {cfg.corpus!r} gave no tokens", "use a larger corpus")
+    ids_all = np.concatenate(all_ids)
+    ids_flat = ids_all.reshape(-1)
+    kept_flat = np.concatenate(all_kept).reshape(-1)
+    n_kept = int(kept_flat.sum())
+    vocab = {int(i): lm.tokenizer.decode([int(i)]) for i in np.unique(ids_flat)}
+
+    out = root / STORE_FILE
+    tmp = root / f"{TMP_PREFIX}{STORE_FILE}"
+    tmp.unlink(missing_ok=True)
+    store = FeatureStore(tmp, create=True)
+    try:
+        store.con.execute("PRAGMA journal_mode = OFF")
+        store.con.execute("PRAGMA synchronous = OFF")
+        store.add_contexts(ids_all, 0)
+        store.add_vocab(vocab)
+        rng = np.random.default_rng(cfg.seed)
+        for name, (sae, site, folder) in saes.items():
+            toks = np.concatenate(entries[name][0]) if entries[name][0] else np.zeros(0, np.int64)
+            feats = np.concatenate(entries[name][1]) if entries[name][1] else np.zeros(0, np.int32)
+            vals = np.concatenate(entries[name][2]) if entries[name][2] else np.zeros(0, np.float32)
+            order = np.lexsort((toks, feats))
+            toks, feats, vals = toks[order], feats[order], vals[order]
+            bounds = np.searchsorted(feats, np.arange(sae.cfg.d_sae + 1))
+            logit_info = _logit_effects(lm, sae, vocab_fn=lambda ids: [lm.tokenizer.decode([i]) for i in ids],
+                                        n=cfg.n_logits)
+            neighbors = _neighbors(sae, cfg.n_neighbors)
+            sae_id = store.add_sae(name, site.name, sae.cfg.d_sae, sae.cfg.architecture, str(folder))
+            records, examples = [], []
+            for i in tqdm(range(sae.cfg.d_sae), desc=f"features of {name}", disable=not cfg.progress,
+                          dynamic_ncols=True, leave=False):
+                lo, hi = bounds[i], bounds[i + 1]
+                rec, ex = _feature_records(cfg, rng, T, n_ctx, n_kept, toks[lo:hi], vals[lo:hi], ids_flat, vocab,
+                                           kept_flat)
+                rec["idx"] = i
+                rec["promoted"], rec["suppressed"] = logit_info[i] if logit_info else (None, None)
+                rec["neighbors"] = neighbors[i]
+                records.append(rec)
+                examples.extend((i, kind, rank, c, s, p, m, a) for rank, kind, c, s, p, m, a in ex)
+            store.add_features(sae_id, records)
+            store.add_examples(sae_id, examples)
+        store.set_meta("model", model_name)
+        store.set_meta("corpus", cfg.corpus)
+        store.set_meta("context_length", T)
+        store.set_meta("n_contexts", n_ctx)
+        store.set_meta("n_tokens", int(n_ctx * T))
+        store.set_meta("n_kept_tokens", n_kept)
+        store.set_meta("stream_tokens_per_s", n_ctx * T / max(stream_seconds, 1e-9))
+        store.set_meta("harvest_seconds", time.time() - t0)
+        store.commit()
+        store.con.execute("PRAGMA journal_mode = WAL")
+        store.close()
+        tmp.replace(out)
+    except BaseException:
+        store.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+@torch.no_grad()
+def _logit_effects(lm, sae, vocab_fn, n: int, chunk: int = 512):
+    """Per feature: ([token, logit] promoted, [token, logit] suppressed), or None if the SAE does not write to
+    the residual stream width."""
+    if sae.cfg.d_output != lm.d_model or n <= 0:
+        return None
+    out = []
+    W = sae.W_dec.detach()
+    for s in range(0, W.shape[0], chunk):
+        logits = lm.direction_logits(W[s:s + chunk].float())
+        top = logits.topk(n, dim=-1)
+        bot = logits.topk(n, dim=-1, largest=False)
+        for tv, ti, bv, bi in zip(top.values, top.indices, bot.values, bot.indices):
+            out.append(([[t, float(v)] for t, v in zip(vocab_fn(ti.tolist()), tv.tolist())],
+                        [[t, float(v)] for t, v in zip(vocab_fn(bi.tolist()), bv.tolist())]))
+    return out
+
+
+@torch.no_grad()
+def _neighbors(sae, n: int, chunk: int = 1024) -> list[list]:
+    W = sae.W_dec.detach().float()
+    W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    n = min(n, W.shape[0] - 1)
+    out = []
+    for s in range(0, W.shape[0], chunk):
+        sims = W[s:s + chunk] @ W.T
+        sims[torch.arange(sims.shape[0]), torch.arange(s, s + sims.shape[0])] = -2.0  # not itself
+        top = sims.topk(n, dim=-1) if n > 0 else None
+        for r in range(sims.shape[0]):
+            out.append([] if top is None else [[int(i), float(v)] for i, v in zip(top.indices[r], top.values[r])])
+    return out
+
+
+def run_harvest(cfg: HarvestConfig) -> Path:
+    path = harvest(cfg)
+    with FeatureStore(path, readonly=True) as store:
+        m = store.all_meta()
+        saes = store.saes()
+    print(f"harvested {m['n_tokens']:,} token positions of {m['corpus']} at "
+          f"{m['stream_tokens_per_s']:,.0f} tokens/s into {path}")
+    for s in saes:
+        print(f"  {s['name']}: {s['d_sae']} features ({s['architecture']}, {s['site']})")
+    return path
