@@ -99,6 +99,7 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     from saeforge.demo import DemoConfig, run_demo
     from saeforge.evals.evaluate import EvalConfig, run_eval
     from saeforge.features.harvest import HarvestConfig, run_harvest
+    from saeforge.features.inspect import InspectConfig, run_inspect
     from saeforge.training import TrainConfig
 
     return {
@@ -109,6 +110,7 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
         "train": (TrainConfig, run_train, "train SAEs from the live model or a cache (resumable, exact)"),
         "eval": (EvalConfig, run_eval, "evaluate SAEs on held-out text: FVU, L0, dead latents, CE recovered, KL"),
         "harvest": (HarvestConfig, run_harvest, "fill the feature store: stats, top/quantile examples, logits"),
+        "inspect": (InspectConfig, run_inspect, "show the most active features of each token of a text"),
     }
 
 

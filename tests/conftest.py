@@ -105,6 +105,37 @@ def embedded_lm():
     return LanguageModel.load("embedded", device="cpu")
 
 
+TRAIN_SITES = ("layers.1.resid_post", "layers.2.resid_post")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_llama, tiny_llama_dir, tmp_path_factory):
+    """~12k activation vectors (d=32) of the tiny Llama at two sites, from non-repeating random-word text."""
+    import random
+
+    from saeforge.data.activation_cache import CacheConfig, build_cache
+
+    folder = tmp_path_factory.mktemp("train_cache")
+    words = TEXT.split()
+    rng = random.Random(0)
+    (folder / "t.txt").write_text(" ".join(rng.choice(words) for _ in range(9000)))
+    cfg = CacheConfig(out=str(folder / "cache"), model=str(tiny_llama_dir), sites=TRAIN_SITES, tokens=12_000,
+                      corpus=str(folder / "t.txt"), context_length=64, batch_size=8, shard_tokens=2000, device="cpu")
+    return build_cache(cfg, lm=tiny_llama, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_cache, tmp_path_factory):
+    """A finished training run: a TopK SAE (d_sae 128, k 8) on layers.1.resid_post of the tiny Llama."""
+    from saeforge.training import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    train(TrainConfig(out=str(run), cache=str(tiny_cache.folder), sites=(TRAIN_SITES[0],), tokens=256 * 40,
+                      batch_size=256, d_sae=128, k=8, progress=False, device="cpu", lr_warmup_steps=5,
+                      checkpoint_every=100))
+    return run
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     # Tests never reach the network: a hub lookup must fail fast and clearly.

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from saeforge.errors import SaeforgeError
 from saeforge.saes import load_sae
 from saeforge.training import TrainConfig, Trainer, train
-from tests.training.conftest import SITES
+from tests.conftest import TRAIN_SITES as SITES
 
 
 def _cfg(cache, out, **kw):

@@ -1,0 +1,119 @@
+"""Prompt inspection: for each token of a text, the most active features of each SAE, with their explanations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from simple_parsing.helpers import field
+
+from saeforge.errors import SaeforgeError
+from saeforge.features.store import STORE_FILE, FeatureStore
+
+MAX_PROMPT_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    """Show, for each token of a text, the most active features and their explanations."""
+
+    path: str = field(default="", positional=True)
+    """A run directory (every SAE under saes/) or one SAE folder."""
+    text: str = field(default="", positional=True)
+    """The text to inspect."""
+    top: int = 5
+    """Features shown per token."""
+    model: str = ""
+    """Model; empty: the one the SAE was trained on."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+
+
+class Inspector:
+    """Loads the model and SAEs of a run once; :meth:`inspect` is then cheap (the dashboard keeps one)."""
+
+    def __init__(self, path: str | Path, *, model: str = "", device: str = "auto", lm=None):
+        from saeforge.evals.evaluate import find_saes
+        from saeforge.models.language_model import LanguageModel
+        from saeforge.saes import load_sae, read_sae_config
+
+        self.path = Path(path)
+        found = find_saes(self.path)
+        metas = {n: read_sae_config(f).get("metadata", {}) or {} for n, f in found.items()}
+        first = next(iter(metas.values()))
+        model_name = model or first.get("model_name")
+        if lm is None:
+            if not model_name:
+                raise SaeforgeError("the SAE's metadata does not name its model", "pass --model")
+            lm = LanguageModel.load(model_name, device=device)
+        self.lm = lm
+        self.prepend_bos = bool(first.get("prepend_bos", True))
+        self.saes = {}
+        for name, folder in found.items():
+            site = lm.site(metas[name].get("hook_name") or "")
+            self.saes[name] = (load_sae(folder, device=lm.device).eval(), site)
+        store_path = self.path / STORE_FILE
+        self.store_path = store_path if store_path.is_file() else None
+        self.max_tokens = min(MAX_PROMPT_TOKENS, lm.max_context or MAX_PROMPT_TOKENS)
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        bos = self.lm.bos_token_id()
+        if self.prepend_bos and bos is not None:
+            ids = [bos] + list(ids)
+        if not text.strip():
+            raise SaeforgeError("the prompt is empty", "type some text")
+        if len(ids) > self.max_tokens:
+            raise SaeforgeError(f"the prompt has {len(ids)} tokens; the limit is {self.max_tokens}",
+                                f"shorten it to at most {self.max_tokens} tokens")
+        return torch.tensor([ids])
+
+    @torch.inference_mode()
+    def inspect(self, text: str, top: int = 5) -> list[dict]:
+        ids = self.tokenize(text)
+        acts = self.lm.read(ids, sorted({s.name for _, s in self.saes.values()}))
+        tokens = [self.lm.tokenizer.decode([int(i)]) for i in ids[0]]
+        special = set(self.lm.special_token_ids())
+        out = [{"token": t, "special": int(i) in special, "features": {}} for t, i in zip(tokens, ids[0])]
+        explanations: dict[str, dict[int, str]] = {}
+        per_sae = {}
+        for name, (sae, site) in self.saes.items():
+            f = sae.encode(acts[site.name][0].float())
+            k = min(top, f.shape[-1])
+            vals, idx = f.topk(k, dim=-1)
+            per_sae[name] = (vals, idx)
+            wanted = {int(i) for i, v in zip(idx.flatten(), vals.flatten()) if v > 0}
+            explanations[name] = {}
+            if self.store_path is not None and wanted:
+                with FeatureStore(self.store_path, readonly=True) as store:
+                    try:
+                        explanations[name] = store.explanations(name, wanted)
+                    except SaeforgeError:
+                        pass
+        for name, (vals, idx) in per_sae.items():
+            for t, row in enumerate(out):
+                if row["special"]:
+                    row["features"][name] = []  # BOS/special positions are outside the SAE's data
+                    continue
+                row["features"][name] = [[int(i), float(v), explanations[name].get(int(i))]
+                                         for v, i in zip(vals[t], idx[t]) if v > 0]
+        return out
+
+
+def inspect_prompt(path: str | Path, text: str, *, top: int = 5, model: str = "", device: str = "auto",
+                   lm=None) -> list[dict]:
+    """Per token: ``{"token", "special", "features": {sae_name: [[idx, activation, explanation_or_None], ...]}}``."""
+    return Inspector(path, model=model, device=device, lm=lm).inspect(text, top)
+
+
+def run_inspect(cfg: InspectConfig) -> None:
+    if not cfg.path or not cfg.text:
+        raise SaeforgeError("give a run directory and a text", 'saeforge inspect RUN_DIR "To be, or not to be"')
+    rows = inspect_prompt(cfg.path, cfg.text, top=cfg.top, model=cfg.model, device=cfg.device)
+    for row in rows:
+        if row["special"]:
+            continue
+        for name, feats in row["features"].items():
+            shown = "  ".join(f"#{i} {a:.2f}" + (f" ({e})" if e else "") for i, a, e in feats)
+            print(f"{row['token']!r:>16}  {name}: {shown}")
