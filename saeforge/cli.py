@@ -98,8 +98,10 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     from saeforge.data.activation_cache import CacheConfig
     from saeforge.demo import DemoConfig, run_demo
     from saeforge.evals.evaluate import EvalConfig, run_eval
+    from saeforge.features.contrast import ContrastConfig, run_contrast
     from saeforge.features.harvest import HarvestConfig, run_harvest
     from saeforge.features.inspect import InspectConfig, run_inspect
+    from saeforge.formats.convert import ConvertConfig, run_convert
     from saeforge.training import TrainConfig
 
     return {
@@ -111,6 +113,9 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
         "eval": (EvalConfig, run_eval, "evaluate SAEs on held-out text: FVU, L0, dead latents, CE recovered, KL"),
         "harvest": (HarvestConfig, run_harvest, "fill the feature store: stats, top/quantile examples, logits"),
         "inspect": (InspectConfig, run_inspect, "show the most active features of each token of a text"),
+        "contrast": (ContrastConfig, run_contrast, "find the features that fire on one set of texts, not another"),
+        "convert": (ConvertConfig, run_convert,
+                    "convert SAEs between formats (saeforge, SAELens, sparsify, Gemma Scope, dictionary_learning)"),
     }
 
 
