@@ -102,6 +102,7 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     from saeforge.features.harvest import HarvestConfig, run_harvest
     from saeforge.features.inspect import InspectConfig, run_inspect
     from saeforge.formats.convert import ConvertConfig, run_convert
+    from saeforge.interventions.generate import SteerConfig, run_steer
     from saeforge.training import TrainConfig
 
     return {
@@ -114,6 +115,7 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
         "harvest": (HarvestConfig, run_harvest, "fill the feature store: stats, top/quantile examples, logits"),
         "inspect": (InspectConfig, run_inspect, "show the most active features of each token of a text"),
         "contrast": (ContrastConfig, run_contrast, "find the features that fire on one set of texts, not another"),
+        "steer": (SteerConfig, run_steer, "generate with and without steering through features, side by side"),
         "convert": (ConvertConfig, run_convert,
                     "convert SAEs between formats (saeforge, SAELens, sparsify, Gemma Scope, dictionary_learning)"),
     }

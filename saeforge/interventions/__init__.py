@@ -1,0 +1,1 @@
+"""Acting through features: steering, clamping and ablation during generation, and steering vectors."""
