@@ -102,8 +102,10 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     from saeforge.features.harvest import HarvestConfig, run_harvest
     from saeforge.features.inspect import InspectConfig, run_inspect
     from saeforge.formats.convert import ConvertConfig, run_convert
+    from saeforge.interventions.compare import CompareSteeringConfig, run_compare_steering
     from saeforge.interventions.generate import SteerConfig, run_steer
     from saeforge.training import TrainConfig
+    from saeforge.web import ServeConfig, run_serve
 
     return {
         "demo": (DemoConfig, run_demo, "run the whole pipeline on the embedded model and corpus"),
@@ -115,7 +117,11 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
         "harvest": (HarvestConfig, run_harvest, "fill the feature store: stats, top/quantile examples, logits"),
         "inspect": (InspectConfig, run_inspect, "show the most active features of each token of a text"),
         "contrast": (ContrastConfig, run_contrast, "find the features that fire on one set of texts, not another"),
+        "serve": (ServeConfig, run_serve,
+                  "web dashboard of a run: metrics, plots, feature search, feature pages, prompt inspector"),
         "steer": (SteerConfig, run_steer, "generate with and without steering through features, side by side"),
+        "compare-steering": (CompareSteeringConfig, run_compare_steering,
+                             "compare CAA, STA and SAE-refined steering vectors on one behaviour"),
         "convert": (ConvertConfig, run_convert,
                     "convert SAEs between formats (saeforge, SAELens, sparsify, Gemma Scope, dictionary_learning)"),
     }

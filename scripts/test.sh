@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/install_browser.sh  # Debian chromium (+ fonts) for the dashboard's browser tests
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec "${SAEFORGE_VENV:-.venv}/bin/python" -m pytest -q "$@"

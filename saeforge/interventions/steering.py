@@ -117,9 +117,22 @@ class Steerer:
                 raise SaeforgeError(f"no SAE {e.sae!r} in this run", f"the run has: {', '.join(self.saes)}")
             e.validate(self.saes[e.sae][0].cfg.d_sae)
 
-    def _edit_fn(self, edits: list[FeatureEdit], positions: str, state: dict):
-        lm = self.lm
-        special = torch.tensor(lm.special_token_ids())
+    def _feature_op(self, e: FeatureEdit):
+        sae = self.saes[e.sae][0]
+        value = self.value(e) if e.mode != "scale" else float(e.strength)
+
+        def op(flat: torch.Tensor) -> torch.Tensor:
+            d = sae.W_dec[e.feature].to(flat)
+            if e.mode == "add":
+                return flat + value * d
+            f_i = sae.encode(flat)[:, e.feature]
+            target = value if e.mode == "clamp" else value * f_i
+            return flat + (target - f_i)[:, None] * d
+
+        return op
+
+    def _edit_fn(self, ops: list, positions: str, state: dict):
+        special = torch.tensor(self.lm.special_token_ids())
 
         def fn(x: torch.Tensor) -> torch.Tensor | None:
             if positions == "generated" and state["calls"] == 0:
@@ -127,26 +140,21 @@ class Steerer:
             ids = state.get("ids")
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
             if ids is not None and ids.shape == x.shape[:2]:
-                mask = ~torch.isin(ids, special.to(ids.device))
+                mask = ~torch.isin(ids, special.to(ids.device))  # BOS/pad positions are never edited
             out = x.clone()
             flat = out[mask].float()
-            for e in edits:
-                sae = self.saes[e.sae][0]
-                d = sae.W_dec[e.feature].to(flat)
-                if e.mode == "add":
-                    flat = flat + self.value(e) * d
-                else:
-                    f_i = sae.encode(flat)[:, e.feature]
-                    target = self.value(e) if e.mode == "clamp" else e.strength * f_i
-                    flat = flat + (target - f_i)[:, None] * d
+            for op in ops:
+                flat = op(flat)
             out[mask] = flat.to(x.dtype)
             return out
 
         return fn
 
     @contextlib.contextmanager
-    def steering(self, edits: Sequence[FeatureEdit], positions: str = "all") -> Iterator[None]:
-        """Apply ``edits`` to every forward pass inside the block (generation included)."""
+    def steering(self, edits: Sequence[FeatureEdit] = (), positions: str = "all",
+                 vectors: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+        """Apply feature ``edits`` (and raw ``vectors`` added at their sites) to every forward pass inside the block
+        (generation included)."""
         if positions not in ("all", "generated"):
             raise SaeforgeError(f"unknown positions {positions!r}", "use all or generated")
         self.check(edits)
@@ -158,13 +166,17 @@ class Steerer:
         def count(module, args, kwargs, output):
             state["calls"] += 1
 
-        by_site: dict[str, list[FeatureEdit]] = {}
+        by_site: dict[str, list] = {}
         for e in edits:
-            by_site.setdefault(self.saes[e.sae][1].name, []).append(e)
+            by_site.setdefault(self.saes[e.sae][1].name, []).append(self._feature_op(e))
+        for site, v in (vectors or {}).items():
+            if not torch.isfinite(v).all():
+                raise SaeforgeError("the steering vector contains NaN or Inf", "check how it was computed")
+            by_site.setdefault(self.lm.site(site).name, []).append(lambda flat, v=v: flat + v.to(flat))
         h1 = self.lm.model.register_forward_pre_hook(remember_ids, with_kwargs=True)
         h2 = self.lm.model.register_forward_hook(count, with_kwargs=True)
         try:
-            with self.lm.edit({site: self._edit_fn(es, positions, state) for site, es in by_site.items()}):
+            with self.lm.edit({site: self._edit_fn(ops, positions, state) for site, ops in by_site.items()}):
                 yield
         finally:
             h1.remove()

@@ -1,0 +1,122 @@
+"""``saeforge serve RUN_DIR``: the web dashboard of a run (needs the ``web`` extra: ``pip install 'saeforge[web]'``)."""
+
+from __future__ import annotations
+
+import gc
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from simple_parsing.helpers import field
+
+from saeforge.errors import SaeforgeError
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Serve a run's web dashboard: overview (metrics, plots), feature search, feature pages, prompt inspector."""
+
+    path: str = field(default="", positional=True)
+    """A run directory (saes/, eval.json, features.sqlite), as written by train, eval and harvest."""
+    host: str = "127.0.0.1"
+    """Address to listen on. The default serves this machine only; 0.0.0.0 exposes the dashboard to the network."""
+    port: int = 8000
+    """Port to listen on; 0 picks a free one."""
+    model: str = ""
+    """Model for the prompt inspector; empty: the one the SAEs were trained on (loaded on the first prompt)."""
+    device: str = "auto"
+    """Device for the prompt inspector: auto, cpu or cuda."""
+    max_prompt_chars: int = 20_000
+    """Longest prompt accepted, in characters (the token limit of the inspector applies as well)."""
+    log_level: str = "warning"
+    """Server log level: critical, error, warning, info, debug."""
+
+
+def _require_web():
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        raise SaeforgeError(f"the dashboard needs FastAPI and uvicorn ({err.name} is missing)",
+                            "pip install 'saeforge[web]'") from err
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket (so that port 0 gives a known free port before the server starts)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto IPPROTO_TCP (not 0): asyncio then sets TCP_NODELAY on every connection, so a response written in two
+    # parts (headers, body) is not held back by Nagle's algorithm for the client's delayed ACK (~40 ms a request)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise SaeforgeError(f"cannot listen on {host}:{port}: {err.strerror}",
+                            "pick another --port (0 picks a free one)") from err
+    sock.listen(128)
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+class BackgroundServer:
+    """A uvicorn server for ``app`` on a thread (tests, benchmarks, screenshots). ``with`` starts and stops it."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = bind(host, port)
+        self.url = url_of(self.sock)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self, timeout: float = 20.0) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the dashboard server did not start within {timeout:.0f} s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def run_serve(cfg: ServeConfig) -> None:
+    if not cfg.path:
+        raise SaeforgeError("no run directory given", "saeforge serve RUN_DIR")
+    _require_web()
+    import uvicorn
+
+    from saeforge.web.app import create_app
+
+    app = create_app(cfg.path, model=cfg.model, device=cfg.device, max_prompt_chars=cfg.max_prompt_chars)
+    sock = bind(cfg.host, cfg.port)
+    print(f"saeforge dashboard of {app.state.data.path} at {url_of(sock)}  (Ctrl-C stops it)", flush=True)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"  note: listening on {cfg.host}, so other machines can reach it; it has no authentication",
+              flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, lifespan="on"))
+    # The objects loaded so far (torch, transformers, ...) live as long as the server: keep them out of the garbage
+    # collector's full passes, which otherwise stall a request now and then for a few hundred milliseconds.
+    gc.collect()
+    gc.freeze()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

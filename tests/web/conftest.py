@@ -1,0 +1,48 @@
+"""A small finished run for the dashboard tests: the tiny Llama's trained TopK SAE (tests/conftest.py ``tiny_run``),
+evaluated (eval.json and plots) and harvested (features.sqlite) on held-out text, with a few explanations."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the dashboard needs the web extra: pip install -e '.[web]'")
+pytest.importorskip("uvicorn", reason="the dashboard needs the web extra: pip install -e '.[web]'")
+
+SAE = "layers.1.resid_post"
+# feature -> explanation written into the store (the words are what the search tests look for)
+EXPLANATIONS = {
+    "quiet": "the particle 'to' before a verb",
+    "busy": "punctuation closing a clause",
+    "third": "names of English kings and places",
+}
+
+
+@pytest.fixture(scope="session")
+def web_run(tiny_run, tiny_llama, tmp_path_factory):
+    """(run directory, {role: feature index}): a copy of the tiny run, evaluated, harvested and partly explained."""
+    from saeforge.evals.evaluate import EvalConfig, evaluate
+    from saeforge.features.harvest import HarvestConfig, harvest
+    from saeforge.features.store import FeatureStore
+    from tests.conftest import TEXT
+
+    folder = tmp_path_factory.mktemp("web")
+    run = folder / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    words = TEXT.split()
+    rng = random.Random(7)
+    heldout = folder / "heldout.txt"
+    heldout.write_text(" ".join(rng.choice(words) for _ in range(2500)))
+    evaluate(EvalConfig(path=str(run), corpus=str(heldout), tokens=64 * 8, batch_size=8, device="cpu",
+                        progress=False))
+    harvest(HarvestConfig(path=str(run), corpus=str(heldout), tokens=64 * 16, batch_size=8, top_examples=5,
+                          quantile_bins=4, examples_per_bin=2, random_examples=3, window_before=8, window_after=3,
+                          n_logits=5, n_neighbors=4, device="cpu", progress=False))
+    with FeatureStore(run / "features.sqlite") as store:
+        firing = [r["idx"] for r in store.list_features(SAE, order="density", limit=1000) if r["density"] > 0]
+        roles = {"busy": firing[0], "quiet": firing[-1], "third": firing[len(firing) // 2]}
+        for role, idx in roles.items():
+            store.set_explanation(SAE, idx, EXPLANATIONS[role], 0.5 + 0.1 * len(role), "test")
+    return run, roles
