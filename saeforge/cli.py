@@ -98,6 +98,7 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     from saeforge.data.activation_cache import CacheConfig
     from saeforge.demo import DemoConfig, run_demo
     from saeforge.evals.evaluate import EvalConfig, run_eval
+    from saeforge.features.autointerp import ExplainConfig, run_explain
     from saeforge.features.contrast import ContrastConfig, run_contrast
     from saeforge.features.harvest import HarvestConfig, run_harvest
     from saeforge.features.inspect import InspectConfig, run_inspect
@@ -115,6 +116,8 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
         "train": (TrainConfig, run_train, "train SAEs from the live model or a cache (resumable, exact)"),
         "eval": (EvalConfig, run_eval, "evaluate SAEs on held-out text: FVU, L0, dead latents, CE recovered, KL"),
         "harvest": (HarvestConfig, run_harvest, "fill the feature store: stats, top/quantile examples, logits"),
+        "explain": (ExplainConfig, run_explain,
+                    "explain features with an LLM and score the explanations (detection, fuzzing)"),
         "inspect": (InspectConfig, run_inspect, "show the most active features of each token of a text"),
         "contrast": (ContrastConfig, run_contrast, "find the features that fire on one set of texts, not another"),
         "serve": (ServeConfig, run_serve,
