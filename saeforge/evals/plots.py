@@ -51,3 +51,29 @@ def eval_plots(folder: Path, name: str, density: torch.Tensor, l0: torch.Tensor,
     ax.set(xlabel="activation value (nonzero only)", ylabel="count (log)", title=f"{name}: nonzero activations")
     save(fig, "activation_magnitudes.png")
     return written
+
+
+def activation_heatmap(path: Path, name: str, acts: torch.Tensor, features: list[int], labels: list[str]) -> Path:
+    """Heat map of per-sample maximum activations [samples, features] (rows: samples, columns: features)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from saeforge.utils.atomic import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(min(14, 2 + 0.22 * len(features)), min(10, 1.5 + 0.16 * len(labels))))
+    from matplotlib.colors import PowerNorm
+
+    # square-root colour scale: a few outlier features would otherwise flatten everything else to one colour
+    im = ax.imshow(acts.numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
+                   norm=PowerNorm(0.5, vmin=0, vmax=max(float(acts.max()), 1e-6)))
+    ax.set_xticks(range(len(features)), [str(f) for f in features], rotation=90, fontsize=6)
+    ax.set_yticks(range(len(labels)), labels, fontsize=6)
+    ax.set(xlabel="feature", ylabel="sample (start of the context)",
+           title=f"{name}: max activation per sample, most frequent features")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return path

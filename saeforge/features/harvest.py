@@ -242,6 +242,7 @@ def harvest(cfg: HarvestConfig) -> Path:
                 examples.extend((i, kind, rank, c, s, p, m, a) for rank, kind, c, s, p, m, a in ex)
             store.add_features(sae_id, records)
             store.add_examples(sae_id, examples)
+            _heatmap(folder, name, toks, feats, vals, T, ids_all, vocab, sae.cfg.d_sae)
         store.set_meta("model", model_name)
         store.set_meta("corpus", cfg.corpus)
         store.set_meta("context_length", T)
@@ -259,6 +260,26 @@ def harvest(cfg: HarvestConfig) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def _heatmap(folder: Path, name: str, toks, feats, vals, T: int, ids_all, vocab, d_sae: int,
+             n_features: int = 40, n_samples: int = 48) -> Path | None:
+    """plots/activation_heatmap.png: max activation per sample (context) of the most frequently firing features."""
+    from saeforge.evals.plots import activation_heatmap, have_matplotlib
+
+    if not have_matplotlib() or not len(vals):
+        return None
+    counts = np.bincount(feats, minlength=d_sae)
+    top = np.argsort(-counts, kind="stable")[:n_features]
+    n_samples = min(n_samples, ids_all.shape[0])
+    grid = np.zeros((n_samples, len(top)), dtype=np.float32)
+    ctx = toks // T
+    for j, f in enumerate(top):
+        sel = (feats == f) & (ctx < n_samples)
+        np.maximum.at(grid[:, j], ctx[sel], vals[sel])
+    labels = ["".join(vocab.get(int(t), "") for t in ids_all[c, 1:9]).replace("\n", " ")[:28] for c in range(n_samples)]
+    return activation_heatmap(folder / "plots" / "activation_heatmap.png", name, torch.from_numpy(grid),
+                              top.tolist(), labels)
 
 
 @torch.no_grad()

@@ -130,3 +130,12 @@ def test_failed_harvest_leaves_no_store(tiny_run, text_file, tmp_path, monkeypat
         harvest(HarvestConfig(path=str(run), corpus=str(text_file), tokens=256, device="cpu", progress=False))
     assert not (run / "features.sqlite").exists()
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_harvest_writes_the_activation_heatmap(harvested):
+    from saeforge.evals.plots import have_matplotlib
+
+    store, *_ = harvested
+    if have_matplotlib():
+        png = store.path.parent / "saes" / SITE / "plots" / "activation_heatmap.png"
+        assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
