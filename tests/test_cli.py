@@ -51,7 +51,7 @@ def test_sites_command_lists_sites(tiny_llama_dir):
 def test_demo_runs_on_the_embedded_model(embedded_lm, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "saeforge", "demo", "--cache-tokens", "3000", "--train-tokens",
                            "6144", "--batch-size", "512", "--expansion-factor", "2", "--eval-tokens", "1024",
-                           "--out", str(tmp_path)],
+                           "--harvest-tokens", "2048", "--explain-features", "1", "--out", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "cached 3,000 tokens of layers.15.resid_post" in proc.stdout
@@ -59,6 +59,9 @@ def test_demo_runs_on_the_embedded_model(embedded_lm, tmp_path):
     assert "evaluated on 1,024 held-out token positions" in proc.stdout and "CE rec." in proc.stdout
     report = json.loads((tmp_path / "run" / "eval.json").read_text())["saes"]["layers.15.resid_post"]
     assert report["ce_loss_clean"] < report["ce_loss_sae"] < report["ce_loss_zero_ablation"]
+    assert "[5/7] harvested 2,048 held-out tokens" in proc.stdout and "[6/7] explained 1 features" in proc.stdout
+    assert "[7/7] contrast of" in proc.stdout and "steered:" in proc.stdout
+    assert f"saeforge serve {tmp_path / 'run'}" in proc.stdout
     from saeforge.data.activation_cache import ActivationCache
     from saeforge.saes import load_sae
 
