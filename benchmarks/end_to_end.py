@@ -72,6 +72,7 @@ def main() -> None:
         if proc.returncode != 0 or not lines:
             sys.exit(f"{tool} failed:\n{proc.stderr[-4000:]}")
         results[tool] = json.loads(lines[-1][len("@@E2E "):])
+        (out / "e2e.json").write_text(json.dumps(results[tool], indent=1))
         print(f"  {tool}: {results[tool]['tokens_per_s']:.0f} tokens/s ({time.time() - t:.0f} s wall)", flush=True)
 
     print(f"\nend to end, embedded model → TopK SAE (layer 6 residual, ctx 128, d_sae 4608, k 32), "
