@@ -53,18 +53,6 @@ class EvalConfig:
     """Show a progress bar."""
 
 
-def find_saes(path: Path) -> dict[str, Path]:
-    """``{name: folder}`` of the SAEs under ``path`` (a run directory or an SAE folder)."""
-    if (path / "cfg.json").is_file():
-        return {path.name: path}
-    saes = path / "saes"
-    found = {p.name: p for p in sorted(saes.iterdir()) if (p / "cfg.json").is_file()} if saes.is_dir() else {}
-    if not found:
-        raise SaeforgeError(f"{path} holds no SAE (no cfg.json, and no saes/<name>/cfg.json)",
-                            "pass a run directory from `saeforge train` or an SAE folder")
-    return found
-
-
 @dataclass
 class _Target:
     name: str
@@ -76,31 +64,18 @@ class _Target:
     down: DownstreamStats
 
 
-def _load_targets(cfg: EvalConfig, lm, device) -> list[_Target]:
-    from saeforge.saes import load_sae, read_sae_config
-
+def _targets(cfg: EvalConfig, run) -> list[_Target]:
     targets = []
-    for name, folder in find_saes(Path(cfg.path)).items():
-        raw = read_sae_config(folder)
-        meta = raw.get("metadata", {}) or {}
-        site_name = cfg.site or meta.get("hook_name")
-        if not site_name:
-            raise SaeforgeError(f"SAE {folder} does not say which site it reads (no metadata.hook_name)",
-                                "pass --site with the saeforge site name, e.g. layers.5.resid_post")
-        site = lm.site(site_name)
-        sae = load_sae(folder, device=device).eval()
-        if sae.cfg.d_in != site.d:
-            raise SaeforgeError(f"SAE {name} has d_in {sae.cfg.d_in} but site {site_name} of {cfg.model or 'the model'} "
-                                f"has width {site.d}", "evaluate it on the model and site it was trained on")
-        if meta.get("hook_name_out"):
-            raise SaeforgeError(f"{name} is a transcoder ({site_name} → {meta['hook_name_out']})",
+    for name, r in run.saes.items():
+        if r.meta.get("hook_name_out"):
+            raise SaeforgeError(f"{name} is a transcoder ({r.site.name} → {r.meta['hook_name_out']})",
                                 "saeforge eval handles SAEs; transcoder evaluation is not built yet")
-        if not cfg.allow_training_text and meta.get("dataset_path") == cfg.corpus:
+        if not cfg.allow_training_text and r.meta.get("dataset_path") == cfg.corpus:
             raise SaeforgeError(f"SAE {name} was trained on {cfg.corpus}; evaluating on its training text overstates it",
                                 "evaluate on held-out text (--corpus embedded:validation, or another file), or pass "
                                 "--allow-training-text")
-        targets.append(_Target(name, folder, sae, site_name, meta, ReconstructionStats(sae.cfg.d_in, sae.cfg.d_sae,
-                                                                                       device), DownstreamStats()))
+        targets.append(_Target(name, r.folder, r.sae, r.site.name, r.meta,
+                               ReconstructionStats(r.sae.cfg.d_in, r.sae.cfg.d_sae, run.lm.device), DownstreamStats()))
     return targets
 
 
@@ -109,25 +84,17 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from saeforge.data.text_source import TextSource
-    from saeforge.data.token_stream import TokenPolicy, TokenStream
-    from saeforge.models.language_model import LanguageModel
-    from saeforge.saes import read_sae_config
+    from saeforge.data.token_stream import TokenStream
+    from saeforge.runs import load_run
 
     if not cfg.path:
         raise SaeforgeError("no run or SAE folder given", "saeforge eval RUN_DIR (or an SAE folder)")
     path = Path(cfg.path)
-    if not path.exists():
-        raise SaeforgeError(f"{path} does not exist", "pass a run directory or an SAE folder")
-    first_meta = read_sae_config(next(iter(find_saes(path).values()))).get("metadata", {}) or {}
-    model_name = cfg.model or first_meta.get("model_name")
-    if not model_name:
-        raise SaeforgeError("the SAE's metadata does not name its model", "pass --model")
-    lm = LanguageModel.load(model_name, dtype=cfg.dtype, device=cfg.device)
-    targets = _load_targets(cfg, lm, lm.device)
-    ctx = cfg.context_length or int(first_meta.get("context_size") or 128)
-    policy = TokenPolicy(ctx, bool(first_meta.get("prepend_bos", True)),
-                         bool(first_meta.get("exclude_special_tokens", True)))
-    tokens = TokenStream.for_model(TextSource(cfg.corpus, cfg.text_field), lm, policy)
+    run = load_run(path, model=cfg.model, device=cfg.device, dtype=cfg.dtype, site=cfg.site)
+    lm, model_name = run.lm, cfg.model or run.meta.get("model_name")
+    targets = _targets(cfg, run)
+    ctx = run.context_length(cfg.context_length)
+    tokens = TokenStream.for_model(TextSource(cfg.corpus, cfg.text_field), lm, run.token_policy(ctx))
     n_contexts = max(1, -(-cfg.tokens // ctx))
     sites = sorted({t.site for t in targets})
 
@@ -159,15 +126,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     n_tokens = 0
     for ids in batches():
         keep = tokens.keep_mask(ids)
-        captured: dict[str, torch.Tensor] = {}
-
-        def capture(name):
-            def fn(x):
-                captured[name] = x.detach()
-                return None
-            return fn
-
-        with lm.edit({s: capture(s) for s in sites}):
+        with lm.record(sites) as captured:
             clean = lm.logits(ids)
         for t in targets:
             t.down.update_clean(ids, keep, clean)

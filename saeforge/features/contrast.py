@@ -135,7 +135,6 @@ def _text_scores(inspector, texts: list[str], ctx: int) -> tuple[dict[str, np.nd
 
 def contrast(cfg: ContrastConfig, inspector=None) -> dict:
     from saeforge.features.inspect import Inspector
-    from saeforge.saes import read_sae_config
 
     if not cfg.path:
         raise SaeforgeError("no run or SAE folder given", "saeforge contrast RUN_DIR --positive A.txt --negative B.txt")
@@ -144,11 +143,8 @@ def contrast(cfg: ContrastConfig, inspector=None) -> dict:
     if not 0 < cfg.fdr < 1:
         raise SaeforgeError(f"--fdr must lie in (0, 1), got {cfg.fdr}", "use e.g. 0.05")
     pos_texts, neg_texts = read_texts(cfg.positive, cfg.text_field), read_texts(cfg.negative, cfg.text_field)
-    from saeforge.evals.evaluate import find_saes
-
     inspector = inspector or Inspector(cfg.path, model=cfg.model, device=cfg.device)
-    meta = read_sae_config(next(iter(find_saes(Path(cfg.path)).values()))).get("metadata", {}) or {}
-    ctx = min(cfg.context_length or int(meta.get("context_size") or 128), inspector.max_tokens)
+    ctx = min(inspector.run.context_length(cfg.context_length), inspector.max_tokens)
     pos_scores, pos_details = _text_scores(inspector, pos_texts, ctx)
     neg_scores, _ = _text_scores(inspector, neg_texts, ctx)
     report = {"positive": cfg.positive, "negative": cfg.negative, "n_positive": len(pos_texts),

@@ -141,37 +141,19 @@ def harvest(cfg: HarvestConfig) -> Path:
     from tqdm.auto import tqdm
 
     from saeforge.data.text_source import TextSource
-    from saeforge.data.token_stream import TokenPolicy, TokenStream
-    from saeforge.evals.evaluate import find_saes
-    from saeforge.models.language_model import LanguageModel
-    from saeforge.saes import load_sae, read_sae_config
+    from saeforge.data.token_stream import TokenStream
+    from saeforge.runs import load_run
 
     if not cfg.path:
         raise SaeforgeError("no run or SAE folder given", "saeforge harvest RUN_DIR")
     root = Path(cfg.path)
-    if not root.exists():
-        raise SaeforgeError(f"{root} does not exist", "pass a run directory or an SAE folder")
-    found = find_saes(root)
-    metas = {n: read_sae_config(f).get("metadata", {}) or {} for n, f in found.items()}
-    first = next(iter(metas.values()))
-    model_name = cfg.model or first.get("model_name")
-    if not model_name:
-        raise SaeforgeError("the SAE's metadata does not name its model", "pass --model")
-    lm = LanguageModel.load(model_name, dtype=cfg.dtype, device=cfg.device)
-    saes = {}
-    for name, folder in found.items():
-        site = lm.site(metas[name].get("hook_name") or "")
-        sae = load_sae(folder, device=lm.device).eval()
-        if sae.cfg.d_in != site.d:
-            raise SaeforgeError(f"SAE {name} has d_in {sae.cfg.d_in} but site {site.name} has width {site.d}",
-                                "harvest with the model the SAE was trained on")
-        saes[name] = (sae, site, folder)
-    T = cfg.context_length or int(first.get("context_size") or 128)
-    tokens = TokenStream.for_model(TextSource(cfg.corpus, cfg.text_field), lm,
-                                   TokenPolicy(T, bool(first.get("prepend_bos", True)),
-                                               bool(first.get("exclude_special_tokens", True))))
+    run = load_run(root, model=cfg.model, device=cfg.device, dtype=cfg.dtype)
+    lm, model_name = run.lm, cfg.model or run.meta.get("model_name")
+    saes = {name: (r.sae, r.site, r.folder) for name, r in run.saes.items()}
+    T = run.context_length(cfg.context_length)
+    tokens = TokenStream.for_model(TextSource(cfg.corpus, cfg.text_field), lm, run.token_policy(T))
     n_target = max(1, -(-cfg.tokens // T))
-    sites = sorted({s.name for _, s, _ in saes.values()})
+    sites = run.sites
 
     entries = {n: ([], [], []) for n in saes}
     all_ids, all_kept = [], []

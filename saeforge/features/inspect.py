@@ -34,25 +34,13 @@ class Inspector:
     """Loads the model and SAEs of a run once; :meth:`inspect` is then cheap (the dashboard keeps one)."""
 
     def __init__(self, path: str | Path, *, model: str = "", device: str = "auto", lm=None):
-        from saeforge.evals.evaluate import find_saes
-        from saeforge.models.language_model import LanguageModel
-        from saeforge.saes import load_sae, read_sae_config
+        from saeforge.runs import load_run
 
         self.path = Path(path)
-        found = find_saes(self.path)
-        metas = {n: read_sae_config(f).get("metadata", {}) or {} for n, f in found.items()}
-        first = next(iter(metas.values()))
-        model_name = model or first.get("model_name")
-        if lm is None:
-            if not model_name:
-                raise SaeforgeError("the SAE's metadata does not name its model", "pass --model")
-            lm = LanguageModel.load(model_name, device=device)
-        self.lm = lm
-        self.prepend_bos = bool(first.get("prepend_bos", True))
-        self.saes = {}
-        for name, folder in found.items():
-            site = lm.site(metas[name].get("hook_name") or "")
-            self.saes[name] = (load_sae(folder, device=lm.device).eval(), site)
+        self.run = load_run(self.path, model=model, device=device, lm=lm)
+        self.lm = lm = self.run.lm
+        self.prepend_bos = bool(self.run.meta.get("prepend_bos", True))
+        self.saes = {name: (r.sae, r.site) for name, r in self.run.saes.items()}
         store_path = self.path / STORE_FILE
         self.store_path = store_path if store_path.is_file() else None
         self.max_tokens = min(MAX_PROMPT_TOKENS, lm.max_context or MAX_PROMPT_TOKENS)

@@ -64,15 +64,7 @@ def _teacher_forced(lm, ids, mask, new, sites):
     """Logits and site activations of prompt + continuation in one pass (edits in force apply)."""
     full = torch.cat([ids, new], 1)
     full_mask = torch.cat([mask, torch.ones_like(new)], 1)
-    captured = {}
-
-    def capture(name):
-        def fn(x):
-            captured[name] = x.detach()
-            return None
-        return fn
-
-    with lm.edit({s: capture(s) for s in sites}):
+    with lm.record(sites) as captured:
         logits = lm.model(input_ids=full.to(lm.device), attention_mask=full_mask.to(lm.device),
                           use_cache=False).logits
     return full, logits.float(), captured

@@ -90,9 +90,7 @@ class Steerer:
                         m[idx] = v
                     max_acts[name] = m
             if max_acts[name] is None:
-                from saeforge.evals.evaluate import find_saes
-
-                stats = load_feature_stats(find_saes(Path(path))[name])
+                stats = load_feature_stats(insp.run.saes[name].folder)
                 if stats and "max_activation" in stats:
                     max_acts[name] = stats["max_activation"].float().cpu()
         return cls(insp.lm, insp.saes, max_acts)

@@ -189,6 +189,21 @@ class LanguageModel:
             for h in handles:
                 h.remove()
 
+    @contextlib.contextmanager
+    def record(self, sites: Sequence[str | Site]) -> Iterator[dict[str, torch.Tensor]]:
+        """Record the activations at ``sites`` (after any edits in force) in every forward pass inside the block;
+        unlike :meth:`read` the pass runs to the end. Yields the dict that fills up."""
+        out: dict[str, torch.Tensor] = {}
+
+        def recorder(name):
+            def fn(act):
+                out[name] = act.detach()
+                return None
+            return fn
+
+        with self.edit({s: recorder(s if isinstance(s, str) else s.name) for s in sites}):
+            yield out
+
     # ----------------------------------------------------------------------------------------------- forward
     @torch.inference_mode()
     def read(self, input_ids: torch.Tensor, sites: Sequence[str | Site],
