@@ -47,7 +47,8 @@ def test_overview_has_the_eval_metrics_and_serves_the_plots(client, web_run):
         assert sae["metrics"][key] == ev[key]
     assert [m["key"] for m in sae["key_metrics"]][:3] == ["fvu", "explained_variance", "l0"]
     assert body["store"]["n_tokens"] == 64 * 16 and body["run"]["name"] == "run"
-    assert len(sae["plots"]) == 3
+    names = sorted(url.rsplit("/", 1)[1] for url in sae["plots"])  # eval's three plots and harvest's heat map
+    assert names == ["activation_heatmap.png", "activation_magnitudes.png", "feature_density.png", "l0_per_token.png"]
     for url in sae["plots"]:
         r = client.get(url)
         assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:4] == b"\x89PNG"

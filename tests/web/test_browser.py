@@ -72,8 +72,8 @@ def test_overview_shows_the_metrics_and_plots(page, web_run):
     for key in ("fvu", "l0", "ce_recovered", "kl_div"):
         expect(sae.locator(f'tr[data-metric="{key}"] td')).to_have_text(fmt(ev[key]))
     images = sae.locator(".plots img")
-    expect(images).to_have_count(3)
-    for i in range(3):  # each plot actually loaded and decoded
+    expect(images).to_have_count(4)  # eval's three plots and harvest's activation heat map
+    for i in range(4):  # each plot actually loaded and decoded
         images.nth(i).scroll_into_view_if_needed()
         page.wait_for_function("img => img.complete && img.naturalWidth > 100", arg=images.nth(i).element_handle())
 
