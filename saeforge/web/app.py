@@ -7,12 +7,15 @@ page                                  JSON
 ``/saes/{sae}/features``  list        ``GET /api/saes/{sae}/features?q=&token=&order=&offset=&limit=``
 ``/saes/{sae}/features/{idx}``        ``GET /api/saes/{sae}/features/{idx}``
 ``/inspect``  prompt inspector        ``POST /api/inspect`` with ``{"text": ..., "top": 5}``
+``/steer``  steering playground       ``POST /api/steer`` with ``{"prompts": [...], "edits": [{"sae", "feature", "mode",
+                                      "strength", "unit"}], "positions", "max_new_tokens", "temperature", "seed"}``
 ``/plots/{sae}/{file}.png``           the evaluation plots
 ====================================  =====================================================================
 
 Errors are ``{"error", "fix", "status"}`` JSON under ``/api/`` (and for any client that does not ask for HTML), an
 HTML page otherwise, with the same status: 404 for an unknown SAE or a feature index out of range, 413 for an
-over-long prompt, 400/422 for other bad input.
+over-long prompt (or too many prompts or feature edits in one steering request), 400/422 for other bad input, 503
+when the model cannot be loaded.
 """
 
 from __future__ import annotations
@@ -27,13 +30,35 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from saeforge import __version__
 from saeforge.errors import SaeforgeError
-from saeforge.web.data import MAX_LIST_LIMIT, ORDERS, RunData, WebError
+from saeforge.web.data import (MAX_LIST_LIMIT, MAX_STEER_EDITS, MAX_STEER_NEW_TOKENS, MAX_STEER_PROMPTS,
+                                MAX_STEER_TEMPERATURE, ORDERS, RunData, WebError)
 
 HERE = Path(__file__).parent
+
+
+class SteerEdit(BaseModel):
+    """One feature edit of a steering request (``sae`` empty: the run's first SAE). ``strength`` null (what a browser
+    sends for NaN) is refused with the allowed range, like NaN itself and absurd values."""
+
+    sae: str = ""
+    feature: int | None = None
+    mode: str = "add"
+    strength: float | None = 4.0
+    unit: str = "max"
+
+
+class SteerRequest(BaseModel):
+    prompts: list[str]
+    edits: list[SteerEdit]
+    positions: str = "all"
+    max_new_tokens: int = 32
+    temperature: float = 0.7
+    seed: int = 0
 
 
 def fmt(value, digits: int = 4) -> str:
@@ -147,6 +172,11 @@ def create_app(run_dir: str | Path, *, model: str = "", device: str = "auto", ma
     def api_inspect(text: str = Body(..., embed=True), top: int = Body(5, embed=True)) -> JSONResponse:
         return JSONResponse(data.inspect(text, top))
 
+    @app.post("/api/steer")
+    def api_steer(req: SteerRequest) -> JSONResponse:
+        return JSONResponse(data.steer(req.prompts, [e.model_dump() for e in req.edits], positions=req.positions,
+                                       max_new_tokens=req.max_new_tokens, temperature=req.temperature, seed=req.seed))
+
     # ------------------------------------------------------------------------------------------- pages
     @app.get("/", response_class=HTMLResponse)
     def overview(request: Request):
@@ -174,6 +204,23 @@ def create_app(run_dir: str | Path, *, model: str = "", device: str = "auto", ma
     def inspect(request: Request):
         return page(request, "inspect.html", max_chars=data.max_prompt_chars, max_tokens=data.max_prompt_tokens(),
                     saes=list(data.sae_folders), loaded=data.inspector_loaded)
+
+    @app.get("/steer", response_class=HTMLResponse)
+    def steer(request: Request, sae: str = "", feature: str = "", mode: str = "add", strength: str = "4",
+              unit: str = "max", prompt: str = ""):
+        from saeforge.interventions.steering import MAX_STRENGTH, MODES, UNITS
+
+        saes = data.steer_saes()
+        names = [s["name"] for s in saes]
+        # the form's first feature row, pre-filled from the query (a feature page's "steer with this feature" link);
+        # nothing is checked here: the request says what is wrong when the form is sent
+        row = {"sae": sae if sae in names else (names[0] if names else ""), "feature": feature,
+               "mode": mode if mode in MODES else "add", "strength": strength,
+               "unit": unit if unit in UNITS else "max"}
+        return page(request, "steer.html", saes=saes, row=row, prompt=prompt, modes=MODES, units=UNITS,
+                    max_strength=MAX_STRENGTH, max_prompts=MAX_STEER_PROMPTS, max_edits=MAX_STEER_EDITS,
+                    max_new_tokens=MAX_STEER_NEW_TOKENS, max_temperature=MAX_STEER_TEMPERATURE,
+                    max_chars=data.max_prompt_chars, loaded=data.inspector_loaded)
 
     @app.get("/plots/{sae}/{name}")
     def plot(sae: str, name: str):

@@ -1,4 +1,5 @@
-"""What the dashboard shows, as plain dicts: a run's overview, feature lists, feature pages and prompt inspection.
+"""What the dashboard shows, as plain dicts: a run's overview, feature lists, feature pages, prompt inspection and
+the steering playground.
 
 Nothing here knows about HTTP; :mod:`saeforge.web.app` turns these dicts into JSON responses and HTML pages. Every
 read goes through :class:`~saeforge.features.store.FeatureStore` (one read-only connection per server thread) and
@@ -8,6 +9,7 @@ the files a run already has (``run.json``, ``eval.json``, ``saes/<name>/plots/*.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 from pathlib import Path
@@ -33,6 +35,13 @@ KEY_METRICS = (
 )
 ORDERS = ("density", "index", "score", "max_act")
 MAX_LIST_LIMIT = 500
+# The steering playground's limits: one request generates len(prompts) × max_new_tokens tokens twice (baseline and
+# steered) on the server's one model, and holds every other model request until it is done.
+MAX_STEER_PROMPTS = 8
+MAX_STEER_EDITS = 8
+MAX_STEER_NEW_TOKENS = 128
+MAX_STEER_TEMPERATURE = 5.0
+MAX_STEER_SEED = 2**32 - 1
 
 
 class WebError(Exception):
@@ -80,7 +89,7 @@ class RunData:
     """A run directory as the dashboard sees it. Thread-safe: each thread gets its own read-only store."""
 
     def __init__(self, run_dir: str | Path, *, model: str = "", device: str = "auto", max_prompt_chars: int = 20_000):
-        from saeforge.evals.evaluate import find_saes
+        from saeforge.runs import find_saes
 
         self.path = Path(run_dir).resolve()
         if not self.path.is_dir():
@@ -98,8 +107,11 @@ class RunData:
         self.model, self.device, self.max_prompt_chars = model, device, max_prompt_chars
         self._stores: dict[int, FeatureStore] = {}  # thread id -> its connection
         self._lock = threading.Lock()
+        # One language model for the prompt inspector and the steering playground, loaded on the first request that
+        # needs it. The lock serialises every use: steering hooks the model, so nothing else may run through it then.
         self._inspector = None
-        self._inspector_lock = threading.Lock()
+        self._steerer = None
+        self._model_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------------- store
     @property
@@ -237,12 +249,25 @@ class RunData:
     # ------------------------------------------------------------------------------------------------- inspector
     @property
     def inspector_loaded(self) -> bool:
-        return self._inspector is not None
+        return self._inspector is not None or self._steerer is not None  # either way the model is in memory
 
     def max_prompt_tokens(self) -> int:
         from saeforge.features.inspect import MAX_PROMPT_TOKENS
 
         return self._inspector.max_tokens if self._inspector is not None else MAX_PROMPT_TOKENS
+
+    def _load_inspector(self):
+        """The inspector (loaded now if need be, on the steerer's model when that is loaded). Hold the model lock."""
+        if self._inspector is None:
+            from saeforge.features.inspect import Inspector
+
+            lm = self._steerer.lm if self._steerer is not None else None
+            try:
+                self._inspector = Inspector(self.path, model=self.model, device=self.device, lm=lm)
+            except SaeforgeError as err:
+                raise WebError(503, f"the prompt inspector could not load the model: {err.problem}",
+                               err.fix) from err
+        return self._inspector
 
     def inspect(self, text: str, top: int = 5) -> dict:
         if len(text) > self.max_prompt_chars:
@@ -252,17 +277,10 @@ class RunData:
             raise WebError(400, f"top {top} is out of range", "use 1..50")
         if not self.sae_folders:
             raise WebError(404, "this run has no SAEs to inspect a prompt with")
-        with self._inspector_lock:  # one model, one forward pass at a time
-            if self._inspector is None:
-                from saeforge.features.inspect import Inspector
-
-                try:
-                    self._inspector = Inspector(self.path, model=self.model, device=self.device)
-                except SaeforgeError as err:
-                    raise WebError(503, f"the prompt inspector could not load the model: {err.problem}",
-                                   err.fix) from err
+        with self._model_lock:  # one model, one forward pass at a time
+            inspector = self._load_inspector()
             try:
-                tokens = self._inspector.inspect(text, top)
+                tokens = inspector.inspect(text, top)
             except SaeforgeError as err:
                 status = 413 if "limit" in err.problem else 400
                 raise WebError(status, err.problem, err.fix) from err
@@ -271,12 +289,146 @@ class RunData:
         if self.has_store:
             st = self.store()
             ids = {s["name"]: s["id"] for s in st.saes()}
-            for name in self._inspector.saes:
+            for name in inspector.saes:
                 idxs = sorted({f[0] for row in tokens for f in row["features"].get(name, [])})
                 if name in ids:
                     info[name] = _brief_features(st, ids[name], idxs)
-        return {"text": text, "top": top, "max_tokens": self._inspector.max_tokens,
-                "saes": list(self._inspector.saes), "tokens": tokens, "feature_info": info}
+        return {"text": text, "top": top, "max_tokens": inspector.max_tokens,
+                "saes": list(inspector.saes), "tokens": tokens, "feature_info": info}
+
+    # ------------------------------------------------------------------------------------------------- steering
+    def steer_saes(self) -> list[dict]:
+        """The SAEs the playground can steer with: name and number of features (from the store, else cfg.json)."""
+        from saeforge.saes import read_sae_config
+
+        in_store = {s["name"]: s["d_sae"] for s in self.store().saes()} if self.has_store else {}
+        out = []
+        for name, folder in self.sae_folders.items():
+            d_sae = in_store.get(name)
+            if d_sae is None:
+                try:
+                    d_sae = int(read_sae_config(folder).get("d_sae") or 0) or None
+                except (SaeforgeError, TypeError, ValueError):
+                    d_sae = None
+            out.append({"name": name, "d_sae": d_sae})
+        return out
+
+    def _load_steerer(self):
+        """The steerer (loaded now if need be, on the inspector's model when that is loaded). Hold the model lock."""
+        if self._steerer is None:
+            from saeforge.interventions.steering import Steerer
+
+            lm = self._inspector.lm if self._inspector is not None else None
+            try:
+                self._steerer = Steerer.from_run(self.path, lm=lm, model=self.model, device=self.device)
+            except SaeforgeError as err:
+                raise WebError(503, f"the steering playground could not load the model: {err.problem}",
+                               err.fix) from err
+        return self._steerer
+
+    def steer(self, prompts: list[str], edits: list[dict], *, positions: str = "all", max_new_tokens: int = 32,
+              temperature: float = 0.7, seed: int = 0) -> dict:
+        """Baseline and steered continuations of ``prompts`` under the feature ``edits`` (dicts with sae, feature,
+        mode, strength, unit; sae defaults to the run's first SAE), as
+        :func:`~saeforge.interventions.generate.run_steering` gives them, with the measured effect.
+
+        404 for an unknown SAE or a feature index out of range; 413 for too many prompts or edits, or a prompt too
+        long; 400 for anything else out of range (a NaN or absurd strength, tokens, temperature, seed, mode...)."""
+        import time
+
+        from saeforge.interventions.generate import run_steering
+        from saeforge.interventions.steering import MAX_STRENGTH, MODES, UNITS, FeatureEdit
+
+        if not prompts:
+            raise WebError(400, "no prompt given", "type a prompt (one per line for several)")
+        if len(prompts) > MAX_STEER_PROMPTS:
+            raise WebError(413, f"{len(prompts)} prompts; the limit is {MAX_STEER_PROMPTS} a request",
+                           f"steer at most {MAX_STEER_PROMPTS} prompts at a time")
+        for i, p in enumerate(prompts, 1):
+            if len(p) > self.max_prompt_chars:
+                raise WebError(413, f"prompt {i} has {len(p):,} characters; the limit is {self.max_prompt_chars:,}",
+                               "shorten it")
+            if not p.strip():
+                raise WebError(400, f"prompt {i} is empty", "give every prompt some text")
+        if not edits:
+            raise WebError(400, "no feature to steer", "add a feature row: SAE, feature index, mode and strength")
+        if len(edits) > MAX_STEER_EDITS:
+            raise WebError(413, f"{len(edits)} feature edits; the limit is {MAX_STEER_EDITS} a request",
+                           f"steer at most {MAX_STEER_EDITS} features at a time")
+        if positions not in ("all", "generated"):
+            raise WebError(400, f"unknown positions {positions!r}", "use all or generated")
+        if not 1 <= max_new_tokens <= MAX_STEER_NEW_TOKENS:
+            raise WebError(400, f"max_new_tokens {max_new_tokens} is out of range",
+                           f"use 1..{MAX_STEER_NEW_TOKENS}")
+        if not (isinstance(temperature, (int, float)) and 0 <= temperature <= MAX_STEER_TEMPERATURE):
+            raise WebError(400, f"temperature {temperature!r} is out of range",
+                           f"use a number in 0..{MAX_STEER_TEMPERATURE:g} (0: greedy)")
+        if not 0 <= seed <= MAX_STEER_SEED:
+            raise WebError(400, f"seed {seed} is out of range", f"use 0..{MAX_STEER_SEED}")
+        default = next(iter(self.sae_folders), None)
+        if default is None:
+            raise WebError(404, "this run has no SAEs to steer with")
+        parsed = []
+        for i, e in enumerate(edits, 1):
+            mode, unit = e.get("mode") or "add", e.get("unit") or "max"
+            if mode not in MODES:
+                raise WebError(400, f"unknown steering mode {mode!r}", f"use one of {', '.join(MODES)}")
+            if unit not in UNITS:
+                raise WebError(400, f"unknown strength unit {unit!r}", f"use one of {', '.join(UNITS)}")
+            if e.get("feature") is None:
+                raise WebError(400, f"feature row {i} has no feature index", "type the feature's index")
+            strength = e.get("strength")
+            if strength is None:  # what a browser sends for an empty or non-numeric field (JSON has no NaN)
+                strength = float("nan")
+            parsed.append(FeatureEdit(e.get("sae") or default, int(e["feature"]), mode, strength, unit))
+
+        t0 = time.perf_counter()
+        with self._model_lock:  # one model: one generation at a time, and no inspection while it is steered
+            steerer = self._load_steerer()
+            for e in parsed:
+                if e.sae not in steerer.saes:
+                    raise WebError(404, f"no SAE {e.sae!r} in this run", f"the run has: {', '.join(steerer.saes)}")
+                d_sae = steerer.saes[e.sae][0].cfg.d_sae
+                try:
+                    e.validate(d_sae)
+                except SaeforgeError as err:  # the feature index (404) or the strength (400)
+                    raise WebError(404 if not 0 <= e.feature < d_sae else 400, err.problem, err.fix) from err
+                if e.mode != "scale":
+                    try:
+                        steerer.value(e)  # 'max' units need the feature's max activation
+                    except SaeforgeError as err:
+                        raise WebError(400, err.problem, err.fix) from err
+            try:
+                run = run_steering(steerer, prompts, parsed, positions=positions, max_new_tokens=max_new_tokens,
+                                   temperature=float(temperature), seed=seed)
+            except SaeforgeError as err:  # a prompt too long for the model's context (413), or empty (400)
+                status = 413 if "tokens" in err.problem and "context" in err.problem else 400
+                raise WebError(status, err.problem, err.fix) from err
+        seconds = time.perf_counter() - t0
+        info: dict[str, dict[int, dict]] = {}
+        if self.has_store:
+            st = self.store()
+            ids = {s["name"]: s["id"] for s in st.saes()}
+            for name in sorted({e.sae for e in parsed}):
+                if name in ids:
+                    info[name] = _brief_features(st, ids[name], sorted({e.feature for e in parsed if e.sae == name}))
+        return _finite({
+            "prompts": run.prompts, "baseline": run.baseline, "steered": run.steered, "metrics": run.metrics,
+            "edits": [{"sae": e.sae, "feature": e.feature, "mode": e.mode, "strength": e.strength, "unit": e.unit}
+                      for e in parsed],
+            "positions": positions, "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+            "feature_info": info, "limits": {"max_strength": MAX_STRENGTH}, "seconds": round(seconds, 3)})
+
+
+def _finite(obj):
+    """``obj`` with NaN and ±Inf floats as None (JSON has neither; an overflowing perplexity must not be a 500)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _count_explained(store: FeatureStore, sae_id: int) -> int:

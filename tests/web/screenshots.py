@@ -1,10 +1,12 @@
 """Screenshots of a run's dashboard for the docs, taken in the same headless Chromium as the browser tests.
 
     .venv/bin/python -m tests.web.screenshots RUN_DIR [OUT_DIR] [--feature IDX] [--token TOKEN] [--prompt TEXT]
+        [--steer-feature IDX --steer-strength S --steer-prompts "A|B"] [--pages overview,...,steer]
 
-Writes overview.png, features.png (a search by token), feature.png (a feature page, full length) and inspector.png
-(a prompt inspected, one token selected) into OUT_DIR (default docs/screenshots). The prompt inspector loads the
-run's model, so the run's model must be available (for the embedded one: ``saeforge fetch``).
+Writes overview.png, features.png (a search by token), feature.png (a feature page, full length), inspector.png
+(a prompt inspected, one token selected) and steer.png (the steering playground after a request) into OUT_DIR
+(default docs/screenshots); ``--pages`` takes a subset. The prompt inspector and the playground load the run's
+model, so the run's model must be available (for the embedded one: ``saeforge fetch``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import argparse
 from pathlib import Path
 
 from .browser import find_chromium, launch
+
+PAGES = ("overview", "features", "feature", "inspector", "steer")
 
 
 def main() -> None:
@@ -24,7 +28,18 @@ def main() -> None:
     ap.add_argument("--prompt", default="To be, or not to be, that is the question: whether 'tis nobler in the mind "
                                         "to suffer the slings and arrows of outrageous fortune")
     ap.add_argument("--select", type=int, default=7, help="the token selected in the inspector screenshot")
+    ap.add_argument("--steer-feature", type=int, default=None, help="the feature steered (default: --feature)")
+    ap.add_argument("--steer-mode", default="add")
+    ap.add_argument("--steer-strength", type=float, default=2.0)
+    ap.add_argument("--steer-prompts", default="Tell me about the weather|My favourite food is",
+                    help="the playground's prompts, separated by |")
+    ap.add_argument("--steer-tokens", type=int, default=24, help="new tokens per prompt in the playground")
+    ap.add_argument("--pages", default=",".join(PAGES), help=f"which screenshots, of {','.join(PAGES)}")
     args = ap.parse_args()
+    pages = [x.strip() for x in args.pages.split(",") if x.strip()]
+    unknown = sorted(set(pages) - set(PAGES))
+    if unknown:
+        raise SystemExit(f"unknown pages {unknown}: pick from {', '.join(PAGES)}")
 
     from playwright.sync_api import sync_playwright
 
@@ -42,24 +57,43 @@ def main() -> None:
         browser = launch(p, chromium)
         page = browser.new_page(viewport={"width": 1280, "height": 1000}, base_url=srv.url)
         page.set_default_timeout(180_000)
-        page.goto("/")
-        page.wait_for_load_state("networkidle")
-        page.screenshot(path=out / "overview.png", full_page=True)
-        page.goto(f"/saes/{sae}/features")
-        page.fill("#token", args.token)
-        page.click("#search button[type=submit]")
-        page.wait_for_load_state("networkidle")
-        page.screenshot(path=out / "features.png")
-        page.goto(f"/saes/{sae}/features/{args.feature}")
-        page.screenshot(path=out / "feature.png", full_page=True)
-        page.goto("/inspect")
-        page.fill("#prompt", args.prompt)
-        page.click("#inspect-button")
-        page.wait_for_selector("#tokens .t")
-        page.click(f"#tokens .t >> nth={args.select}")
-        page.screenshot(path=out / "inspector.png")
+        if "overview" in pages:
+            page.goto("/")
+            page.wait_for_load_state("networkidle")
+            page.screenshot(path=out / "overview.png", full_page=True)
+        if "features" in pages:
+            page.goto(f"/saes/{sae}/features")
+            page.fill("#token", args.token)
+            page.click("#search button[type=submit]")
+            page.wait_for_load_state("networkidle")
+            page.screenshot(path=out / "features.png")
+        if "feature" in pages:
+            page.goto(f"/saes/{sae}/features/{args.feature}")
+            page.screenshot(path=out / "feature.png", full_page=True)
+        if "inspector" in pages:
+            page.goto("/inspect")
+            page.fill("#prompt", args.prompt)
+            page.click("#inspect-button")
+            page.wait_for_selector("#tokens .t")
+            page.click(f"#tokens .t >> nth={args.select}")
+            page.screenshot(path=out / "inspector.png")
+        if "steer" in pages:
+            feature = args.feature if args.steer_feature is None else args.steer_feature
+            page.goto(f"/saes/{sae}/features/{feature}")  # in through the feature page's link, as a user would
+            page.click("#steer-link")
+            page.wait_for_selector("#steer-form")
+            page.fill("#prompts", "\n".join(args.steer_prompts.split("|")))
+            page.select_option("#edit-rows .edit-mode", args.steer_mode)
+            page.fill("#edit-rows .edit-strength", f"{args.steer_strength:g}")
+            page.fill("#max-new-tokens", str(args.steer_tokens))
+            page.click("#steer-button")
+            # generation on a CPU takes a while (baseline and steered, and the model loads on the first request)
+            page.wait_for_selector("#steer-result:not([hidden]), #steer-error:not([hidden])", timeout=900_000)
+            if page.is_visible("#steer-error"):
+                raise SystemExit(f"the playground refused: {page.inner_text('#steer-error')}")
+            page.screenshot(path=out / "steer.png", full_page=True)
         browser.close()
-    for name in ("overview", "features", "feature", "inspector"):
+    for name in pages:
         print(out / f"{name}.png")
 
 
