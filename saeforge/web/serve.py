@@ -15,7 +15,8 @@ from saeforge.errors import SaeforgeError
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Serve a run's web dashboard: overview (metrics, plots), feature search, feature pages, prompt inspector."""
+    """Serve a run's web dashboard: overview (metrics, plots), feature search, feature pages, prompt inspector,
+    steering playground."""
 
     path: str = field(default="", positional=True)
     """A run directory (saes/, eval.json, features.sqlite), as written by train, eval and harvest."""
@@ -24,9 +25,10 @@ class ServeConfig:
     port: int = 8000
     """Port to listen on; 0 picks a free one."""
     model: str = ""
-    """Model for the prompt inspector; empty: the one the SAEs were trained on (loaded on the first prompt)."""
+    """Model for the prompt inspector and the steering playground; empty: the one the SAEs were trained on (loaded on
+    first use)."""
     device: str = "auto"
-    """Device for the prompt inspector: auto, cpu or cuda."""
+    """Device for the inspector and the playground: auto, cpu or cuda."""
     max_prompt_chars: int = 20_000
     """Longest prompt accepted, in characters (the token limit of the inspector applies as well)."""
     log_level: str = "warning"
