@@ -125,11 +125,8 @@ def save_as(sae: SAE, folder: str | Path, fmt: str = "saeforge", *, metadata: di
                             "load it first with saeforge.formats.load_any")
     meta = dict(metadata or {})
     if fmt == "saeforge":
-        from saeforge.formats.saelens import SAELENS_FORMAT_VERSION
         from saeforge.saes import save_sae
 
-        # SAELens reads a cfg.json without metadata.sae_lens_version as a pre-6.0 config and drops metadata{}.
-        meta.setdefault("sae_lens_version", SAELENS_FORMAT_VERSION)
         return save_sae(sae, folder, metadata=meta, feature_stats=_stats_for(sae, feature_stats))
     if fmt == "saelens":
         from saeforge.formats.saelens import write_saelens

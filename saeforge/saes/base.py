@@ -497,6 +497,10 @@ class SAE(nn.Module):
         """Architecture-specific top-level cfg.json fields for SAELens (e.g. ``k``)."""
         return {}
 
+    def export_warnings(self) -> list[str]:
+        """Things to tell the user when this SAE is saved in the SAELens layout (e.g. a lossy view)."""
+        return []
+
     def saelens_tensors(self) -> dict[str, Tensor]:
         """Inference weights under SAELens v6 names (exactly the keys SAELens' model expects)."""
         out = {"W_enc": self.W_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}

@@ -13,7 +13,6 @@ learned, ``encode`` falls back to the batch selection over the batch it is given
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -105,12 +104,14 @@ class BatchTopKSAE(TopKSAE):
     def saelens_config_extras(self) -> dict:
         return {}
 
+    def export_warnings(self) -> list[str]:
+        if self.threshold_learned:
+            return []
+        return [f"{self.architecture}: the inference threshold has not been learned yet; SAELens will see "
+                "threshold 0 (a plain ReLU). saeforge's own loader restores the batch selection."]
+
     def saelens_tensors(self) -> dict[str, Tensor]:
         out = super().saelens_tensors()
-        if not self.threshold_learned:
-            warnings.warn(f"{self.architecture}: the inference threshold has not been learned yet; SAELens will see "
-                          "threshold 0 (a plain ReLU). saeforge's own loader restores the batch selection.",
-                          stacklevel=3)
         theta = float(self.threshold.clamp_min(0))
         out["threshold"] = torch.full((self.cfg.d_sae,), theta, dtype=self.dtype, device=self.device)
         return out

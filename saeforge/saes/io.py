@@ -20,6 +20,7 @@ Every file is written atomically and ``cfg.json`` last, so a folder with a cfg.j
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,9 @@ def save_sae(sae: SAE, folder: str | Path, *, metadata: dict[str, Any] | None = 
     folder = Path(folder)
     cfg = sae.cfg
     metadata = dict(metadata or {})
+    # SAELens reads a cfg.json without metadata.sae_lens_version as a pre-6.0 config and drops metadata{} (hook_name,
+    # model_name...); the version marks the v6 layout these files follow.
+    metadata.setdefault("sae_lens_version", "6.0.0")
     stats = {}
     for name, t in (feature_stats or {}).items():
         if not isinstance(t, Tensor) or t.shape != (cfg.d_sae,):
@@ -81,6 +85,8 @@ def save_sae(sae: SAE, folder: str | Path, *, metadata: dict[str, Any] | None = 
 
     tensors = sae.saelens_tensors()
     extra = sae.extra_tensors()
+    for message in sae.export_warnings():
+        warnings.warn(message, stacklevel=2)
     cfg_json: dict[str, Any] = {
         "architecture": sae.saelens_architecture(),
         "d_in": cfg.d_in,

@@ -4,7 +4,8 @@
     L = ||x - x_hat||^2 + auxk
 
 The training forward runs through the sparse kernels in :mod:`saeforge.kernels` (``encode_topk`` /
-``decode_sparse``); the dense path is never materialised. Decoder rows are kept at unit norm (gradient
+``decode_sparse``, ``kernel="fast"`` or ``"reference"``); ``encode`` (inference, dense output) is plain PyTorch
+selecting the same entries. Decoder rows are kept at unit norm (gradient
 projection + renormalisation every step, as in the OpenAI code): TopK selection is not invariant to rescaling a
 latent, so the unit norm is what makes the latents comparable.
 
@@ -89,6 +90,15 @@ class TopKConfig(SAEConfig):
                  f"{a}: unknown matmul_dtype {self.matmul_dtype!r}", "use None or 'bfloat16'")
 
 
+def _dense_topk(pre: Tensor, k: int, *, batch: bool) -> Tensor:
+    if batch:
+        flat = pre.reshape(-1)
+        top = flat.topk(min(pre.shape[0] * k, flat.numel()), sorted=False)
+        return torch.zeros_like(flat).scatter(0, top.indices, torch.relu(top.values)).view_as(pre)
+    top = pre.topk(k, dim=1, sorted=False)
+    return torch.zeros_like(pre).scatter(1, top.indices, torch.relu(top.values))
+
+
 def _fired_and_l0(lat: SparseLatents) -> tuple[Tensor, float]:
     positive = lat.values.detach() > 0
     fired = torch.zeros(lat.shape[1], dtype=torch.bool, device=lat.values.device)
@@ -128,9 +138,12 @@ class TopKSAE(SAE):
 
     # ---- inference ----
     def encode(self, x: Tensor) -> Tensor:
+        """Dense latents. Plain PyTorch (the output is dense anyway, and it runs under ``torch.inference_mode``);
+        it keeps the same entries as the training kernel: the k largest pre-activations per token (all N*k over
+        the batch for the batch selection), ReLU'd."""
         x2, lead = _flatten(x, self.cfg.d_in, "the input")
-        lat, _ = self._encode_sparse(self._encoder_input(x2))
-        return lat.to_dense().reshape(*lead, self.cfg.d_sae)
+        pre = self._encoder_input(x2) @ self.W_enc + self.b_enc
+        return _dense_topk(pre, self.cfg.k, batch=self.batch_selection).reshape(*lead, self.cfg.d_sae)
 
     # ---- training ----
     def _auxk_term(self, aux: SparseLatents | None, target: Tensor, x_hat: Tensor) -> Tensor:

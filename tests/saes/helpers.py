@@ -69,3 +69,8 @@ def variant(request) -> str:
 
 def batch(n: int = 64, d: int = D_IN, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def num(v) -> float:
+    """A Python float from a tensor (detached: parameters require grad) or a number."""
+    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)

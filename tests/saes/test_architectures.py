@@ -11,7 +11,7 @@ import torch
 from saeforge.errors import SaeforgeError
 from saeforge.saes import SAEConfig, TrainState, make_sae
 
-from .helpers import D_IN, D_SAE, TOPK_FAMILY, batch, build, config_for
+from .helpers import D_IN, D_SAE, TOPK_FAMILY, batch, build, config_for, num
 
 EXPECTED_TERMS = {
     "relu_april": {"mse", "l1"},
@@ -71,7 +71,7 @@ def test_training_loss_terms_and_outputs(variant):
         f = sae.encode(x)
         assert torch.allclose(out.x_hat, sae.decode(f), atol=1e-5)
         assert torch.equal(out.fired, (f > 0).any(0))
-        assert out.l0 == pytest.approx(float((f > 0).sum(1).float().mean()))
+        assert out.l0 == pytest.approx(num((f > 0).sum(1).float().mean()))
     out.loss.backward()
     for name, p in sae.named_parameters():
         assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
@@ -86,24 +86,20 @@ def test_mse_term_is_squared_error_summed_over_features(variant):
     assert torch.allclose(out.terms["mse"], expected)
 
 
-def test_sparsity_scale_multiplies_the_penalty(variant):
-    penalty = {"relu_april": "l1", "relu_classic": "l1", "gated": "l1", "jumprelu": "l0"}.get(variant)
-    if penalty is None:
-        pytest.skip("TopK-family SAEs have no sparsity coefficient")
+@pytest.mark.parametrize("variant, penalty", [("relu_april", "l1"), ("relu_classic", "l1"), ("gated", "l1"),
+                                              ("jumprelu", "l0")])  # TopK-style SAEs have no sparsity coefficient
+def test_sparsity_scale_multiplies_the_penalty(variant, penalty):
     sae = build(variant)
     x = batch(32)
     full = sae.training_loss(x, state=TrainState(sparsity_scale=1.0)).terms[penalty]
     quarter = sae.training_loss(x, state=TrainState(sparsity_scale=0.25)).terms[penalty]
-    assert float(full) > 0
+    assert num(full) > 0
     assert torch.allclose(quarter, 0.25 * full)
 
 
 def test_transcoder_needs_target_and_uses_it(variant):
-    if variant == "relu_classic":
-        pytest.skip("classic subtracts b_dec from the input, which a transcoder cannot")
-    sae = build(variant, d_out=7, apply_b_dec_to_input=False) if variant not in TOPK_FAMILY | {"gated"} else \
-        build(variant, d_out=7)
-    assert sae.cfg.apply_b_dec_to_input is False
+    sae = build(variant, d_out=7)
+    assert sae.cfg.apply_b_dec_to_input is False  # b_dec lives in the output space, whatever the default
     assert sae.W_dec.shape == (D_SAE, 7) and sae.b_dec.shape == (7,)
     x, target = batch(16), batch(16, d=7, seed=5)
     with pytest.raises(SaeforgeError, match="needs a target"):
@@ -145,7 +141,7 @@ def test_unit_norm_decoder_hooks(variant):
 def test_tied_initialisation(variant):
     sae = make_sae(config_for(variant))
     assert torch.equal(sae.W_enc, sae.W_dec.T)
-    assert float(sae.b_dec.abs().sum()) == 0
+    assert num(sae.b_dec.abs().sum()) == 0
 
 
 def test_fold_decoder_norms_keeps_the_function(variant):
@@ -187,8 +183,6 @@ def test_fold_input_scale(variant, scale):
 
 
 def test_fold_input_scale_transcoder_with_two_scales(variant):
-    if variant == "relu_classic":
-        pytest.skip("classic subtracts b_dec from the input, which a transcoder cannot")
     sae = build(variant, d_out=7)
     trained = copy.deepcopy(sae)
     x = batch(30)
@@ -222,7 +216,7 @@ def test_init_from_data_sets_b_dec(variant):
     sae.init_from_data(x)
     if sae.cfg.b_dec_init == "zeros":
         assert variant == "relu_april"  # the April update keeps both biases at zero
-        assert float(sae.b_dec.abs().sum()) == 0
+        assert num(sae.b_dec.abs().sum()) == 0
     else:
         assert sae.cfg.b_dec_init == "geometric_median"
         assert torch.allclose(sae.b_dec, torch.full((D_IN,), 5.0), atol=0.3)

@@ -8,7 +8,7 @@ import torch
 from saeforge.errors import SaeforgeError
 from saeforge.saes import ReLUConfig, TrainState, make_sae
 
-from .helpers import D_SAE, batch, build
+from .helpers import D_SAE, batch, build, num
 
 
 def test_variant_defaults():
@@ -93,22 +93,22 @@ def test_resampling_resets_dead_latents_towards_badly_reconstructed_inputs():
         sae.b_enc.clamp_(max=0.0)
         sae.b_dec.zero_()
     alive_norm = sae.W_enc[:, ~dead].norm(dim=0).mean().detach()
-    assert abs(float(alive_norm) - 1.0) > 0.05  # so the 0.2 x mean-alive-norm rule is actually exercised
+    assert abs(num(alive_norm) - 1.0) > 0.05  # so the 0.2 x mean-alive-norm rule is actually exercised
     n = sae.resample_dead_latents(x, dead, opt, generator=torch.Generator().manual_seed(0))
     assert n == 3
     direction = bad / bad.norm()
     for i in (1, 4, 7):
         assert torch.allclose(sae.W_dec[i], direction, atol=1e-6)
         assert torch.allclose(sae.W_enc[:, i], 0.2 * alive_norm * direction, atol=1e-6)
-        assert float(sae.b_enc[i]) == 0.0
+        assert num(sae.b_enc[i]) == 0.0
         for p, row in ((sae.W_enc, sae.W_enc[:, i]), (sae.b_enc, None), (sae.W_dec, sae.W_dec[i])):
             state = opt.state[p]
             if p is sae.W_enc:
-                assert float(state["exp_avg"][:, i].abs().sum()) == 0 and float(state["exp_avg_sq"][:, i].abs().sum()) == 0
+                assert num(state["exp_avg"][:, i].abs().sum()) == 0 and num(state["exp_avg_sq"][:, i].abs().sum()) == 0
             else:
-                assert float(state["exp_avg"][i].abs().sum()) == 0 and float(state["exp_avg_sq"][i].abs().sum()) == 0
+                assert num(state["exp_avg"][i].abs().sum()) == 0 and num(state["exp_avg_sq"][i].abs().sum()) == 0
     # alive latents keep their optimiser state
-    assert float(opt.state[sae.W_dec]["exp_avg_sq"][0].abs().sum()) > 0
+    assert num(opt.state[sae.W_dec]["exp_avg_sq"][0].abs().sum()) > 0
     # the resampled latents now fire on the input they were built from
     assert bool((sae.encode(bad[None])[0, [1, 4, 7]] > 0).all())
 

@@ -8,7 +8,7 @@ import torch
 from saeforge.errors import SaeforgeError
 from saeforge.saes import TopKConfig, TrainState
 
-from .helpers import D_IN, D_SAE, batch, build
+from .helpers import D_IN, D_SAE, batch, build, num
 
 
 def test_exactly_k_latents_per_token():
@@ -52,9 +52,9 @@ def test_k_is_required():
 def test_auxk_is_zero_without_dead_latents():
     sae = build("topk")
     x = batch(64)
-    assert float(sae.training_loss(x, state=TrainState()).terms["auxk"]) == 0.0
+    assert num(sae.training_loss(x, state=TrainState()).terms["auxk"]) == 0.0
     none_dead = torch.zeros(D_SAE, dtype=torch.bool)
-    assert float(sae.training_loss(x, state=TrainState(dead_mask=none_dead)).terms["auxk"]) == 0.0
+    assert num(sae.training_loss(x, state=TrainState(dead_mask=none_dead)).terms["auxk"]) == 0.0
 
 
 def _dense_auxk(sae, x, dead, aux_k):
@@ -79,7 +79,7 @@ def test_auxk_matches_its_definition(kernel):
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[[0, 5, 9, 20, 31]] = True
     got = sae.training_loss(x, state=TrainState(dead_mask=dead)).terms["auxk"]
-    assert float(got) > 0
+    assert num(got) > 0
     assert torch.allclose(got, _dense_auxk(sae, x, dead, 3), rtol=1e-5)
     # fewer dead latents than aux_k: all of them are used
     few = torch.zeros(D_SAE, dtype=torch.bool)
@@ -95,9 +95,9 @@ def test_auxk_gradient_reaches_only_dead_latents():
     out = sae.training_loss(batch(64), state=TrainState(dead_mask=dead))
     out.terms["auxk"].backward()
     assert sae.W_enc.grad[:, dead].abs().sum() > 0 and sae.W_dec.grad[dead].abs().sum() > 0
-    assert float(sae.W_enc.grad[:, ~dead].abs().sum()) == 0
-    assert float(sae.W_dec.grad[~dead].abs().sum()) == 0
-    assert float(sae.b_enc.grad[~dead].abs().sum()) == 0
+    assert num(sae.W_enc.grad[:, ~dead].abs().sum()) == 0
+    assert num(sae.W_dec.grad[~dead].abs().sum()) == 0
+    assert num(sae.b_enc.grad[~dead].abs().sum()) == 0
 
 
 def test_fast_and_reference_kernels_agree():

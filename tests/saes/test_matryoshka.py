@@ -1,0 +1,73 @@
+"""Matryoshka BatchTopK: nested prefix losses over one shared BatchTopK code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saeforge.errors import SaeforgeError
+from saeforge.saes import MatryoshkaConfig, TrainState
+
+from .helpers import D_IN, D_SAE, batch, build, num
+
+
+def dense_code(sae, x):
+    pre = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    kept = pre >= pre.flatten().topk(x.shape[0] * sae.cfg.k).values.min()
+    return pre * kept
+
+
+def test_prefix_losses_match_their_definition():
+    sae = build("matryoshka", group_weights=(0.5, 2.0, 1.0))
+    x = batch(48)
+    out = sae.training_loss(x, state=TrainState())
+    f = dense_code(sae, x)
+    expected = {}
+    for m, w in zip((4, 16, D_SAE), (0.5, 2.0, 1.0)):
+        x_hat = f[:, :m] @ sae.W_dec[:m] + sae.b_dec
+        expected[m] = w * (x_hat - x).pow(2).sum(1).mean()
+    assert torch.allclose(out.terms["mse_prefix_4"], expected[4], rtol=1e-5)
+    assert torch.allclose(out.terms["mse_prefix_16"], expected[16], rtol=1e-5)
+    assert torch.allclose(out.terms["mse"], expected[D_SAE], rtol=1e-5)
+    assert torch.allclose(out.x_hat, f @ sae.W_dec + sae.b_dec, atol=1e-5)
+    assert out.l0 == 4.0
+    # the three prefixes really give different reconstructions
+    assert len({round(num(v), 4) for v in (expected[4] / 0.5, expected[16] / 2.0, expected[D_SAE])}) == 3
+
+
+def test_a_prefix_loss_trains_only_its_own_latents():
+    sae = build("matryoshka")
+    out = sae.training_loss(batch(48), state=TrainState())
+    out.terms["mse_prefix_16"].backward()
+    assert sae.W_dec.grad[:16].abs().sum() > 0
+    assert num(sae.W_dec.grad[16:].abs().sum()) == 0
+    assert num(sae.W_enc.grad[:, 16:].abs().sum()) == 0
+
+
+def test_code_is_computed_once_for_all_prefixes():
+    # a latent outside the first group can take the batch budget away from the first prefix: the prefix term
+    # uses the shared code, not a fresh BatchTopK restricted to its own latents
+    sae = build("matryoshka")
+    x = batch(48)
+    f = dense_code(sae, x)
+    restricted = torch.relu((x - sae.b_dec) @ sae.W_enc[:, :4] + sae.b_enc[:4])
+    assert int((f[:, :4] > 0).sum()) < int((restricted > 0).sum())
+
+
+def test_prefix_sizes_and_defaults():
+    cfg = MatryoshkaConfig(d_in=D_IN, d_sae=D_SAE, k=4, group_sizes=[8, 8, 16])
+    assert cfg.group_sizes == (8, 8, 16) and cfg.prefix_sizes == (8, 16, 32)
+    assert cfg.group_weights == (1.0, 1.0, 1.0)
+    assert MatryoshkaConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"group_sizes": ()}, "non-empty"),
+    ({"group_sizes": (8, 8)}, "sum to 16"),
+    ({"group_sizes": (0, 32)}, "positive integers"),
+    ({"group_sizes": (16, 16), "group_weights": (1.0,)}, "group_weights"),
+    ({"group_sizes": (16, 16), "group_weights": (1.0, -1.0)}, "group_weights"),
+])
+def test_config_errors(kwargs, match):
+    with pytest.raises(SaeforgeError, match=match):
+        MatryoshkaConfig(d_in=D_IN, d_sae=D_SAE, k=4, **kwargs)
