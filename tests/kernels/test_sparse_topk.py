@@ -56,14 +56,17 @@ def _problem(n, d, m, *, device="cpu", dtype=torch.float32, dead_frac=0.0, x_gra
     return dict(x=x.requires_grad_(x_grad), W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, aux_mask=mask)
 
 
-def _run(p, impl, *, k, batch=False, aux_k=0, matmul_dtype=None, aux_mask="from_problem"):
-    """One SAE loss (reconstruction MSE + 1/32 AuxK NMSE-like term) and its gradients, for a given impl."""
+def _run(p, impl, *, k, batch=False, aux_k=0, matmul_dtype=None, aux_mask="from_problem", b_pre=False):
+    """One SAE loss (reconstruction MSE + 1/32 AuxK NMSE-like term) and its gradients, for a given impl.
+
+    With ``b_pre`` the decoder bias is also the tied pre-encoder bias (passed as ``b_pre``) and gets a gradient."""
     x = p["x"].detach().clone().requires_grad_(p["x"].requires_grad)
     W_enc, b_enc, W_dec = (p[n].detach().clone().requires_grad_() for n in ("W_enc", "b_enc", "W_dec"))
+    b_dec = p["b_dec"].detach().clone().requires_grad_(b_pre)
     mask = p["aux_mask"] if aux_mask == "from_problem" else aux_mask
     lat, aux = encode_topk(x, W_enc, b_enc, k=k, batch=batch, aux_k=aux_k, aux_mask=mask,
-                           matmul_dtype=matmul_dtype, impl=impl)
-    x_hat = decode_sparse(lat, W_dec, impl=impl) + p["b_dec"]
+                           matmul_dtype=matmul_dtype, impl=impl, b_pre=b_dec if b_pre else None)
+    x_hat = decode_sparse(lat, W_dec, impl=impl) + b_dec
     err = x - x_hat
     loss = err.pow(2).sum(1).mean()
     if aux is not None:
@@ -73,6 +76,8 @@ def _run(p, impl, *, k, batch=False, aux_k=0, matmul_dtype=None, aux_mask="from_
     grads = {"W_enc": W_enc.grad, "b_enc": b_enc.grad, "W_dec": W_dec.grad}
     if x.requires_grad:
         grads["x"] = x.grad
+    if b_pre:
+        grads["b_pre"] = b_dec.grad
     return lat, aux, loss.detach(), grads
 
 
@@ -109,6 +114,8 @@ CASES = [
     pytest.param(dict(batch=False, aux_k=64, dead_frac=0.01), id="topk-aux-fewer-dead-than-aux_k"),
     pytest.param(dict(batch=False, x_grad=True, aux_k=32, dead_frac=0.2), id="topk-aux-xgrad"),
     pytest.param(dict(batch=True, x_grad=True), id="batchtopk-xgrad"),
+    pytest.param(dict(batch=False, b_pre=True), id="topk-bpre"),
+    pytest.param(dict(batch=True, aux_k=48, dead_frac=0.3, b_pre=True, x_grad=True), id="batchtopk-aux-bpre-xgrad"),
 ]
 
 
@@ -116,11 +123,11 @@ CASES = [
 @pytest.mark.parametrize("case", CASES)
 def test_fast_matches_reference_float32(case, device, seed):
     case = dict(case)
-    batch, aux_k = case.pop("batch"), case.pop("aux_k", 0)
+    batch, aux_k, b_pre = case.pop("batch"), case.pop("aux_k", 0), case.pop("b_pre", False)
     p = _problem(1024, 96, 1536, device=device, **case)
     k = 24
-    lf, af, Lf, gf = _run(p, "fast", k=k, batch=batch, aux_k=aux_k)
-    lr, ar, Lr, gr = _run(p, "reference", k=k, batch=batch, aux_k=aux_k)
+    lf, af, Lf, gf = _run(p, "fast", k=k, batch=batch, aux_k=aux_k, b_pre=b_pre)
+    lr, ar, Lr, gr = _run(p, "reference", k=k, batch=batch, aux_k=aux_k, b_pre=b_pre)
     _same_latents(lf, lr, f"latents (seed {seed})")
     _canonical(lf)
     if batch:
@@ -143,11 +150,11 @@ def test_fast_matches_reference_float32(case, device, seed):
 @pytest.mark.parametrize("case", [c for c in CASES if "xgrad" in c.id or c.id in ("topk", "batchtopk-aux")])
 def test_fast_matches_reference_bf16_matmul(case, seed):
     case = dict(case)
-    batch, aux_k = case.pop("batch"), case.pop("aux_k", 0)
+    batch, aux_k, b_pre = case.pop("batch"), case.pop("aux_k", 0), case.pop("b_pre", False)
     p = _problem(1024, 96, 1536, **case)
     k = 24
-    lf, af, Lf, gf = _run(p, "fast", k=k, batch=batch, aux_k=aux_k, matmul_dtype=torch.bfloat16)
-    lr, ar, Lr, gr = _run(p, "reference", k=k, batch=batch, aux_k=aux_k, matmul_dtype=torch.bfloat16)
+    lf, af, Lf, gf = _run(p, "fast", k=k, batch=batch, aux_k=aux_k, matmul_dtype=torch.bfloat16, b_pre=b_pre)
+    lr, ar, Lr, gr = _run(p, "reference", k=k, batch=batch, aux_k=aux_k, matmul_dtype=torch.bfloat16, b_pre=b_pre)
     _same_latents(lf, lr, f"latents (seed {seed})")
     assert lf.values.dtype == torch.float32
     if af is not None:
@@ -160,7 +167,7 @@ def test_fast_matches_reference_bf16_matmul(case, seed):
         else:
             _close(gf[name], gr[name], BF16_MAX, BF16_NORM, f"grad {name} (seed {seed})")
     # and the bf16 GEMM really is a bf16 GEMM: the selection differs from float32's somewhere at this size
-    l32, _, _, _ = _run(p, "fast", k=k, batch=batch, aux_k=aux_k)
+    l32, _, _, _ = _run(p, "fast", k=k, batch=batch, aux_k=aux_k, b_pre=b_pre)
     assert not torch.equal(l32.values.detach(), lf.values.detach())
 
 
@@ -173,16 +180,17 @@ def test_gradcheck_fast_float64(batch, aux, seed):
     W_enc = torch.randn(d, m, dtype=torch.float64, requires_grad=True)
     b_enc = (0.5 + 0.1 * torch.randn(m, dtype=torch.float64)).requires_grad_()
     W_dec = torch.randn(m, d, dtype=torch.float64, requires_grad=True)
+    b_pre = (0.1 * torch.randn(d, dtype=torch.float64)).requires_grad_()
     mask = (torch.arange(m) % 3 == 0) if aux else None
 
-    def f(x, W_enc, b_enc, W_dec):
-        lat, al = encode_topk(x, W_enc, b_enc, k=k, batch=batch, aux_k=2 if aux else 0, aux_mask=mask)
+    def f(x, W_enc, b_enc, W_dec, b_pre):
+        lat, al = encode_topk(x, W_enc, b_enc, k=k, batch=batch, aux_k=2 if aux else 0, aux_mask=mask, b_pre=b_pre)
         out = decode_sparse(lat, W_dec)
         if al is not None:
             out = out + 0.5 * decode_sparse(al, W_dec)
         return out
 
-    assert torch.autograd.gradcheck(f, (x, W_enc, b_enc, W_dec), eps=1e-6, atol=1e-7, rtol=1e-6), f"seed {seed}"
+    assert torch.autograd.gradcheck(f, (x, W_enc, b_enc, W_dec, b_pre), eps=1e-6, atol=1e-7, rtol=1e-6), f"seed {seed}"
 
 
 def _dense_relu_pre(p, matmul_dtype=None):
@@ -374,6 +382,66 @@ def test_bad_arguments():
         encode_topk(x, W, b, k=2, aux_k=2, aux_mask=torch.ones(5))  # not bool
     with pytest.raises(ValueError):
         encode_topk(x.double(), W, b, k=2)
+    with pytest.raises(ValueError):
+        encode_topk(x, W, b, k=2, b_pre=torch.zeros(4))
     lat, _ = encode_topk(x, W, b, k=2)
     with pytest.raises(ValueError):
         decode_sparse(lat, torch.randn(4, 3))
+
+
+def test_cached_index_plan_is_not_reused_for_a_changed_pattern(seed):
+    """The fast path caches index bookkeeping on the pattern's tensors; editing them in place must invalidate it."""
+    p = _problem(256, 16, 128)
+    W_dec = p["W_dec"].clone().requires_grad_()
+    lat, _ = encode_topk(p["x"], p["W_enc"], p["b_enc"], k=4)
+    decode_sparse(lat, W_dec)  # builds and caches the plan
+    with torch.no_grad():
+        lat.cols.copy_(torch.arange(4).repeat(256) + 8 * (torch.arange(256) % 4).repeat_interleave(4))  # canonical
+    out = decode_sparse(lat, W_dec)
+    _close(out, lat.to_dense() @ W_dec, F32_MAX, F32_NORM, "decode after an in-place change of cols")
+    g = torch.randn_like(out)
+    (gf,) = torch.autograd.grad(out, W_dec, g)
+    _close(gf, lat.to_dense().t() @ g, F32_MAX, F32_NORM, "W_dec grad after an in-place change of cols")
+    # the same cols tensor paired with another rows tensor gets its own plan
+    rows2 = lat.rows.clone()
+    lat2 = SparseLatents(lat.values, rows2, lat.cols, lat.shape)
+    _close(decode_sparse(lat2, W_dec), lat2.to_dense() @ W_dec, F32_MAX, F32_NORM, "decode with new rows tensor")
+
+
+@pytest.mark.parametrize("data", ["random", "ties", "constant_rows"])
+def test_two_level_row_topk_matches_torch_topk(data, seed):
+    """The chunked per-row top-k (CPU float32 fast path) keeps a valid top-k: the same values as torch.topk."""
+    from saeforge.kernels.sparse_topk import _CHUNK, _topk_rows
+
+    n, m, k = 1024, 2048, 24
+    assert k * _CHUNK * 4 <= m  # the two-level path is the one under test
+    if data == "random":
+        pre = torch.randn(n, m)
+    elif data == "ties":
+        pre = torch.randint(-3, 4, (n, m)).float()
+    else:
+        pre = torch.randn(n, 1).expand(n, m).contiguous()
+    vals, idx = _topk_rows(pre, k)
+    assert torch.equal(pre.gather(1, idx), vals)
+    assert bool((idx.sort(1).values.diff(dim=1) > 0).all()), "distinct columns"
+    ref = pre.topk(k, dim=1).values
+    assert torch.equal(vals.sort(1, descending=True).values, ref), f"seed {seed}"
+    if data == "random":  # no ties: the very same columns
+        assert torch.equal(idx.sort(1).values, pre.topk(k, dim=1).indices.sort(1).values)
+
+
+def test_ties_with_two_level_selection(seed):
+    """Exact ties everywhere with the chunked selection active (d_sae ≥ 64 k): fast and reference agree."""
+    n, d, m, k = 512, 8, 1024, 8
+    p = _problem(n, d, m, x_grad=True)
+    p["x"] = torch.randint(-2, 3, (n, d)).float().requires_grad_()
+    p["W_enc"] = torch.randint(-1, 2, (d, m)).float()
+    p["b_enc"] = torch.randint(0, 2, (m,)).float()
+    lf, _, Lf, gf = _run(p, "fast", k=k)
+    lr, _, Lr, gr = _run(p, "reference", k=k)
+    _same_latents(lf, lr, f"seed {seed}")
+    acts = _dense_relu_pre(p)
+    kept = torch.zeros(n, m, dtype=torch.bool).index_put((lf.rows, lf.cols), torch.tensor(True))
+    assert bool((acts.masked_fill(~kept, float("inf")).amin(1) >= acts.masked_fill(kept, -1).amax(1)).all())
+    for name in gr:
+        _close(gf[name], gr[name], F32_MAX, F32_NORM, f"{name} (seed {seed})")

@@ -90,9 +90,9 @@ def test_interrupted_run_resumes_bit_identically(tiny_cache, tmp_path, monkeypat
 
 
 def test_killed_training_process_resumes_bit_identically(tiny_cache, tmp_path):
-    """A real `saeforge train` process killed with SIGKILL, then `saeforge train --resume`."""
-    args = ["--cache", str(tiny_cache.folder), "--sites", SITES[0], "--tokens", str(256 * 120), "--batch-size",
-            "256", "--d-sae", "256", "-k", "8", "--checkpoint-every", "3", "--log-every", "3", "--device", "cpu",
+    """A real `saeforge train` process killed with SIGKILL mid-run, then `saeforge train --resume`."""
+    args = ["--cache", str(tiny_cache.folder), "--sites", SITES[0], "--tokens", str(256 * 200), "--batch-size",
+            "256", "--d-sae", "128", "-k", "8", "--checkpoint-every", "7", "--log-every", "3", "--device", "cpu",
             "--progress", "false", "--seed", "7"]
     cmd = [sys.executable, "-m", "saeforge", "train"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -100,19 +100,26 @@ def test_killed_training_process_resumes_bit_identically(tiny_cache, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(cmd + args + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    ckpt = out / "checkpoints" / "checkpoint.pt"
+    metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.3)  # land somewhere after the first checkpoint, wherever that is
+    # kill after ~24 steps: past several checkpoints, between two of them (every 7 steps, logs every 3)
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "saes").exists(), "the run finished before it was killed; make it longer"
+    state = torch.load(out / "checkpoints" / "checkpoint.pt", weights_only=False)
+    assert 0 < state["step"] < 200
     done = subprocess.run(cmd + ["--resume", str(out), "--progress", "false"], env=env, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
     a, b = _weights(tmp_path / "ref"), _weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}  # noqa: E731
+    assert [strip(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()] == [
+        strip(x) for x in metrics.read_text().splitlines()]
 
 
 def test_resume_with_changed_config_lists_the_differences(tiny_cache, tmp_path):
