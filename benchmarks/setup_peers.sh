@@ -11,7 +11,8 @@
 #   SAEFORGE_PEERS       where the venvs go (default benchmarks/.work/peers)
 #   PYTHON               interpreter for the venvs (default python3)
 #   TORCH_VERSION        default 2.13.0
-#   TORCH_INDEX_URL      where torch comes from (default the PyTorch CPU wheel index; set to "" for plain PyPI)
+#   TORCH_INDEX_URL      an index to take torch from (default: none, pip's own configuration decides). Where the
+#                        default index would give a CUDA build, use https://download.pytorch.org/whl/cpu
 #   SAELENS_SPEC         default sae-lens==6.54.12
 #   SPARSIFY_SPEC        default eai-sparsify==1.3.3
 #
@@ -22,7 +23,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 peers="${SAEFORGE_PEERS:-$here/.work/peers}"
 python="${PYTHON:-python3}"
 torch_version="${TORCH_VERSION:-2.13.0}"
-torch_index="${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}"
+torch_index="${TORCH_INDEX_URL:-}"
 saelens_spec="${SAELENS_SPEC:-sae-lens==6.54.12}"
 sparsify_spec="${SPARSIFY_SPEC:-eai-sparsify==1.3.3}"
 
