@@ -84,7 +84,7 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def training_loss(self, x: Tensor, target: Tensor | None = None, *, state: TrainState) -> TrainOutput:
         x, target = self._check_batch(x, target)
-        lat, aux = self._encode_sparse(self._encoder_input(x), dead_mask=state.dead_mask,
+        lat, aux = self._encode_sparse(x, dead_mask=state.dead_mask,
                                        matmul_dtype=self._matmul_dtype)
         # Decode group by group and accumulate: prefix i's reconstruction is the running sum after group i.
         x_hat = self.b_dec.expand(x.shape[0], -1)

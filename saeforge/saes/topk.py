@@ -119,7 +119,7 @@ class TopKSAE(SAE):
     def _matmul_dtype(self) -> torch.dtype | None:
         return None if self.cfg.matmul_dtype is None else DTYPES[self.cfg.matmul_dtype]
 
-    def _encode_sparse(self, enc_in: Tensor, *, dead_mask: Tensor | None = None,
+    def _encode_sparse(self, x: Tensor, *, dead_mask: Tensor | None = None,
                        matmul_dtype: torch.dtype | None = None) -> tuple[SparseLatents, SparseLatents | None]:
         aux_k = 0
         if dead_mask is not None and self.cfg.aux_k > 0 and self.cfg.auxk_coefficient > 0:
@@ -129,9 +129,12 @@ class TopKSAE(SAE):
                                     "pass the mask the dead-latent tracker produced")
             if bool(dead_mask.any()):
                 aux_k = self.cfg.aux_k
-        return encode_topk(enc_in, self.W_enc, self.b_enc, k=self.cfg.k, batch=self.batch_selection,
+        # b_pre: the kernel subtracts b_dec itself and gets its gradient from a matrix-vector product, cheaper than
+        # autograd through an [N, d_in] subtraction.
+        return encode_topk(x, self.W_enc, self.b_enc, k=self.cfg.k, batch=self.batch_selection,
                            aux_k=aux_k, aux_mask=dead_mask if aux_k else None,
-                           matmul_dtype=matmul_dtype, impl=self.cfg.kernel)
+                           matmul_dtype=matmul_dtype, impl=self.cfg.kernel,
+                           b_pre=self.b_dec if self.cfg.apply_b_dec_to_input else None)
 
     def _decode_sparse(self, lat: SparseLatents, W_dec: Tensor | None = None) -> Tensor:
         return decode_sparse(lat, self.W_dec if W_dec is None else W_dec, impl=self.cfg.kernel)
@@ -161,7 +164,7 @@ class TopKSAE(SAE):
 
     def training_loss(self, x: Tensor, target: Tensor | None = None, *, state: TrainState) -> TrainOutput:
         x, target = self._check_batch(x, target)
-        lat, aux = self._encode_sparse(self._encoder_input(x), dead_mask=state.dead_mask,
+        lat, aux = self._encode_sparse(x, dead_mask=state.dead_mask,
                                        matmul_dtype=self._matmul_dtype)
         x_hat = self._decode_sparse(lat) + self.b_dec
         terms = {"mse": self._squared_error(x_hat, target), "auxk": self._auxk_term(aux, target, x_hat)}

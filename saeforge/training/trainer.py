@@ -178,8 +178,9 @@ class Trainer:
             sae.init_from_data(scaler.scale_input(x), scaler.scale_target(y) if y is not None else None)
             lr = spec["lr"] or default_lr(sae_cfg.architecture, sae_cfg.d_sae)
             opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+            # fused: one kernel for the whole update (CPU and CUDA), measurably faster at SAE sizes
             optimizer = opt_cls(sae.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                                weight_decay=cfg.weight_decay)
+                                weight_decay=cfg.weight_decay, fused=self.device.type in ("cpu", "cuda"))
             total, warm, decay, frac = self.total_steps, cfg.lr_warmup_steps, cfg.lr_decay, cfg.lr_decay_fraction
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                           lambda s: lr_factor(s, total, warm, decay, frac))
