@@ -79,6 +79,7 @@ class LiveActivations:
         self.epochs = epochs
         self.dtype = dtype
         self._n_contexts: int | None = None
+        self._last: tuple[int, dict[str, torch.Tensor]] | None = None  # the trainer's init sample is fill 0 too
         self._iter = None
         self._next_context = self._iter_start = 0
 
@@ -117,6 +118,8 @@ class LiveActivations:
         return torch.stack(out)
 
     def fill(self, index: int) -> dict[str, torch.Tensor] | None:
+        if self._last is not None and self._last[0] == index:
+            return self._last[1]
         start = index * self.contexts_per_fill
         if self.epochs is not None and start >= self.epochs * self.n_contexts:
             return None
@@ -127,7 +130,9 @@ class LiveActivations:
                                      dtype=self.dtype)
             for s, act in batch.acts.items():
                 parts[s].append(act)
-        return {s: torch.cat(p) for s, p in parts.items()}
+        data = {s: torch.cat(p) for s, p in parts.items()}
+        self._last = (index, data)
+        return data
 
 
 @dataclass
