@@ -95,7 +95,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     """Weight decay (adamw)."""
     lr_warmup_steps: int = 50
-    """Linear learning-rate warm-up steps."""
+    """Linear learning-rate warm-up steps (capped at a twentieth of the run)."""
     lr_decay: str = "linear"
     """Learning-rate decay at the end of the run: linear, cosine or none."""
     lr_decay_fraction: float = 0.2

@@ -181,12 +181,15 @@ class Trainer:
             # fused: one kernel for the whole update (CPU and CUDA), measurably faster at SAE sizes
             optimizer = opt_cls(sae.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                 weight_decay=cfg.weight_decay, fused=self.device.type in ("cpu", "cuda"))
-            total, warm, decay, frac = self.total_steps, cfg.lr_warmup_steps, cfg.lr_decay, cfg.lr_decay_fraction
+            # a warm-up longer than a twentieth of the run would leave short runs at a fraction of their rate
+            warm = min(cfg.lr_warmup_steps, max(1, self.total_steps // 20))
+            total, decay, frac = self.total_steps, cfg.lr_decay, cfg.lr_decay_fraction
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                           lambda s: lr_factor(s, total, warm, decay, frac))
             tracker = DeadLatentTracker(sae_cfg.d_sae, dead_after, device=self.device)
             self.trainees.append(Trainee(spec["name"], site, target_site, sae, optimizer, scheduler, tracker, scaler))
-        self.init_sample = {k: v[:INIT_SAMPLE_TOKENS] for k, v in sample.items()}
+        # a copy, so the whole first fill is not kept alive for the run by a view of it
+        self.init_sample = {k: v[:INIT_SAMPLE_TOKENS].clone() for k, v in sample.items()}
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self) -> None:
@@ -341,12 +344,22 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ output
     @torch.no_grad()
-    def _feature_stats(self, t: Trainee, sae: SAE) -> dict[str, torch.Tensor]:
-        x = self.init_sample[t.site].to(self.device, torch.float32)
-        f = sae.encode(x)
-        density = (f > 0).float().mean(0)
-        return {"sparsity": torch.log10(density.clamp_min(1e-10)), "max_activation": f.max(0).values,
-                "mean_activation": f.sum(0) / (f > 0).sum(0).clamp_min(1)}
+    def _feature_stats(self, t: Trainee, sae: SAE, chunk: int = 4096) -> dict[str, torch.Tensor]:
+        """Density, max and mean activation per latent on the initialisation sample, in chunks (a dense
+        [tokens, d_sae] matrix of the whole sample would be the run's largest allocation)."""
+        x_all = self.init_sample[t.site]
+        d = sae.cfg.d_sae
+        fired = torch.zeros(d, device=self.device)
+        total = torch.zeros(d, device=self.device)
+        top = torch.zeros(d, device=self.device)
+        for s in range(0, x_all.shape[0], chunk):
+            f = sae.encode(x_all[s:s + chunk].to(self.device, torch.float32))
+            fired += (f > 0).sum(0)
+            total += f.sum(0)
+            top = torch.maximum(top, f.max(0).values)
+        density = fired / max(x_all.shape[0], 1)
+        return {"sparsity": torch.log10(density.clamp_min(1e-10)), "max_activation": top,
+                "mean_activation": total / fired.clamp_min(1)}
 
     def _finish(self, last: dict[str, Any] | None) -> dict[str, Any]:
         final = {}
