@@ -17,7 +17,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -218,8 +217,6 @@ def _update_norm_stats(manifest: dict) -> None:
 
 def build_cache(cfg: CacheConfig, lm=None, progress: bool = True) -> ActivationCache:
     """Write (or resume) a cache. ``lm`` may be passed to reuse a loaded model."""
-    import json
-
     from tqdm.auto import tqdm
 
     from saeforge.models.language_model import LanguageModel

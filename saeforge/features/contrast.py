@@ -15,7 +15,6 @@ Features are ranked by AUROC among the significant ones, then the rest.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
