@@ -37,36 +37,27 @@ def sae_folder(tool_dir: Path) -> Path:
     return folder
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--work", default=str(HERE / ".work" / "e2e"))
-    args = ap.parse_args()
-
+def evaluate_tools(folders: dict[str, Path], training_tokens: dict[str, int], eval_tokens: int, run: Path,
+                   result_name: str, title: str, extra: dict | None = None) -> dict:
+    """Evaluate each tool's saved SAE with saeforge's `eval` on the same held-out tokens, print the table and the
+    verdict (saeforge no worse than the best peer on FVU and CE recovered), and write ``results/{result_name}.json``."""
     from saeforge.evals.evaluate import EvalConfig, evaluate
     from saeforge.formats import load_any, save_as
 
-    work = Path(args.work)
-    tools = [p.name for p in sorted(work.iterdir()) if (p / "e2e.json").exists()]
-    if not tools:
-        raise SystemExit(f"no end-to-end outputs in {work}: run benchmarks/end_to_end.py first")
-    run = work / "quality_run"
     if run.exists():
         shutil.rmtree(run)
     meta = {"hook_name": "layers.5.resid_post", "model_name": "embedded", "context_size": 128, "prepend_bos": True,
             "exclude_special_tokens": True, "dataset_path": "embedded:train"}
-    tokens = {}
-    for tool in tools:
-        sae = load_any(sae_folder(work / tool), d_in=576)
-        save_as(sae, run / "saes" / tool, "saeforge", metadata=meta)
-        tokens[tool] = json.loads((work / tool / "e2e.json").read_text())["tokens"]
-    report = evaluate(EvalConfig(path=str(run), corpus="embedded:validation", tokens=args.tokens, plots=False))
-    print(f"\nquality of the end-to-end SAEs, evaluated by saeforge on {report['n_token_positions']:,} held-out "
-          f"token positions (training tokens: {tokens})")
-    print(f"{'tool':<15}" + "".join(f"{k:>14}" for k in KEYS))
+    for tool, folder in folders.items():
+        save_as(load_any(folder, d_in=576), run / "saes" / tool, "saeforge", metadata=meta)
+    report = evaluate(EvalConfig(path=str(run), corpus="embedded:validation", tokens=eval_tokens, plots=False))
+    print(f"\n{title}, evaluated by saeforge on {report['n_token_positions']:,} held-out token positions "
+          f"(training tokens: {training_tokens})")
+    widths = [max(10, len(k)) + 2 for k in KEYS]
+    print(f"{'tool':<15}" + "".join(f"{k:>{w}}" for k, w in zip(KEYS, widths)))
     for tool, m in report["saes"].items():
-        print(f"{tool:<15}" + "".join(f"{m[k]:>14.4f}" if isinstance(m[k], float) else f"{str(m[k]):>14}"
-                                      for k in KEYS))
+        print(f"{tool:<15}" + "".join(f"{m[k]:>{w}.4f}" if isinstance(m[k], float) else f"{str(m[k]):>{w}}"
+                                      for k, w in zip(KEYS, widths)))
     results = {tool: {k: m[k] for k in KEYS} for tool, m in report["saes"].items()}
     peers = [t for t in results if not t.startswith("saeforge")]
     verdict = {}
@@ -77,9 +68,27 @@ def main() -> None:
             verdict[ours] = {"fvu_no_worse": results[ours]["fvu"] <= best_fvu,
                              "ce_recovered_no_worse": results[ours]["ce_recovered"] >= best_ce}
     print(json.dumps(verdict, indent=1))
-    path = write_result("quality", {"machine": machine(), "eval_tokens": report["n_token_positions"],
-                                    "training_tokens": tokens, "results": results, "verdict": verdict})
+    data = {"machine": machine(), "eval_tokens": report["n_token_positions"], "training_tokens": training_tokens,
+            **(extra or {}), "results": results, "verdict": verdict}
+    path = write_result(result_name, data)
     print(f"written {path}")
+    return data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--work", default=str(HERE / ".work" / "e2e"))
+    args = ap.parse_args()
+
+    work = Path(args.work)
+    tools = [p.name for p in sorted(work.iterdir()) if (p / "e2e.json").exists()]
+    if not tools:
+        raise SystemExit(f"no end-to-end outputs in {work}: run benchmarks/end_to_end.py first")
+    folders = {tool: sae_folder(work / tool) for tool in tools}
+    tokens = {tool: json.loads((work / tool / "e2e.json").read_text())["tokens"] for tool in tools}
+    evaluate_tools(folders, tokens, args.tokens, work / "quality_run", "quality",
+                   "quality of the end-to-end SAEs")
 
 
 if __name__ == "__main__":
