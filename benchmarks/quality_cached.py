@@ -7,14 +7,15 @@ held-out tokens (the validation plays).
 
 benchmarks/quality.py scores the SAEs of the end-to-end run (131,072 tokens = 32 steps, bounded by the slowest
 peer's end-to-end speed); this one trains from a cache so a budget people would use is affordable. The recipes:
-- saeforge: `saeforge train --cache` with its defaults (Adam, lr 1.5e-3 / sqrt(d_sae / 2^14), AuxK, input scaled
+- saeforge: `saeforge train --cache` with its defaults (Adam, lr 1e-3 / sqrt(d_sae / 2^14), AuxK, input scaled
   to E||x|| = sqrt(d), linear decay over the last 20 %);
 - SAELens: its own `SAETrainer.fit()` with the trainer settings of its runner's defaults (benchmarks/peers/
   quality_saelens.py);
 - sparsify: the per-step work of its `Trainer` with its default schedule-free Signum optimizer
   (benchmarks/peers/quality_sparsify.py).
 The peers read one file of the cached vectors in a seeded random order; saeforge reads the cache through its own
-shuffling stream. Target: saeforge no worse on FVU and CE recovered than the best peer.
+shuffling stream. Tools left out of --tools keep the SAE their last run saved (so one tool can be redone).
+Target: saeforge no worse on FVU and CE recovered than the best peer.
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ def main() -> None:
     acts = shuffled_array(cache_dir, work / f"acts_{args.tokens}.npy", args.tokens)
 
     folders, info = {}, {}
+    for tool in ("saeforge", "saelens", "sparsify"):
+        last = work / tool / "quality.json"
+        if tool not in args.tools and last.exists():
+            info[tool] = json.loads(last.read_text())
+            folders[tool] = Path(info[tool]["sae_dir"])
     for tool in args.tools:
         out = work / tool
         print(f"training {tool} on {args.tokens:,} tokens ({steps} steps) ...", flush=True)
@@ -84,8 +90,10 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             train(TrainConfig(out=str(out), cache=str(cache_dir), sites=(SITE,), tokens=args.tokens,
                               batch_size=BATCH, d_sae=D_SAE, k=K))
+            info[tool] = {"tool": "saeforge", "tokens": args.tokens, "train_seconds": time.perf_counter() - t,
+                          "sae_dir": str(out / "saes" / SITE)}
+            (out / "quality.json").write_text(json.dumps(info[tool]))
             folders[tool] = out / "saes" / SITE
-            info[tool] = {"train_seconds": time.perf_counter() - t}
             continue
         python = Path(args.peers) / tool / "bin" / "python"
         if not python.exists():
@@ -97,7 +105,11 @@ def main() -> None:
         if proc.returncode != 0 or not lines:
             sys.exit(f"{tool} failed:\n{proc.stderr[-4000:]}")
         info[tool] = json.loads(lines[-1][len("@@QUALITY "):])
+        (out / "quality.json").write_text(json.dumps(info[tool]))
         folders[tool] = Path(info[tool]["sae_dir"])
+    stale = [t for t in folders if info[t].get("tokens", args.tokens) != args.tokens]
+    if stale:
+        sys.exit(f"the saved SAEs of {stale} were trained on another budget: rerun them with --tools")
     evaluate_tools(folders, {t: args.tokens for t in folders}, args.eval_tokens, work / "quality_run",
                    "quality_cached", f"quality after {args.tokens:,} training tokens from one cache",
                    extra={"recipes": info})

@@ -85,7 +85,7 @@ class TrainConfig:
     optimizer: str = "adam"
     """adam or adamw."""
     lr: float = 0.0
-    """Learning rate; 0: the architecture default (TopK family: 1.5e-3 / sqrt(d_sae / 2^14))."""
+    """Learning rate; 0: the architecture default (TopK family: 1e-3 / sqrt(d_sae / 2^14))."""
     adam_beta1: float = 0.9
     """Adam β1."""
     adam_beta2: float = 0.999
