@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -45,7 +46,7 @@ def shuffled_array(cache_dir: Path, out: Path, tokens: int, seed: int = 0) -> Pa
 
     if out.exists() and np.load(out, mmap_mode="r").shape[0] == tokens:
         return out
-    x = ActivationCache(cache_dir).load(SITE).float()
+    x = ActivationCache(cache_dir).load(SITE, max_tokens=tokens).float()
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
     tmp = out.with_suffix(".tmp.npy")
     np.save(tmp, x[perm].numpy())
@@ -85,8 +86,6 @@ def main() -> None:
         print(f"training {tool} on {args.tokens:,} tokens ({steps} steps) ...", flush=True)
         t = time.perf_counter()
         if tool == "saeforge":
-            import shutil
-
             shutil.rmtree(out, ignore_errors=True)
             train(TrainConfig(out=str(out), cache=str(cache_dir), sites=(SITE,), tokens=args.tokens,
                               batch_size=BATCH, d_sae=D_SAE, k=K))
