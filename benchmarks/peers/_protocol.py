@@ -13,6 +13,7 @@ them). While one worker runs, the others block on stdin, so the measured tools n
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -84,3 +85,34 @@ def serve(step: Callable[[torch.Tensor], float | None], batches: list[torch.Tens
         send({"times": times, "losses": losses, "steps_done": i})
     sys.stdout.flush()
     os._exit(0)
+
+
+# ---- benchmarks/quality_cached.py workers: one training run on a shuffled .npy, one ``@@QUALITY <json>`` reply
+
+
+def quality_run() -> tuple[argparse.Namespace, np.ndarray]:
+    """Parse a quality worker's arguments, seed torch and open the activations (enough rows for the run)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--acts", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--d-sae", type=int, default=4608)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    arr = np.load(args.acts, mmap_mode="r")
+    if arr.shape[0] < args.steps * args.batch:
+        raise SystemExit(f"{args.acts} holds {arr.shape[0]} rows, fewer than {args.steps} x {args.batch}")
+    return args, arr
+
+
+def batch_at(arr: np.ndarray, step: int, batch: int) -> torch.Tensor:
+    """Rows ``[step * batch, (step + 1) * batch)`` as a float32 tensor."""
+    return torch.from_numpy(np.array(arr[step * batch:(step + 1) * batch], dtype=np.float32))
+
+
+def reply_quality(obj: dict) -> None:
+    sys.stdout.write("@@QUALITY " + json.dumps(obj) + "\n")
+    sys.stdout.flush()

@@ -9,8 +9,6 @@ the inference SAE with ``save_inference_model``. Prints one ``@@QUALITY <json>``
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -18,37 +16,26 @@ import time
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _protocol import batch_at, quality_run, reply_quality  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--acts", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, required=True)
-    ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--d-sae", type=int, default=4608)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args, arr = quality_run()
 
     from importlib.metadata import version
 
     from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import LanguageModelSAERunnerConfig, SAETrainerConfig
 
-    torch.manual_seed(args.seed)
-    arr = np.load(args.acts, mmap_mode="r")
-    if arr.shape[0] < args.steps * args.batch:
-        raise SystemExit(f"{args.acts} holds {arr.shape[0]} rows, fewer than {args.steps} x {args.batch}")
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=arr.shape[1], d_sae=args.d_sae, k=args.k, device="cpu",
                                                 dtype="float32"))
 
     def provider():
         for step in range(args.steps + 1):  # fit() may peek one batch past the last step
             j = min(step, args.steps - 1)
-            yield torch.from_numpy(np.array(arr[j * args.batch:(j + 1) * args.batch], dtype=np.float32))
+            yield batch_at(arr, j, args.batch)
 
     runner_defaults = {f: LanguageModelSAERunnerConfig.__dataclass_fields__[f].default
                        for f in ("lr", "lr_end", "lr_scheduler_name", "lr_warm_up_steps", "lr_decay_steps",
@@ -62,10 +49,10 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     folder = os.path.join(args.out, "sae")
     trained.save_inference_model(folder)
-    sys.stdout.write("@@QUALITY " + json.dumps({
+    reply_quality({
         "tool": "saelens", "version": version("sae-lens"), "steps": args.steps, "batch": args.batch,
         "tokens": args.steps * args.batch, "lr": cfg.lr, "optimizer": "Adam (SAETrainer)", "train_seconds": seconds,
-        "sae_dir": folder}) + "\n")
+        "sae_dir": folder})
 
 
 if __name__ == "__main__":

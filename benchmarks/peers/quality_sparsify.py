@@ -11,28 +11,20 @@ writes the file shuffled). Prints one ``@@QUALITY <json>`` line.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import numpy as np  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 import torch  # noqa: E402
+from _protocol import batch_at, quality_run, reply_quality  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--acts", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, required=True)
-    ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--d-sae", type=int, default=4608)
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args, arr = quality_run()
 
     from importlib.metadata import version
 
@@ -40,10 +32,6 @@ def main() -> None:
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
 
-    torch.manual_seed(args.seed)
-    arr = np.load(args.acts, mmap_mode="r")
-    if arr.shape[0] < args.steps * args.batch:
-        raise SystemExit(f"{args.acts} holds {arr.shape[0]} rows, fewer than {args.steps} x {args.batch}")
     sae = SparseCoder(arr.shape[1], SparseCoderConfig(num_latents=args.d_sae, k=args.k), device="cpu",
                       dtype=torch.float32)
     lr = 5e-3 / (sae.num_latents / 2**14) ** 0.5  # sparsify's default for its default optimizer, signum
@@ -51,7 +39,7 @@ def main() -> None:
     opt.train()
     t0 = time.perf_counter()
     for step in range(args.steps):
-        x = torch.from_numpy(np.array(arr[step * args.batch:(step + 1) * args.batch], dtype=np.float32))
+        x = batch_at(arr, step, args.batch)
         if step == 0:
             sae.b_dec.data = x.mean(0)
         sae.set_decoder_norm_to_unit_norm()
@@ -64,10 +52,10 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     folder = os.path.join(args.out, "layers.5")
     sae.save_to_disk(folder)
-    sys.stdout.write("@@QUALITY " + json.dumps({
+    reply_quality({
         "tool": "sparsify", "version": version("eai-sparsify"), "steps": args.steps, "batch": args.batch,
         "tokens": args.steps * args.batch, "lr": lr, "optimizer": "ScheduleFree(SignSGD), momentum 0.95",
-        "train_seconds": seconds, "sae_dir": folder}) + "\n")
+        "train_seconds": seconds, "sae_dir": folder})
 
 
 if __name__ == "__main__":
