@@ -116,3 +116,41 @@ def batch_at(arr: np.ndarray, step: int, batch: int) -> torch.Tensor:
 def reply_quality(obj: dict) -> None:
     sys.stdout.write("@@QUALITY " + json.dumps(obj) + "\n")
     sys.stdout.flush()
+
+
+# ---- benchmarks/interop.py workers: ``train`` and ``encode`` subcommands, one ``@@INTEROP <json>`` reply each
+
+
+def reply_interop(obj: dict) -> None:
+    sys.stdout.write("@@INTEROP " + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def eval_rows(path: str, n: int) -> torch.Tensor:
+    """The last ``n`` rows of the activations: the held-out rows both sides encode."""
+    arr = np.load(path, mmap_mode="r")
+    return torch.from_numpy(np.array(arr[-n:], dtype=np.float32))
+
+
+def interop_main(train: Callable[[argparse.Namespace], None], encode: Callable[[argparse.Namespace], None],
+                 lr_help: str) -> None:
+    """Parse an interop worker's command line and run its ``train`` or ``encode``."""
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--acts", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--eval-rows", type=int, default=2048)
+    t.add_argument("--d-sae", type=int, default=2304)
+    t.add_argument("--k", type=int, default=32)
+    t.add_argument("--batch", type=int, default=1024)
+    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--lr", type=float, default=0.0, help=lr_help)
+    t.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("encode")
+    e.add_argument("--acts", required=True)
+    e.add_argument("--eval-rows", type=int, default=2048)
+    e.add_argument("--sae", action="append", required=True, help="FOLDER=OUT.npy (repeatable)")
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("INTEROP_THREADS", torch.get_num_threads())))
+    train(args) if args.cmd == "train" else encode(args)

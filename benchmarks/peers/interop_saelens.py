@@ -13,8 +13,6 @@ numpy). Two commands; each prints one ``@@INTEROP <json>`` line at the end.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -26,17 +24,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-MARK = "@@INTEROP "
-
-
-def reply(obj: dict) -> None:
-    sys.stdout.write(MARK + json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-def eval_rows(path: str, n: int) -> torch.Tensor:
-    arr = np.load(path, mmap_mode="r")
-    return torch.from_numpy(np.array(arr[-n:], dtype=np.float32))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _protocol import eval_rows, interop_main, reply_interop  # noqa: E402
 
 
 def train(args) -> None:
@@ -80,11 +69,12 @@ def train(args) -> None:
         mse = float(((trained.decode(trained.encode(x)) - x) ** 2).sum(-1).mean())
         var = float(((x - x.mean(0)) ** 2).sum(-1).mean())
     np.save(os.path.join(args.out, "encodings.npy"), enc)
-    reply({"tool": "saelens", "version": version("sae-lens"), "torch": torch.__version__, "steps": args.steps,
-           "batch": args.batch, "d_in": d_in, "d_sae": args.d_sae, "k": args.k, "lr": args.lr,
-           "train_seconds": seconds, "eval_fvu": mse / var, "eval_l0": float((enc > 0).sum(1).mean()),
-           "rescale_acts_by_decoder_norm": bool(trained.cfg.rescale_acts_by_decoder_norm),
-           "checkpoint_dir": os.path.join(ckpt, final), "inference_dir": inference_dir})
+    reply_interop({"tool": "saelens", "version": version("sae-lens"), "torch": torch.__version__,
+                   "steps": args.steps, "batch": args.batch, "d_in": d_in, "d_sae": args.d_sae, "k": args.k,
+                   "lr": args.lr, "train_seconds": seconds, "eval_fvu": mse / var,
+                   "eval_l0": float((enc > 0).sum(1).mean()),
+                   "rescale_acts_by_decoder_norm": bool(trained.cfg.rescale_acts_by_decoder_norm),
+                   "checkpoint_dir": os.path.join(ckpt, final), "inference_dir": inference_dir})
 
 
 def encode(args) -> None:
@@ -100,29 +90,11 @@ def encode(args) -> None:
         np.save(target, enc)
         out.append({"folder": folder, "class": type(sae).__name__, "architecture": sae.cfg.architecture(),
                     "metadata_hook_name": sae.cfg.metadata.hook_name})
-    reply({"tool": "saelens", "loaded": out})
+    reply_interop({"tool": "saelens", "loaded": out})
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train")
-    t.add_argument("--acts", required=True)
-    t.add_argument("--out", required=True)
-    t.add_argument("--eval-rows", type=int, default=2048)
-    t.add_argument("--d-sae", type=int, default=2304)
-    t.add_argument("--k", type=int, default=32)
-    t.add_argument("--batch", type=int, default=1024)
-    t.add_argument("--steps", type=int, default=300)
-    t.add_argument("--lr", type=float, default=0.0, help="0: 2e-4 / sqrt(d_sae / 2**14), as for the other tools")
-    t.add_argument("--seed", type=int, default=0)
-    e = sub.add_parser("encode")
-    e.add_argument("--acts", required=True)
-    e.add_argument("--eval-rows", type=int, default=2048)
-    e.add_argument("--sae", action="append", required=True, help="FOLDER=OUT.npy (repeatable)")
-    args = ap.parse_args()
-    torch.set_num_threads(int(os.environ.get("INTEROP_THREADS", torch.get_num_threads())))
-    train(args) if args.cmd == "train" else encode(args)
+    interop_main(train, encode, lr_help="0: 2e-4 / sqrt(d_sae / 2**14), as for the other tools")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ torch, numpy). Two commands; each prints one ``@@INTEROP <json>`` line at the en
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,17 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-MARK = "@@INTEROP "
-
-
-def reply(obj: dict) -> None:
-    sys.stdout.write(MARK + json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-def eval_rows(path: str, n: int) -> torch.Tensor:
-    arr = np.load(path, mmap_mode="r")
-    return torch.from_numpy(np.array(arr[-n:], dtype=np.float32))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _protocol import eval_rows, interop_main, reply_interop  # noqa: E402
 
 
 def dense(sae, x: torch.Tensor) -> np.ndarray:
@@ -86,9 +76,10 @@ def train(args) -> None:
     np.save(os.path.join(args.out, "encodings.npy"), enc)
     with torch.no_grad():
         fvu = float(sae(x=x).fvu)
-    reply({"tool": "sparsify", "version": version("eai-sparsify"), "torch": torch.__version__, "steps": args.steps,
-           "batch": args.batch, "d_in": d_in, "d_sae": args.d_sae, "k": args.k, "lr": lr, "train_seconds": seconds,
-           "eval_fvu": fvu, "eval_l0": float((enc > 0).sum(1).mean()), "folder": folder})
+    reply_interop({"tool": "sparsify", "version": version("eai-sparsify"), "torch": torch.__version__,
+                   "steps": args.steps, "batch": args.batch, "d_in": d_in, "d_sae": args.d_sae, "k": args.k, "lr": lr,
+                   "train_seconds": seconds, "eval_fvu": fvu, "eval_l0": float((enc > 0).sum(1).mean()),
+                   "folder": folder})
 
 
 def encode(args) -> None:
@@ -101,29 +92,11 @@ def encode(args) -> None:
         sae = SparseCoder.load_from_disk(folder, device="cpu")
         np.save(target, dense(sae, x))
         out.append({"folder": folder, "k": sae.cfg.k, "transcode": sae.cfg.transcode, "num_latents": sae.num_latents})
-    reply({"tool": "sparsify", "loaded": out})
+    reply_interop({"tool": "sparsify", "loaded": out})
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train")
-    t.add_argument("--acts", required=True)
-    t.add_argument("--out", required=True)
-    t.add_argument("--eval-rows", type=int, default=2048)
-    t.add_argument("--d-sae", type=int, default=2304)
-    t.add_argument("--k", type=int, default=32)
-    t.add_argument("--batch", type=int, default=1024)
-    t.add_argument("--steps", type=int, default=300)
-    t.add_argument("--lr", type=float, default=0.0, help="0: sparsify's default rule")
-    t.add_argument("--seed", type=int, default=0)
-    e = sub.add_parser("encode")
-    e.add_argument("--acts", required=True)
-    e.add_argument("--eval-rows", type=int, default=2048)
-    e.add_argument("--sae", action="append", required=True, help="FOLDER=OUT.npy (repeatable)")
-    args = ap.parse_args()
-    torch.set_num_threads(int(os.environ.get("INTEROP_THREADS", torch.get_num_threads())))
-    train(args) if args.cmd == "train" else encode(args)
+    interop_main(train, encode, lr_help="0: sparsify's default rule for Adam")
 
 
 if __name__ == "__main__":
