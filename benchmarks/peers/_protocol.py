@@ -1,5 +1,7 @@
-"""The tiny protocol between ``benchmarks/train_step.py`` (the coordinator) and one worker process per measured
-tool. It must import nothing but numpy and torch: it runs inside each peer's own virtual environment.
+"""What the peer workers share: the tiny protocol between ``benchmarks/train_step.py`` (the coordinator) and one
+worker process per measured tool, and (at the end) the command lines and replies of the ``quality_*`` and
+``interop_*`` workers. It must import nothing but numpy and torch: it runs inside each peer's own virtual
+environment.
 
 A worker loads the cached activations, builds its tool's SAE, runs its warm-up steps, prints ``ready``, then
 answers commands read from stdin, one per line:
