@@ -34,7 +34,10 @@ class TokenPolicy:
 
 
 class TokenStream:
-    def __init__(self, source: TextSource, tokenizer, policy: TokenPolicy, *, special_ids=None, bos_id=None):
+    """Contexts of ``source`` under ``policy``. Without a source (``None``) it only holds the token rules (BOS,
+    separator, special ids, :meth:`keep_mask`), as :class:`saeforge.data.prompts.PromptEncoder` uses it."""
+
+    def __init__(self, source: TextSource | None, tokenizer, policy: TokenPolicy, *, special_ids=None, bos_id=None):
         self.source = source
         self.tokenizer = tokenizer
         self.policy = policy

@@ -18,6 +18,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from saeforge.errors import SaeforgeError
+from saeforge.models.language_model import EditContext
+
 
 def splice(sae, keep: torch.Tensor, mode: str = "sae", mean: torch.Tensor | None = None) -> Callable:
     """An edit function replacing the activation at kept positions.
@@ -27,7 +30,11 @@ def splice(sae, keep: torch.Tensor, mode: str = "sae", mean: torch.Tensor | None
     Positions outside ``keep`` (BOS, special tokens) are left untouched.
     """
 
-    def edit(x: torch.Tensor) -> torch.Tensor:
+    def edit(x: torch.Tensor, ctx: EditContext) -> torch.Tensor:
+        if tuple(keep.shape) != tuple(x.shape[:2]):
+            raise SaeforgeError(f"the splice at {ctx.site.name} was built for a batch of shape {tuple(keep.shape)} "
+                                f"but the forward pass has {tuple(x.shape[:2])}",
+                                "build the splice with the keep mask of the batch it runs on")
         m = keep.to(x.device)
         out = x.clone()
         sel = x[m]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from simple_parsing.helpers import field
 
+from saeforge.data.texts import read_texts
 from saeforge.errors import SaeforgeError
 from saeforge.utils.atomic import atomic_write_json
 
@@ -51,23 +52,6 @@ class ContrastConfig:
     """Model; empty: the one the SAE was trained on."""
     device: str = "auto"
     """auto, cpu or cuda."""
-
-
-def read_texts(path: str, text_field: str = "text") -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise SaeforgeError(f"text file {path!r} does not exist", "pass a .txt file (one text per line) or .jsonl")
-    if p.suffix == ".jsonl":
-        from saeforge.data.text_source import TextSource
-
-        texts = list(TextSource(str(p), text_field).documents())
-    else:
-        texts = [line.strip() for line in p.read_text(encoding="utf-8", errors="replace").splitlines()]
-        texts = [t for t in texts if t]
-    if len(texts) < 2:
-        raise SaeforgeError(f"{path} holds {len(texts)} text(s); a contrast needs at least 2 per side",
-                            "add more texts (one per line)")
-    return texts
 
 
 def average_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -109,26 +93,30 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     return out
 
 
+TEXTS_PER_BATCH = 16
+
+
 @torch.inference_mode()
 def _text_scores(inspector, texts: list[str], ctx: int) -> tuple[dict[str, np.ndarray], list]:
-    """Per SAE: [n_texts, d_sae] max activation per text; and per text (tokens, {sae: [T, d_sae] acts})."""
+    """Per SAE: [n_texts, d_sae] max activation per text over its SAE-data positions; and per text
+    (tokens, {sae: [T, d_sae] acts, zero outside SAE data})."""
+    from saeforge.data.prompts import PromptEncoder
+
     lm = inspector.lm
-    bos = lm.bos_token_id()
+    prompts = PromptEncoder(lm, inspector.run.token_policy(), max_tokens=ctx)
     scores = {name: [] for name in inspector.saes}
     details = []
-    special = torch.tensor(lm.special_token_ids())
-    for text in texts:
-        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids = ([bos] if inspector.prepend_bos and bos is not None else []) + list(ids)
-        ids = torch.tensor([ids[:ctx]])
-        keep = ~torch.isin(ids[0], special)
-        acts = lm.read(ids, sorted({s.name for _, s in inspector.saes.values()}))
-        per = {}
-        for name, (sae, site) in inspector.saes.items():
-            f = sae.encode(acts[site.name][0].float()).cpu() * keep[:, None]
-            scores[name].append(f.max(0).values.numpy() if f.shape[0] else np.zeros(sae.cfg.d_sae))
-            per[name] = f
-        details.append(([lm.tokenizer.decode([int(i)]) for i in ids[0]], per))
+    for start in range(0, len(texts), TEXTS_PER_BATCH):
+        batch = prompts.batch(texts[start:start + TEXTS_PER_BATCH], truncate=True)
+        acts = lm.read(batch.input_ids, inspector.sites, attention_mask=batch.attention_mask)
+        for row, n in enumerate(batch.lengths):
+            keep = batch.keep[row, :n]
+            per = {}
+            for name, (sae, site) in inspector.saes.items():
+                f = sae.encode(acts[site.name][row, :n].float()).cpu() * keep[:, None]
+                scores[name].append(f.max(0).values.numpy() if n else np.zeros(sae.cfg.d_sae))
+                per[name] = f
+            details.append(([lm.tokenizer.decode([int(i)]) for i in batch.input_ids[row, :n]], per))
     return {n: np.stack(v) for n, v in scores.items()}, details
 
 
@@ -141,7 +129,8 @@ def contrast(cfg: ContrastConfig, inspector=None) -> dict:
         raise SaeforgeError("give both --positive and --negative text files", "one text per line in each")
     if not 0 < cfg.fdr < 1:
         raise SaeforgeError(f"--fdr must lie in (0, 1), got {cfg.fdr}", "use e.g. 0.05")
-    pos_texts, neg_texts = read_texts(cfg.positive, cfg.text_field), read_texts(cfg.negative, cfg.text_field)
+    pos_texts = read_texts(cfg.positive, cfg.text_field, min_count=2)
+    neg_texts = read_texts(cfg.negative, cfg.text_field, min_count=2)
     inspector = inspector or Inspector(cfg.path, model=cfg.model, device=cfg.device)
     ctx = min(inspector.run.context_length(cfg.context_length), inspector.max_tokens)
     pos_scores, pos_details = _text_scores(inspector, pos_texts, ctx)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from simple_parsing.helpers import field
 
+from saeforge.data.prompts import PromptEncoder
 from saeforge.errors import SaeforgeError
 from saeforge.features.store import STORE_FILE, FeatureStore
 
@@ -39,28 +40,22 @@ class Inspector:
         self.path = Path(path)
         self.run = load_run(self.path, model=model, device=device, lm=lm)
         self.lm = lm = self.run.lm
-        self.prepend_bos = bool(self.run.meta.get("prepend_bos", True))
         self.saes = {name: (r.sae, r.site) for name, r in self.run.saes.items()}
         store_path = self.path / STORE_FILE
         self.store_path = store_path if store_path.is_file() else None
         self.max_tokens = min(MAX_PROMPT_TOKENS, lm.max_context or MAX_PROMPT_TOKENS)
+        # the run's own token rules (BOS, which positions are SAE data), with the inspector's length limit
+        self.prompts = PromptEncoder(lm, self.run.token_policy(), max_tokens=self.max_tokens)
 
-    def tokenize(self, text: str) -> torch.Tensor:
-        ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-        bos = self.lm.bos_token_id()
-        if self.prepend_bos and bos is not None:
-            ids = [bos] + list(ids)
-        if not text.strip():
-            raise SaeforgeError("the prompt is empty", "type some text")
-        if len(ids) > self.max_tokens:
-            raise SaeforgeError(f"the prompt has {len(ids)} tokens; the limit is {self.max_tokens}",
-                                f"shorten it to at most {self.max_tokens} tokens")
-        return torch.tensor([ids])
+    @property
+    def sites(self) -> list[str]:
+        return sorted({s.name for _, s in self.saes.values()})
 
     @torch.inference_mode()
     def inspect(self, text: str, top: int = 5) -> list[dict]:
-        ids = self.tokenize(text)
-        acts = self.lm.read(ids, sorted({s.name for _, s in self.saes.values()}))
+        batch = self.prompts.one(text)
+        ids, keep = batch.input_ids, batch.keep[0]
+        acts = self.lm.read(ids, self.sites)
         tokens = [self.lm.tokenizer.decode([int(i)]) for i in ids[0]]
         special = set(self.lm.special_token_ids())
         out = [{"token": t, "special": int(i) in special, "features": {}} for t, i in zip(tokens, ids[0])]
@@ -81,8 +76,8 @@ class Inspector:
                         pass
         for name, (vals, idx) in per_sae.items():
             for t, row in enumerate(out):
-                if row["special"]:
-                    row["features"][name] = []  # BOS/special positions are outside the SAE's data
+                if not keep[t]:
+                    row["features"][name] = []  # positions outside the SAE's data (BOS, special tokens)
                     continue
                 row["features"][name] = [[int(i), float(v), explanations[name].get(int(i))]
                                          for v, i in zip(vals[t], idx[t]) if v > 0]

@@ -60,8 +60,9 @@ def keyword_rate(texts: list[str], keywords) -> float:
 
 
 def compare_steering(cfg: CompareSteeringConfig, steerer=None) -> dict:
-    from saeforge.features.contrast import mann_whitney, read_texts
-    from saeforge.interventions.generate import _perplexity, _teacher_forced, _tokenize, sample
+    from saeforge.data.texts import read_texts
+    from saeforge.features.contrast import mann_whitney
+    from saeforge.interventions.generate import _perplexity, _teacher_forced, prompt_batch, sample
     from saeforge.interventions.steering import Steerer
     from saeforge.interventions.vectors import caa_vector, collect, refined_caa_vector, sta_vector
 
@@ -73,8 +74,8 @@ def compare_steering(cfg: CompareSteeringConfig, steerer=None) -> dict:
                             "pass one SAE folder (RUN_DIR/saes/NAME)")
     name, (sae, site) = next(iter(steerer.saes.items()))
     lm = steerer.lm
-    pos = collect(lm, sae, site.name, read_texts(cfg.positive))
-    neg = collect(lm, sae, site.name, read_texts(cfg.negative))
+    pos = collect(lm, sae, site.name, read_texts(cfg.positive, min_count=2), steerer.policy)
+    neg = collect(lm, sae, site.name, read_texts(cfg.negative, min_count=2), steerer.policy)
     prompts = read_texts(cfg.prompts_file)
     caa = caa_vector(pos, neg)
     sta, sta_atoms = sta_vector(sae, pos, neg, caa, cfg.trim)
@@ -86,7 +87,8 @@ def compare_steering(cfg: CompareSteeringConfig, steerer=None) -> dict:
     methods = {"caa": unit(caa), "sta": unit(sta), "refined_caa": unit(refined), "single_feature": unit(d_target)}
     norm = float(caa.norm())
 
-    ids, mask = _tokenize(lm, prompts, cfg.max_new_tokens)
+    batch = prompt_batch(steerer, prompts, cfg.max_new_tokens)
+    ids, mask = batch.input_ids, batch.attention_mask
     n_prompt = ids.shape[1]
 
     def measure(new):

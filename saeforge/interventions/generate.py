@@ -9,7 +9,9 @@ distributions over the prompt (0 by construction when only generated positions a
 
 from __future__ import annotations
 
+import argparse
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,44 +20,63 @@ import torch
 import torch.nn.functional as F
 from simple_parsing.helpers import field
 
+from saeforge.data.prompts import PromptBatch, PromptEncoder
+from saeforge.data.texts import read_texts
 from saeforge.errors import SaeforgeError
 from saeforge.interventions.steering import FeatureEdit, Steerer, parse_feature
 from saeforge.utils.atomic import atomic_write_json
 
 
-def _tokenize(lm, prompts: Sequence[str], max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded batch with BOS; refuses prompts that leave no room for the continuation."""
-    bos = lm.bos_token_id()
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-    rows = []
-    limit = (lm.max_context or 2048) - max_new_tokens
-    for p in prompts:
-        if not p.strip():
-            raise SaeforgeError("a prompt is empty", "give every prompt some text")
-        ids = ([bos] if bos is not None else []) + lm.tokenizer(p, add_special_tokens=False)["input_ids"]
-        if len(ids) > limit:
-            raise SaeforgeError(f"a prompt has {len(ids)} tokens; with {max_new_tokens} new tokens the model's "
-                                f"context of {lm.max_context} allows {limit}", "shorten the prompt")
-        rows.append(ids)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
+class SteeringCancelled(SaeforgeError):
+    """Generation was stopped because the caller's ``cancel`` event was set (a client gone, a time limit reached).
+
+    A :class:`~saeforge.errors.SaeforgeError`, so a caller that only catches those still reports it cleanly; catch it
+    first to answer a cancellation differently from bad input."""
+
+    def __init__(self):
+        super().__init__("steering was cancelled before it finished", "run it again (with fewer prompts or "
+                         "new tokens if it was stopped for taking too long)")
+
+
+def _stop_when_set(event: threading.Event):
+    """A transformers stopping criterion that stops every sequence at the next token once ``event`` is set."""
+    from transformers import StoppingCriteria, StoppingCriteriaList  # imported here: the CLI starts without it
+
+    class StopWhenSet(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopWhenSet()])
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise SteeringCancelled()
+
+
+def prompt_batch(steerer: Steerer, prompts: Sequence[str], max_new_tokens: int) -> PromptBatch:
+    """Prompts under the run's token rules, left-padded for generation; refuses prompts that leave no room for
+    ``max_new_tokens`` in the model's context."""
+    return PromptEncoder(steerer.lm, steerer.policy).batch(list(prompts), padding="left", reserve=max_new_tokens)
 
 
 @torch.inference_mode()
-def sample(lm, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, temperature: float, seed: int
-           ) -> torch.Tensor:
-    """New token ids [batch, max_new_tokens] (padded with EOS after an early stop)."""
+def sample(lm, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, temperature: float, seed: int,
+           cancel: threading.Event | None = None) -> torch.Tensor:
+    """New token ids [batch, max_new_tokens] (padded with EOS after an early stop).
+
+    ``cancel``: when set during generation, generation stops at the next token and :class:`SteeringCancelled` is
+    raised."""
+    _check_cancel(cancel)
     torch.manual_seed(seed)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
     kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(
         do_sample=False)
+    if cancel is not None:
+        kwargs["stopping_criteria"] = _stop_when_set(cancel)
     out = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
+    _check_cancel(cancel)
     return out[:, ids.shape[1]:].cpu()
 
 
@@ -85,19 +106,27 @@ class SteeringRun:
 
 
 def run_steering(steerer: Steerer, prompts: Sequence[str], edits: Sequence[FeatureEdit], *,
-                 positions: str = "all", max_new_tokens: int = 32, temperature: float = 0.7, seed: int = 0
-                 ) -> SteeringRun:
+                 positions: str = "all", max_new_tokens: int = 32, temperature: float = 0.7, seed: int = 0,
+                 cancel: threading.Event | None = None) -> SteeringRun:
+    """Baseline and steered continuations of ``prompts`` with the measured effect (see the module docstring).
+
+    ``cancel``: when set (from another thread), generation stops at the next token and :class:`SteeringCancelled`
+    is raised; the remaining steps are skipped."""
     lm = steerer.lm
     steerer.check(edits)
-    ids, mask = _tokenize(lm, prompts, max_new_tokens)
+    batch = prompt_batch(steerer, prompts, max_new_tokens)
+    ids, mask = batch.input_ids, batch.attention_mask
     n_prompt = ids.shape[1]
-    base_new = sample(lm, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, cancel=cancel)
+    base_new = sample(lm, ids, mask, **settings)
     with steerer.steering(edits, positions):
-        steer_new = sample(lm, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        steer_new = sample(lm, ids, mask, **settings)
     sites = sorted({steerer.saes[e.sae][1].name for e in edits})
     full_b, logits_b, acts_b = _teacher_forced(lm, ids, mask, base_new, sites)
     full_s, logits_plain_on_steered, _ = _teacher_forced(lm, ids, mask, steer_new, sites)
-    with steerer.steering(edits, positions):
+    _check_cancel(cancel)
+    # the steered continuation re-read under the same edits as while it was generated
+    with steerer.steering(edits, positions, prompt_length=n_prompt):
         _, logits_steered_prompt, acts_s = _teacher_forced(lm, ids, mask, steer_new, sites)
     metrics: dict = {"edits": []}
     for e in edits:
@@ -121,18 +150,26 @@ def run_steering(steerer: Steerer, prompts: Sequence[str], edits: Sequence[Featu
     return SteeringRun(list(prompts), [decode(t) for t in base_new], [decode(t) for t in steer_new], metrics)
 
 
+class ExtendTuple(argparse.Action):
+    """A list option whose values accumulate over repeated flags (``--prompt A --prompt B`` and ``--prompt A B``
+    both give ``("A", "B")``); argparse's own ``extend`` cannot extend the tuple defaults of config dataclasses."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, tuple(getattr(namespace, self.dest, None) or ()) + tuple(values))
+
+
 @dataclass(frozen=True)
 class SteerConfig:
     """Generate with and without steering through SAE features, side by side, with the measured effect."""
 
     path: str = field(default="", positional=True)
     """A run directory (every SAE under saes/) or one SAE folder."""
-    prompt: tuple[str, ...] = ()
-    """Prompts (repeat the flag for a batch)."""
+    prompt: tuple[str, ...] = field(default=(), action=ExtendTuple)
+    """Prompts (repeat the flag, or give several after it, for a batch)."""
     prompts_file: str = ""
-    """A file of prompts, one per line (added to --prompt)."""
-    feature: tuple[str, ...] = ()
-    """Features to steer, as SITE:INDEX (repeat for several features or sites)."""
+    """A file of prompts, one per line, or .jsonl with a "text" field (added to --prompt)."""
+    feature: tuple[str, ...] = field(default=(), action=ExtendTuple)
+    """Features to steer, as SITE:INDEX (repeat the flag, or give several after it, for several features)."""
     mode: str = "add"
     """add (x + S·d), clamp (set the feature to S, keeping the SAE error), or scale (multiply it by S; 0 ablates)."""
     strength: float = 4.0
@@ -168,10 +205,7 @@ def _edits(cfg: SteerConfig, steerer: Steerer, strength: float) -> list[FeatureE
 def _prompts(cfg: SteerConfig) -> list[str]:
     prompts = list(cfg.prompt)
     if cfg.prompts_file:
-        p = Path(cfg.prompts_file)
-        if not p.is_file():
-            raise SaeforgeError(f"prompts file {p} does not exist", "check the path")
-        prompts += [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        prompts += read_texts(cfg.prompts_file)
     if not prompts:
         raise SaeforgeError("no prompt given", 'pass --prompt "text" (or --prompts-file)')
     return prompts

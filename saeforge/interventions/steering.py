@@ -6,7 +6,9 @@ Modes, for feature i with decoder direction d_i (a row of W_dec) and activation 
 - ``clamp``: x ← x + (c − f_i(x))·d_i, i.e. the SAE reconstruction with f_i set to c plus the untouched SAE error term,
   so nothing but feature i moves (Templeton et al. 2024). c = S (× max activation with ``unit="max"``).
 - ``scale``: x ← x + (r − 1)·f_i(x)·d_i with r = S; r = 0 ablates the feature.
-Edits apply at every non-special position (``positions="all"``) or only to generated tokens (``"generated"``).
+Edits apply at every non-special position (``positions="all"``) or only to generated tokens (``"generated"``): the
+tokens of cached generation steps, or with ``prompt_length`` every token after the prompt (so a teacher-forced pass
+over prompt + continuation is edited as the generation was).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Iterator, Sequence
 
 import torch
 
+from saeforge.data.token_stream import TokenPolicy
 from saeforge.errors import SaeforgeError
+from saeforge.models.language_model import EditContext
 
 MODES = ("add", "clamp", "scale")
 UNITS = ("max", "raw")
@@ -65,11 +69,11 @@ def parse_feature(spec: str, known: Sequence[str]) -> tuple[str, int]:
 class Steerer:
     """The SAEs of a run loaded once, with their features' typical maximum activations."""
 
-    def __init__(self, lm, saes: dict, max_acts: dict[str, torch.Tensor | None]):
+    def __init__(self, lm, saes: dict, max_acts: dict[str, torch.Tensor | None], policy: TokenPolicy | None = None):
         self.lm = lm
         self.saes = saes  # name → (SAE, Site)
         self.max_acts = max_acts
-        self._ids: torch.Tensor | None = None
+        self.policy = policy or TokenPolicy()  # the run's token rules, for tokenizing prompts
 
     @classmethod
     def from_run(cls, path: str | Path, lm=None, *, model: str = "", device: str = "auto") -> "Steerer":
@@ -93,7 +97,7 @@ class Steerer:
                 stats = load_feature_stats(insp.run.saes[name].folder)
                 if stats and "max_activation" in stats:
                     max_acts[name] = stats["max_activation"].float().cpu()
-        return cls(insp.lm, insp.saes, max_acts)
+        return cls(insp.lm, insp.saes, max_acts, insp.run.token_policy())
 
     def value(self, edit: FeatureEdit) -> float:
         """The strength in activation units."""
@@ -129,16 +133,20 @@ class Steerer:
 
         return op
 
-    def _edit_fn(self, ops: list, positions: str, state: dict):
+    def _edit_fn(self, ops: list, positions: str, prompt_length: int | None):
         special = torch.tensor(self.lm.special_token_ids())
 
-        def fn(x: torch.Tensor) -> torch.Tensor | None:
-            if positions == "generated" and state["calls"] == 0:
-                return None  # the prompt's forward pass
-            ids = state.get("ids")
+        def fn(x: torch.Tensor, ctx: EditContext) -> torch.Tensor | None:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-            if ids is not None and ids.shape == x.shape[:2]:
-                mask = ~torch.isin(ids, special.to(ids.device))  # BOS/pad positions are never edited
+            if positions == "generated":
+                if prompt_length is not None:
+                    mask &= (ctx.columns >= prompt_length).to(x.device)[None, :]
+                elif not ctx.is_generated:
+                    return None  # the prompt's forward pass
+            if ctx.input_ids is not None:
+                mask &= ~torch.isin(ctx.input_ids, special.to(ctx.input_ids.device)).to(x.device)  # BOS, padding
+            if not bool(mask.any()):
+                return None
             out = x.clone()
             flat = out[mask].float()
             for op in ops:
@@ -150,20 +158,14 @@ class Steerer:
 
     @contextlib.contextmanager
     def steering(self, edits: Sequence[FeatureEdit] = (), positions: str = "all",
-                 vectors: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+                 vectors: dict[str, torch.Tensor] | None = None, *, prompt_length: int | None = None
+                 ) -> Iterator[None]:
         """Apply feature ``edits`` (and raw ``vectors`` added at their sites) to every forward pass inside the block
-        (generation included)."""
+        (generation included). With ``positions="generated"`` only generated tokens are edited: those of cached
+        generation steps, or, given ``prompt_length``, every token from that column on."""
         if positions not in ("all", "generated"):
             raise SaeforgeError(f"unknown positions {positions!r}", "use all or generated")
         self.check(edits)
-        state = {"calls": 0}
-
-        def remember_ids(module, args, kwargs):
-            state["ids"] = kwargs.get("input_ids", args[0] if args else None)
-
-        def count(module, args, kwargs, output):
-            state["calls"] += 1
-
         by_site: dict[str, list] = {}
         for e in edits:
             by_site.setdefault(self.saes[e.sae][1].name, []).append(self._feature_op(e))
@@ -171,11 +173,5 @@ class Steerer:
             if not torch.isfinite(v).all():
                 raise SaeforgeError("the steering vector contains NaN or Inf", "check how it was computed")
             by_site.setdefault(self.lm.site(site).name, []).append(lambda flat, v=v: flat + v.to(flat))
-        h1 = self.lm.model.register_forward_pre_hook(remember_ids, with_kwargs=True)
-        h2 = self.lm.model.register_forward_hook(count, with_kwargs=True)
-        try:
-            with self.lm.edit({site: self._edit_fn(ops, positions, state) for site, ops in by_site.items()}):
-                yield
-        finally:
-            h1.remove()
-            h2.remove()
+        with self.lm.edit({site: self._edit_fn(ops, positions, prompt_length) for site, ops in by_site.items()}):
+            yield

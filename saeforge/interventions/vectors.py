@@ -1,13 +1,13 @@
 """Steering vectors from two sets of texts, beyond a single feature.
 
 - **CAA** (contrastive activation addition): v = mean over positive texts − mean over negative texts of the site's
-  activation, each text averaged over its non-special tokens.
-- **STA** (steering target atoms, Wang et al. 2025; methods.md §10b): per SAE latent j, Δa_j = mean activation on
+  activation, each text averaged over its SAE-data positions (the run's token policy: no BOS or special tokens).
+- **STA** (steering target atoms, Wang et al. 2025; arXiv 2505.20322): per SAE latent j, Δa_j = mean activation on
   positives − on negatives and Δf_j = #positive texts it fires on − #negative texts. Both are min–max normalised by
   absolute value keeping the sign; latents whose Δa and Δf agree in sign are kept if both |normalised Δf| and
   |normalised Δa| lie in the top ``trim`` fraction (among the sign-consistent latents); v = Δa_kept · W_dec, rescaled
   to the CAA vector's norm.
-- **SAE-refined CAA** (in the spirit of SAE-RSV, methods.md §10c, whose exact recipe is not public): keep the CAA
+- **SAE-refined CAA** (in the spirit of SAE-RSV, whose exact recipe is not public): keep the CAA
   vector's components on the *relevant* features and drop the rest as noise. Relevant = latents that fire
   significantly more on the positives (one-sided Mann–Whitney on per-text activations, Benjamini–Hochberg FDR
   ``fdr``); v = the least-squares projection of v_CAA onto the span of their decoder directions.
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from saeforge.data.prompts import PromptEncoder
+from saeforge.data.token_stream import TokenPolicy
 from saeforge.errors import SaeforgeError
 
 
@@ -29,20 +31,26 @@ class TextActivations:
     feats: torch.Tensor  # [n_texts, d_sae] mean SAE activation over the same tokens
 
 
+TEXTS_PER_BATCH = 16
+
+
 @torch.inference_mode()
-def collect(lm, sae, site: str, texts: list[str], context_length: int = 128) -> TextActivations:
-    bos = lm.bos_token_id()
-    special = torch.tensor(lm.special_token_ids())
+def collect(lm, sae, site: str, texts: list[str], policy: TokenPolicy | None = None) -> TextActivations:
+    """Mean activation and mean SAE latents of each text over its SAE-data positions, the texts tokenized under the
+    run's ``policy`` (default :class:`TokenPolicy`) and cut at its context length."""
+    policy = policy or TokenPolicy()
+    prompts = PromptEncoder(lm, policy, max_tokens=policy.context_length)
     acts, feats = [], []
-    for text in texts:
-        ids = ([bos] if bos is not None else []) + lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([ids[:context_length]])
-        keep = ~torch.isin(ids[0], special)
-        if not bool(keep.any()):
-            continue
-        x = lm.read(ids, [site])[site][0][keep.to(lm.device)].float()
-        acts.append(x.mean(0).cpu())
-        feats.append(sae.encode(x).mean(0).cpu())
+    for start in range(0, len(texts), TEXTS_PER_BATCH):
+        batch = prompts.batch(texts[start:start + TEXTS_PER_BATCH], truncate=True)
+        x_all = lm.read(batch.input_ids, [site], attention_mask=batch.attention_mask)[site]
+        for row in range(len(batch)):
+            keep = batch.keep[row].to(x_all.device)
+            if not bool(keep.any()):
+                continue
+            x = x_all[row][keep].float()
+            acts.append(x.mean(0).cpu())
+            feats.append(sae.encode(x).mean(0).cpu())
     if len(acts) < 2:
         raise SaeforgeError("fewer than 2 usable texts", "give more texts")
     return TextActivations(torch.stack(acts), torch.stack(feats))

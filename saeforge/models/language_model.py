@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -25,8 +26,74 @@ from saeforge.models.loading import (
 )
 from saeforge.models.sites import Site, canonical_site_names, family_for, resolve_site
 
-EditFn = Callable[[torch.Tensor], torch.Tensor]
-"""An edit takes the activation at a site, ``[batch, seq, d]``, and returns the tensor to use instead."""
+
+
+@dataclass(frozen=True)
+class EditContext:
+    """What an edit knows about the forward call it edits, beyond the activation itself.
+
+    During cached generation (``model.generate``) the first call sees the whole prompt and every later call only the
+    new token(s); ``past_length`` and ``positions`` say where those tokens sit in the sequence.
+    """
+
+    site: Site
+    """The resolved site being edited."""
+    input_ids: torch.Tensor | None
+    """``[batch, seq]`` token ids of this forward call (the new token(s) only in a cached generation step); None
+    when the model was given embeddings instead of ids."""
+    attention_mask: torch.Tensor | None
+    """``[batch, past_length + seq]``: the whole sequence so far (1 = token, 0 = padding), or None (no padding)."""
+    past_length: int
+    """Tokens already in the KV cache before this call; this call's tokens are the sequence's columns
+    ``past_length .. past_length + seq - 1`` (padding columns included)."""
+    positions: torch.Tensor
+    """``[batch, seq]`` position of each of this call's tokens in its own sequence, padding not counted (the first
+    real token is 0, also under left padding); -1 at padding columns."""
+    call: int
+    """Index of this forward call among those run inside the ``edit`` block: 0 is the first (the prompt pass of a
+    generation). Each block counts from its own start, so nested blocks may disagree."""
+
+    @property
+    def is_generated(self) -> bool:
+        """A generation step: a forward with a non-empty KV cache."""
+        return self.past_length > 0
+
+    @property
+    def is_prompt(self) -> bool:
+        """A forward over a sequence from its start (a plain forward, or the prompt pass of a generation)."""
+        return self.past_length == 0
+
+    @property
+    def columns(self) -> torch.Tensor:
+        """``[seq]`` column of each of this call's tokens in the (padded) sequence."""
+        seq = self.positions.shape[-1]
+        return torch.arange(self.past_length, self.past_length + seq, device=self.positions.device)
+
+
+EditFn = Callable[..., "torch.Tensor | None"]
+"""An edit takes the activation at a site, ``[batch, seq, d]``, and the :class:`EditContext` (or the activation alone,
+for a one-parameter function) and returns the tensor to use instead, or None to leave it unchanged."""
+
+
+def takes_context(fn: Callable) -> bool:
+    """Whether ``fn`` accepts a second positional argument (the :class:`EditContext`)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature take the activation alone
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+
+
+@dataclass(frozen=True)
+class _ForwardCall:
+    """The inputs of one forward call of the top-level model, captured by :meth:`LanguageModel._capture`."""
+
+    index: int
+    input_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    past_length: int
+    positions: torch.Tensor
 
 
 class _StopForward(Exception):
@@ -43,15 +110,24 @@ def _replace_first(output, new: torch.Tensor):
     return new
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    model_type: str
-    n_layers: int
-    d_model: int
-    vocab_size: int
-    max_context: int | None
-    fingerprint: str
+def _checked_edit(site: Site, x: torch.Tensor, new) -> torch.Tensor:
+    """The edit's result, refused when it cannot stand in for ``x`` (shape, device, a non-float dtype)."""
+    if not isinstance(new, torch.Tensor):
+        raise SaeforgeError(f"the edit at site {site.name!r} returned a {type(new).__name__}, not a tensor",
+                            f"return a tensor of shape {tuple(x.shape)} (or None to leave the activation unchanged)")
+    if new.shape != x.shape:
+        raise SaeforgeError(f"the edit at site {site.name!r} returned shape {tuple(new.shape)}; "
+                            f"expected {tuple(x.shape)} (batch, seq, d), the activation's shape",
+                            "return a tensor shaped like the activation it received, e.g. x + v for a vector v")
+    if new.device != x.device:
+        raise SaeforgeError(f"the edit at site {site.name!r} returned a tensor on {new.device}; the activation is "
+                            f"on {x.device}", "create the edit's tensors on the model's device (lm.device)")
+    if new.dtype != x.dtype:
+        if not new.is_floating_point():
+            raise SaeforgeError(f"the edit at site {site.name!r} returned dtype {new.dtype}; the activation is "
+                                f"{x.dtype}", "return a floating-point tensor")
+        new = new.to(x.dtype)
+    return new
 
 
 class LanguageModel:
@@ -73,7 +149,10 @@ class LanguageModel:
         )
         self._modules = dict(model.named_modules())
         self._module_names = set(self._modules)
-        self._edit_handles: list = []
+        self._forward_count = 0  # forward calls of the top-level model seen while an edit block was open
+        self._forward: _ForwardCall | None = None
+        self._capture_depth = 0
+        self._capture_handle = None
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -104,10 +183,6 @@ class LanguageModel:
             for p in list(last.parameters())[:1]:
                 h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
-
-    def info(self) -> ModelInfo:
-        return ModelInfo(self.name, self.model_type, self.n_layers, self.d_model, self.vocab_size,
-                         self.max_context, self.fingerprint())
 
     # ----------------------------------------------------------------------------------------------- sites
     @property
@@ -174,20 +249,76 @@ class LanguageModel:
 
     @contextlib.contextmanager
     def edit(self, edits: Mapping[str | Site, EditFn]) -> Iterator["LanguageModel"]:
-        """Apply ``edits`` (site → function of the activation) to every forward pass inside the block.
+        """Apply ``edits`` (site → function) to every forward pass inside the block, generation included.
 
+        Each function is called as ``fn(x, ctx)`` with the activation ``x`` ``[batch, seq, d]`` and an
+        :class:`EditContext`, or as ``fn(x)`` when it takes one parameter; it returns the tensor to use instead
+        (same shape; a floating dtype other than the activation's is cast to it) or None to leave it unchanged.
         Edits nest: an inner ``edit`` on the same site sees the outer edit's result. Reads inside the block see
         the edited activations.
         """
-        handles = []
+        resolved = [(key if isinstance(key, Site) else self.site(key), fn) for key, fn in edits.items()]
+        with self._capturing():
+            first = self._forward_count
+            handles = []
+            try:
+                for site, fn in resolved:
+                    handles.append(self._register(site, self._edit_hook(site, fn, first)))
+                yield self
+            finally:
+                for h in handles:
+                    h.remove()
+
+    def _edit_hook(self, site: Site, fn: EditFn, first_call: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        with_context = takes_context(fn)
+
+        def run(x: torch.Tensor) -> torch.Tensor | None:
+            new = fn(x, self._context(site, x, first_call)) if with_context else fn(x)
+            return None if new is None else _checked_edit(site, x, new)
+
+        return run
+
+    def _context(self, site: Site, x: torch.Tensor, first_call: int) -> EditContext:
+        call = self._forward
+        if call is None:  # a submodule run on its own, outside a forward of the whole model
+            positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+            return EditContext(site, None, None, 0, positions, -1)
+        return EditContext(site, call.input_ids, call.attention_mask, call.past_length, call.positions,
+                           call.index - first_call)
+
+    @contextlib.contextmanager
+    def _capturing(self) -> Iterator[None]:
+        """Record the inputs of every forward call of the model while at least one edit block is open."""
+        if self._capture_depth == 0:
+            self._capture_handle = self.model.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self._capture_depth += 1
         try:
-            for key, fn in edits.items():
-                site = key if isinstance(key, Site) else self.site(key)
-                handles.append(self._register(site, fn))
-            yield self
+            yield
         finally:
-            for h in handles:
-                h.remove()
+            self._capture_depth -= 1
+            if self._capture_depth == 0:
+                self._capture_handle.remove()
+                self._capture_handle = self._forward = None
+
+    def _capture(self, module, args, kwargs) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        attention_mask = kwargs.get("attention_mask")
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 names it ``cache``
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        shaped = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if shaped is None:
+            self._forward = None
+            return
+        shape, device = shaped.shape[:2], shaped.device
+        if attention_mask is not None and attention_mask.dim() == 2:
+            real = attention_mask.to(device).long()
+            positions = (real.cumsum(-1) - 1)[:, past:past + shape[1]]
+            positions = positions.masked_fill(real[:, past:past + shape[1]] == 0, -1)
+        else:
+            attention_mask = None  # a prepared 4-D mask says nothing simple about padding
+            positions = torch.arange(past, past + shape[1], device=device).expand(shape[0], -1)
+        self._forward = _ForwardCall(self._forward_count, input_ids, attention_mask, past, positions)
+        self._forward_count += 1
 
     @contextlib.contextmanager
     def record(self, sites: Sequence[str | Site]) -> Iterator[dict[str, torch.Tensor]]:

@@ -86,5 +86,5 @@ def test_bad_feature_specs_and_prompts(steerer):
         parse_feature("layers.1.resid_post", [SITE])
     with pytest.raises(SaeforgeError, match="no SAE 'layers.9.resid_post'"):
         parse_feature("layers.9.resid_post:3", [SITE])
-    with pytest.raises(SaeforgeError, match="a prompt has .* tokens"):
+    with pytest.raises(SaeforgeError, match="the prompt has .* tokens; with 4 new tokens"):
         run_steering(steerer, ["word " * 400], [FeatureEdit(SITE, 1, "add", 1.0, "raw")], max_new_tokens=4)
