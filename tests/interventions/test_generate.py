@@ -1,0 +1,107 @@
+"""Generation for steering: cancellation, the steer command line, prompts under the run's token rules."""
+
+import threading
+
+import pytest
+import torch
+
+from saeforge.cli import build_parser
+from saeforge.errors import SaeforgeError
+from saeforge.interventions.generate import SteeringCancelled, prompt_batch, run_steering, sample
+from saeforge.interventions.steering import FeatureEdit, Steerer
+
+SITE = "layers.1.resid_post"
+PROMPTS = ["To be, or not to be", "Now is the winter of our discontent made glorious summer"]  # unequal lengths
+
+
+@pytest.fixture(scope="module")
+def steerer(tiny_run, tiny_llama):
+    return Steerer.from_run(tiny_run, lm=tiny_llama)
+
+
+def _cancel_at(lm, call: int):
+    """An edit that sets the returned event during forward call ``call`` of its block, and the calls it saw."""
+    event, calls = threading.Event(), []
+
+    def watch(x, ctx):
+        calls.append(ctx.call)
+        if ctx.call == call:
+            event.set()
+
+    return event, calls, watch
+
+
+def test_cancel_stops_run_steering_at_the_next_token(steerer):
+    event, calls, watch = _cancel_at(steerer.lm, 3)
+    with steerer.lm.edit({SITE: watch}):
+        with pytest.raises(SteeringCancelled, match="cancelled"):
+            run_steering(steerer, PROMPTS, [FeatureEdit(SITE, 3, "add", 1.0, "raw")], max_new_tokens=40,
+                         cancel=event)
+    assert calls == [0, 1, 2, 3]  # the prompt pass and three steps of the 40, then nothing more ran
+    assert issubclass(SteeringCancelled, SaeforgeError)
+
+
+def test_cancel_in_sample_and_before_any_work(steerer):
+    lm = steerer.lm
+    batch = prompt_batch(steerer, PROMPTS, 30)
+    event, calls, watch = _cancel_at(lm, 5)
+    with lm.edit({SITE: watch}), pytest.raises(SteeringCancelled):
+        sample(lm, batch.input_ids, batch.attention_mask, max_new_tokens=30, temperature=0.0, seed=0, cancel=event)
+    assert calls == [0, 1, 2, 3, 4, 5]
+    calls.clear()
+    with lm.edit({SITE: watch}), pytest.raises(SteeringCancelled):  # already set: no forward at all
+        run_steering(steerer, PROMPTS, [FeatureEdit(SITE, 3, "add", 1.0, "raw")], max_new_tokens=4, cancel=event)
+    assert calls == []
+    new = sample(lm, batch.input_ids, batch.attention_mask, max_new_tokens=6, temperature=0.0, seed=0,
+                 cancel=threading.Event())  # never set: the full continuation
+    assert new.shape == (2, 6)
+
+
+def test_repeated_prompt_and_feature_flags_accumulate():
+    parser = build_parser()
+    cfg = parser.parse_args(["steer", "run", "--prompt", "A b", "--prompt", "C", "--feature", "layers.1.resid_post:1",
+                             "--feature", "layers.1.resid_post:2", "layers.2.resid_post:3"]).cfg
+    assert cfg.prompt == ("A b", "C")
+    assert cfg.feature == ("layers.1.resid_post:1", "layers.1.resid_post:2", "layers.2.resid_post:3")
+    cfg = parser.parse_args(["steer", "run", "--prompt", "A", "B"]).cfg
+    assert cfg.prompt == ("A", "B") and cfg.feature == ()
+    assert parser.parse_args(["steer", "run"]).cfg.prompt == ()
+
+
+def test_prompts_follow_the_runs_token_rules_left_padded(steerer):
+    lm = steerer.lm
+    batch = prompt_batch(steerer, PROMPTS, 4)
+    lengths = [len(lm.tokenizer(p, add_special_tokens=False)["input_ids"]) + 1 for p in PROMPTS]  # + BOS
+    assert batch.lengths == lengths and batch.padding_side == "left"
+    for i, p in enumerate(PROMPTS):
+        row = batch.tokens(i).tolist()
+        assert row == [lm.bos_token_id()] + lm.tokenizer(p, add_special_tokens=False)["input_ids"]
+        assert batch.attention_mask[i, -1] == 1  # every row ends at the last column
+    assert lengths[0] < lengths[1] and batch.attention_mask[0, : lengths[1] - lengths[0]].sum() == 0
+    bos_columns = batch.input_ids == lm.bos_token_id()
+    assert not (batch.keep & bos_columns).any() and not (batch.keep & (batch.attention_mask == 0)).any()
+    no_bos = Steerer(lm, steerer.saes, steerer.max_acts, steerer.policy.__class__(prepend_bos=False))
+    assert prompt_batch(no_bos, PROMPTS, 4).lengths == [n - 1 for n in lengths]
+
+
+def test_generated_positions_in_a_teacher_forced_pass(steerer):
+    lm = steerer.lm
+    sae = steerer.saes[SITE][0]
+    d = sae.W_dec[9].detach()
+    batch = prompt_batch(steerer, PROMPTS, 4)
+    ids, mask = batch.input_ids, batch.attention_mask
+    full = torch.cat([ids, torch.randint(3, lm.vocab_size, (2, 4))], 1)
+    full_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], 1)
+    plain = lm.read(full, [SITE], attention_mask=full_mask)[SITE]
+    edit = [FeatureEdit(SITE, 9, "add", 7.0, "raw")]
+    n = ids.shape[1]
+    with steerer.steering(edit, "generated", prompt_length=n):
+        seen = lm.read(full, [SITE], attention_mask=full_mask)[SITE]
+    assert torch.equal(seen[:, :n], plain[:, :n])
+    torch.testing.assert_close(seen[:, n:], plain[:, n:] + 7.0 * d)
+    with steerer.steering(edit, "generated"):  # no prompt length: a pass from the start is all prompt
+        assert torch.equal(lm.read(full, [SITE], attention_mask=full_mask)[SITE], plain)
+    with steerer.steering(edit, "all"):  # padding and BOS columns are never edited
+        seen = lm.read(full, [SITE], attention_mask=full_mask)[SITE]
+    special = torch.isin(full, torch.tensor(lm.special_token_ids()))
+    assert torch.equal(seen[special], plain[special]) and special.sum() >= 3  # two BOS and the padding of row 0
