@@ -76,13 +76,17 @@ for a one-parameter function) and returns the tensor to use instead, or None to 
 
 
 def takes_context(fn: Callable) -> bool:
-    """Whether ``fn`` accepts a second positional argument (the :class:`EditContext`)."""
+    """Whether ``fn`` is called as ``fn(x, ctx)``: it has a second positional parameter without a default (or named
+    ``ctx``), or ``*args``. A second parameter with a default is the closure idiom ``lambda x, v=v: x + v`` and
+    does not receive the context."""
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):  # builtins without a signature take the activation alone
         return False
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+    return len(positional) >= 2 and (positional[1].default is inspect.Parameter.empty or positional[1].name == "ctx")
 
 
 @dataclass(frozen=True)
@@ -383,6 +387,14 @@ class LanguageModel:
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    def spliced_forward(self, input_ids: torch.Tensor, saes: Mapping, *, freeze: Sequence[str] = (),
+                        attention_mask: torch.Tensor | None = None):
+        """A forward with gradients through SAE latents and error terms at the given sites (attribution patching);
+        see :func:`saeforge.models.gradients.spliced_forward`."""
+        from saeforge.models.gradients import spliced_forward
+
+        return spliced_forward(self, input_ids, saes, freeze=freeze, attention_mask=attention_mask)
 
     @torch.no_grad()
     def direction_logits(self, directions: torch.Tensor) -> torch.Tensor:

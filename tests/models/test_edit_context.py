@@ -126,6 +126,7 @@ def test_one_parameter_edits_still_work(models):
             torch.testing.assert_close(lm.read(ids, [SITE])[SITE], plain * 0.5)
     assert not takes_context(lambda x: x) and not takes_context(torch.neg) and not takes_context(Half())
     assert takes_context(lambda x, ctx: x) and takes_context(lambda x, ctx=None: x) and takes_context(lambda *a: 0)
+    assert takes_context(lambda x, c: x) and not takes_context(lambda x, v=1.0: x + v)  # the closure idiom
 
 
 def test_identity_edits_with_context_are_bit_identical(models):
