@@ -2,7 +2,10 @@
 
 Reading stops the forward pass as soon as every requested site has been seen, so caching layer 6 of a 30-layer model
 costs 7 layers. Editing goes through one mechanism, :meth:`LanguageModel.edit`, that every later feature uses
-(splicing an SAE in for evals, steering, clamping, flow and circuit experiments).
+(splicing an SAE in for evals, steering, clamping, flow and circuit experiments); an edit receives an
+:class:`EditContext` (token ids, positions, KV-cache length, call index) captured by one pre-hook on the model, so no
+feature needs hooks of its own. :meth:`LanguageModel.spliced_forward` (``saeforge.models.gradients``) is the
+grad-enabled forward with SAE latents and error terms as leaves.
 """
 
 from __future__ import annotations

@@ -314,3 +314,22 @@ def test_bad_input(f64, tiny_llama):
         lm.spliced_forward(ids, {"layers.1.resid_post": _sae()})
     with pytest.raises(SaeforgeError, match="is not an SAE"):
         lm.spliced_forward(ids, {"layers.1.resid_post": torch.nn.Linear(32, 32)})
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_real_model_splice_is_exact_under_every_freeze(embedded_lm):
+    from saeforge.data.prompts import PromptEncoder
+
+    lm = embedded_lm
+    batch = PromptEncoder(lm).batch(["To be, or not to be, that is the question", "Now is the winter of"],
+                                    padding="left")
+    saes = {s: _sae(d=576, d_sae=1152, k=32, seed=i, dtype=torch.float32)
+            for i, s in enumerate(["layers.6.resid_post", "layers.15.mlp_out"])}
+    clean = lm.logits(batch.input_ids, attention_mask=batch.attention_mask)
+    for freeze in FREEZES:
+        out = lm.spliced_forward(batch.input_ids, saes, freeze=freeze, attention_mask=batch.attention_mask)
+        assert torch.equal(out.logits, clean), freeze
+        grads = out.gradients(out.logits[:, -1].log_softmax(-1)[:, 1000].sum())
+        for g_f, g_e in grads.values():
+            assert torch.isfinite(g_f).all() and torch.isfinite(g_e).all() and g_e.abs().sum() > 0
