@@ -54,7 +54,8 @@ class EditContext:
     real token is 0, also under left padding); -1 at padding columns."""
     call: int
     """Index of this forward call among those run inside the ``edit`` block: 0 is the first (the prompt pass of a
-    generation). Each block counts from its own start, so nested blocks may disagree."""
+    generation). Each block counts from its own start, so nested blocks may disagree; -1 when a submodule runs on
+    its own, outside a forward of the whole model."""
 
     @property
     def is_generated(self) -> bool:
@@ -333,13 +334,10 @@ class LanguageModel:
         unlike :meth:`read` the pass runs to the end. Yields the dict that fills up."""
         out: dict[str, torch.Tensor] = {}
 
-        def recorder(name):
-            def fn(act):
-                out[name] = act.detach()
-                return None
-            return fn
+        def record(act: torch.Tensor, ctx: EditContext) -> None:
+            out[ctx.site.name] = act.detach()
 
-        with self.edit({s: recorder(s if isinstance(s, str) else s.name) for s in sites}):
+        with self.edit({s: record for s in sites}):
             yield out
 
     # ----------------------------------------------------------------------------------------------- forward
