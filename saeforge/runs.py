@@ -1,15 +1,32 @@
 """Opening what ``saeforge train`` wrote (a run directory) or a single SAE folder, with its model and sites.
 
-Every step after training (eval, harvest, inspect, contrast, steer, the dashboard) starts here, so the rules live in
-one place: which SAEs a path holds, which model and site each belongs to (their ``metadata``, overridable), and that
-the SAE's width matches the site.
+Every step after training (eval, harvest, inspect, contrast, steer, the dashboard, and the analyses across
+dictionaries) starts here, so the rules live in one place: which dictionaries a path holds, which model they belong
+to, which sites each one **reads** and which it **writes** (its :class:`SiteBinding`), and that the widths match.
+
+Site bindings, by kind of dictionary:
+
+=============  ======================  ======================================================================
+kind           reads → writes          example
+=============  ======================  ======================================================================
+``sae``        one site → the same     ``layers.5.resid_post`` → ``layers.5.resid_post``
+``transcoder`` one site → another      the MLP's input ``model.layers.5.post_attention_layernorm`` →
+                                       ``layers.5.mlp_out`` (a residual → residual transcoder is one too)
+``clt``        one site → several      a cross-layer transcoder writing the MLP outputs of this and later layers
+``crosscoder`` several sites → several one dictionary over several layers (or models)
+=============  ======================  ======================================================================
+
+The binding is saved in the SAE's ``metadata`` as ``reads``/``writes`` lists, beside the SAELens fields
+``hook_name`` (the first site read) and ``hook_name_out`` (the first site written, when it differs), so SAELens
+still reads the folder and old saeforge folders (``hook_name`` only, or ``hook_name_out`` for a transcoder) still
+load.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from saeforge.errors import SaeforgeError
 
@@ -29,20 +46,160 @@ def find_saes(path: str | Path) -> dict[str, Path]:
     return found
 
 
+# ---------------------------------------------------------------------------------------------------- bindings
+@dataclass(frozen=True)
+class SiteBinding:
+    """Which sites a dictionary reads and which it writes, by name (no model needed)."""
+
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        for what, sites in (("reads", self.reads), ("writes", self.writes)):
+            if not sites or not all(isinstance(s, str) and s for s in sites):
+                raise SaeforgeError(f"a site binding needs at least one site it {what[:-1]}s, got {list(sites)!r}",
+                                    "give site names such as layers.5.resid_post")
+            if len(set(sites)) != len(sites):
+                raise SaeforgeError(f"a site binding {what} a site twice: {list(sites)}", "list each site once")
+
+    @classmethod
+    def single(cls, reads: str, writes: str | None = None) -> "SiteBinding":
+        """An SAE (``writes`` None or equal to ``reads``) or a transcoder (``writes`` another site)."""
+        return cls((reads,), (writes or reads,))
+
+    @property
+    def kind(self) -> str:
+        if len(self.reads) > 1:
+            return "crosscoder"
+        if len(self.writes) > 1:
+            return "clt"
+        return "sae" if self.reads == self.writes else "transcoder"
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Reads somewhere other than it writes (a transcoder, skip transcoder or cross-layer transcoder)."""
+        return self.kind in ("transcoder", "clt")
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """Every site involved, reads first, each once."""
+        return tuple(dict.fromkeys(self.reads + self.writes))
+
+    def to_metadata(self) -> dict[str, Any]:
+        """The ``metadata`` fields that record this binding (SAELens' ``hook_name``/``hook_name_out`` included)."""
+        out: dict[str, Any] = {"hook_name": self.reads[0], "reads": list(self.reads), "writes": list(self.writes)}
+        if self.writes[0] != self.reads[0]:
+            out["hook_name_out"] = self.writes[0]
+        return out
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any], *, where: str = "the SAE") -> "SiteBinding | None":
+        """The binding a folder's ``metadata`` records (``reads``/``writes``, else ``hook_name`` and
+        ``hook_name_out`` as older saeforge and SAELens write them), or None when it names no site."""
+        reads, writes = meta.get("reads"), meta.get("writes")
+        if reads is not None or writes is not None:
+            if not isinstance(reads, list) or not isinstance(writes, list):
+                raise SaeforgeError(f"{where}: metadata.reads and metadata.writes must both be lists of site names",
+                                    "re-save the SAE, or fix its cfg.json")
+            return cls(tuple(reads), tuple(writes))
+        hook = meta.get("hook_name")
+        if not hook:
+            return None
+        return cls.single(str(hook), str(meta.get("hook_name_out") or hook))
+
+
 @dataclass
-class RunSAE:
+class BoundSAE:
+    """A dictionary with its sites on a loaded model: the one "SAE with its sites" type of saeforge.
+
+    ``reads``/``writes`` are resolved :class:`~saeforge.models.sites.Site` objects (widths known); an SAE reads and
+    writes one site, a transcoder reads one and writes another. Analyses encode activations of :attr:`read_site`
+    and put decoder directions (steering, splicing) at :attr:`write_site`.
+    """
+
     name: str
-    folder: Path
-    sae: Any
-    site: Any  # saeforge.models.sites.Site
-    meta: dict
+    sae: Any  # saeforge.saes.SAE
+    reads: tuple[Any, ...]  # Site
+    writes: tuple[Any, ...]  # Site
+    folder: Path | None = None
+    meta: dict | None = None
+
+    @property
+    def binding(self) -> SiteBinding:
+        return SiteBinding(tuple(s.name for s in self.reads), tuple(s.name for s in self.writes))
+
+    @property
+    def kind(self) -> str:
+        return self.binding.kind
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.binding.is_transcoder
+
+    @property
+    def read_site(self):
+        """The one site this dictionary reads (an error for a crosscoder, which reads several)."""
+        if len(self.reads) != 1:
+            raise SaeforgeError(f"{self.name} reads {len(self.reads)} sites ({', '.join(s.name for s in self.reads)})",
+                                "this step handles dictionaries that read one site")
+        return self.reads[0]
+
+    @property
+    def write_site(self):
+        """The one site this dictionary writes (an error for a cross-layer transcoder, which writes several)."""
+        if len(self.writes) != 1:
+            raise SaeforgeError(f"{self.name} writes {len(self.writes)} sites "
+                                f"({', '.join(s.name for s in self.writes)})",
+                                "this step handles dictionaries that write one site")
+        return self.writes[0]
+
+    @property
+    def site(self):
+        """The site read (the SAE's own site for an ordinary SAE)."""
+        return self.read_site
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.sae.cfg.d_sae)
 
 
+def bind(name: str, sae, binding: SiteBinding, lm, *, folder: Path | None = None, meta: dict | None = None
+         ) -> BoundSAE:
+    """Resolve ``binding`` on ``lm`` and check the dictionary's widths against the sites (clear errors naming
+    the SAE and the site)."""
+    where = f"SAE {name}" + (f" ({folder})" if folder else "")
+
+    def resolve(site_name: str):
+        try:
+            return lm.site(site_name)
+        except SaeforgeError as err:
+            raise SaeforgeError(f"{where} is bound to site {site_name!r}, which this {lm.model_type} model cannot "
+                                f"resolve: {err.problem}",
+                                "load it with the model it was trained on (--model), or give the saeforge site name "
+                                "with --site") from err
+
+    reads = tuple(resolve(s) for s in binding.reads)
+    writes = tuple(resolve(s) for s in binding.writes)
+    d_in = int(sae.cfg.d_in)
+    d_out = int(getattr(sae.cfg, "d_output", d_in))
+    read_width = sum(s.d for s in reads)
+    if d_in != read_width:
+        sites = f"site {binding.reads[0]}" if len(reads) == 1 else f"sites {', '.join(binding.reads)} together"
+        raise SaeforgeError(f"{where} has d_in {d_in} but {sites} of {lm.name} has width {read_width}",
+                            "use the model and site the SAE was trained on")
+    for s in writes:
+        if s.d != d_out:
+            raise SaeforgeError(f"{where} writes width {d_out} but site {s.name} has width {s.d}",
+                                "use the model and sites the dictionary was trained on")
+    return BoundSAE(name, sae, reads, writes, folder, dict(meta or {}))
+
+
+# ---------------------------------------------------------------------------------------------------- runs
 @dataclass
 class LoadedRun:
     path: Path
     lm: Any  # LanguageModel
-    saes: dict[str, RunSAE]
+    saes: dict[str, BoundSAE]
     meta: dict  # the first SAE's metadata (model, context, token policy)
 
     def context_length(self, override: int = 0) -> int:
@@ -56,34 +213,56 @@ class LoadedRun:
 
     @property
     def sites(self) -> list[str]:
-        return sorted({r.site.name for r in self.saes.values()})
+        """Every site read or written by the run's dictionaries."""
+        return sorted({s.name for r in self.saes.values() for s in r.reads + r.writes})
+
+    @property
+    def read_sites(self) -> list[str]:
+        return sorted({s.name for r in self.saes.values() for s in r.reads})
+
+
+def _read_folder(folder: Path):
+    """(SAE, metadata) of a saeforge folder, or of any format ``saeforge.formats`` reads (SAELens, sparsify...)."""
+    from saeforge.saes import load_sae, read_sae_config
+
+    cfg = read_sae_config(folder)
+    if isinstance(cfg.get("saeforge"), dict):
+        meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+        return load_sae(folder), dict(meta)
+    from saeforge.formats import read_any
+
+    imported = read_any(folder)
+    return imported.sae, dict(imported.metadata or {})
 
 
 def load_run(path: str | Path, *, model: str = "", device: str = "auto", dtype: str = "float32", lm=None,
-             site: str = "") -> LoadedRun:
-    """The model (``model`` or the SAEs' ``metadata.model_name``) and every SAE under ``path`` with its site."""
+             site: str = "", names: Sequence[str] = ()) -> LoadedRun:
+    """The model (``model`` or the SAEs' ``metadata.model_name``) and every dictionary under ``path`` with its
+    sites. ``site`` overrides the site an SAE reads and writes (for an SAE from elsewhere whose hook name is not a
+    saeforge site); ``names`` keeps only those dictionaries."""
     from saeforge.models.language_model import LanguageModel
-    from saeforge.saes import load_sae, read_sae_config
 
     found = find_saes(path)
-    metas = {n: read_sae_config(f).get("metadata", {}) or {} for n, f in found.items()}
-    first = next(iter(metas.values()))
+    if names:
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise SaeforgeError(f"no SAE named {', '.join(missing)} under {path}", f"it holds: {', '.join(found)}")
+        found = {n: found[n] for n in names}
+    loaded = {n: _read_folder(f) for n, f in found.items()}
+    bindings = {}
+    for n, (sae, meta) in loaded.items():
+        binding = SiteBinding.single(site) if site else SiteBinding.from_metadata(meta, where=f"SAE {found[n]}")
+        if binding is None:
+            raise SaeforgeError(f"SAE {found[n]} does not say which site it reads (no metadata.hook_name)",
+                                "pass --site with the saeforge site name, e.g. layers.5.resid_post")
+        bindings[n] = binding
+    first = next(iter(loaded.values()))[1]
     if lm is None:
         model_name = model or first.get("model_name")
         if not model_name:
             raise SaeforgeError("the SAE's metadata does not name its model", "pass --model")
         lm = LanguageModel.load(model_name, dtype=dtype, device=device)
     saes = {}
-    for name, folder in found.items():
-        site_name = site or metas[name].get("hook_name")
-        if not site_name:
-            raise SaeforgeError(f"SAE {folder} does not say which site it reads (no metadata.hook_name)",
-                                "pass --site with the saeforge site name, e.g. layers.5.resid_post")
-        s = lm.site(site_name)
-        sae = load_sae(folder, device=lm.device).eval()
-        if sae.cfg.d_in != s.d:
-            raise SaeforgeError(f"SAE {name} has d_in {sae.cfg.d_in} but site {site_name} of "
-                                f"{model or first.get('model_name') or 'the model'} has width {s.d}",
-                                "use the model and site the SAE was trained on")
-        saes[name] = RunSAE(name, folder, sae, s, metas[name])
+    for n, (sae, meta) in loaded.items():
+        saes[n] = bind(n, sae.to(lm.device).eval(), bindings[n], lm, folder=found[n], meta=meta)
     return LoadedRun(Path(path), lm, saes, first)
