@@ -222,14 +222,3 @@ def test_live_model_training(tiny_llama_dir, text_file, tmp_path):
     assert final["layers.1.mlp_out"]["l0"] == pytest.approx(4)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["data"]["model_fingerprint"] and info["data"]["context_size"] == 32
-
-
-def test_default_learning_rates():
-    from saeforge.training.trainer import default_lr
-
-    # TopK family: 1e-3 at 2^14 latents, scaled by 1/sqrt(d_sae) (docs/architecture.md, "Learning rate")
-    assert default_lr("topk", 2**14) == pytest.approx(1e-3, rel=1e-12)
-    assert default_lr("batchtopk", 4 * 2**14) == pytest.approx(5e-4, rel=1e-12)
-    assert default_lr("matryoshka", 2**14 // 4) == pytest.approx(2e-3, rel=1e-12)
-    # the L1/L0-penalised architectures keep their papers' rates
-    assert default_lr("relu", 4608) == 5e-5 and default_lr("jumprelu", 4608) == 7e-5
