@@ -79,7 +79,7 @@ def _check(name: str, origin: str, shape: tuple[int, ...], dtype: Any) -> tuple[
 def _from_numpy(name: str, arr: np.ndarray, origin: str) -> SourceArray:
     shape = _check(name, origin, arr.shape, arr.dtype)
     return SourceArray(shape, _dtype_name(arr.dtype), origin,
-                       lambda a, b: torch.from_numpy(np.ascontiguousarray(arr[a:b])))
+                       lambda a, b: torch.from_numpy(np.array(arr[a:b])))  # a copy: memmaps are read-only
 
 
 def _from_tensor(name: str, t: torch.Tensor, origin: str) -> SourceArray:
