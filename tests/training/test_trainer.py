@@ -1,6 +1,8 @@
 import dataclasses
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from saeforge.errors import SaeforgeError
-from saeforge.saes import load_sae
+from saeforge.saes import known_architectures, load_sae
 from saeforge.training import TrainConfig, Trainer, train
 from tests.conftest import TRAIN_SITES as SITES
 
@@ -178,12 +180,32 @@ def test_nan_activations_stop_with_the_step_and_keep_the_checkpoint(tiny_cache, 
     (dict(architecture="wavelet"), "unknown SAE architecture 'wavelet'"),
     (dict(tokens=10), "less than one batch"),
     (dict(sae_options="{nope"), "--sae-options is not valid JSON"),
+    (dict(architecture="matryoshka", sae_options='{"group_sizes": [8, 8]}'), "group_sizes sum to 16"),
+    (dict(architecture="topk", sparsity_coefficient=0.5), "has no sparsity coefficient"),
+    (dict(architecture="relu", sae_options='{"variant": "classic", "resample_every": -5}'), "resample_every"),
 ])
 def test_bad_training_settings_are_refused(tiny_cache, tmp_path, kw, message):
     with pytest.raises(SaeforgeError, match=message.replace("(", r"\(")) as err:
         train(_cfg(tiny_cache, tmp_path / "run", **kw))
-    if "architecture" in kw:
+    if "architecture" in kw and kw["architecture"] == "wavelet":
         assert "topk" in str(err.value) and "jumprelu" in str(err.value)
+    else:  # the fix is what to type on the command line
+        assert re.search(r"(^|\s)(-k|--[a-z-]+) ", err.value.fix), err.value.fix
+    if "sae_options" in kw and "group_sizes" in kw["sae_options"]:
+        assert """--sae-options '{"group_sizes": [8, 8, 16, 32, 64]}'""" in err.value.fix  # the default for 128
+
+
+@pytest.mark.parametrize("architecture", known_architectures())
+def test_every_architecture_trains_with_its_defaults(tiny_cache, tmp_path, architecture):
+    """`saeforge train --architecture X` and nothing else (Matryoshka's groups come from d_sae)."""
+    final = train(_cfg(tiny_cache, tmp_path / "run", architecture=architecture, tokens=256 * 10))[SITES[0]]
+    assert math.isfinite(final["loss"]) and math.isfinite(final["fvu"])
+    sae = load_sae(tmp_path / "run" / "saes" / SITES[0])
+    assert torch.isfinite(sae.encode(tiny_cache.load(SITES[0])[:100])).all()
+    cfg = json.loads((tmp_path / "run" / "saes" / SITES[0] / "cfg.json").read_text())["saeforge"]["config"]
+    assert cfg["architecture"] == architecture
+    if architecture == "matryoshka":
+        assert cfg["group_sizes"] == [8, 8, 16, 32, 64]
 
 
 def test_input_width_not_matching_d_in_is_refused(tiny_cache, tmp_path):
