@@ -170,28 +170,15 @@ def test_killed_cache_process_resumes_to_the_same_result(tiny_llama_dir, text_fi
 
 
 def test_a_second_cache_writer_on_one_folder_is_refused(tiny_llama_dir, text_file, tmp_path, capsys):
-    import textwrap
-
     from saeforge.cli import main
+    from tests.utils.lock_holder import lock_held_elsewhere
 
     out = tmp_path / "c"
-    code = textwrap.dedent(f"""
-        import time
-        from saeforge.utils.locking import exclusive_lock
-        with exclusive_lock({str(out)!r}, "saeforge cache"):
-            print("held", flush=True)
-            time.sleep(60)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(out, "saeforge cache") as pid:
         assert main(["cache", "--model", str(tiny_llama_dir), "--sites", "layers.1.resid_post", "--corpus",
                      str(text_file), "--out", str(out), "--tokens", "100", "--device", "cpu"]) == 2
-    finally:
-        proc.kill()
-        proc.wait()
     err = capsys.readouterr().err
-    assert f"in use by pid {proc.pid}" in err and "two saeforge cache processes" in err
+    assert f"in use by pid {pid}" in err and "two saeforge cache processes" in err
     assert "writable" not in err and not (out / "manifest.json").exists()
     # free again: the lock file alone does not make the folder "not a cache"
     cache = build_cache(_cfg(tiny_llama_dir, text_file, out, tokens=100), progress=False)

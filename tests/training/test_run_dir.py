@@ -1,9 +1,6 @@
 """The run directory: locking against a second writer, and resuming runs whose run.json an older version wrote."""
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -12,6 +9,7 @@ from safetensors.torch import load_file
 from saeforge.cli import main
 from saeforge.training import TrainConfig, Trainer, train
 from tests.conftest import TRAIN_SITES as SITES
+from tests.utils.lock_holder import lock_held_elsewhere
 
 # run.json "config" as saeforge wrote it before the option groups (flat keys, no `threads`), with this test's values.
 OLD_LAYOUT = """{"out": "OUT", "resume": "", "config": "", "model": "embedded", "sites": ["SITE"], "cache": "CACHE",
@@ -60,33 +58,16 @@ def test_a_run_json_in_the_old_flat_layout_resumes_bit_identically(tiny_cache, t
     assert main(["train", "--resume", str(cut), "-k", "16"]) == 2
 
 
-def _hold_lock(folder, what):
-    code = textwrap.dedent(f"""
-        import time
-        from saeforge.utils.locking import exclusive_lock
-        with exclusive_lock({str(folder)!r}, {what!r}):
-            print("held", flush=True)
-            time.sleep(60)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_second_train_on_one_run_directory_is_refused(tiny_cache, tmp_path, capsys, resume):
     run = tmp_path / "run"
     if resume:
         train(_cfg(tiny_cache, run, tokens=256 * 5))
-    proc = _hold_lock(run, "saeforge train")
-    try:
-        args = ["--resume", str(run)] if resume else ["--out", str(run), "--cache", str(tiny_cache.folder),
-                                                      "--sites", SITES[0], "--tokens", "2560", "--batch-size", "256"]
+    args = ["--resume", str(run)] if resume else ["--out", str(run), "--cache", str(tiny_cache.folder),
+                                                  "--sites", SITES[0], "--tokens", "2560", "--batch-size", "256"]
+    with lock_held_elsewhere(run, "saeforge train") as pid:
         assert main(["train", *args, "--noprogress"]) == 2
-    finally:
-        proc.kill()
-        proc.wait()
     err = capsys.readouterr().err
-    assert f"is in use by pid {proc.pid}" in err and "two saeforge train processes" in err
+    assert f"is in use by pid {pid}" in err and "two saeforge train processes" in err
     if not resume:
         assert not (run / "run.json").exists()  # the loser wrote nothing
