@@ -55,15 +55,15 @@ KERNEL_IMPLS = ("fast", "reference")
 class TopKConfig(SAEConfig):
     architecture: ClassVar[str] = "topk"
     uses_k: ClassVar[bool] = True
-    # Adam at LR_COEFFICIENT / sqrt(d_sae / 2^14): Gao et al.'s 1/sqrt(d_sae) scaling (arXiv 2406.04093, Fig. 3)
+    # Adam at lr_coefficient / sqrt(d_sae / 2^14): Gao et al.'s 1/sqrt(d_sae) scaling (arXiv 2406.04093, Fig. 3)
     # with a coefficient 5x their 2e-4, which is far too small with saeforge's input scaling (E||x|| = sqrt(d)) at
     # the run lengths people use; larger ones leave more latents silent on held-out text. Measurements:
     # docs/architecture.md, "Learning rate". BatchTopK and Matryoshka inherit it.
-    LR_COEFFICIENT: ClassVar[float] = 1e-3
+    lr_coefficient: ClassVar[float] = 1e-3
 
     @classmethod
     def default_lr(cls, d_sae: int) -> float:
-        return cls.LR_COEFFICIENT / math.sqrt(d_sae / 2**14)
+        return cls.lr_coefficient / math.sqrt(d_sae / 2**14)
 
     _: KW_ONLY
     k: int
