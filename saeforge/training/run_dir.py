@@ -62,11 +62,11 @@ def _new_run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     others = [p for p in run_dir.iterdir() if p.name != LOCK_FILE and p.resolve() != cache]
     if others:
         raise SaeforgeError(f"--out {run_dir} exists and is not empty", "pass a new or empty folder to --out")
-    info = {"format": RUN_FORMAT, "version": FORMAT_VERSION, "run_id": uuid.uuid4().hex,
+    # Written by record_data once the data source opened: a run that fails to start leaves no run.json behind,
+    # so the same command, corrected, can use the same --out.
+    return {"format": RUN_FORMAT, "version": FORMAT_VERSION, "run_id": uuid.uuid4().hex,
             "config": cfg.to_dict(), "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "status": "running"}
-    atomic_write_json(run_dir / "run.json", info)
-    return info
 
 
 def _resumed_config(cfg: TrainConfig, info: dict[str, Any], run_dir: Path, given: list[str]) -> TrainConfig:
@@ -111,7 +111,8 @@ def open_run(cfg: TrainConfig, given: list[str]) -> Iterator[tuple[TrainConfig, 
 
 
 def record_data(run_dir: Path, info: dict[str, Any], data: dict[str, Any]) -> None:
-    """Write what the run reads into run.json the first time; refuse a resume that reads something else."""
+    """Write run.json with what the run reads the first time (a new run's run.json appears here); refuse a resume
+    that reads something else."""
     if info.get("data") == data:
         return
     if "data" in info:

@@ -66,8 +66,9 @@ def test_import_then_train_from_the_command_line(acts, tmp_path, capsys):
                  "--out", str(tmp_path / "cache"), "--noprogress"]) == 0
     assert "saeforge train --cache" in capsys.readouterr().out
     # the default --sites is not in this cache: the error names the ones it holds
-    assert main(["train", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "bad"), "--noprogress"]) == 2
+    assert main(["train", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"), "--noprogress"]) == 2
     assert "--sites mysite" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "run.json").exists()  # a run that failed to start: the same --out is free
     assert main(["train", "--cache", str(tmp_path / "cache"), "--sites", "mysite", "--out", str(tmp_path / "run"),
                  "--tokens", "5120", "--batch-size", "256", "--d-sae", "128", "-k", "8", "--noprogress",
                  "--device", "cpu"]) == 0
