@@ -30,6 +30,12 @@ redoes a round in which other processes used more than ``--max-foreign-cpu`` (5%
     SAEFORGE_PEERS=/work/peers .venv/bin/python benchmarks/train_step.py --acts benchmarks/.work/acts_smollm2_l5.npy
 
 Writes ``benchmarks/results/train_step.json``.
+
+The thread policy (``saeforge.utils.threads``, ``--threads`` of train and cache) is checked with ``--threads``: each
+saeforge tool runs once per thread count, 0 being the automatic choice, e.g. on a quiet machine::
+
+    .venv/bin/python benchmarks/train_step.py --acts benchmarks/.work/acts_smollm2_l5.npy \
+        --tools saeforge,gemm_f32 --threads 1,2,0 --out benchmarks/results/train_step_threads.json
 """
 
 from __future__ import annotations
@@ -63,6 +69,11 @@ def _saeforge_worker(args) -> None:
     import torch
     from _protocol import load_batches, serve
 
+    args.worker, _, threads = args.worker.partition("@threads=")
+    if threads:  # --threads: this worker runs with a fixed thread count (0: saeforge's automatic choice)
+        from saeforge.utils.threads import auto_threads
+
+        torch.set_num_threads(int(threads) or auto_threads())
     torch.manual_seed(args.seed)
     batches = load_batches(args.acts, args.batch, args.d_in)
 
@@ -75,7 +86,8 @@ def _saeforge_worker(args) -> None:
             torch.addmm(b, x.to(dtype), W)  # result freed right away, as an ordinary op's would be
             return None
 
-        serve(step, batches, args.warmup, {"tool": args.worker, "what": f"torch.addmm(b, x, W) in {dtype}"})
+        serve(step, batches, args.warmup, {"tool": args.worker, "what": f"torch.addmm(b, x, W) in {dtype}",
+                                            "torch_threads": torch.get_num_threads()})
         return
 
     from saeforge import __version__
@@ -104,7 +116,7 @@ def _saeforge_worker(args) -> None:
     serve(step, batches, args.warmup, {
         "tool": args.worker, "version": __version__, "kernel": sae.cfg.kernel, "matmul_dtype": matmul_dtype,
         "optimizer": "torch.optim.Adam(fused=True)" if fused else "torch.optim.Adam (defaults)", "lr": lr,
-        "loss": "mse (sum over d, mean over batch)"})
+        "loss": "mse (sum over d, mean over batch)", "torch_threads": torch.get_num_threads()})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="OMP_WAIT_POLICY for every worker (all tools alike). 'passive' stops idle OpenMP threads "
                          "from spinning, which makes eager PyTorch far less sensitive to other processes on the "
                          "same cores; 'default' leaves the environment as it is")
+    ap.add_argument("--threads", default="",
+                    help="comma-separated PyTorch thread counts for the saeforge tools, e.g. 1,2,0 (0: saeforge's "
+                         "automatic choice, saeforge.utils.threads); each tool then runs once per count, named "
+                         "TOOL@threads=N. Empty: PyTorch's default. Run it on a quiet machine to check the rule")
     ap.add_argument("--max-foreign-cpu", type=float, default=0.05,
                     help="redo a tool's round when other processes used more than this share of the machine's CPU "
                          "time during it (read from /proc; the machine is shared)")
@@ -247,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in tools if t not in SAEFORGE_TOOLS + PEER_TOOLS]
     if unknown:
         ap.error(f"unknown tools {unknown}")
+    if args.threads:
+        counts = [c.strip() for c in args.threads.split(",") if c.strip()]
+        if not all(c.isdigit() for c in counts):
+            ap.error("--threads takes comma-separated non-negative integers, e.g. 1,2,0")
+        tools = [name for t in tools
+                 for name in ([f"{t}@threads={c}" for c in counts] if t in SAEFORGE_TOOLS else [t])]
 
     peers = Path(args.peers).resolve()
     common = ["--acts", str(acts), "--batch", str(args.batch), "--d-in", str(args.d_in), "--d-sae", str(args.d_sae),

@@ -3,7 +3,7 @@ function taking it, so the Python API, the CLI and saved run configs never drift
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import os
 import sys
 from dataclasses import dataclass
@@ -71,31 +71,57 @@ def run_cache(cfg) -> None:
         print(f"  {site}: d={m['sites'][site]['d']}, mean norm {norm:.3f}")
 
 
-def given_fields(argv: list[str], cfg_cls: type) -> list[str]:
-    """Names of the config fields set explicitly on the command line (defaults do not count)."""
-    names = {f.name for f in dataclasses.fields(cfg_cls)}
-    out = []
+def option_fields(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """``{option string: config field}`` of one command's parser, option groups flattened (simple_parsing names a
+    field's destination ``cfg.<group>.<field>``); every form is there: ``-k``/``--k``, ``--noprepend-bos``, aliases."""
+    return {opt: action.dest.rsplit(".", 1)[-1] for action in parser._actions
+            if action.dest.startswith("cfg.") for opt in action.option_strings}
+
+
+def given_fields(argv: list[str], options: dict[str, str]) -> list[str]:
+    """Names of the config fields set explicitly on the command line (defaults do not count): long and short
+    options, ``--opt=value``, ``-kVALUE``, negative forms, and the unique prefixes argparse accepts."""
+    out: list[str] = []
     for arg in argv:
-        if not arg.startswith("--"):
+        if arg == "--":
+            break
+        if not arg.startswith("-") or arg == "-":
             continue
-        name = arg[2:].split("=", 1)[0].replace("-", "_")
-        if name not in names and name.startswith("no") and name[2:] in names:
-            name = name[2:]
-        if name in names and name not in out:
+        name = None
+        if arg.startswith("--"):
+            opt = arg.split("=", 1)[0]
+            name = options.get(opt)
+            if name is None:
+                prefixed = {n for o, n in options.items() if o.startswith("--") and o.startswith(opt)}
+                name = prefixed.pop() if len(prefixed) == 1 else None
+        else:
+            name = options.get(arg) or options.get(arg[:2])  # -k 16, -k16, -k=16
+        if name is not None and name not in out:
             out.append(name)
     return out
 
 
-def run_train(cfg, argv: list[str]) -> None:
-    from saeforge.training import TrainConfig, train
+def run_train(cfg, given: list[str]) -> None:
+    from saeforge.training import train
 
-    final = train(cfg, given_fields(argv, TrainConfig))
+    final = train(cfg, given)
     for name, m in final.items():
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float))))
 
 
+def run_import(cfg) -> None:
+    from saeforge.data.array_import import import_activations
+
+    cache = import_activations(cfg)
+    m = cache.manifest
+    print(f"imported {m['token_count']} rows at {', '.join(m['sites'])} into {cache.folder} "
+          f"({len(m['shards'])} shards, {m['dtype']}); train with "
+          f"`saeforge train --cache {cache.folder} --sites {' '.join(m['sites'])} --out RUN_DIR`")
+
+
 def _commands() -> dict[str, tuple[type, Callable, str]]:
     from saeforge.data.activation_cache import CacheConfig
+    from saeforge.data.array_import import ImportConfig
     from saeforge.demo import DemoConfig, run_demo
     from saeforge.evals.evaluate import EvalConfig, run_eval
     from saeforge.features.autointerp import ExplainConfig, run_explain
@@ -113,6 +139,8 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
         "fetch": (FetchConfig, run_fetch, "fetch the embedded model and corpus into $SAEFORGE_HOME"),
         "sites": (SitesConfig, run_sites, "list a model's sites and their dimensions"),
         "cache": (CacheConfig, run_cache, "cache activations at sites to disk (resumable)"),
+        "import-activations": (ImportConfig, run_import,
+                               "write your own activations (.npy, .safetensors, .pt) as a cache to train on"),
         "train": (TrainConfig, run_train, "train SAEs from the live model or a cache (resumable, exact)"),
         "eval": (EvalConfig, run_eval, "evaluate SAEs on held-out text: FVU, L0, dead latents, CE recovered, KL"),
         "harvest": (HarvestConfig, run_harvest, "fill the feature store: stats, top/quantile examples, logits"),
@@ -157,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     _, fn, _ = _commands()[args.command]
     try:
         if fn is run_train:
-            fn(args.cfg, list(sys.argv[1:] if argv is None else argv))
+            command_parser = next(a for a in parser._actions
+                                  if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+            fn(args.cfg, given_fields(list(sys.argv[1:] if argv is None else argv), option_fields(command_parser)))
         else:
             fn(args.cfg)
     except SaeforgeError as err:

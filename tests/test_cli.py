@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from saeforge.cli import main
+from saeforge.errors import SaeforgeError
 
 COMMANDS = ("demo", "fetch", "sites", "cache", "train", "eval")
 
@@ -71,3 +72,116 @@ def test_demo_runs_on_the_embedded_model(embedded_lm, tmp_path):
     x = cache.load("layers.15.resid_post")
     fvu = ((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
     assert fvu < 0.9  # a dozen steps already explain part of the variance on raw activations
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Options given next to --config win over the file, and are compared on resume: every option, every spelling.
+
+def _train_parser():
+    import argparse
+
+    from saeforge.cli import build_parser, option_fields
+
+    parser = build_parser()
+    parser.parse_args(["train"])  # simple_parsing adds the arguments of a command when it first parses it
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    return parser, option_fields(sub), [a for a in sub._actions if a.dest.startswith("cfg.")]
+
+
+def _value_pairs(name, default):
+    """(config file value, command line value) pairs: two different values (for a flag, both directions)."""
+    if isinstance(default, bool):
+        return [(False, True), (True, False)]
+    if isinstance(default, int):
+        return [(default + 1, default + 2)]
+    if isinstance(default, float):
+        return [(default + 0.25, default + 0.5)]
+    if isinstance(default, tuple):
+        return [(["file-" + name], ["cli-" + name])]
+    return [(f"file-{name}", f"cli-{name}")]
+
+
+def _spellings(option, value):
+    """Every way to write ``option value`` on the command line (the value as the parser reads it)."""
+    if isinstance(value, bool):
+        if option.startswith("--no"):
+            return [[option]] if value is False else []
+        forms = [[option, str(value).lower()], [f"{option}={str(value).lower()}"]]
+        return forms + ([[option]] if value else [])
+    text = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    forms = [[option, *text]]
+    if len(text) == 1:
+        forms.append([f"{option}={text[0]}"])
+        if not option.startswith("--"):
+            forms.append([option + text[0]])  # -k16
+    return forms
+
+
+def _cases():
+    from saeforge.options import flat_field_names
+    from saeforge.training import TrainConfig
+
+    _, _, actions = _train_parser()
+    default = TrainConfig().to_dict()
+    cases = []
+    for action in actions:
+        name = flat_field_names(TrainConfig)[action.dest.rsplit(".", 1)[-1]][1]
+        if name in ("config", "resume"):
+            continue
+        for file_value, cli_value in _value_pairs(name, getattr(TrainConfig(), name)):
+            for option in action.option_strings:
+                for argv in _spellings(option, cli_value):
+                    cases.append((name, file_value, cli_value, argv))
+    assert {c[0] for c in cases} == set(default) - {"config", "resume", "saes"}  # every option is covered
+    return cases
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("name, file_value, cli_value, argv", CASES, ids=[" ".join(c[3]) for c in CASES])
+def test_an_option_next_to_config_wins_and_is_compared_on_resume(name, file_value, cli_value, argv, tmp_path):
+    from saeforge.cli import given_fields
+    from saeforge.training import TrainConfig
+    from saeforge.training.config import RESUME_FREE_FIELDS, resolve_config
+    from saeforge.training.run_dir import open_run
+
+    parser, options, _ = _train_parser()
+    config = tmp_path / "sweep.json"
+    config.write_text(json.dumps({name: file_value}))
+    full = ["train", "--config", str(config), *argv]
+    given = given_fields(full, options)
+    assert given == ["config", name]
+    cfg = resolve_config(parser.parse_args(full).cfg, given)
+    assert cfg.to_dict()[name] == cli_value, f"{' '.join(argv)} did not win over the file"
+
+    if name == "out":
+        return
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = TrainConfig.from_dict({name: file_value}).to_dict()
+    (run / "run.json").write_text(json.dumps({"format": "saeforge-run", "version": 1, "run_id": "x",
+                                              "config": saved}))
+    resume = ["train", "--resume", str(run), *argv]
+    cfg = parser.parse_args(resume).cfg
+    given = given_fields(resume, options)
+    if name in RESUME_FREE_FIELDS:  # device, threads, progress: the resumed run takes the new value
+        with open_run(cfg, given) as (resumed, _, _):
+            assert resumed.to_dict()[name] == cli_value
+    else:
+        with pytest.raises(SaeforgeError) as err:
+            with open_run(cfg, given):
+                pass
+        assert f"{name}: saved {file_value!r}, given {cli_value!r}" in str(err.value)
+
+
+def test_train_command_passes_the_given_options(monkeypatch, tmp_path):
+    import saeforge.training
+
+    seen = {}
+    monkeypatch.setattr(saeforge.training, "train", lambda cfg, given: seen.update(cfg=cfg, given=given) or {})
+    config = tmp_path / "sweep.yaml"
+    config.write_text("k: 8\ntokens: 1000\n")
+    assert main(["train", "--config", str(config), "-k16", "--noprogress", "--tok", "5000"]) == 0
+    assert seen["given"] == ["config", "k", "progress", "tokens"]  # --tok: the prefix argparse accepts
+    assert (seen["cfg"].k, seen["cfg"].progress, seen["cfg"].tokens) == (16, False, 5000)

@@ -5,14 +5,10 @@
     sae = make_sae({"architecture": "topk", "d_in": 768, "d_sae": 24576, "k": 32})
 """
 
-from saeforge.saes.base import (
-    SAE,
-    DeadLatentTracker,
-    SAEConfig,
-    TrainOutput,
-    TrainState,
-    geometric_median,
-)
+from saeforge.saes.base import SAE
+from saeforge.saes.config import SAEConfig
+from saeforge.saes.geometric_median import geometric_median
+from saeforge.saes.training_step import DeadLatentTracker, TrainOutput, TrainState
 from saeforge.saes.registry import get_config_class, get_sae_class, known_architectures, make_sae, register_sae
 
 # Importing the architecture modules registers them.

@@ -1,4 +1,4 @@
-"""The base class every SAE architecture shares, its config, and the training-step data types.
+"""The base class every SAE architecture shares.
 
 Conventions (the same as SAELens v6, so saving needs no transposes):
 
@@ -21,21 +21,32 @@ How the trainer drives an SAE (see :class:`SAE`)::
         sae.after_optimizer_step()       # e.g. renormalise decoder rows
         optimizer.zero_grad()
         dead = tracker.update(out.fired, n_tokens=len(x))
+        sae.after_step(step, total_steps, dead, x, optimizer)   # dead-latent handling, e.g. resampling
+
+The config (:mod:`saeforge.saes.config`), the step types (:mod:`saeforge.saes.training_step`) and the geometric
+median live in their own modules; their names are importable from here too.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
-import typing
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from saeforge.errors import SaeforgeError
+from saeforge.saes.config import (  # noqa: F401 - re-exported: `from saeforge.saes.base import ...` keeps working
+    B_DEC_INITS,
+    DTYPES,
+    SAEConfig,
+    _is_int,
+    _is_number,
+    _require,
+    option_fix,
+    torch_dtype,
+)
+from saeforge.saes.geometric_median import geometric_median
+from saeforge.saes.training_step import DeadLatentTracker, TrainOutput, TrainState  # noqa: F401 - re-exported
 
 __all__ = [
     "B_DEC_INITS",
@@ -49,239 +60,6 @@ __all__ = [
     "torch_dtype",
 ]
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-B_DEC_INITS = ("geometric_median", "mean", "zeros")
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """``"float32"`` -> ``torch.float32`` (also accepts ``"torch.float32"``, as SAELens sometimes writes)."""
-    key = name.removeprefix("torch.") if isinstance(name, str) else name
-    if key not in DTYPES:
-        raise SaeforgeError(f"unknown dtype {name!r}", f"use one of {', '.join(DTYPES)}")
-    return DTYPES[key]
-
-
-def _require(ok: bool, problem: str, fix: str) -> None:
-    if not ok:
-        raise SaeforgeError(problem, fix)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SAEConfig:
-    """Hyper-parameters shared by every architecture. Each architecture subclasses it and sets ``architecture``.
-
-    Fields left ``None`` take the architecture's default in ``__post_init__`` (so the stored config, and
-    ``to_dict``, always hold the resolved value).
-    """
-
-    d_in: int
-    d_sae: int
-    d_out: int | None = None
-    dtype: str = "float32"
-    # Subtract b_dec from the input before the encoder ("tied pre-encoder bias"). None -> architecture default;
-    # always False for transcoders (b_dec lives in the output space).
-    apply_b_dec_to_input: bool | None = None
-    # What init_from_data sets b_dec to: "geometric_median" (Towards Monosemanticity, OpenAI TopK), "mean", or
-    # "zeros" (keep the zero init). None -> architecture default.
-    b_dec_init: str | None = None
-
-    architecture: ClassVar[str] = ""
-
-    # ---- defaults each architecture may override ----
-    def _default_apply_b_dec_to_input(self) -> bool:
-        return True
-
-    def _default_b_dec_init(self) -> str:
-        return "geometric_median"
-
-    # ---- validation ----
-    def _set(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)  # frozen dataclass: only __post_init__ resolves defaults
-
-    def __post_init__(self) -> None:
-        name = self.architecture or type(self).__name__
-        for f in ("d_in", "d_sae"):
-            v = getattr(self, f)
-            _require(_is_int(v) and v > 0, f"{name}: {f} must be a positive integer, got {v!r}",
-                     f"set {f} to the size you want, e.g. {f}=768")
-        if self.d_out is not None:
-            _require(_is_int(self.d_out) and self.d_out > 0,
-                     f"{name}: d_out must be a positive integer or None, got {self.d_out!r}",
-                     "leave d_out unset for an ordinary SAE; set it to the output width for a transcoder")
-        if isinstance(self.dtype, str) and self.dtype.startswith("torch."):
-            self._set("dtype", self.dtype.removeprefix("torch."))
-        _require(self.dtype in DTYPES, f"{name}: unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
-        if self.apply_b_dec_to_input is None:
-            self._set("apply_b_dec_to_input", self._default_apply_b_dec_to_input() and not self.is_transcoder)
-        _require(isinstance(self.apply_b_dec_to_input, bool),
-                 f"{name}: apply_b_dec_to_input must be true or false, got {self.apply_b_dec_to_input!r}",
-                 "set apply_b_dec_to_input=True or False (or leave it unset for the architecture default)")
-        _require(not (self.apply_b_dec_to_input and self.is_transcoder),
-                 f"{name}: apply_b_dec_to_input=True needs d_out == d_in, but d_in={self.d_in}, d_out={self.d_out}",
-                 "set apply_b_dec_to_input=False for a transcoder (b_dec lives in the output space)")
-        if self.b_dec_init is None:
-            self._set("b_dec_init", self._default_b_dec_init())
-        _require(self.b_dec_init in B_DEC_INITS, f"{name}: unknown b_dec_init {self.b_dec_init!r}",
-                 f"use one of {', '.join(B_DEC_INITS)}")
-
-    # ---- derived ----
-    @property
-    def d_output(self) -> int:
-        """Width of the reconstruction: ``d_out`` for a transcoder, else ``d_in``."""
-        return self.d_in if self.d_out is None else self.d_out
-
-    @property
-    def is_transcoder(self) -> bool:
-        return self.d_out is not None and self.d_out != self.d_in
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    # ---- (de)serialisation ----
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict: every field (resolved) plus ``"architecture"``; tuples become lists."""
-        out: dict[str, Any] = {"architecture": self.architecture}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = list(v) if isinstance(v, tuple) else v
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
-        """Inverse of :meth:`to_dict`. Called on ``SAEConfig`` itself it dispatches on ``d["architecture"]``."""
-        if not isinstance(d, dict):
-            raise SaeforgeError(f"an SAE config must be a dict, got {type(d).__name__}",
-                                "pass the dict that SAEConfig.to_dict() produced")
-        d = dict(d)
-        arch = d.pop("architecture", None)
-        target = cls
-        if not cls.architecture:
-            if arch is None:
-                raise SaeforgeError("the SAE config has no 'architecture' field",
-                                    "add \"architecture\": one of the names saeforge.saes.known_architectures() lists")
-            from saeforge.saes.registry import get_config_class
-
-            target = get_config_class(arch)
-        elif arch is not None and arch != cls.architecture:
-            raise SaeforgeError(f"config says architecture {arch!r} but {cls.__name__} is {cls.architecture!r}",
-                                f"load it with SAEConfig.from_dict (dispatches on the name) or fix the name")
-        names = {f.name for f in dataclasses.fields(target) if f.init}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise SaeforgeError(f"unknown field(s) for a {target.architecture!r} SAE config: {', '.join(unknown)}",
-                                f"remove them; known fields: {', '.join(sorted(names))}")
-        hints = typing.get_type_hints(target)
-        kwargs = {k: (tuple(v) if isinstance(v, list) and _is_tuple_type(hints.get(k)) else v) for k, v in d.items()}
-        try:
-            return target(**kwargs)
-        except TypeError as err:  # a missing required field (e.g. k)
-            raise SaeforgeError(f"invalid {target.architecture!r} SAE config: {err}",
-                                "give every required field (see the config class)") from err
-
-
-def _is_tuple_type(tp: Any) -> bool:
-    if tp is None:
-        return False
-    if typing.get_origin(tp) is tuple or tp is tuple:
-        return True
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return any(_is_tuple_type(a) for a in typing.get_args(tp))
-    return False
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Training-step types
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainState:
-    """What the trainer tells the SAE about the current step."""
-
-    step: int = 0
-    # Sparsity-coefficient warm-up factor in [0, 1]; multiplies l1 / l0 penalties (TopK-family ignores it).
-    sparsity_scale: float = 1.0
-    # bool [d_sae]: latents the trainer considers dead (AuxK targets, resampling candidates). None = unknown.
-    dead_mask: Tensor | None = None
-
-
-@dataclass
-class TrainOutput:
-    loss: Tensor
-    # Weighted loss contributions by name ("mse", "l1", "auxk", ...); loss == sum(terms.values()).
-    terms: dict[str, Tensor]
-    x_hat: Tensor
-    # bool [d_sae]: latents with a positive activation somewhere in this batch.
-    fired: Tensor
-    # Mean number of positive latents per token in this batch.
-    l0: float
-
-
-class DeadLatentTracker:
-    """Counts, per latent, the tokens seen since it last fired; ``dead`` = not fired for ``threshold`` tokens.
-
-    (A helper for trainers and tests; the counts live in a tensor so a trainer can checkpoint them.)
-    """
-
-    def __init__(self, d_sae: int, threshold_tokens: int, device: torch.device | str = "cpu"):
-        self.threshold_tokens = int(threshold_tokens)
-        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
-
-    def update(self, fired: Tensor, n_tokens: int) -> Tensor:
-        self.tokens_since_fired += n_tokens
-        self.tokens_since_fired[fired.to(self.tokens_since_fired.device)] = 0
-        return self.dead_mask
-
-    @property
-    def dead_mask(self) -> Tensor:
-        return self.tokens_since_fired >= self.threshold_tokens
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def geometric_median(points: Tensor, *, iterations: int = 20, eps: float = 1e-8, tol: float = 1e-6) -> Tensor:
-    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to ``points`` [N, d].
-
-    Starts from the mean; each iteration is the distance-weighted mean with weights 1/max(dist, eps) (the
-    clamp avoids division by zero when the estimate lands on a data point). Computed in float64 for stability.
-    """
-    pts = points.detach().reshape(-1, points.shape[-1]).to(torch.float64)
-    if pts.shape[0] == 0:
-        raise SaeforgeError("geometric_median got an empty sample", "pass at least one activation vector")
-    median = pts.mean(0)
-    for _ in range(iterations):
-        dist = (pts - median).norm(dim=1).clamp_min(eps)
-        w = 1.0 / dist
-        new = (w[:, None] * pts).sum(0) / w.sum()
-        shift = (new - median).norm()
-        median = new
-        if shift <= tol * (median.norm() + eps):
-            break
-    return median.to(points.dtype)
-
 
 def _flatten(x: Tensor, width: int, what: str) -> tuple[Tensor, tuple[int, ...]]:
     if x.shape[-1] != width:
@@ -289,6 +67,7 @@ def _flatten(x: Tensor, width: int, what: str) -> tuple[Tensor, tuple[int, ...]]
                             "check that the activations come from the site this SAE was trained on")
     lead = tuple(x.shape[:-1])
     return x.reshape(-1, width), lead
+
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -442,6 +221,13 @@ class SAE(nn.Module):
     def after_optimizer_step(self) -> None:
         if self.unit_norm_decoder:
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def after_step(self, step: int, total_steps: int, dead_mask: Tensor, x: Tensor,
+                   optimizer: torch.optim.Optimizer) -> None:
+        """Called by the trainer once step ``step`` (0-based, of ``total_steps``) is complete and the dead-latent
+        counter updated: the architecture's own dead-latent handling (e.g. resampling). ``x`` is the step's input
+        batch (scaled as the SAE sees it), ``dead_mask`` bool [d_sae]. Default: nothing (AuxK-style losses read
+        ``TrainState.dead_mask`` instead)."""
 
     # ---- folding ----
     @torch.no_grad()

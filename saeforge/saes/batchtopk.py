@@ -21,7 +21,7 @@ from torch import Tensor
 
 from saeforge.errors import SaeforgeError
 from saeforge.kernels import SparseLatents
-from saeforge.saes.base import SAEConfig, TrainState, _flatten, _is_int, _is_number, _require
+from saeforge.saes.base import SAEConfig, TrainState, _flatten, _is_int, _is_number, _require, option_fix
 from saeforge.saes.registry import register_sae
 from saeforge.saes.topk import TopKConfig, TopKSAE
 
@@ -41,10 +41,11 @@ class BatchTopKConfig(TopKConfig):
         super().__post_init__()
         a = self.architecture
         _require(_is_number(self.threshold_beta) and 0 <= self.threshold_beta < 1,
-                 f"{a}: threshold_beta must be in [0, 1), got {self.threshold_beta!r}", "the default is 0.999")
+                 f"{a}: threshold_beta must be in [0, 1), got {self.threshold_beta!r}",
+                 option_fix(self, "threshold_beta", 0.999, "(the default)"))
         _require(_is_int(self.threshold_start_step) and self.threshold_start_step >= 0,
                  f"{a}: threshold_start_step must be a non-negative integer, got {self.threshold_start_step!r}",
-                 "the default is 1000")
+                 option_fix(self, "threshold_start_step", 1000, "(the default)"))
 
 
 @register_sae

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from saeforge.saes.base import SAE, SAEConfig, TrainOutput, TrainState, _flatten, _is_number, _require
+from saeforge.saes.base import SAE, SAEConfig, TrainOutput, TrainState, _flatten, _is_number, _require, option_fix
 from saeforge.saes.registry import register_sae
 
 __all__ = ["GatedConfig", "GatedSAE"]
@@ -28,6 +28,8 @@ __all__ = ["GatedConfig", "GatedSAE"]
 @dataclass(frozen=True)
 class GatedConfig(SAEConfig):
     architecture: ClassVar[str] = "gated"
+    sparsity_coefficient_field: ClassVar[str | None] = "l1_coefficient"
+    default_learning_rate: ClassVar[float] = 5e-5
 
     # λ on the gate pre-activations. Depends on the input scale like every L1 coefficient; this default matches
     # relu's for inputs scaled to E||x|| = sqrt(d_in).
@@ -37,7 +39,7 @@ class GatedConfig(SAEConfig):
         super().__post_init__()
         _require(_is_number(self.l1_coefficient) and self.l1_coefficient >= 0,
                  f"gated: l1_coefficient must be a non-negative number, got {self.l1_coefficient!r}",
-                 "set l1_coefficient, e.g. 5.0 for inputs scaled to E||x|| = sqrt(d_in)")
+                 option_fix(self, "l1_coefficient", 5.0, "(for inputs scaled to E||x|| = sqrt(d_in))"))
 
 
 @register_sae

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from saeforge.saes.base import SAE, SAEConfig, TrainOutput, TrainState, _flatten, _is_number, _require
+from saeforge.saes.base import SAE, SAEConfig, TrainOutput, TrainState, _flatten, _is_number, _require, option_fix
 from saeforge.saes.registry import register_sae
 
 __all__ = ["JumpReLUConfig", "JumpReLUFunction", "JumpReLUSAE", "StepFunction", "rectangle"]
@@ -73,6 +73,8 @@ class StepFunction(torch.autograd.Function):
 @dataclass(frozen=True)
 class JumpReLUConfig(SAEConfig):
     architecture: ClassVar[str] = "jumprelu"
+    sparsity_coefficient_field: ClassVar[str | None] = "l0_coefficient"
+    default_learning_rate: ClassVar[float] = 7e-5
 
     # λ of the L0 penalty; sets the L0 you end up with. Depends on the input scale (tune it per dataset/site).
     l0_coefficient: float = 1e-3
@@ -94,14 +96,14 @@ class JumpReLUConfig(SAEConfig):
         super().__post_init__()
         _require(_is_number(self.pre_act_loss_coefficient) and self.pre_act_loss_coefficient >= 0,
                  f"jumprelu: pre_act_loss_coefficient must be a non-negative number, got {self.pre_act_loss_coefficient!r}",
-                 "leave it at 0 for the paper's recipe")
+                 option_fix(self, "pre_act_loss_coefficient", 0.0, "(the paper's recipe)"))
         for name in ("bandwidth", "threshold_init"):
             v = getattr(self, name)
             _require(_is_number(v) and v > 0, f"jumprelu: {name} must be a positive number, got {v!r}",
-                     "Gemma Scope used 0.001 with inputs scaled to unit mean squared norm")
+                     option_fix(self, name, 0.001, "(Gemma Scope's, with --normalize-activations unit_mean_squared)"))
         _require(_is_number(self.l0_coefficient) and self.l0_coefficient >= 0,
                  f"jumprelu: l0_coefficient must be a non-negative number, got {self.l0_coefficient!r}",
-                 "raise it for a sparser SAE, lower it for a denser one")
+                 option_fix(self, "l0_coefficient", 0.001, "(higher: sparser, lower: denser)"))
 
 
 @register_sae

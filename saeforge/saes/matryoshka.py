@@ -13,6 +13,14 @@ is not included. The full-dictionary term is named ``"mse"`` (the same quantity 
 proper prefixes are ``"mse_prefix_<m_i>"``. Inference is BatchTopK's (a JumpReLU with the learned global threshold),
 and AuxK is applied to the residual of the full reconstruction. Random-prefix training (Nabeshima's variant,
 used for the toy model) is not implemented.
+
+Default groups (``group_sizes`` left out, :func:`default_group_sizes`): nested prefixes of d_sae/16, d_sae/8,
+d_sae/4, d_sae/2 and d_sae latents, i.e. groups of d_sae/16, /16, /8, /4, /2. From the second group on each group
+doubles, as in the paper's nesting (arXiv 2503.17547: groups 2048, 4096, 8192, 16384, then the rest of d_sae
+65536). The first prefix is 1/16 of the dictionary rather than the paper's 1/32 because saeforge's dictionaries are
+usually far smaller, and a first level of a few dozen latents would hold too few features to be a useful coarse
+dictionary. Sizes are rounded down and prefixes that round to 0 or repeat are dropped, so a small d_sae still gets
+a valid split.
 """
 
 from __future__ import annotations
@@ -23,12 +31,20 @@ from typing import ClassVar
 from torch import Tensor
 
 from saeforge.kernels import SparseLatents
-from saeforge.saes.base import SAEConfig, TrainOutput, TrainState, _is_int, _is_number, _require
+from saeforge.saes.base import SAEConfig, TrainOutput, TrainState, _is_int, _is_number, _require, option_fix
 from saeforge.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saeforge.saes.registry import register_sae
 from saeforge.saes.topk import _fired_and_l0
 
-__all__ = ["MatryoshkaConfig", "MatryoshkaSAE"]
+__all__ = ["MatryoshkaConfig", "MatryoshkaSAE", "default_group_sizes"]
+
+DEFAULT_PREFIX_FRACTIONS = (16, 8, 4, 2, 1)  # prefix m_i = d_sae // fraction
+
+
+def default_group_sizes(d_sae: int) -> tuple[int, ...]:
+    """Group sizes for nested prefixes of d_sae/16, /8, /4, /2 and d_sae latents (see the module docstring)."""
+    prefixes = sorted({d_sae // f for f in DEFAULT_PREFIX_FRACTIONS} - {0})
+    return tuple(b - a for a, b in zip([0, *prefixes], prefixes))
 
 
 @dataclass(frozen=True)
@@ -36,7 +52,7 @@ class MatryoshkaConfig(BatchTopKConfig):
     architecture: ClassVar[str] = "matryoshka"
 
     # Sizes of the consecutive latent groups; must sum to d_sae. E.g. the paper's Gemma setup:
-    # (2048, 4096, 8192, 16384, 34816) for d_sae = 65536.
+    # (2048, 4096, 8192, 16384, 34816) for d_sae = 65536. Empty: default_group_sizes(d_sae).
     group_sizes: tuple[int, ...] = ()
     # Weight of each prefix's squared error (same length as group_sizes); None -> all 1.
     group_weights: tuple[float, ...] | None = None
@@ -48,18 +64,22 @@ class MatryoshkaConfig(BatchTopKConfig):
             self._set("group_weights", tuple(self.group_weights))
         super().__post_init__()
         a = self.architecture
+        if self.group_sizes == ():
+            self._set("group_sizes", default_group_sizes(self.d_sae))
         gs = self.group_sizes
         _require(isinstance(gs, tuple) and len(gs) > 0 and all(_is_int(g) and g > 0 for g in gs),
                  f"{a}: group_sizes must be a non-empty list of positive integers, got {gs!r}",
-                 "e.g. group_sizes=(64, 192, 768) for d_sae=1024")
+                 option_fix(self, "group_sizes", list(default_group_sizes(self.d_sae)),
+                            f"(they add up to d_sae = {self.d_sae}), or leave group_sizes out for that default"))
         _require(sum(gs) == self.d_sae, f"{a}: group_sizes sum to {sum(gs)}, but d_sae={self.d_sae}",
-                 "make the group sizes add up to d_sae")
+                 option_fix(self, "group_sizes", list(default_group_sizes(self.d_sae)),
+                            f"(sizes adding up to d_sae = {self.d_sae}), or leave group_sizes out for that default"))
         if self.group_weights is None:
             self._set("group_weights", tuple(1.0 for _ in gs))
         gw = self.group_weights
         _require(isinstance(gw, tuple) and len(gw) == len(gs) and all(_is_number(w) and w >= 0 for w in gw),
                  f"{a}: group_weights must hold {len(gs)} non-negative numbers, got {gw!r}",
-                 "give one weight per group, or leave group_weights unset (all 1)")
+                 option_fix(self, "group_weights", [1.0] * len(gs), "(one per group), or leave it out (all 1)"))
 
     @property
     def prefix_sizes(self) -> tuple[int, ...]:

@@ -7,9 +7,10 @@ from typing import Any
 from saeforge.errors import SaeforgeError
 from saeforge.saes.base import SAE, SAEConfig
 
-__all__ = ["get_config_class", "get_sae_class", "known_architectures", "make_sae", "register_sae"]
+__all__ = ["DEFAULT_ARCHITECTURE", "get_config_class", "get_sae_class", "known_architectures", "make_sae", "register_sae"]
 
 _REGISTRY: dict[str, type[SAE]] = {}
+DEFAULT_ARCHITECTURE = "topk"  # what `saeforge train` builds unless told otherwise
 
 
 def register_sae(cls: type[SAE]) -> type[SAE]:

@@ -8,11 +8,13 @@
 ``variant="classic"`` (Towards Monosemanticity, 2023; dictionary_learning ``AutoEncoder`` + ``ConstrainedAdam``):
     f = ReLU(W_enc (x - b_dec) + b_enc)
     L = ||x - x_hat||^2 + λ Σ_i f_i                plain L1; decoder rows kept at unit norm
-    dead latents are resampled (``resample_dead_latents``), which the trainer calls every ``resample_every`` steps.
+    dead latents are resampled (``resample_dead_latents``) every ``resample_every`` steps (``after_step``), but
+    never within the settling window at the end of the run (``resample_due``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,16 +23,37 @@ from torch import Tensor
 
 from saeforge.errors import SaeforgeError
 from saeforge.saes.base import SAE, SAEConfig, TrainOutput, TrainState, _flatten, _is_int, _is_number, _require
+from saeforge.saes.config import option_fix
 from saeforge.saes.registry import register_sae
 
-__all__ = ["RELU_VARIANTS", "ReLUConfig", "ReLUSAE"]
+__all__ = ["RELU_VARIANTS", "ReLUConfig", "ReLUSAE", "resample_due"]
 
 RELU_VARIANTS = ("april2024", "classic")
+# The last part of a run in which no resampling happens, as a fraction of the run (the floor; see resample_due).
+RESAMPLE_SETTLE_FRACTION = 0.05
+
+
+def resample_due(step: int, total_steps: int, every: int | None) -> bool:
+    """Whether dead latents are resampled once step ``step`` (0-based) of ``total_steps`` is complete.
+
+    Every ``every`` steps, except within a settling window at the end of the run of max(every / 2, 5 % of the
+    run) steps, the final step included: a resampled latent is a fresh, untrained direction, so resampling late
+    would leave it in the saved SAE untrained (and the logged metrics would not describe the saved SAE). Half the
+    interval is the span over which Towards Monosemanticity judges a latent dead, so every resampled latent trains
+    at least as long as a latent needs to show it is alive; the 5 % floor keeps that share of a long run when the
+    interval is short.
+    """
+    if not every or (step + 1) % every:
+        return False
+    settle = max(every // 2, math.ceil(RESAMPLE_SETTLE_FRACTION * total_steps))
+    return total_steps - (step + 1) >= settle
 
 
 @dataclass(frozen=True)
 class ReLUConfig(SAEConfig):
     architecture: ClassVar[str] = "relu"
+    sparsity_coefficient_field: ClassVar[str | None] = "l1_coefficient"
+    default_learning_rate: ClassVar[float] = 5e-5
 
     variant: str = "april2024"
     # λ. Anthropic used about 5 with inputs scaled so that E||x|| = sqrt(d_in) ("expected_norm"); the right value
@@ -56,24 +79,27 @@ class ReLUConfig(SAEConfig):
         super().__post_init__()
         _require(_is_number(self.l1_coefficient) and self.l1_coefficient >= 0,
                  f"relu: l1_coefficient must be a non-negative number, got {self.l1_coefficient!r}",
-                 "set l1_coefficient, e.g. 5.0 for inputs scaled to E||x|| = sqrt(d_in)")
+                 option_fix(self, "l1_coefficient", 5.0, "(for inputs scaled to E||x|| = sqrt(d_in))"))
         if self.decoder_init_norm is None:
             self._set("decoder_init_norm", 0.1 if self.variant == "april2024" else 1.0)
         _require(_is_number(self.decoder_init_norm) and self.decoder_init_norm > 0,
-                 f"relu: decoder_init_norm must be positive, got {self.decoder_init_norm!r}", "e.g. 0.1")
+                 f"relu: decoder_init_norm must be positive, got {self.decoder_init_norm!r}",
+                 option_fix(self, "decoder_init_norm", 0.1))
         if self.variant == "classic":
             _require(self.decoder_init_norm == 1.0,
                      f"relu classic keeps unit-norm decoder rows, but decoder_init_norm={self.decoder_init_norm}",
-                     "leave decoder_init_norm unset (1.0) for variant='classic'")
+                     "leave decoder_init_norm out of --sae-options for the classic variant (it is 1.0)")
             if self.resample_every is None:
                 self._set("resample_every", 25_000)
             _require(_is_int(self.resample_every) and self.resample_every >= 0,
                      f"relu: resample_every must be a non-negative integer, got {self.resample_every!r}",
-                     "e.g. 25000, or 0 to turn resampling off")
+                     option_fix(self, "resample_every", 25000, "(0 turns resampling off)"))
         else:
             _require(self.resample_every in (None, 0),
                      "relu april2024 does not resample dead latents (the decoder-norm-weighted L1 replaces it), "
-                     f"but resample_every={self.resample_every}", "leave resample_every unset, or use variant='classic'")
+                     f"but resample_every={self.resample_every}",
+                     "leave resample_every out, or pass --sae-options '{\"variant\": \"classic\", "
+                     f"\"resample_every\": {self.resample_every}}}'")
 
 
 @register_sae
@@ -112,6 +138,11 @@ class ReLUSAE(SAE):
         fired, l0 = self._sparsity_stats(f > 0)
         return TrainOutput(loss=sum(terms.values()), terms=terms, x_hat=x_hat, fired=fired, l0=l0)
 
+    def after_step(self, step: int, total_steps: int, dead_mask: Tensor, x: Tensor,
+                   optimizer: torch.optim.Optimizer) -> None:
+        if self.cfg.variant == "classic" and resample_due(step, total_steps, self.cfg.resample_every):
+            self.resample_dead_latents(x, dead_mask, optimizer)
+
     @torch.no_grad()
     def resample_dead_latents(self, x_sample: Tensor, dead_mask: Tensor,
                               optimizer: torch.optim.Optimizer | None = None, *,
@@ -130,7 +161,8 @@ class ReLUSAE(SAE):
         """
         if self.cfg.variant != "classic":
             raise SaeforgeError("dead-latent resampling belongs to the classic ReLU recipe",
-                                "use variant='classic', or rely on the decoder-norm-weighted L1 of april2024")
+                                "pass --sae-options '{\"variant\": \"classic\"}', or rely on the decoder-norm-weighted "
+                                "L1 of april2024")
         dead_mask = dead_mask.to(self.device).bool()
         if dead_mask.shape != (self.cfg.d_sae,):
             raise SaeforgeError(f"dead_mask must be bool [{self.cfg.d_sae}], got {tuple(dead_mask.shape)}",

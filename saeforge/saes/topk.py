@@ -23,6 +23,7 @@ that and passes ``TrainState.dead_mask``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, ClassVar
 
@@ -41,6 +42,7 @@ from saeforge.saes.base import (
     _is_int,
     _is_number,
     _require,
+    option_fix,
 )
 from saeforge.saes.registry import register_sae
 
@@ -52,6 +54,16 @@ KERNEL_IMPLS = ("fast", "reference")
 @dataclass(frozen=True)
 class TopKConfig(SAEConfig):
     architecture: ClassVar[str] = "topk"
+    uses_k: ClassVar[bool] = True
+    # Adam at lr_coefficient / sqrt(d_sae / 2^14): Gao et al.'s 1/sqrt(d_sae) scaling (arXiv 2406.04093, Fig. 3)
+    # with a coefficient 5x their 2e-4, which is far too small with saeforge's input scaling (E||x|| = sqrt(d)) at
+    # the run lengths people use; larger ones leave more latents silent on held-out text. Measurements:
+    # docs/architecture.md, "Learning rate". BatchTopK and Matryoshka inherit it.
+    lr_coefficient: ClassVar[float] = 1e-3
+
+    @classmethod
+    def default_lr(cls, d_sae: int) -> float:
+        return cls.lr_coefficient / math.sqrt(d_sae / 2**14)
 
     _: KW_ONLY
     k: int
@@ -70,24 +82,26 @@ class TopKConfig(SAEConfig):
         super().__post_init__()
         a = self.architecture
         _require(_is_int(self.k) and self.k > 0, f"{a}: k must be a positive integer, got {self.k!r}",
-                 "set k to the number of active latents per token, e.g. k=32")
+                 option_fix(self, "k", 32, "(active latents per token)"))
         _require(self.k <= self.d_sae, f"{a}: k={self.k} is larger than d_sae={self.d_sae}",
-                 "choose k <= d_sae (typically k is a few dozen and d_sae thousands)")
+                 option_fix(self, "k", min(32, self.d_sae),
+                            "or a larger --d-sae (k is typically a few dozen, d_sae thousands)"))
         if self.aux_k is None:
             self._set("aux_k", max(1, min(self.d_output // 2, self.d_sae)))
         _require(_is_int(self.aux_k) and 0 <= self.aux_k <= self.d_sae,
                  f"{a}: aux_k must be an integer in [0, d_sae={self.d_sae}], got {self.aux_k!r}",
-                 "leave aux_k unset for d_out // 2, or 0 to turn AuxK off")
+                 option_fix(self, "aux_k", max(0, min(256, self.d_sae)), "(0 turns AuxK off; left out: d_out // 2)"))
         _require(_is_number(self.auxk_coefficient) and self.auxk_coefficient >= 0,
                  f"{a}: auxk_coefficient must be a non-negative number, got {self.auxk_coefficient!r}",
-                 "the OpenAI default is 1/32")
+                 option_fix(self, "auxk_coefficient", 0.03125, "(OpenAI's 1/32)"))
         _require(_is_int(self.dead_after_tokens) and self.dead_after_tokens > 0,
                  f"{a}: dead_after_tokens must be a positive integer, got {self.dead_after_tokens!r}",
-                 "the OpenAI default is 10_000_000")
+                 option_fix(self, "dead_after_tokens", 10_000_000, "(OpenAI's definition)"))
         _require(self.kernel in KERNEL_IMPLS, f"{a}: unknown kernel {self.kernel!r}",
-                 f"use one of {', '.join(KERNEL_IMPLS)}")
+                 option_fix(self, "kernel", "fast", f"(one of {', '.join(KERNEL_IMPLS)})"))
         _require(self.matmul_dtype is None or self.matmul_dtype in DTYPES,
-                 f"{a}: unknown matmul_dtype {self.matmul_dtype!r}", "use None or 'bfloat16'")
+                 f"{a}: unknown matmul_dtype {self.matmul_dtype!r}",
+                 option_fix(self, "matmul_dtype", "bfloat16", "(or leave it out: the parameter dtype)"))
 
 
 def _dense_topk(pre: Tensor, k: int, *, batch: bool) -> Tensor:

@@ -7,19 +7,33 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from simple_parsing.helpers import field
 
 from saeforge.errors import SaeforgeError
+from saeforge.options import ModelOptions, RuntimeOptions, TextOptions, flat_dict, flat_options, from_flat_dict
+from saeforge.saes import SAEConfig
+from saeforge.saes.registry import DEFAULT_ARCHITECTURE, get_config_class, known_architectures
+
+
+def _configs() -> dict[str, type[SAEConfig]]:
+    return {a: get_config_class(a) for a in known_architectures()}
+
+
+def _architectures(rule: Callable[[type[SAEConfig]], bool] = lambda c: True) -> str:
+    """The architectures whose config class satisfies ``rule`` (for --help texts built from the declared rules)."""
+    return ", ".join(a for a, c in _configs().items() if rule(c))
+
 
 # Fields that may be overridden per SAE in the `saes:` list of a config file.
 PER_SAE_FIELDS = ("architecture", "expansion_factor", "d_sae", "k", "sparsity_coefficient", "sae_options", "lr",
                   "dead_after_tokens")
 # Fields that do not change what is computed, so a resumed run may differ in them.
-RESUME_FREE_FIELDS = ("out", "resume", "config", "device", "progress")
+RESUME_FREE_FIELDS = ("out", "resume", "config", *(f.name for f in dataclasses.fields(RuntimeOptions)))
 
 
+@flat_options
 @dataclass(frozen=True)
 class TrainConfig:
     """Train one or more SAEs from the live model or from an activation cache."""
@@ -32,24 +46,14 @@ class TrainConfig:
     """YAML or JSON file with any of these options, plus `saes:` (a list of per-SAE settings, see the docs)."""
 
     # ---- data
-    model: str = "embedded"
-    """Model: `embedded`, a hub id, a local Hugging Face folder or a .gguf file."""
     sites: tuple[str, ...] = ("layers.5.resid_post",)
     """Sites to train on: one SAE per site (unless a config file lists `saes`)."""
     cache: str = ""
-    """Train from this activation cache folder (saeforge cache) instead of running the model."""
-    corpus: str = "embedded:train"
-    """Text for live training: embedded[:split], .txt file or folder, .jsonl, or hf:NAME[:SPLIT]."""
-    text_field: str = "text"
-    """Field holding the text in .jsonl files and hf: datasets."""
-    context_length: int = 128
-    """Tokens per context (live training)."""
-    prepend_bos: bool = True
-    """Start every context with BOS (live training)."""
-    exclude_special_tokens: bool = True
-    """Leave BOS/EOS/padding positions out of the training data (live training)."""
-    model_dtype: str = "float32"
-    """dtype the model runs in for live training: float32 or bfloat16."""
+    """Train from this activation cache folder (saeforge cache or import-activations) instead of running the model."""
+    model_options: ModelOptions = field(default_factory=ModelOptions)
+    """Live training only (a cache names its own model): the model."""
+    text_options: TextOptions = field(default_factory=TextOptions)
+    """Live training only (a cache holds its own activations): the text and its contexts."""
     tokens: int = 2_000_000
     """Training tokens (activation vectors); steps = tokens // batch_size."""
     batch_size: int = 4096
@@ -60,32 +64,32 @@ class TrainConfig:
     """Cache shards mixed into each buffer fill when training from a cache."""
     seed: int = 0
     """Seed for initialisation and shuffling; the same seed gives bit-identical results."""
-    device: str = "auto"
-    """auto, cpu or cuda (auto: cuda when available)."""
 
     # ---- SAE
-    architecture: str = "topk"
-    """relu, topk, batchtopk, gated, jumprelu or matryoshka."""
+    architecture: str = field(default=DEFAULT_ARCHITECTURE, help=f"SAE architecture: {_architectures()}.")
     expansion_factor: int = 8
     """Latents per input dimension (d_sae = expansion_factor × d_in) unless --d-sae is given."""
     d_sae: int = 0
     """Number of latents; 0: expansion_factor × d_in."""
-    k: int = 32
-    """Active latents per token (topk, batchtopk, matryoshka)."""
-    sparsity_coefficient: float = -1.0
-    """L1 (relu, gated) or L0 (jumprelu) coefficient; negative: the architecture's default."""
+    k: int = field(default=32, help=f"Active latents per token ({_architectures(lambda c: c.uses_k)}).")
+    sparsity_coefficient: float = field(default=-1.0, help=(
+        "Sparsity coefficient (" + ", ".join(f"{a}: {c.sparsity_coefficient_field}" for a, c in _configs().items()
+                                             if c.sparsity_coefficient_field)
+        + "); negative: the architecture's default."))
     sae_options: str = ""
-    """Other architecture options as JSON, e.g. '{"aux_k": 256, "matmul_dtype": "bfloat16"}'."""
+    """Other options of the architecture's config class as JSON, e.g. '{"b_dec_init": "mean"}'."""
     normalize_activations: str = "expected_norm"
     """Input scaling estimated from data and folded into the saved SAE: expected_norm (E‖x‖=√d), unit_mean_squared, none."""
     dead_after_tokens: int = 0
-    """A latent is dead after this many tokens without firing (AuxK, resampling, stats); 0: architecture default."""
+    """A latent is dead after this many tokens without firing (dead-latent handling, stats); 0: the
+    default (10M tokens, at most a fifth of the run)."""
 
     # ---- optimisation
     optimizer: str = "adam"
     """adam or adamw."""
     lr: float = 0.0
-    """Learning rate; 0: the architecture default (TopK family: 1e-3 / sqrt(d_sae / 2^14))."""
+    """Learning rate; 0: the architecture's default, which may scale with d_sae (docs/architecture.md, "Learning
+    rate")."""
     adam_beta1: float = 0.9
     """Adam β1."""
     adam_beta2: float = 0.999
@@ -110,8 +114,8 @@ class TrainConfig:
     """Write a checkpoint (atomically) every this many steps."""
     log_every: int = 20
     """Record metrics to metrics.jsonl every this many steps."""
-    progress: bool = True
-    """Show a progress bar."""
+    runtime_options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    """Where and how the run computes; a resumed run may change these."""
 
     saes: tuple[dict, ...] = field(default=(), cmd=False)
     """(config files only) per-SAE settings: each needs `site`, may set `name`, `target_site` (a transcoder) and
@@ -124,38 +128,31 @@ class TrainConfig:
                 raise SaeforgeError(problem, fix)
 
         need(self.tokens > 0, f"--tokens must be positive, got {self.tokens}", "pass e.g. --tokens 2000000")
-        need(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}", "pass e.g. 4096")
+        need(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}",
+             "pass e.g. --batch-size 4096")
         need(self.tokens >= self.batch_size, f"--tokens {self.tokens} is less than one batch of {self.batch_size}",
-             "train on more tokens or use a smaller batch")
+             f"pass --tokens {self.batch_size} or more, or a smaller --batch-size")
         need(math.isfinite(self.lr) and self.lr >= 0, f"the learning rate must be positive, got {self.lr}",
              "pass --lr with a positive value such as 3e-4 (or 0 for the architecture default)")
-        need(self.optimizer in ("adam", "adamw"), f"unknown optimizer {self.optimizer!r}", "use adam or adamw")
+        need(self.optimizer in ("adam", "adamw"), f"unknown optimizer {self.optimizer!r}",
+             "pass --optimizer adam or --optimizer adamw")
         need(self.checkpoint_every > 0 and self.log_every > 0, "checkpoint_every and log_every must be positive",
-             "pass positive step counts")
+             "pass e.g. --checkpoint-every 200 --log-every 20")
         need(0 <= self.lr_decay_fraction <= 1 and 0 <= self.sparsity_warmup_fraction <= 1,
-             "lr_decay_fraction and sparsity_warmup_fraction must lie in [0, 1]", "pass fractions such as 0.2")
+             "lr_decay_fraction and sparsity_warmup_fraction must lie in [0, 1]",
+             "pass e.g. --lr-decay-fraction 0.2 --sparsity-warmup-fraction 0.05")
+        need(self.threads >= 0, f"--threads must be 0 (automatic) or positive, got {self.threads}",
+             "pass --threads 0")
         need(bool(self.sites) or bool(self.saes), "no sites to train on", "pass --sites layers.5.resid_post")
         self.sae_option_dict()
         for spec in self.sae_specs():
-            for f in ("lr",):
-                v = spec.get(f, 0.0)
-                need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
-                     f"SAE {spec['name']!r}: learning rate must be positive, got {v!r}",
-                     "set a positive lr (or 0 for the architecture default)")
+            v = spec.get("lr", 0.0)
+            need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+                 f"SAE {spec['name']!r}: learning rate must be positive, got {v!r}",
+                 "give its `saes:` entry in the config file a positive `lr:` (or 0 for the architecture default)")
 
     def sae_option_dict(self) -> dict[str, Any]:
-        if not self.sae_options:
-            return {}
-        if isinstance(self.sae_options, dict):
-            return dict(self.sae_options)
-        try:
-            opts = json.loads(self.sae_options)
-        except json.JSONDecodeError as err:
-            raise SaeforgeError(f"--sae-options is not valid JSON: {err}",
-                                """pass a JSON object, e.g. '{"aux_k": 256}'""") from err
-        if not isinstance(opts, dict):
-            raise SaeforgeError("--sae-options must be a JSON object", """e.g. '{"aux_k": 256}'""")
-        return opts
+        return parse_sae_options(self.sae_options)
 
     def sae_specs(self) -> list[dict[str, Any]]:
         """One dict per SAE: name, site, target_site and the per-SAE fields, defaults filled from this config."""
@@ -164,7 +161,7 @@ class TrainConfig:
         specs, names = [], set()
         for i, entry in enumerate(entries):
             if not isinstance(entry, dict) or "site" not in entry:
-                raise SaeforgeError(f"entry {i} of `saes` has no `site`", "give every SAE a site")
+                raise SaeforgeError(f"entry {i} of `saes` has no `site`", "give every SAE a `site:` in the config file")
             unknown = set(entry) - set(PER_SAE_FIELDS) - {"site", "name", "target_site"}
             if unknown:
                 raise SaeforgeError(f"entry {i} of `saes` has unknown keys: {', '.join(sorted(unknown))}",
@@ -174,7 +171,8 @@ class TrainConfig:
             spec.setdefault("name", entry["site"] if len(entries) == 1 or sum(
                 e.get("site") == entry["site"] for e in entries) == 1 else f"{entry['site']}-{i}")
             if spec["name"] in names:
-                raise SaeforgeError(f"two SAEs are named {spec['name']!r}", "give them distinct `name`s")
+                raise SaeforgeError(f"two SAEs are named {spec['name']!r}",
+                                    "give them distinct `name:`s in the config file")
             names.add(spec["name"])
             specs.append(spec)
         return specs
@@ -188,31 +186,59 @@ class TrainConfig:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+        """The flat mapping config files and run.json hold (option groups flattened)."""
+        return flat_dict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise SaeforgeError(f"unknown training option(s): {', '.join(unknown)}",
-                                f"remove them; `saeforge train --help` lists the options")
-        kw = {k: (tuple(v) if k in ("sites", "saes") and isinstance(v, list) else v) for k, v in d.items()}
-        return cls(**kw)
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; also reads run.json files of older versions (options they lack take their
+        defaults) and option groups written as nested mappings."""
+        return from_flat_dict(cls, d, tuple_fields=("sites", "saes"), what="training option")
 
-    def differences(self, other: "TrainConfig", fields: list[str] | None = None) -> list[str]:
+    def differences(self, other: TrainConfig, fields: list[str] | None = None) -> list[str]:
         """Human-readable differences in the fields that determine the result."""
         mine, theirs = self.to_dict(), other.to_dict()
-        keys = fields if fields is not None else [k for k in mine if k not in RESUME_FREE_FIELDS]
+        keys = fields if fields is not None else list(mine)
         return [f"{k}: saved {theirs[k]!r}, given {mine[k]!r}" for k in keys
-                if k not in RESUME_FREE_FIELDS and mine[k] != theirs[k]]
+                if k in mine and k not in RESUME_FREE_FIELDS and mine[k] != theirs[k]]
+
+
+def parse_sae_options(options: str | dict | None) -> dict[str, Any]:
+    """``--sae-options`` (a JSON object, or already a dict in a config file) as a dict."""
+    if not options:
+        return {}
+    if isinstance(options, dict):
+        return dict(options)
+    try:
+        opts = json.loads(options)
+    except json.JSONDecodeError as err:
+        raise SaeforgeError(f"--sae-options is not valid JSON: {err}",
+                            """pass a JSON object, e.g. --sae-options '{"b_dec_init": "mean"}'""") from err
+    if not isinstance(opts, dict):
+        raise SaeforgeError("--sae-options must be a JSON object",
+                            """pass e.g. --sae-options '{"b_dec_init": "mean"}'""")
+    return opts
+
+
+def non_default_fields(cfg: TrainConfig) -> list[str]:
+    """The options of ``cfg`` that differ from the defaults (what an API caller "gave")."""
+    mine, default = cfg.to_dict(), TrainConfig().to_dict()
+    return [k for k in mine if mine[k] != default[k]]
+
+
+def resolve_config(cfg: TrainConfig, given: list[str]) -> TrainConfig:
+    """Lay the explicitly given options over the config file's (``--config``), if there is one."""
+    if not cfg.config:
+        return cfg
+    data = load_config_file(cfg.config)
+    base = TrainConfig.from_dict({**data, "config": cfg.config})
+    return dataclasses.replace(base, **{f: getattr(cfg, f) for f in given if f != "config"})
 
 
 def load_config_file(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise SaeforgeError(f"config file {path} does not exist", "check the path")
+        raise SaeforgeError(f"config file {path} does not exist", "check the path given to --config")
     text = p.read_text()
     try:
         if p.suffix in (".yaml", ".yml"):

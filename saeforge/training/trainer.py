@@ -1,80 +1,42 @@
 """The training loop: one or many SAEs fed from one ActivationStream, checkpointed atomically, resumed exactly.
 
-A run directory holds ``run.json`` (the full config, versions, a run id), ``checkpoints/checkpoint.pt`` (weights,
-optimiser and scheduler state, dead-latent counters, RNG states, the stream position and the length of
-``metrics.jsonl`` at that step), ``metrics.jsonl`` and, at the end, ``saes/<name>/`` (SAELens-compatible files with
-the input normalisation folded in). A run killed at any moment resumes from its last checkpoint and ends with
+A run directory (:mod:`saeforge.training.run_dir`) holds ``run.json``, ``checkpoints/checkpoint.pt``
+(:mod:`saeforge.training.checkpoint`), ``metrics.jsonl`` and, at the end, ``saes/<name>/`` (SAELens-compatible files
+with the input normalisation folded in). A run killed at any moment resumes from its last checkpoint and ends with
 weights bit-identical to an uninterrupted run: everything that determines a step is a function of the seed, the
 step and the checkpointed state.
+
+The loop knows no architecture: each SAE's config class says how the generic options map onto it
+(:meth:`~saeforge.saes.SAEConfig.from_training_options`) and what its default learning rate is, and the SAE handles
+its own dead latents in :meth:`~saeforge.saes.SAE.after_step`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import random
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from saeforge.data.activation_stream import ActivationStream, CachedActivations, LiveActivations
 from saeforge.errors import SaeforgeError
 from saeforge.models.loading import resolve_device
-from saeforge.saes import SAE, ActivationScaler, DeadLatentTracker, SAEConfig, TrainState, make_sae, save_sae
+from saeforge.saes import SAE, ActivationScaler, DeadLatentTracker, TrainOutput, TrainState, make_sae, save_sae
 from saeforge.saes.registry import get_config_class
-from saeforge.training.config import TrainConfig, load_config_file
+from saeforge.training.checkpoint import load_checkpoint, save_checkpoint
+from saeforge.training.config import TrainConfig, non_default_fields, parse_sae_options, resolve_config
+from saeforge.training.run_dir import open_run, record_data
 from saeforge.training.schedules import lr_factor, sparsity_factor
-from saeforge.utils.atomic import atomic_write, atomic_write_json, remove_stale_temporaries
+from saeforge.utils.atomic import atomic_write_json
+from saeforge.utils.threads import thread_policy
 
-RUN_FORMAT = "saeforge-run"
-CHECKPOINT_FORMAT = "saeforge-checkpoint"
-FORMAT_VERSION = 1
+__all__ = ["Trainer", "train"]
+
 INIT_SAMPLE_TOKENS = 32_768  # vectors used to estimate the input scale and initialise b_dec (OpenAI: 32,768)
-TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
-DEFAULT_LR = {"relu": 5e-5, "gated": 5e-5, "jumprelu": 7e-5}  # methods.md §1b, §3a, §3b
 DEFAULT_DEAD_AFTER_TOKENS = 10_000_000  # OpenAI's definition of a dead latent
-
-
-# TopK family: Gao et al.'s 1/sqrt(d_sae) scaling (Fig. 3) with a coefficient 5x their 2e-4, which is far too small
-# with saeforge's input scaling (E||x|| = sqrt(d)) at the run lengths people use. On SmolLM2-135M (d_sae 4608, k 32,
-# batch 4096, 1M tokens) held-out FVU at layer 6 / layer 15 is 0.143 / 0.092 with 2e-4 and 0.096 / 0.068 with 1e-3;
-# larger coefficients leave more latents silent on held-out text (12 % at layer 15 with 1.5e-3). docs/architecture.md
-TOPK_LR_COEFFICIENT = 1e-3
-
-
-def default_lr(architecture: str, d_sae: int) -> float:
-    if architecture in TOPK_FAMILY:
-        return TOPK_LR_COEFFICIENT / math.sqrt(d_sae / 2**14)
-    return DEFAULT_LR.get(architecture, 1e-4)
-
-
-def build_sae_config(spec: dict[str, Any], d_in: int, d_out: int, dead_after_tokens: int) -> SAEConfig:
-    """Turn a per-SAE spec of the training config into the architecture's config."""
-    cls = get_config_class(spec["architecture"])
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kw: dict[str, Any] = {"d_in": d_in, "d_sae": spec["d_sae"] or spec["expansion_factor"] * d_in}
-    if spec.get("target_site"):
-        # A transcoder's b_dec lives in the output space, even when both sites have the same width.
-        kw.update(d_out=d_out, apply_b_dec_to_input=False)
-    if "k" in fields:
-        kw["k"] = spec["k"]
-    if spec["sparsity_coefficient"] >= 0:
-        name = next((n for n in ("l1_coefficient", "l0_coefficient", "sparsity_coefficient") if n in fields), None)
-        if name is None:
-            raise SaeforgeError(f"architecture {spec['architecture']!r} has no sparsity coefficient",
-                                "leave --sparsity-coefficient unset for it (TopK-style SAEs fix L0 with k)")
-        kw[name] = spec["sparsity_coefficient"]
-    if "dead_after_tokens" in fields:
-        kw["dead_after_tokens"] = dead_after_tokens
-    opts = spec["sae_options"]
-    opts = json.loads(opts) if isinstance(opts, str) and opts else (opts or {})
-    return SAEConfig.from_dict({"architecture": spec["architecture"], **kw, **opts})
 
 
 @dataclass
@@ -89,38 +51,14 @@ class Trainee:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     tracker: DeadLatentTracker
     scaler: ActivationScaler
-    sums: dict[str, float] = dataclasses.field(default_factory=dict)
-    n_logged: int = 0
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    from saeforge import __version__
-
-    return {"saeforge": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    metrics: dict[str, float] | None = None  # of the last step that was logged
 
 
 class Trainer:
     """Build with :func:`train` (or ``Trainer(cfg, run_dir)``); :meth:`fit` runs to the end and returns the final
     metrics per SAE."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, run_info: dict[str, Any] | None = None):
         cfg.validate()
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -128,7 +66,7 @@ class Trainer:
         self.total_steps = cfg.tokens // cfg.batch_size
         self.checkpoint_path = self.run_dir / "checkpoints" / "checkpoint.pt"
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.run_info = json.loads((self.run_dir / "run.json").read_text())
+        self.run_info = run_info if run_info is not None else json.loads((self.run_dir / "run.json").read_text())
         self.lm = None
         self.source = self._make_source()
         self.stream = ActivationStream(self.source, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -143,18 +81,15 @@ class Trainer:
             from saeforge.data.activation_cache import ActivationCache
 
             cache = ActivationCache(cfg.cache)
-            m = cache.manifest
-            self.data_info = {"model_name": m["model"], "model_fingerprint": m["model_fingerprint"],
-                              "context_size": m["context_length"], "prepend_bos": m["prepend_bos"],
-                              "exclude_special_tokens": m["exclude_special_tokens"], "dataset_path": m["corpus"]}
+            self.data_info = cache.data_info()
             return CachedActivations(cache, sites, shards_per_fill=cfg.shards_per_fill, seed=cfg.seed)
         from saeforge.data.text_source import TextSource
-        from saeforge.data.token_stream import TokenPolicy, TokenStream
+        from saeforge.data.token_stream import TokenStream
         from saeforge.models.language_model import LanguageModel
 
         self.lm = LanguageModel.load(cfg.model, dtype=cfg.model_dtype, device=cfg.device)
         tokens = TokenStream.for_model(TextSource(cfg.corpus, cfg.text_field), self.lm,
-                                       TokenPolicy(cfg.context_length, cfg.prepend_bos, cfg.exclude_special_tokens))
+                                       cfg.text_options.token_policy())
         self.data_info = {"model_name": cfg.model, "model_fingerprint": self.lm.fingerprint(),
                           "context_size": cfg.context_length, "prepend_bos": cfg.prepend_bos,
                           "exclude_special_tokens": cfg.exclude_special_tokens, "dataset_path": cfg.corpus}
@@ -170,7 +105,9 @@ class Trainer:
         cfg = self.cfg
         sample = self.source.fill(0)
         if sample is None:
-            raise SaeforgeError("the activation source is empty", "check the cache or corpus")
+            raise SaeforgeError("the activation source is empty",
+                                "cache activations first (`saeforge cache` or `saeforge import-activations`), "
+                                "or pass a larger --corpus")
         torch.manual_seed(cfg.seed)
         for spec in cfg.sae_specs():
             site, target_site = spec["site"], spec["target_site"]
@@ -178,11 +115,16 @@ class Trainer:
             y = sample[target_site][:INIT_SAMPLE_TOKENS].to(self.device, torch.float32) if target_site else None
             self._check_finite(x, site, "the initialisation sample")
             dead_after = self._dead_after_tokens(spec)
-            sae_cfg = build_sae_config(spec, x.shape[1], y.shape[1] if y is not None else x.shape[1], dead_after)
+            config_class = get_config_class(spec["architecture"])
+            sae_cfg = config_class.from_training_options(
+                d_in=x.shape[1], d_sae=spec["d_sae"] or spec["expansion_factor"] * x.shape[1],
+                d_out=y.shape[1] if y is not None else None, k=spec["k"],
+                sparsity_coefficient=spec["sparsity_coefficient"], dead_after_tokens=dead_after,
+                options=parse_sae_options(spec["sae_options"]))
             sae = make_sae(sae_cfg).to(self.device)
             scaler = ActivationScaler.fit(x, cfg.normalize_activations, y)
             sae.init_from_data(scaler.scale_input(x), scaler.scale_target(y) if y is not None else None)
-            lr = spec["lr"] or default_lr(sae_cfg.architecture, sae_cfg.d_sae)
+            lr = spec["lr"] or type(sae_cfg).default_lr(sae_cfg.d_sae)
             opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
             # fused: one kernel for the whole update (CPU and CUDA), measurably faster at SAE sizes
             optimizer = opt_cls(sae.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
@@ -199,52 +141,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self) -> None:
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "version": FORMAT_VERSION,
-            "run_id": self.run_info["run_id"],
-            "step": self.step,
-            "stream": self.stream.state_dict(),
-            "metrics_bytes": self.metrics_path.stat().st_size if self.metrics_path.exists() else 0,
-            "rng": _rng_state(),
-            "saes": {t.name: {"model": t.sae.state_dict(), "optimizer": t.optimizer.state_dict(),
-                              "scheduler": t.scheduler.state_dict(),
-                              "tokens_since_fired": t.tracker.tokens_since_fired,
-                              "scaler": t.scaler.to_dict()} for t in self.trainees},
-        }
-        atomic_write(self.checkpoint_path, lambda p: torch.save(state, p))
+        save_checkpoint(self.checkpoint_path, run_id=self.run_info["run_id"], step=self.step,
+                        stream_state=self.stream.state_dict(), metrics_path=self.metrics_path,
+                        trainees=self.trainees)
 
     def _load_checkpoint(self) -> bool:
-        if not self.checkpoint_path.is_file():
+        loaded = load_checkpoint(self.checkpoint_path, run_id=self.run_info["run_id"], trainees=self.trainees,
+                                 metrics_path=self.metrics_path, device=self.device)
+        if loaded is None:
             return False
-        try:
-            state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
-        except Exception as err:
-            raise SaeforgeError(f"checkpoint {self.checkpoint_path} is unreadable: {err}",
-                                "it was not written by saeforge or is damaged; start a new run") from err
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("version", 99) > FORMAT_VERSION:
-            raise SaeforgeError(f"{self.checkpoint_path} is not a saeforge checkpoint this version can read",
-                                "start a new run or upgrade saeforge")
-        if state["run_id"] != self.run_info["run_id"]:
-            raise SaeforgeError(f"{self.checkpoint_path} belongs to another run ({state['run_id']}, this run is "
-                                f"{self.run_info['run_id']})", "resume the run that wrote it, or start afresh")
-        by_name = {t.name: t for t in self.trainees}
-        if set(state["saes"]) != set(by_name):
-            raise SaeforgeError(f"checkpoint holds SAEs {sorted(state['saes'])}, the config has {sorted(by_name)}",
-                                "resume with the run's own config")
-        for name, s in state["saes"].items():
-            t = by_name[name]
-            t.sae.load_state_dict(s["model"])
-            t.optimizer.load_state_dict(s["optimizer"])
-            t.scheduler.load_state_dict(s["scheduler"])
-            t.tracker.tokens_since_fired.copy_(s["tokens_since_fired"])
-            t.scaler = ActivationScaler.from_dict(s["scaler"])
-        self.step = state["step"]
-        self.stream.load_state_dict(state["stream"])
-        _set_rng_state(state["rng"])
-        if self.metrics_path.exists():  # drop metrics recorded after the checkpoint; they will be recorded again
-            with open(self.metrics_path, "r+b") as fh:
-                fh.truncate(state["metrics_bytes"])
+        self.step, stream_state = loaded
+        self.stream.load_state_dict(stream_state)
         return True
 
     # ------------------------------------------------------------------------------------------------ loop
@@ -253,11 +160,12 @@ class Trainer:
             raise SaeforgeError(
                 f"NaN or Inf in the activations at site {site!r} in {what}",
                 f"check the activation source; the last good checkpoint ({self.checkpoint_path}) is intact and "
-                "`saeforge train --resume` continues from it")
+                f"`saeforge train --resume {self.run_dir}` continues from it")
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> None:
         cfg = self.cfg
         warm = int(cfg.sparsity_warmup_fraction * self.total_steps)
+        logging = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total_steps
         for t in self.trainees:
             x = batch[t.site].to(self.device, torch.float32, non_blocking=True)
             self._check_finite(x, t.site, f"the batch of step {self.step}")
@@ -271,7 +179,7 @@ class Trainer:
             if not torch.isfinite(out.loss):
                 raise SaeforgeError(
                     f"the loss of SAE {t.name!r} became {out.loss.item()} at step {self.step}",
-                    f"lower the learning rate; the last good checkpoint ({self.checkpoint_path}) is intact")
+                    f"lower the learning rate (--lr); the last good checkpoint ({self.checkpoint_path}) is intact")
             out.loss.backward()
             t.sae.before_optimizer_step()
             if cfg.grad_clip_norm > 0:
@@ -281,33 +189,18 @@ class Trainer:
             t.optimizer.zero_grad(set_to_none=True)
             t.scheduler.step()
             t.tracker.update(out.fired, x.shape[0])
-            resample_every = getattr(t.sae.cfg, "resample_every", None)
-            if resample_every and (self.step + 1) % resample_every == 0:
-                t.sae.resample_dead_latents(x, t.tracker.dead_mask, t.optimizer)
-            if (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total_steps:
-                with torch.no_grad():
-                    ref = x if target is None else target
-                    fvu = float((out.x_hat - ref).pow(2).sum() / (ref - ref.mean(0)).pow(2).sum().clamp_min(1e-12))
-                self._accumulate(t, out, fvu)
-
-    def _accumulate(self, t: Trainee, out, fvu: float) -> None:
-        vals = {"loss": float(out.loss.detach()), "l0": out.l0, "fvu": fvu,
-                **{f"loss_{k}": float(v.detach()) for k, v in out.terms.items()}}
-        for k, v in vals.items():
-            t.sums[k] = t.sums.get(k, 0.0) + v
-        t.n_logged += 1
+            if logging:  # before after_step, which may change the SAE: the metrics describe this forward
+                t.metrics = _step_metrics(out, x if target is None else target)
+            t.sae.after_step(self.step, self.total_steps, t.tracker.dead_mask, x, t.optimizer)
 
     def _log(self, t0: float, tokens_at_start: int) -> dict[str, Any]:
         elapsed = time.time() - t0
-        tokens = (self.step) * self.cfg.batch_size
+        tokens = self.step * self.cfg.batch_size
         record: dict[str, Any] = {"step": self.step, "tokens": tokens,
                                   "tokens_per_s": (tokens - tokens_at_start) / max(elapsed, 1e-9), "saes": {}}
         for t in self.trainees:
-            m = {k: v / max(t.n_logged, 1) for k, v in t.sums.items()}
-            m["dead_fraction"] = float(t.tracker.dead_mask.float().mean())
-            m["lr"] = t.scheduler.get_last_lr()[0]
-            record["saes"][t.name] = m
-            t.sums, t.n_logged = {}, 0
+            record["saes"][t.name] = {**(t.metrics or {}), "dead_fraction": float(t.tracker.dead_mask.float().mean()),
+                                      "lr": t.scheduler.get_last_lr()[0]}
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         return record
@@ -387,78 +280,26 @@ class Trainer:
         return final
 
 
+def _step_metrics(out: TrainOutput, reference: torch.Tensor) -> dict[str, float]:
+    """Loss, its terms, L0 and FVU (against the batch's own mean) of one training forward."""
+    with torch.no_grad():
+        fvu = float((out.x_hat - reference).pow(2).sum()
+                    / (reference - reference.mean(0)).pow(2).sum().clamp_min(1e-12))
+    return {"loss": float(out.loss.detach()), "l0": out.l0, "fvu": fvu,
+            **{f"loss_{k}": float(v.detach()) for k, v in out.terms.items()}}
+
+
 # ---------------------------------------------------------------------------------------------------- entry
-def _new_run(cfg: TrainConfig) -> Path:
-    if not cfg.out:
-        raise SaeforgeError("no run directory given", "pass --out RUN_DIR (or --resume RUN_DIR)")
-    run_dir = Path(cfg.out)
-    if (run_dir / "run.json").exists():
-        raise SaeforgeError(f"{run_dir} already holds a run", f"resume it with --resume {run_dir}, or pick a new --out")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise SaeforgeError(f"--out {run_dir} exists and is not empty", "pick a new or empty folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    info = {"format": RUN_FORMAT, "version": FORMAT_VERSION, "run_id": uuid.uuid4().hex,
-            "config": cfg.to_dict(), "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "status": "running"}
-    atomic_write_json(run_dir / "run.json", info)
-    return run_dir
-
-
-def _resumed_run(cfg: TrainConfig, given: list[str] | None) -> tuple[TrainConfig, Path]:
-    run_dir = Path(cfg.resume)
-    path = run_dir / "run.json"
-    if not path.is_file():
-        raise SaeforgeError(f"{run_dir} is not a saeforge run (no run.json)", "pass the folder given to --out")
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SaeforgeError(f"{path} is corrupt: {err}", "the run cannot be resumed; start a new one") from err
-    if info.get("format") != RUN_FORMAT or info.get("version", 99) > FORMAT_VERSION:
-        raise SaeforgeError(f"{path} is not a run this saeforge version can resume", "start a new run")
-    saved = TrainConfig.from_dict(info["config"])
-    diffs = cfg.differences(saved, given)
-    if diffs:
-        raise SaeforgeError("the run was started with another config; differences:\n    " + "\n    ".join(diffs),
-                            "resume with the saved settings (just --resume RUN_DIR), or start a new run with --out")
-    keep = {f: getattr(cfg, f) for f in ("device", "progress")}
-    return dataclasses.replace(saved, resume=str(run_dir), **keep), run_dir
-
-
-def non_default_fields(cfg: TrainConfig) -> list[str]:
-    default = TrainConfig()
-    return [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)]
-
-
-def resolve_config(cfg: TrainConfig, given: list[str]) -> TrainConfig:
-    """Lay the explicitly given options over the config file's (``--config``), if there is one."""
-    if not cfg.config:
-        return cfg
-    data = load_config_file(cfg.config)
-    base = TrainConfig.from_dict({**TrainConfig().to_dict(), **data, "config": cfg.config})
-    return dataclasses.replace(base, **{f: getattr(cfg, f) for f in given if f != "config"})
-
-
 def train(cfg: TrainConfig, given: list[str] | None = None) -> dict[str, Any]:
     """Train (or resume) and return the final metrics per SAE.
 
     ``given`` names the options set explicitly (the CLI passes those on its command line); they override a
     ``--config`` file and, on resume, must equal the saved run's. None: the fields that differ from the defaults.
+    The run directory is locked for the whole run: a second ``saeforge train`` on it is refused.
     """
     given = non_default_fields(cfg) if given is None else given
     cfg = resolve_config(cfg, given)
-    if cfg.resume:
-        cfg, run_dir = _resumed_run(cfg, given)
-    else:
-        cfg.validate()
-        run_dir = _new_run(cfg)
-    remove_stale_temporaries(run_dir / "checkpoints")
-    remove_stale_temporaries(run_dir)
-    trainer = Trainer(cfg, run_dir)
-    data = {"data": trainer.data_info}
-    if trainer.run_info.get("data") != data["data"]:
-        if "data" in trainer.run_info:
-            raise SaeforgeError(f"the training data changed since the run started (was {trainer.run_info['data']}, "
-                                f"now {trainer.data_info})", "resume with the same model and cache")
-        trainer.run_info.update(data)
-        atomic_write_json(run_dir / "run.json", trainer.run_info)
-    return trainer.fit()
+    with open_run(cfg, given) as (cfg, run_dir, info), thread_policy(cfg.threads):
+        trainer = Trainer(cfg, run_dir, info)
+        record_data(run_dir, info, trainer.data_info)
+        return trainer.fit()

@@ -167,3 +167,19 @@ def test_killed_cache_process_resumes_to_the_same_result(tiny_llama_dir, text_fi
     a, b = ActivationCache(out), ActivationCache(tmp_path / "ref")
     assert a.complete and a.token_count == b.token_count == 60000
     assert np.array_equal(_arrays(a, "layers.2.resid_post"), _arrays(b, "layers.2.resid_post"))
+
+
+def test_a_second_cache_writer_on_one_folder_is_refused(tiny_llama_dir, text_file, tmp_path, capsys):
+    from saeforge.cli import main
+    from tests.utils.lock_holder import lock_held_elsewhere
+
+    out = tmp_path / "c"
+    with lock_held_elsewhere(out, "saeforge cache") as pid:
+        assert main(["cache", "--model", str(tiny_llama_dir), "--sites", "layers.1.resid_post", "--corpus",
+                     str(text_file), "--out", str(out), "--tokens", "100", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"in use by pid {pid}" in err and "two saeforge cache processes" in err
+    assert "writable" not in err and not (out / "manifest.json").exists()
+    # free again: the lock file alone does not make the folder "not a cache"
+    cache = build_cache(_cfg(tiny_llama_dir, text_file, out, tokens=100), progress=False)
+    assert cache.complete

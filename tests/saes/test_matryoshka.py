@@ -61,13 +61,25 @@ def test_prefix_sizes_and_defaults():
     assert MatryoshkaConfig.from_dict(cfg.to_dict()) == cfg
 
 
+@pytest.mark.parametrize("d_sae, groups", [
+    (4608, (288, 288, 576, 1152, 2304)),   # prefixes d/16, d/8, d/4, d/2, d
+    (1000, (62, 63, 125, 250, 500)),       # rounded down: prefixes 62, 125, 250, 500, 1000
+    (8, (1, 1, 2, 4)),                     # d/16 rounds to 0 and is dropped
+    (1, (1,)),
+])
+def test_default_group_sizes_are_nested_halvings_of_d_sae(d_sae, groups):
+    cfg = MatryoshkaConfig(d_in=D_IN, d_sae=d_sae, k=1)
+    assert cfg.group_sizes == groups and sum(groups) == d_sae
+    assert cfg.to_dict()["group_sizes"] == list(groups)  # the resolved sizes are what is saved
+
+
 @pytest.mark.parametrize("kwargs, match", [
-    ({"group_sizes": ()}, "non-empty"),
     ({"group_sizes": (8, 8)}, "sum to 16"),
     ({"group_sizes": (0, 32)}, "positive integers"),
     ({"group_sizes": (16, 16), "group_weights": (1.0,)}, "group_weights"),
     ({"group_sizes": (16, 16), "group_weights": (1.0, -1.0)}, "group_weights"),
 ])
 def test_config_errors(kwargs, match):
-    with pytest.raises(SaeforgeError, match=match):
+    with pytest.raises(SaeforgeError, match=match) as err:
         MatryoshkaConfig(d_in=D_IN, d_sae=D_SAE, k=4, **kwargs)
+    assert err.value.fix.startswith("pass --sae-options '{\"group_")  # a command line, not Python

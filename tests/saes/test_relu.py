@@ -134,3 +134,30 @@ def test_resampling_without_dead_latents_is_a_no_op_and_april_refuses():
         build("relu_april").resample_dead_latents(batch(10), torch.ones(D_SAE, dtype=torch.bool))
     with pytest.raises(SaeforgeError, match="dead_mask"):
         sae.resample_dead_latents(batch(10, d=6), torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("every, total, due", [
+    (150, 300, [149]),                           # the report: resampling at the final step 299 is gone
+    (10, 40, [9, 19, 29]),                       # window max(5, 2) = 5 steps: 39 is the final step
+    (10, 1000, list(range(9, 950, 10))),         # window max(5, 50) = 50 steps: the last is after step 950
+    (100, 150, [99]),                            # 50 steps left after it: exactly the window, so still due
+    (100, 140, []),                              # 40 steps left: inside the window of 50
+    (0, 100, []),
+    (None, 100, []),
+])
+def test_resampling_is_due_every_interval_but_never_in_the_settling_window(every, total, due):
+    from saeforge.saes.relu import resample_due
+
+    assert [s for s in range(total) if resample_due(s, total, every)] == due
+
+
+def test_classic_after_step_resamples_only_when_due():
+    sae = build("relu_classic", resample_every=4)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:3] = True
+    x = batch(64)
+    before = sae.W_dec.detach().clone()
+    sae.after_step(7, 8, dead, x, None)  # the final step: never
+    assert torch.equal(sae.W_dec, before)
+    sae.after_step(3, 100, dead, x, None)
+    assert not torch.equal(sae.W_dec[:3], before[:3]) and torch.equal(sae.W_dec[3:], before[3:])
