@@ -24,6 +24,7 @@ import torch
 from saeforge.data.activation_stream import ActivationStream, CachedActivations, LiveActivations
 from saeforge.errors import SaeforgeError
 from saeforge.models.loading import resolve_device
+from saeforge.runs import SiteBinding
 from saeforge.saes import SAE, ActivationScaler, DeadLatentTracker, TrainOutput, TrainState, make_sae, save_sae
 from saeforge.saes.registry import get_config_class
 from saeforge.training.checkpoint import load_checkpoint, save_checkpoint
@@ -269,10 +270,9 @@ class Trainer:
             sae = make_sae(t.sae.cfg).to(self.device)
             sae.load_state_dict(t.sae.state_dict())
             t.scaler.fold_into(sae)
-            meta = {"hook_name": t.site, **self.data_info, "saeforge_run": self.run_info["run_id"],
-                    "normalization": t.scaler.to_dict(), "training_tokens": self.total_steps * self.cfg.batch_size}
-            if t.target_site:
-                meta["hook_name_out"] = t.target_site
+            meta = {**SiteBinding.single(t.site, t.target_site).to_metadata(), **self.data_info,
+                    "saeforge_run": self.run_info["run_id"], "normalization": t.scaler.to_dict(),
+                    "training_tokens": self.total_steps * self.cfg.batch_size}
             save_sae(sae, self.run_dir / "saes" / t.name, metadata=meta, feature_stats=self._feature_stats(t, sae))
             final[t.name] = (last or {}).get("saes", {}).get(t.name, {})
         self.run_info.update(status="complete", final=final, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))

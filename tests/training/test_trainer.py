@@ -232,7 +232,7 @@ def test_several_saes_train_from_one_stream(tiny_cache, tmp_path):
     assert final["topk8"]["l0"] == pytest.approx(8) and final["topk16"]["l0"] == pytest.approx(16)
     assert final["topk16"]["fvu"] < final["topk8"]["fvu"]
     tc = json.loads((tmp_path / "run" / "saes" / "transcoder" / "cfg.json").read_text())
-    assert tc["metadata"]["hook_name_out"] == SITES[1]
+    assert tc["metadata"]["hook_name_out"] == SITES[1] and tc["metadata"]["writes"] == [SITES[1]]
 
 
 def test_live_model_training(tiny_llama_dir, text_file, tmp_path):
