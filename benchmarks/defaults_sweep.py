@@ -1,0 +1,245 @@
+"""Choose the default learning rate and sparsity coefficient of the L1/L0 architectures (docs/defaults.md).
+
+Every run goes through the public API a user has (``saeforge.training.train`` from an activation cache, the
+default ``expected_norm`` normalisation, default batch size, schedules and warm-ups), with only the swept values
+set; a value left out of a grid row is the architecture's current default. Two data sets:
+
+``synthetic``  superposition with a known dictionary (saeforge.evals.synthetic): d 256, 1,024 true features,
+               true L0 12, d_sae 2,048, batch 1,024, 2^18 cached samples. Scored on 16,384 fresh samples with the
+               saved SAE (normalisation folded in): mean max cosine (MMCS), the fraction of true features some
+               decoder row matches at cosine >= 0.9, L0, FVU, never-firing latents.
+``real``       SmolLM2-135M-Instruct (the embedded model), layers.15.resid_post (the demo's site), d_sae 4,608
+               (8 x 576), batch 4,096, trained from a 250k-token `saeforge cache` of embedded:train; scored on a
+               16,384-token cache of embedded:validation: FVU (pooled, dataset mean), L0, latents that never fire.
+``table``      `saeforge eval RUN --tokens 4096` (CE recovered, KL, FVU, L0, dead) on the real-data runs of every
+               architecture at its defaults.
+
+    python benchmarks/defaults_sweep.py synthetic --grid lr        # grids: see GRIDS
+    python benchmarks/defaults_sweep.py real --grid defaults --cache acts/ --validation-cache val/
+    python benchmarks/defaults_sweep.py table --work /tmp/defaults
+
+Results are appended to benchmarks/results/defaults_<data>.json one run at a time; a row already there (same
+key) is not run again, so an interrupted sweep continues where it stopped. Wall times are rough: the machine
+was shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS, machine  # noqa: E402
+from saeforge.evals.synthetic import SparseFeatureModel  # noqa: E402
+from saeforge.saes import load_sae  # noqa: E402
+from saeforge.training import TrainConfig, train  # noqa: E402
+from saeforge.training.trainer import default_lr  # noqa: E402
+from tests.training.test_defaults import SITE, score, write_array_cache  # noqa: E402
+
+REAL_SITE = "layers.15.resid_post"
+SYNTHETIC = dict(d=256, n_features=1024, true_l0=12, d_sae=2048, batch=1024, cache_samples=2**18, eval_samples=16384)
+REAL = dict(site=REAL_SITE, d_sae=4608, batch=4096, k=32)
+
+# name -> (architecture, sae_options the variant needs)
+ARCHS = {
+    "relu": ("relu", {}),
+    "relu_classic": ("relu", {"variant": "classic"}),
+    "gated": ("gated", {}),
+    "jumprelu": ("jumprelu", {}),
+    "topk": ("topk", {}),
+    "batchtopk": ("batchtopk", {}),
+    "matryoshka": ("matryoshka", {}),
+}
+
+
+def matryoshka_groups(d_sae: int) -> list[int]:
+    """Matryoshka needs group sizes (there is no default): 1/8, 1/4, 5/8 of d_sae, as in docs/architecture.md."""
+    a, b = d_sae // 8, d_sae // 4
+    return [a, b, d_sae - a - b]
+
+
+def row(arch: str, steps: int, *, lr: float = 0.0, coef: float = -1.0, seed: int = 0, **options) -> dict:
+    """One run. lr 0 / coef < 0: the architecture default; options: extra SAE options (bandwidth, ...)."""
+    return {"arch": arch, "steps": steps, "lr": lr, "coef": coef, "seed": seed, "options": options}
+
+
+def key(r: dict) -> str:
+    return json.dumps({k: r[k] for k in ("arch", "steps", "lr", "coef", "seed", "options")}, sort_keys=True)
+
+
+# Each grid is a list of rows; the stages of docs/defaults.md, in the order they were run.
+GRIDS: dict[str, dict[str, list[dict]]] = {"synthetic": {}, "real": {}}
+GRIDS["synthetic"]["old"] = [row(a, 256) for a in ("relu", "relu_classic", "gated", "jumprelu")]
+# JumpReLU's initial threshold and bandwidth: the paper's 0.001 (unit mean squared inputs) times sqrt(d) = 16 for
+# expected_norm inputs, against a threshold at the scale of the features (sqrt(lambda), see docs/defaults.md).
+JUMPRELU_SCALES = [dict(threshold_init=0.016, bandwidth=0.016), dict(threshold_init=1.0, bandwidth=0.1)]
+GRIDS["real"]["topk"] = [row("topk", 256)]
+# The L1 soft threshold is lambda/2 and the JumpReLU threshold settles near sqrt(lambda); TopK's smallest active
+# latent at L0 32 (0.55 in expected_norm units, grid "topk") puts lambda near 1 (L1) and 0.3 (L0).
+GRIDS["real"]["first"] = [row(a, 256, lr=3e-3, coef=1.0) for a in ("relu", "relu_classic", "gated")] + [
+    row("jumprelu", 256, lr=3e-3, coef=0.3, threshold_init=0.5, bandwidth=0.1)]
+GRIDS["synthetic"]["lr"] = (
+    [row(a, 256, lr=lr) for lr in (3e-3, 1e-3, 1e-2) for a in ("relu", "relu_classic", "gated")]
+    + [row("jumprelu", 256, lr=lr, coef=1.0, **o) for o in JUMPRELU_SCALES for lr in (3e-3, 1e-2)]
+    + [row("topk", 256), row("topk", 1024)])
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+def _sae_options(arch: str, options: dict, d_sae: int) -> str:
+    base, extra = ARCHS[arch]
+    opts = {**extra, **options}
+    if base == "matryoshka":
+        opts.setdefault("group_sizes", matryoshka_groups(d_sae))
+    return json.dumps(opts) if opts else ""
+
+
+def train_one(r: dict, cache: Path, site: str, out: Path, *, d_sae: int, batch: int, k: int) -> float:
+    base, _ = ARCHS[r["arch"]]
+    cfg = TrainConfig(out=str(out), cache=str(cache), sites=(site,), tokens=batch * r["steps"], batch_size=batch,
+                      d_sae=d_sae, architecture=base, k=k, lr=r["lr"], sparsity_coefficient=r["coef"],
+                      sae_options=_sae_options(r["arch"], r["options"], d_sae), seed=r["seed"], progress=False,
+                      device="cpu", checkpoint_every=10_000)
+    start = time.time()
+    train(cfg)
+    return time.time() - start
+
+
+def resolved(sae_folder: Path) -> dict:
+    """The lr and SAE config the run actually used (defaults resolved)."""
+    run = json.loads((sae_folder.parent.parent / "run.json").read_text())
+    cfg = json.loads((sae_folder / "cfg.json").read_text())["saeforge"]["config"]
+    keep = ("l1_coefficient", "l0_coefficient", "bandwidth", "threshold_init", "variant", "k")
+    lr = run["config"]["lr"] or default_lr(run["config"]["architecture"], cfg["d_sae"])
+    return {"sae": {k: cfg[k] for k in keep if k in cfg}, "lr_used": lr,
+            "normalize_activations": run["config"]["normalize_activations"]}
+
+
+def load_results(data: str) -> dict:
+    path = RESULTS / f"defaults_{data}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"data": data, "problem": SYNTHETIC if data == "synthetic" else REAL, "machine": machine(), "runs": []}
+
+
+def save_results(data: str, results: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"defaults_{data}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def synthetic_problem(work: Path) -> tuple[SparseFeatureModel, Path, torch.Tensor]:
+    p = SYNTHETIC
+    model = SparseFeatureModel.create(p["d"], p["n_features"], mean_active=p["true_l0"], seed=0)
+    cache = work / "synthetic_cache"
+    if not (cache / "manifest.json").is_file():
+        x, _ = model.sample(p["cache_samples"], seed=1)
+        write_array_cache(cache, x.numpy())
+    x_eval, _ = model.sample(p["eval_samples"], seed=2)
+    return model, cache, x_eval
+
+
+@torch.no_grad()
+def score_real(sae_folder: Path, x_val: torch.Tensor) -> dict:
+    """Held-out FVU (pooled, dataset mean), L0, never-firing latents, and the activation scale in training units.
+
+    ``smallest_active_median``: per token, the smallest nonzero latent times its decoder-row norm (its share of
+    the reconstruction), in the units the SAE was trained in (expected_norm); the median over tokens. It is the
+    effective firing threshold, which the sparsity coefficients are calibrated against (docs/defaults.md).
+    """
+    sae = load_sae(sae_folder)
+    meta = json.loads((sae_folder / "cfg.json").read_text())["metadata"]
+    scale = float(meta["normalization"]["scale_out"])
+    dec_norm = sae.W_dec.norm(dim=1)
+    sq_err, fired, l0_sum, smallest = 0.0, torch.zeros(sae.cfg.d_sae, dtype=torch.bool), 0.0, []
+    for chunk in x_val.split(4096):
+        f = sae.encode(chunk)
+        sq_err += float((sae.decode(f) - chunk).double().pow(2).sum())
+        fired |= (f > 0).any(0)
+        l0_sum += float((f > 0).sum())
+        contrib = torch.where(f > 0, f * dec_norm * scale, torch.full_like(f, float("inf")))
+        smallest.append(contrib.min(1).values)
+    total = float((x_val.double() - x_val.double().mean(0)).pow(2).sum())
+    small = torch.cat(smallest)
+    return {"fvu": sq_err / total, "l0": l0_sum / x_val.shape[0], "dead": float((~fired).float().mean()),
+            "smallest_active_median": float(small[torch.isfinite(small)].median())}
+
+
+def sweep(data: str, grid: str, work: Path, cache: Path | None, validation_cache: Path | None, keep_runs: bool) -> None:
+    from saeforge.data.activation_cache import ActivationCache
+
+    results = load_results(data)
+    done = {key(r) for r in results["runs"]}
+    if data == "synthetic":
+        model, cache, x_eval = synthetic_problem(work)
+        site, dims = SITE, dict(d_sae=SYNTHETIC["d_sae"], batch=SYNTHETIC["batch"], k=SYNTHETIC["true_l0"])
+    else:
+        if cache is None or validation_cache is None:
+            raise SystemExit("real data needs --cache and --validation-cache (saeforge cache folders)")
+        x_val = ActivationCache(validation_cache).load(REAL_SITE).float()
+        site, dims = REAL_SITE, dict(d_sae=REAL["d_sae"], batch=REAL["batch"], k=REAL["k"])
+    for r in GRIDS[data][grid]:
+        if key(r) in done:
+            continue
+        out = work / "runs" / data / f"{len(results['runs']):04d}-{r['arch']}"
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        seconds = train_one(r, cache, site, out, **dims)
+        folder = out / "saes" / site
+        metrics = vars(score(folder, model, x_eval)) if data == "synthetic" else score_real(folder, x_val)
+        entry = {**r, "grid": grid, **resolved(folder), "metrics": metrics, "train_wall_s": round(seconds)}
+        if data == "real":
+            entry["run_dir"] = str(out)
+        results["runs"].append(entry)
+        save_results(data, results)
+        print(json.dumps({k: entry[k] for k in ("arch", "steps", "lr", "coef", "options", "metrics")}), flush=True)
+        if data == "synthetic" and not keep_runs:
+            import shutil
+
+            shutil.rmtree(out)
+
+
+def table(work: Path, tokens: int) -> None:
+    """`saeforge eval` on the real-data runs of grid "defaults"; results into defaults_eval.json."""
+    real = load_results("real")
+    rows = [r for r in real["runs"] if r["grid"] == "defaults"]
+    out = {"tokens": tokens, "machine": machine(), "rows": []}
+    for r in rows:
+        start = time.time()
+        subprocess.run([sys.executable, "-m", "saeforge", "eval", r["run_dir"], "--tokens", str(tokens),
+                        "--noplots", "--noprogress", "--device", "cpu"], check=True)
+        report = json.loads((Path(r["run_dir"]) / "eval.json").read_text())
+        out["rows"].append({"arch": r["arch"], "steps": r["steps"], "run_dir": r["run_dir"], "eval": report,
+                            "eval_wall_s": round(time.time() - start)})
+        RESULTS.joinpath("defaults_eval.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data", choices=("synthetic", "real", "table"))
+    ap.add_argument("--grid", default="old")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/saeforge_defaults"), help="runs and the synthetic cache")
+    ap.add_argument("--cache", type=Path, help="real data: saeforge cache of embedded:train at " + REAL_SITE)
+    ap.add_argument("--validation-cache", type=Path, help="real data: saeforge cache of embedded:validation")
+    ap.add_argument("--eval-tokens", type=int, default=4096, help="table: tokens for saeforge eval")
+    ap.add_argument("--keep-runs", action="store_true", help="synthetic: keep the run folders")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.data == "table":
+        table(args.work, args.eval_tokens)
+    else:
+        sweep(args.data, args.grid, args.work, args.cache, args.validation_cache, args.keep_runs)
+
+
+if __name__ == "__main__":
+    main()
