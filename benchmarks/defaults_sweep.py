@@ -81,14 +81,41 @@ GRIDS["synthetic"]["old"] = [row(a, 256) for a in ("relu", "relu_classic", "gate
 # expected_norm inputs, against a threshold at the scale of the features (sqrt(lambda), see docs/defaults.md).
 JUMPRELU_SCALES = [dict(threshold_init=0.016, bandwidth=0.016), dict(threshold_init=1.0, bandwidth=0.1)]
 GRIDS["real"]["topk"] = [row("topk", 256)]
+GRIDS["real"]["topk_family"] = [row("batchtopk", 256), row("matryoshka", 256)]
+# The machine was shared by many jobs: a dense SAE step at d_sae 4,608 ran at 150-250 tokens/s, so the runs that
+# decide (and the table) use 128 steps (512k tokens), every architecture alike.
+GRIDS["real"]["short"] = [row("relu", 128, lr=3e-3, coef=5.0),
+                          row("jumprelu", 128, lr=3e-3, coef=1.0, threshold_init=1.0, bandwidth=0.1),
+                          row("gated", 128, lr=3e-3, coef=3.0), row("relu_classic", 128, lr=3e-3, coef=5.0)]
+GRIDS["real"]["short_topk"] = [row(a, 128) for a in ("topk", "batchtopk", "matryoshka")]
+# relu's two variants share l1_coefficient and have the same objective at the optimum (the penalty is on f * ||d||),
+# so classic is run at april's lambda.
+GRIDS["real"]["classic_gated"] = [row("relu_classic", 256, lr=3e-3, coef=5.0), row("gated", 256, lr=3e-3, coef=3.0)]
 # The L1 soft threshold is lambda/2 and the JumpReLU threshold settles near sqrt(lambda); TopK's smallest active
 # latent at L0 32 (0.55 in expected_norm units, grid "topk") puts lambda near 1 (L1) and 0.3 (L0).
 GRIDS["real"]["first"] = [row(a, 256, lr=3e-3, coef=1.0) for a in ("relu", "relu_classic", "gated")] + [
     row("jumprelu", 256, lr=3e-3, coef=0.3, threshold_init=0.5, bandwidth=0.1)]
+# relu at lambda 1 gave L0 ~150 (a short L1 run is far denser than TopK at the same threshold): the coefficients
+# that the synthetic runs at lambda 5 showed to be ~2-5x sparser per unit of lambda (classic, gated), and JumpReLU
+# with its threshold starting where lambda puts it (sqrt(1) = 1).
+GRIDS["real"]["second"] = [row("relu", 256, lr=3e-3, coef=5.0),
+                           row("jumprelu", 256, lr=3e-3, coef=1.0, threshold_init=1.0, bandwidth=0.1),
+                           row("relu_classic", 256, lr=3e-3, coef=2.0), row("gated", 256, lr=3e-3, coef=3.0)]
 GRIDS["synthetic"]["lr"] = (
     [row(a, 256, lr=lr) for lr in (3e-3, 1e-3, 1e-2) for a in ("relu", "relu_classic", "gated")]
-    + [row("jumprelu", 256, lr=lr, coef=1.0, **o) for o in JUMPRELU_SCALES for lr in (3e-3, 1e-2)]
-    + [row("topk", 256), row("topk", 1024)])
+    + [row("jumprelu", 256, lr=lr, coef=1.0, **o) for o in JUMPRELU_SCALES for lr in (3e-3, 1e-2)])
+# The coefficients the real data asks for (grid real/first): lambda 1 (L1), 0.3 (L0), threshold 0.5; TopK as the
+# reference at the same budgets.
+GRIDS["synthetic"]["coef"] = (
+    [row("topk", 256)] + [row(a, 256, lr=3e-3, coef=1.0) for a in ("relu", "relu_classic", "gated")]
+    + [row("jumprelu", 256, lr=3e-3, coef=0.3, threshold_init=0.5, bandwidth=0.1)])
+# JumpReLU's bandwidth alone: the paper-scaled 0.016 with the threshold started at 1.
+GRIDS["synthetic"]["bandwidth"] = [row("jumprelu", 256, lr=3e-3, coef=1.0, threshold_init=1.0, bandwidth=0.016)]
+# The candidates the real data points to (grid real/second), at 256 and 1024 steps; TopK as the reference.
+GRIDS["synthetic"]["final"] = (
+    [row("topk", 1024), row("relu", 1024, lr=3e-3, coef=5.0),
+     row("jumprelu", 1024, lr=3e-3, coef=1.0, threshold_init=1.0, bandwidth=0.1)]
+    + [row(a, steps, lr=3e-3, coef=c) for steps in (256, 1024) for a, c in (("relu_classic", 2.0), ("gated", 3.0))])
 
 
 # ---------------------------------------------------------------------------------------------------- runs
@@ -115,7 +142,7 @@ def resolved(sae_folder: Path) -> dict:
     """The lr and SAE config the run actually used (defaults resolved)."""
     run = json.loads((sae_folder.parent.parent / "run.json").read_text())
     cfg = json.loads((sae_folder / "cfg.json").read_text())["saeforge"]["config"]
-    keep = ("l1_coefficient", "l0_coefficient", "bandwidth", "threshold_init", "variant", "k")
+    keep = KEPT_FIELDS
     lr = run["config"]["lr"] or default_lr(run["config"]["architecture"], cfg["d_sae"])
     return {"sae": {k: cfg[k] for k in keep if k in cfg}, "lr_used": lr,
             "normalize_activations": run["config"]["normalize_activations"]}
@@ -128,12 +155,34 @@ def load_results(data: str) -> dict:
     return {"data": data, "problem": SYNTHETIC if data == "synthetic" else REAL, "machine": machine(), "runs": []}
 
 
-def save_results(data: str, results: dict) -> None:
+def append_result(data: str, entry: dict) -> None:
+    """Add one run to the result file, re-reading it first: several sweep processes may share it."""
+    import fcntl
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"defaults_{data}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    tmp.replace(path)
+    with open(RESULTS / f".defaults_{data}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load_results(data)
+        results["runs"].append(entry)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        tmp.replace(path)
+
+
+def claim(work: Path, r: dict) -> bool:
+    """True for the one process that gets to run ``r`` (a sweep may run as several processes side by side)."""
+    import hashlib
+    import os
+
+    folder = work / "claims"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha1(key(r).encode()).hexdigest()
+    try:
+        os.close(os.open(folder / name, os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
 
 
 def synthetic_problem(work: Path) -> tuple[SparseFeatureModel, Path, torch.Tensor]:
@@ -176,8 +225,6 @@ def score_real(sae_folder: Path, x_val: torch.Tensor) -> dict:
 def sweep(data: str, grid: str, work: Path, cache: Path | None, validation_cache: Path | None, keep_runs: bool) -> None:
     from saeforge.data.activation_cache import ActivationCache
 
-    results = load_results(data)
-    done = {key(r) for r in results["runs"]}
     if data == "synthetic":
         model, cache, x_eval = synthetic_problem(work)
         site, dims = SITE, dict(d_sae=SYNTHETIC["d_sae"], batch=SYNTHETIC["batch"], k=SYNTHETIC["true_l0"])
@@ -187,21 +234,16 @@ def sweep(data: str, grid: str, work: Path, cache: Path | None, validation_cache
         x_val = ActivationCache(validation_cache).load(REAL_SITE).float()
         site, dims = REAL_SITE, dict(d_sae=REAL["d_sae"], batch=REAL["batch"], k=REAL["k"])
     for r in GRIDS[data][grid]:
-        if key(r) in done:
+        if key(r) in {key(done) for done in load_results(data)["runs"]} or not claim(work / data, r):
             continue
-        out = work / "runs" / data / f"{len(results['runs']):04d}-{r['arch']}"
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
+        out = work / "runs" / data / f"{time.strftime('%m%d-%H%M%S')}-{r['arch']}"
         seconds = train_one(r, cache, site, out, **dims)
         folder = out / "saes" / site
         metrics = vars(score(folder, model, x_eval)) if data == "synthetic" else score_real(folder, x_val)
         entry = {**r, "grid": grid, **resolved(folder), "metrics": metrics, "train_wall_s": round(seconds)}
         if data == "real":
             entry["run_dir"] = str(out)
-        results["runs"].append(entry)
-        save_results(data, results)
+        append_result(data, entry)
         print(json.dumps({k: entry[k] for k in ("arch", "steps", "lr", "coef", "options", "metrics")}), flush=True)
         if data == "synthetic" and not keep_runs:
             import shutil
@@ -209,34 +251,101 @@ def sweep(data: str, grid: str, work: Path, cache: Path | None, validation_cache
             shutil.rmtree(out)
 
 
-def table(work: Path, tokens: int) -> None:
-    """`saeforge eval` on the real-data runs of grid "defaults"; results into defaults_eval.json."""
-    real = load_results("real")
-    rows = [r for r in real["runs"] if r["grid"] == "defaults"]
-    out = {"tokens": tokens, "machine": machine(), "rows": []}
-    for r in rows:
+KEPT_FIELDS = ("l1_coefficient", "l0_coefficient", "bandwidth", "threshold_init", "variant", "k")
+
+
+def current_defaults(arch: str, d_in: int, d_sae: int, k: int) -> dict:
+    """What a run of ``arch`` with nothing set gets today: its lr and the swept SAE fields."""
+    from saeforge.saes.registry import get_config_class
+
+    base, extra = ARCHS[arch]
+    cls = get_config_class(base)
+    kw = {"k": k} if base in ("topk", "batchtopk", "matryoshka") else {}
+    if base == "matryoshka":
+        kw["group_sizes"] = tuple(matryoshka_groups(d_sae))
+    cfg = cls(d_in=d_in, d_sae=d_sae, **kw, **extra).to_dict()
+    return {"lr_used": default_lr(base, d_sae), "sae": {f: cfg[f] for f in KEPT_FIELDS if f in cfg}}
+
+
+def table(work: Path, tokens: int, steps: int) -> None:
+    """`saeforge eval` on each architecture's real-data run at today's defaults; results into defaults_eval.json.
+
+    A run counts as "at the defaults" when its resolved lr and SAE fields equal what a run with nothing set gets
+    now (a sweep row that set the values explicitly is the same computation)."""
+    real = load_results("real")["runs"]
+    path = RESULTS / "defaults_eval.json"
+    out = json.loads(path.read_text()) if path.is_file() else {"tokens": tokens, "machine": machine(), "rows": []}
+    for arch in ARCHS:
+        want = current_defaults(arch, 576, REAL["d_sae"], REAL["k"])
+        runs = [r for r in real if r["arch"] == arch and r["steps"] == steps and r["lr_used"] == want["lr_used"]
+                and r["sae"] == want["sae"]]
+        if not runs:
+            print(f"{arch}: no real-data run at the current defaults {want}; run the grid 'defaults' first")
+            continue
+        r = runs[-1]
+        if any(e["run_dir"] == r["run_dir"] for e in out["rows"]):
+            continue
         start = time.time()
         subprocess.run([sys.executable, "-m", "saeforge", "eval", r["run_dir"], "--tokens", str(tokens),
                         "--noplots", "--noprogress", "--device", "cpu"], check=True)
         report = json.loads((Path(r["run_dir"]) / "eval.json").read_text())
-        out["rows"].append({"arch": r["arch"], "steps": r["steps"], "run_dir": r["run_dir"], "eval": report,
+        out["rows"].append({"arch": arch, "steps": r["steps"], "setting": _setting(r), "run_dir": r["run_dir"],
+                            "heldout_sweep_metrics": r["metrics"], "eval": report,
                             "eval_wall_s": round(time.time() - start)})
-        RESULTS.joinpath("defaults_eval.json").write_text(json.dumps(out, indent=1) + "\n")
+        path.write_text(json.dumps(out, indent=1) + "\n")
+
+
+def _setting(r: dict) -> str:
+    sae = r.get("sae", {})
+    coef = sae.get("l1_coefficient", sae.get("l0_coefficient"))
+    parts = [f"lr {r['lr_used']:.3g}"]
+    if coef is not None:
+        parts.append(f"λ {coef:g}")
+    if "threshold_init" in sae:
+        parts.append(f"θ₀ {sae['threshold_init']:g}, ε {sae['bandwidth']:g}")
+    return ", ".join(parts) + (" (defaults)" if r["lr"] == 0 and r["coef"] < 0 and not r["options"] else "")
+
+
+def report() -> None:
+    """Print the Markdown tables of docs/defaults.md from the result files."""
+    syn = load_results("synthetic")["runs"]
+    print("| architecture | setting | steps | MMCS | recovered | L0 (true 12) | FVU | dead |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in syn:
+        m = r["metrics"]
+        print(f"| {r['arch']} | {_setting(r)} | {r['steps']} | {m['mmcs']:.3f} | {m['recovered']:.0%} | {m['l0']:.1f} "
+              f"| {m['fvu']:.3f} | {m['dead']:.1%} |")
+    real = load_results("real")["runs"]
+    print("\n| architecture | setting | steps | FVU | L0 | dead | smallest active (median) |\n|---|---|---:|---:|---:|---:|---:|")
+    for r in real:
+        m = r["metrics"]
+        print(f"| {r['arch']} | {_setting(r)} | {r['steps']} | {m['fvu']:.3f} | {m['l0']:.1f} | {m['dead']:.1%} "
+              f"| {m['smallest_active_median']:.2f} |")
+    path = RESULTS / "defaults_eval.json"
+    if path.is_file():
+        rows = json.loads(path.read_text())["rows"]
+        print("\n| architecture | FVU | L0 | dead | CE recovered | KL |\n|---|---:|---:|---:|---:|---:|")
+        for r in rows:
+            e = next(iter(r["eval"]["saes"].values())) if "saes" in r["eval"] else r["eval"]
+            print(f"| {r['arch']} | {e.get('fvu')} | {e.get('l0')} | {e.get('dead_fraction')} | "
+                  f"{e.get('ce_recovered')} | {e.get('kl')} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("data", choices=("synthetic", "real", "table"))
+    ap.add_argument("data", choices=("synthetic", "real", "table", "report"))
     ap.add_argument("--grid", default="old")
     ap.add_argument("--work", type=Path, default=Path("/tmp/saeforge_defaults"), help="runs and the synthetic cache")
     ap.add_argument("--cache", type=Path, help="real data: saeforge cache of embedded:train at " + REAL_SITE)
     ap.add_argument("--validation-cache", type=Path, help="real data: saeforge cache of embedded:validation")
     ap.add_argument("--eval-tokens", type=int, default=4096, help="table: tokens for saeforge eval")
+    ap.add_argument("--steps", type=int, default=128, help="table: the run length whose runs are evaluated")
     ap.add_argument("--keep-runs", action="store_true", help="synthetic: keep the run folders")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    if args.data == "table":
-        table(args.work, args.eval_tokens)
+    if args.data == "report":
+        report()
+    elif args.data == "table":
+        table(args.work, args.eval_tokens, args.steps)
     else:
         sweep(args.data, args.grid, args.work, args.cache, args.validation_cache, args.keep_runs)
 
