@@ -65,13 +65,19 @@ def matryoshka_groups(d_sae: int) -> list[int]:
     return [a, b, d_sae - a - b]
 
 
-def row(arch: str, steps: int, *, lr: float = 0.0, coef: float = -1.0, seed: int = 0, **options) -> dict:
-    """One run. lr 0 / coef < 0: the architecture default; options: extra SAE options (bandwidth, ...)."""
-    return {"arch": arch, "steps": steps, "lr": lr, "coef": coef, "seed": seed, "options": options}
+def row(arch: str, steps: int, *, lr: float = 0.0, coef: float = -1.0, seed: int = 0, batch: int | None = None,
+        **options) -> dict:
+    """One run. lr 0 / coef < 0: the architecture default; options: extra SAE options (bandwidth, ...); batch:
+    None for the data set's batch size."""
+    out = {"arch": arch, "steps": steps, "lr": lr, "coef": coef, "seed": seed, "options": options}
+    if batch is not None:
+        out["batch"] = batch
+    return out
 
 
 def key(r: dict) -> str:
-    return json.dumps({k: r[k] for k in ("arch", "steps", "lr", "coef", "seed", "options")}, sort_keys=True)
+    return json.dumps({k: r[k] for k in ("arch", "steps", "lr", "coef", "seed", "options", "batch") if k in r},
+                      sort_keys=True)
 
 
 # Each grid is a list of rows; the stages of docs/defaults.md, in the order they were run.
@@ -82,12 +88,20 @@ GRIDS["synthetic"]["old"] = [row(a, 256) for a in ("relu", "relu_classic", "gate
 JUMPRELU_SCALES = [dict(threshold_init=0.016, bandwidth=0.016), dict(threshold_init=1.0, bandwidth=0.1)]
 GRIDS["real"]["topk"] = [row("topk", 256)]
 GRIDS["real"]["topk_family"] = [row("batchtopk", 256), row("matryoshka", 256)]
-# The machine was shared by many jobs: a dense SAE step at d_sae 4,608 ran at 150-250 tokens/s, so the runs that
-# decide (and the table) use 128 steps (512k tokens), every architecture alike.
-GRIDS["real"]["short"] = [row("relu", 128, lr=3e-3, coef=5.0),
-                          row("jumprelu", 128, lr=3e-3, coef=1.0, threshold_init=1.0, bandwidth=0.1),
-                          row("gated", 128, lr=3e-3, coef=3.0), row("relu_classic", 128, lr=3e-3, coef=5.0)]
-GRIDS["real"]["short_topk"] = [row(a, 128) for a in ("topk", "batchtopk", "matryoshka")]
+# The machine was shared by many jobs (load 15-28 on 2 cores): a dense SAE step at d_sae 4,608 and batch 4,096 got
+# a few percent of a core. The runs that decide, and the table, therefore use batch 1,024 (256 steps = 262k tokens,
+# about one pass over the cache), every architecture alike.
+GRIDS["real"]["b1024"] = [row("relu", 256, lr=3e-3, coef=5.0, batch=1024),
+                          row("jumprelu", 256, lr=3e-3, coef=1.0, threshold_init=1.0, bandwidth=0.1, batch=1024),
+                          row("gated", 256, lr=3e-3, coef=3.0, batch=1024),
+                          row("relu_classic", 256, lr=3e-3, coef=5.0, batch=1024)]
+# classic relu at lambda 5 lost every latent (training L0 0.8, FVU 1.0 at step 80; stopped there): a lower lambda.
+GRIDS["real"]["classic2"] = [row("relu_classic", 256, lr=3e-3, coef=2.0, batch=1024)]
+# JumpReLU at theta_0 1 left half its latents dead by step 80 (they never reach the threshold, and the paper's
+# estimator gives a latent below it no gradient): the threshold TopK's smallest active latent suggests (0.55).
+GRIDS["real"]["jumprelu_low"] = [row("jumprelu", 256, lr=3e-3, coef=0.3, threshold_init=0.5, bandwidth=0.05,
+                                     batch=1024)]
+GRIDS["real"]["b1024_topk"] = [row(a, 256, batch=1024) for a in ("topk", "batchtopk", "matryoshka")]
 # relu's two variants share l1_coefficient and have the same objective at the optimum (the penalty is on f * ||d||),
 # so classic is run at april's lambda.
 GRIDS["real"]["classic_gated"] = [row("relu_classic", 256, lr=3e-3, coef=5.0), row("gated", 256, lr=3e-3, coef=3.0)]
@@ -237,7 +251,7 @@ def sweep(data: str, grid: str, work: Path, cache: Path | None, validation_cache
         if key(r) in {key(done) for done in load_results(data)["runs"]} or not claim(work / data, r):
             continue
         out = work / "runs" / data / f"{time.strftime('%m%d-%H%M%S')}-{r['arch']}"
-        seconds = train_one(r, cache, site, out, **dims)
+        seconds = train_one(r, cache, site, out, **{**dims, "batch": r.get("batch", dims["batch"])})
         folder = out / "saes" / site
         metrics = vars(score(folder, model, x_eval)) if data == "synthetic" else score_real(folder, x_val)
         entry = {**r, "grid": grid, **resolved(folder), "metrics": metrics, "train_wall_s": round(seconds)}
@@ -267,7 +281,7 @@ def current_defaults(arch: str, d_in: int, d_sae: int, k: int) -> dict:
     return {"lr_used": default_lr(base, d_sae), "sae": {f: cfg[f] for f in KEPT_FIELDS if f in cfg}}
 
 
-def table(work: Path, tokens: int, steps: int) -> None:
+def table(work: Path, tokens: int, steps: int, batch: int | None) -> None:
     """`saeforge eval` on each architecture's real-data run at today's defaults; results into defaults_eval.json.
 
     A run counts as "at the defaults" when its resolved lr and SAE fields equal what a run with nothing set gets
@@ -277,7 +291,9 @@ def table(work: Path, tokens: int, steps: int) -> None:
     out = json.loads(path.read_text()) if path.is_file() else {"tokens": tokens, "machine": machine(), "rows": []}
     for arch in ARCHS:
         want = current_defaults(arch, 576, REAL["d_sae"], REAL["k"])
-        runs = [r for r in real if r["arch"] == arch and r["steps"] == steps and r["lr_used"] == want["lr_used"]
+        runs = [r for r in real if r["arch"] == arch and r["steps"] == steps
+                and r.get("batch", REAL["batch"]) == (batch or REAL["batch"])
+                and r["lr_used"] == want["lr_used"]
                 and r["sae"] == want["sae"]]
         if not runs:
             print(f"{arch}: no real-data run at the current defaults {want}; run the grid 'defaults' first")
@@ -303,7 +319,7 @@ def _setting(r: dict) -> str:
         parts.append(f"λ {coef:g}")
     if "threshold_init" in sae:
         parts.append(f"θ₀ {sae['threshold_init']:g}, ε {sae['bandwidth']:g}")
-    return ", ".join(parts) + (" (defaults)" if r["lr"] == 0 and r["coef"] < 0 and not r["options"] else "")
+    return ", ".join(parts) + (" (the defaults then)" if r["lr"] == 0 and r["coef"] < 0 and not r["options"] else "")
 
 
 def report() -> None:
@@ -315,10 +331,11 @@ def report() -> None:
         print(f"| {r['arch']} | {_setting(r)} | {r['steps']} | {m['mmcs']:.3f} | {m['recovered']:.0%} | {m['l0']:.1f} "
               f"| {m['fvu']:.3f} | {m['dead']:.1%} |")
     real = load_results("real")["runs"]
-    print("\n| architecture | setting | steps | FVU | L0 | dead | smallest active (median) |\n|---|---|---:|---:|---:|---:|---:|")
+    print("\n| architecture | setting | steps × batch | FVU | L0 | dead | smallest active (median) |\n|---|---|---:|---:|---:|---:|---:|")
     for r in real:
         m = r["metrics"]
-        print(f"| {r['arch']} | {_setting(r)} | {r['steps']} | {m['fvu']:.3f} | {m['l0']:.1f} | {m['dead']:.1%} "
+        print(f"| {r['arch']} | {_setting(r)} | {r['steps']} × {r.get('batch', REAL['batch'])} | {m['fvu']:.3f} "
+              f"| {m['l0']:.1f} | {m['dead']:.1%} "
               f"| {m['smallest_active_median']:.2f} |")
     path = RESULTS / "defaults_eval.json"
     if path.is_file():
@@ -338,14 +355,15 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, help="real data: saeforge cache of embedded:train at " + REAL_SITE)
     ap.add_argument("--validation-cache", type=Path, help="real data: saeforge cache of embedded:validation")
     ap.add_argument("--eval-tokens", type=int, default=4096, help="table: tokens for saeforge eval")
-    ap.add_argument("--steps", type=int, default=128, help="table: the run length whose runs are evaluated")
+    ap.add_argument("--steps", type=int, default=256, help="table: the run length whose runs are evaluated")
+    ap.add_argument("--batch", type=int, default=1024, help="table: the batch size of the runs evaluated (0: 4096)")
     ap.add_argument("--keep-runs", action="store_true", help="synthetic: keep the run folders")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.data == "report":
         report()
     elif args.data == "table":
-        table(args.work, args.eval_tokens, args.steps)
+        table(args.work, args.eval_tokens, args.steps, args.batch)
     else:
         sweep(args.data, args.grid, args.work, args.cache, args.validation_cache, args.keep_runs)
 

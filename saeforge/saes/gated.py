@@ -31,7 +31,7 @@ class GatedConfig(SAEConfig):
 
     # λ on the gate pre-activations. Depends on the input scale like every L1 coefficient; this default matches
     # relu's for inputs scaled to E||x|| = sqrt(d_in).
-    l1_coefficient: float = 5.0
+    l1_coefficient: float = 3.0
 
     def __post_init__(self) -> None:
         super().__post_init__()

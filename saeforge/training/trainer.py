@@ -37,7 +37,7 @@ CHECKPOINT_FORMAT = "saeforge-checkpoint"
 FORMAT_VERSION = 1
 INIT_SAMPLE_TOKENS = 32_768  # vectors used to estimate the input scale and initialise b_dec (OpenAI: 32,768)
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
-DEFAULT_LR = {"relu": 5e-5, "gated": 5e-5, "jumprelu": 7e-5}  # methods.md §1b, §3a, §3b
+DEFAULT_LR = {"relu": 3e-3, "gated": 3e-3, "jumprelu": 3e-3}  # the papers' rates are for 100x longer runs: docs/defaults.md
 DEFAULT_DEAD_AFTER_TOKENS = 10_000_000  # OpenAI's definition of a dead latent
 
 
