@@ -9,14 +9,18 @@ set; a value left out of a grid row is the architecture's current default. Two d
                saved SAE (normalisation folded in): mean max cosine (MMCS), the fraction of true features some
                decoder row matches at cosine >= 0.9, L0, FVU, never-firing latents.
 ``real``       SmolLM2-135M-Instruct (the embedded model), layers.15.resid_post (the demo's site), d_sae 4,608
-               (8 x 576), batch 4,096, trained from a 250k-token `saeforge cache` of embedded:train; scored on a
-               16,384-token cache of embedded:validation: FVU (pooled, dataset mean), L0, latents that never fire.
+               (8 x 576), batch 4,096 (or a row's own), trained from a 250k-token `saeforge cache` of
+               embedded:train; scored on a 16,384-token cache of embedded:validation: FVU (pooled, dataset mean),
+               L0, latents that never fire.
 ``table``      `saeforge eval RUN --tokens 4096` (CE recovered, KL, FVU, L0, dead) on the real-data runs of every
                architecture at its defaults.
 
     python benchmarks/defaults_sweep.py synthetic --grid lr        # grids: see GRIDS
-    python benchmarks/defaults_sweep.py real --grid defaults --cache acts/ --validation-cache val/
-    python benchmarks/defaults_sweep.py table --work /tmp/defaults
+    python benchmarks/defaults_sweep.py real --grid b1024 --cache acts/ --validation-cache val/
+    python benchmarks/defaults_sweep.py table       # saeforge eval on the runs at today's defaults
+    python benchmarks/defaults_sweep.py report      # the Markdown tables of docs/defaults.md
+
+Several processes may run one grid side by side (each run is claimed by one).
 
 Results are appended to benchmarks/results/defaults_<data>.json one run at a time; a row already there (same
 key) is not run again, so an interrupted sweep continues where it stopped. Wall times are rough: the machine
@@ -80,56 +84,48 @@ def key(r: dict) -> str:
                       sort_keys=True)
 
 
-# Each grid is a list of rows; the stages of docs/defaults.md, in the order they were run.
+# Each grid is a list of rows, in the order they were run. The machine was shared by many jobs (load 15-30 on
+# 2 cores), so several grids were stopped part-way (marked); a stopped row left no result.
 GRIDS: dict[str, dict[str, list[dict]]] = {"synthetic": {}, "real": {}}
+# 1. The old defaults (stopped after relu; the lead's measurement covers the others).
 GRIDS["synthetic"]["old"] = [row(a, 256) for a in ("relu", "relu_classic", "gated", "jumprelu")]
-# JumpReLU's initial threshold and bandwidth: the paper's 0.001 (unit mean squared inputs) times sqrt(d) = 16 for
-# expected_norm inputs, against a threshold at the scale of the features (sqrt(lambda), see docs/defaults.md).
+# 2. The learning rate at the default coefficients; JumpReLU's initial threshold and bandwidth: the paper's 0.001
+# (unit mean squared inputs) times sqrt(d) = 16 for expected_norm inputs, against a threshold at the scale of the
+# features (sqrt(lambda), see docs/defaults.md).
 JUMPRELU_SCALES = [dict(threshold_init=0.016, bandwidth=0.016), dict(threshold_init=1.0, bandwidth=0.1)]
+GRIDS["synthetic"]["lr"] = (
+    [row(a, 256, lr=lr) for lr in (3e-3, 1e-3, 1e-2) for a in ("relu", "relu_classic", "gated")]
+    + [row("jumprelu", 256, lr=lr, coef=1.0, **o) for o in JUMPRELU_SCALES for lr in (3e-3, 1e-2)])
+# 3. TopK on real data: its smallest active latent (0.55 in expected_norm units) calibrates the coefficients.
 GRIDS["real"]["topk"] = [row("topk", 256)]
+# 4. The L1 soft threshold is lambda/2 and the JumpReLU threshold settles near sqrt(lambda): lambda near 1 (L1)
+# and 0.3 (L0). Stopped after relu (L0 156: a short L1 run is far denser than the threshold estimate).
+GRIDS["real"]["first"] = [row(a, 256, lr=3e-3, coef=1.0) for a in ("relu", "relu_classic", "gated")] + [
+    row("jumprelu", 256, lr=3e-3, coef=0.3, threshold_init=0.5, bandwidth=0.1)]
+# 5. The same coefficients on the synthetic problem, TopK as the reference (stopped before gated and jumprelu).
+GRIDS["synthetic"]["coef"] = (
+    [row("topk", 256)] + [row(a, 256, lr=3e-3, coef=1.0) for a in ("relu", "relu_classic", "gated")]
+    + [row("jumprelu", 256, lr=3e-3, coef=0.3, threshold_init=0.5, bandwidth=0.1)])
+# 6. BatchTopK / Matryoshka at batch 4,096 (BatchTopK finished; Matryoshka stopped).
 GRIDS["real"]["topk_family"] = [row("batchtopk", 256), row("matryoshka", 256)]
-# The machine was shared by many jobs (load 15-28 on 2 cores): a dense SAE step at d_sae 4,608 and batch 4,096 got
-# a few percent of a core. The runs that decide, and the table, therefore use batch 1,024 (256 steps = 262k tokens,
-# about one pass over the cache), every architecture alike.
+# 7. Larger coefficients at batch 4,096 (stopped: a dense step got a few percent of a core), replaced by 8.
+GRIDS["real"]["second"] = [row("relu", 256, lr=3e-3, coef=5.0),
+                           row("jumprelu", 256, lr=3e-3, coef=1.0, threshold_init=1.0, bandwidth=0.1),
+                           row("relu_classic", 256, lr=3e-3, coef=2.0), row("gated", 256, lr=3e-3, coef=3.0)]
+# 8. The candidates at batch 1,024 (256 steps = 262k tokens, about one pass over the cache), every architecture
+# alike. Classic at lambda 5 was stopped at step 80 with every latent off (its log is kept).
 GRIDS["real"]["b1024"] = [row("relu", 256, lr=3e-3, coef=5.0, batch=1024),
                           row("jumprelu", 256, lr=3e-3, coef=1.0, threshold_init=1.0, bandwidth=0.1, batch=1024),
                           row("gated", 256, lr=3e-3, coef=3.0, batch=1024),
                           row("relu_classic", 256, lr=3e-3, coef=5.0, batch=1024)]
-# classic relu at lambda 5 lost every latent (training L0 0.8, FVU 1.0 at step 80; stopped there): a lower lambda.
+GRIDS["real"]["b1024_topk"] = [row(a, 256, batch=1024) for a in ("topk", "batchtopk", "matryoshka")]
+# 9. JumpReLU's bandwidth alone: the paper-scaled 0.016 with the threshold started at 1.
+GRIDS["synthetic"]["bandwidth"] = [row("jumprelu", 256, lr=3e-3, coef=1.0, threshold_init=1.0, bandwidth=0.016)]
+# 10. Classic at a lower lambda; JumpReLU at theta_0 1 had half its latents silent by step 80 (a latent below its
+# threshold gets no gradient from the paper's estimator), so also the threshold TopK's smallest latent suggests.
 GRIDS["real"]["classic2"] = [row("relu_classic", 256, lr=3e-3, coef=2.0, batch=1024)]
-# JumpReLU at theta_0 1 left half its latents dead by step 80 (they never reach the threshold, and the paper's
-# estimator gives a latent below it no gradient): the threshold TopK's smallest active latent suggests (0.55).
 GRIDS["real"]["jumprelu_low"] = [row("jumprelu", 256, lr=3e-3, coef=0.3, threshold_init=0.5, bandwidth=0.05,
                                      batch=1024)]
-GRIDS["real"]["b1024_topk"] = [row(a, 256, batch=1024) for a in ("topk", "batchtopk", "matryoshka")]
-# relu's two variants share l1_coefficient and have the same objective at the optimum (the penalty is on f * ||d||),
-# so classic is run at april's lambda.
-GRIDS["real"]["classic_gated"] = [row("relu_classic", 256, lr=3e-3, coef=5.0), row("gated", 256, lr=3e-3, coef=3.0)]
-# The L1 soft threshold is lambda/2 and the JumpReLU threshold settles near sqrt(lambda); TopK's smallest active
-# latent at L0 32 (0.55 in expected_norm units, grid "topk") puts lambda near 1 (L1) and 0.3 (L0).
-GRIDS["real"]["first"] = [row(a, 256, lr=3e-3, coef=1.0) for a in ("relu", "relu_classic", "gated")] + [
-    row("jumprelu", 256, lr=3e-3, coef=0.3, threshold_init=0.5, bandwidth=0.1)]
-# relu at lambda 1 gave L0 ~150 (a short L1 run is far denser than TopK at the same threshold): the coefficients
-# that the synthetic runs at lambda 5 showed to be ~2-5x sparser per unit of lambda (classic, gated), and JumpReLU
-# with its threshold starting where lambda puts it (sqrt(1) = 1).
-GRIDS["real"]["second"] = [row("relu", 256, lr=3e-3, coef=5.0),
-                           row("jumprelu", 256, lr=3e-3, coef=1.0, threshold_init=1.0, bandwidth=0.1),
-                           row("relu_classic", 256, lr=3e-3, coef=2.0), row("gated", 256, lr=3e-3, coef=3.0)]
-GRIDS["synthetic"]["lr"] = (
-    [row(a, 256, lr=lr) for lr in (3e-3, 1e-3, 1e-2) for a in ("relu", "relu_classic", "gated")]
-    + [row("jumprelu", 256, lr=lr, coef=1.0, **o) for o in JUMPRELU_SCALES for lr in (3e-3, 1e-2)])
-# The coefficients the real data asks for (grid real/first): lambda 1 (L1), 0.3 (L0), threshold 0.5; TopK as the
-# reference at the same budgets.
-GRIDS["synthetic"]["coef"] = (
-    [row("topk", 256)] + [row(a, 256, lr=3e-3, coef=1.0) for a in ("relu", "relu_classic", "gated")]
-    + [row("jumprelu", 256, lr=3e-3, coef=0.3, threshold_init=0.5, bandwidth=0.1)])
-# JumpReLU's bandwidth alone: the paper-scaled 0.016 with the threshold started at 1.
-GRIDS["synthetic"]["bandwidth"] = [row("jumprelu", 256, lr=3e-3, coef=1.0, threshold_init=1.0, bandwidth=0.016)]
-# The candidates the real data points to (grid real/second), at 256 and 1024 steps; TopK as the reference.
-GRIDS["synthetic"]["final"] = (
-    [row("topk", 1024), row("relu", 1024, lr=3e-3, coef=5.0),
-     row("jumprelu", 1024, lr=3e-3, coef=1.0, threshold_init=1.0, bandwidth=0.1)]
-    + [row(a, steps, lr=3e-3, coef=c) for steps in (256, 1024) for a, c in (("relu_classic", 2.0), ("gated", 3.0))])
 
 
 # ---------------------------------------------------------------------------------------------------- runs
@@ -296,7 +292,7 @@ def table(work: Path, tokens: int, steps: int, batch: int | None) -> None:
                 and r["lr_used"] == want["lr_used"]
                 and r["sae"] == want["sae"]]
         if not runs:
-            print(f"{arch}: no real-data run at the current defaults {want}; run the grid 'defaults' first")
+            print(f"{arch}: no real-data run at the current defaults {want} (a real grid with those values, finished)")
             continue
         r = runs[-1]
         if any(e["run_dir"] == r["run_dir"] for e in out["rows"]):
@@ -322,29 +318,49 @@ def _setting(r: dict) -> str:
     return ", ".join(parts) + (" (the defaults then)" if r["lr"] == 0 and r["coef"] < 0 and not r["options"] else "")
 
 
-def report() -> None:
+def report(work: Path) -> None:
     """Print the Markdown tables of docs/defaults.md from the result files."""
     syn = load_results("synthetic")["runs"]
-    print("| architecture | setting | steps | MMCS | recovered | L0 (true 12) | FVU | dead |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| architecture | setting | steps | MMCS | recovered | L0 (true 12) | FVU | dead |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|")
     for r in syn:
         m = r["metrics"]
         print(f"| {r['arch']} | {_setting(r)} | {r['steps']} | {m['mmcs']:.3f} | {m['recovered']:.0%} | {m['l0']:.1f} "
               f"| {m['fvu']:.3f} | {m['dead']:.1%} |")
     real = load_results("real")["runs"]
-    print("\n| architecture | setting | steps × batch | FVU | L0 | dead | smallest active (median) |\n|---|---|---:|---:|---:|---:|---:|")
+    print("\n| architecture | setting | steps × batch | FVU | L0 | dead | smallest active (median) |\n"
+          "|---|---|---:|---:|---:|---:|---:|")
     for r in real:
         m = r["metrics"]
         print(f"| {r['arch']} | {_setting(r)} | {r['steps']} × {r.get('batch', REAL['batch'])} | {m['fvu']:.3f} "
               f"| {m['l0']:.1f} | {m['dead']:.1%} "
               f"| {m['smallest_active_median']:.2f} |")
+    unfinished = []
+    finished = {r.get("run_dir") for r in real}
+    for folder in sorted((work / "runs" / "real").glob("*")):
+        log = folder / "metrics.jsonl"
+        if str(folder) in finished or not log.is_file() or not log.read_text().strip():
+            continue
+        info = json.loads((folder / "run.json").read_text())
+        c = info["config"]
+        last = json.loads(log.read_text().strip().splitlines()[-1])
+        m = next(iter(last["saes"].values()))
+        steps = f"{last['step']} of {c['tokens'] // c['batch_size']} × {c['batch_size']}"
+        unfinished.append(f"| {folder.name.split('-', 2)[-1]} | lr {c['lr']:g}, λ {c['sparsity_coefficient']:g} "
+                          f"{c['sae_options']} | {steps} | {m['fvu']:.3f} | {m['l0']:.1f} | {m['dead_fraction']:.1%} |")
+    if unfinished:
+        print("\nUnfinished runs, training-batch metrics at their last log (`metrics.jsonl`; dead: no firing in the "
+              "last fifth of the run's tokens):\n\n| architecture | setting | step | FVU (one batch) | L0 | dead |\n"
+              "|---|---|---:|---:|---:|---:|")
+        print("\n".join(unfinished))
     path = RESULTS / "defaults_eval.json"
     if path.is_file():
         rows = json.loads(path.read_text())["rows"]
-        print("\n| architecture | FVU | L0 | dead | CE recovered | KL |\n|---|---:|---:|---:|---:|---:|")
+        print("\n| architecture | setting | FVU | L0 | dead | CE recovered | KL |\n|---|---|---:|---:|---:|---:|---:|")
         for r in rows:
-            e = next(iter(r["eval"]["saes"].values())) if "saes" in r["eval"] else r["eval"]
-            print(f"| {r['arch']} | {e.get('fvu')} | {e.get('l0')} | {e.get('dead_fraction')} | "
-                  f"{e.get('ce_recovered')} | {e.get('kl')} |")
+            e = next(iter(r["eval"]["saes"].values()))
+            print(f"| {r['arch']} | {r['setting']} | {e['fvu']:.3f} | {e['l0']:.1f} | {e['dead_fraction']:.1%} "
+                  f"| {e['ce_recovered']:.1%} | {e['kl_div']:.3f} |")
 
 
 def main() -> None:
@@ -361,7 +377,7 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.data == "report":
-        report()
+        report(args.work)
     elif args.data == "table":
         table(args.work, args.eval_tokens, args.steps, args.batch)
     else:

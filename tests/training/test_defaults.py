@@ -138,6 +138,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# Seeds 0-4 by hand (worst case of each): MMCS >= 0.973, recovered >= 0.938 (gated; 60 of 64 features), L0 relu
+# 4.56-4.85, classic 2.53-2.83, gated 2.90-3.23, jumprelu 1.96-1.99, topk 1.73-1.87, batchtopk 1.98-2.13,
+# matryoshka 1.99-2.08; FVU <= 0.362 (relu, shrinkage), <= 0.071 for gated, jumprelu, batchtopk, matryoshka.
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_defaults_recover_the_true_features(name, tmp_path):
     s = train_at_defaults(name, tmp_path)
