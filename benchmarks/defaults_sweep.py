@@ -277,7 +277,7 @@ def current_defaults(arch: str, d_in: int, d_sae: int, k: int) -> dict:
     return {"lr_used": default_lr(base, d_sae), "sae": {f: cfg[f] for f in KEPT_FIELDS if f in cfg}}
 
 
-def table(work: Path, tokens: int, steps: int, batch: int | None) -> None:
+def table(work: Path, tokens: int, steps: int, batch: int | None, collect_only: bool = False) -> None:
     """`saeforge eval` on each architecture's real-data run at today's defaults; results into defaults_eval.json.
 
     A run counts as "at the defaults" when its resolved lr and SAE fields equal what a run with nothing set gets
@@ -298,12 +298,17 @@ def table(work: Path, tokens: int, steps: int, batch: int | None) -> None:
         if any(e["run_dir"] == r["run_dir"] for e in out["rows"]):
             continue
         start = time.time()
-        subprocess.run([sys.executable, "-m", "saeforge", "eval", r["run_dir"], "--tokens", str(tokens),
-                        "--noplots", "--noprogress", "--device", "cpu"], check=True)
-        report = json.loads((Path(r["run_dir"]) / "eval.json").read_text())
+        done = Path(r["run_dir"]) / "eval.json"
+        if not (done.is_file() and json.loads(done.read_text()).get("n_token_positions") == tokens):
+            if collect_only:
+                print(f"{arch}: {r['run_dir']} has no eval.json of {tokens} tokens yet")
+                continue
+            subprocess.run([sys.executable, "-m", "saeforge", "eval", r["run_dir"], "--tokens", str(tokens),
+                            "--noplots", "--noprogress", "--device", "cpu"], check=True)
+        report = json.loads(done.read_text())
         out["rows"].append({"arch": arch, "steps": r["steps"], "setting": _setting(r), "run_dir": r["run_dir"],
                             "heldout_sweep_metrics": r["metrics"], "eval": report,
-                            "eval_wall_s": round(time.time() - start)})
+                            "eval_wall_s": round(report.get("seconds", time.time() - start))})
         path.write_text(json.dumps(out, indent=1) + "\n")
 
 
@@ -373,13 +378,14 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096, help="table: tokens for saeforge eval")
     ap.add_argument("--steps", type=int, default=256, help="table: the run length whose runs are evaluated")
     ap.add_argument("--batch", type=int, default=1024, help="table: the batch size of the runs evaluated (0: 4096)")
+    ap.add_argument("--collect-only", action="store_true", help="table: use the eval.json already written, run none")
     ap.add_argument("--keep-runs", action="store_true", help="synthetic: keep the run folders")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.data == "report":
         report(args.work)
     elif args.data == "table":
-        table(args.work, args.eval_tokens, args.steps, args.batch)
+        table(args.work, args.eval_tokens, args.steps, args.batch, args.collect_only)
     else:
         sweep(args.data, args.grid, args.work, args.cache, args.validation_cache, args.keep_runs)
 
