@@ -171,7 +171,9 @@ def append_result(data: str, entry: dict) -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"defaults_{data}.json"
-    with open(RESULTS / f".defaults_{data}.lock", "w") as lock:
+    import tempfile
+
+    with open(Path(tempfile.gettempdir()) / f"saeforge-defaults-{data}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = load_results(data)
         results["runs"].append(entry)
