@@ -29,8 +29,8 @@ __all__ = ["GatedConfig", "GatedSAE"]
 class GatedConfig(SAEConfig):
     architecture: ClassVar[str] = "gated"
 
-    # λ on the gate pre-activations. Depends on the input scale like every L1 coefficient; this default matches
-    # relu's for inputs scaled to E||x|| = sqrt(d_in).
+    # λ on the gate pre-activations. Depends on the input scale like every L1 coefficient; for inputs scaled to
+    # E||x|| = sqrt(d_in), tens of latents per token in short runs (docs/defaults.md).
     l1_coefficient: float = 3.0
 
     def __post_init__(self) -> None:
