@@ -6,9 +6,9 @@ TopK (squared error + AuxK).
 
 Inference: one global threshold θ replaces the batch selection, i.e. a JumpReLU ``f = pre · 1[pre > θ]`` with
 ``pre = ReLU(...)``. θ is learned during training as an exponential moving average of the smallest positive
-selected activation of each batch (dictionary_learning: β = 0.999, from step 1000; the first update sets θ
-directly). θ lives in the buffer ``threshold`` (so ``state_dict()`` carries it; -1 = not learned yet). Until θ is
-learned, ``encode`` falls back to the batch selection over the batch it is given.
+selected activation of each batch (dictionary_learning: β = 0.999, from step 1000, or from the middle of a
+shorter run; the first update sets θ directly). θ lives in the buffer ``threshold`` (so ``state_dict()`` carries it;
+-1 = not learned yet). Until θ is learned, ``encode`` falls back to the batch selection over the batch it is given.
 """
 
 from __future__ import annotations
@@ -75,7 +75,11 @@ class BatchTopKSAE(TopKSAE):
     # ---- training ----
     @torch.no_grad()
     def _after_training_forward(self, lat: SparseLatents, state: TrainState) -> None:
-        if state.step < self.cfg.threshold_start_step:
+        start = self.cfg.threshold_start_step
+        if state.total_steps is not None:
+            # A run shorter than twice the start step learns θ over its second half, so no saved SAE lacks one.
+            start = min(start, state.total_steps // 2)
+        if state.step < start:
             return
         positive = lat.values.detach()
         positive = positive[positive > 0]

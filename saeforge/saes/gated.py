@@ -29,11 +29,11 @@ __all__ = ["GatedConfig", "GatedSAE"]
 class GatedConfig(SAEConfig):
     architecture: ClassVar[str] = "gated"
     sparsity_coefficient_field: ClassVar[str | None] = "l1_coefficient"
-    default_learning_rate: ClassVar[float] = 5e-5
+    default_learning_rate: ClassVar[float] = 3e-3
 
-    # λ on the gate pre-activations. Depends on the input scale like every L1 coefficient; this default matches
-    # relu's for inputs scaled to E||x|| = sqrt(d_in).
-    l1_coefficient: float = 5.0
+    # λ on the gate pre-activations. Depends on the input scale like every L1 coefficient; for inputs scaled to
+    # E||x|| = sqrt(d_in), tens of latents per token in short runs (docs/defaults.md).
+    l1_coefficient: float = 3.0
 
     def __post_init__(self) -> None:
         super().__post_init__()

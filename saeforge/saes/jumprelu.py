@@ -74,15 +74,15 @@ class StepFunction(torch.autograd.Function):
 class JumpReLUConfig(SAEConfig):
     architecture: ClassVar[str] = "jumprelu"
     sparsity_coefficient_field: ClassVar[str | None] = "l0_coefficient"
-    default_learning_rate: ClassVar[float] = 7e-5
+    default_learning_rate: ClassVar[float] = 3e-3
 
-    # λ of the L0 penalty; sets the L0 you end up with. Depends on the input scale (tune it per dataset/site).
-    l0_coefficient: float = 1e-3
-    # ε and the initial θ: Gemma Scope used 0.001 for both with inputs scaled to E||x||² = 1 ("unit_mean_squared").
-    # (SAELens' own defaults are 0.05 / 0.01; a third-party summary says θ was initialised to zero, which the
-    # log parameterisation cannot represent.)
-    bandwidth: float = 0.001
-    threshold_init: float = 0.001
+    # λ of the L0 penalty; sets the L0 you end up with (θ settles near sqrt(λ)). For E||x|| = sqrt(d_in) inputs
+    # (expected_norm); chosen in docs/defaults.md.
+    l0_coefficient: float = 1.0
+    # ε and the initial θ for expected_norm inputs: θ must start near sqrt(λ), since log θ moves ~lr per step (Gemma
+    # Scope's 0.001 / 0.001 are for unit_mean_squared inputs and 10^5+ steps). docs/defaults.md
+    bandwidth: float = 0.1
+    threshold_init: float = 1.0
     # Optional (off by default; not in the paper): Anthropic's Jan 2025 pre-activation loss for dead latents,
     # λ_P Σ_{i dead} ReLU(θ_i - π_i) ||W_dec,i||, which gives latents that never reach their threshold (and so
     # get no gradient at all otherwise) a push back towards it. Needs TrainState.dead_mask.

@@ -53,12 +53,13 @@ def resample_due(step: int, total_steps: int, every: int | None) -> bool:
 class ReLUConfig(SAEConfig):
     architecture: ClassVar[str] = "relu"
     sparsity_coefficient_field: ClassVar[str | None] = "l1_coefficient"
-    default_learning_rate: ClassVar[float] = 5e-5
+    default_learning_rate: ClassVar[float] = 3e-3
 
     variant: str = "april2024"
-    # λ. Anthropic used about 5 with inputs scaled so that E||x|| = sqrt(d_in) ("expected_norm"); the right value
-    # depends on the input scale, so normalise first.
-    l1_coefficient: float = 5.0
+    # λ, for inputs scaled so that E||x|| = sqrt(d_in) ("expected_norm"; the right value depends on the input
+    # scale, so normalise first). None -> 5 for april2024 (Anthropic's value) and 2 for classic, whose plain L1 on
+    # unit-norm rows switches every latent off at 5 on real residuals (docs/defaults.md).
+    l1_coefficient: float | None = None
     # Norm of the random decoder rows at init. None -> 0.1 for april2024 (dictionary_learning / SAELens
     # default; the update's own prose gives a setting-dependent range), 1.0 for classic (it must be 1: unit norm).
     decoder_init_norm: float | None = None
@@ -77,6 +78,8 @@ class ReLUConfig(SAEConfig):
         _require(self.variant in RELU_VARIANTS, f"relu: unknown variant {self.variant!r}",
                  f"use one of {', '.join(RELU_VARIANTS)}")
         super().__post_init__()
+        if self.l1_coefficient is None:
+            self._set("l1_coefficient", 5.0 if self.variant == "april2024" else 2.0)
         _require(_is_number(self.l1_coefficient) and self.l1_coefficient >= 0,
                  f"relu: l1_coefficient must be a non-negative number, got {self.l1_coefficient!r}",
                  option_fix(self, "l1_coefficient", 5.0, "(for inputs scaled to E||x|| = sqrt(d_in))"))

@@ -16,6 +16,8 @@ class TrainState:
     """What the trainer tells the SAE about the current step."""
 
     step: int = 0
+    # Steps in the whole run (None = unknown): lets an SAE fit schedules of its own to short runs.
+    total_steps: int | None = None
     # Sparsity-coefficient warm-up factor in [0, 1]; multiplies l1 / l0 penalties (TopK-family ignores it).
     sparsity_scale: float = 1.0
     # bool [d_sae]: latents the trainer considers dead (AuxK targets, resampling candidates). None = unknown.

@@ -174,7 +174,7 @@ class Trainer:
             target = None
             if t.target_site:
                 target = t.scaler.scale_target(batch[t.target_site].to(self.device, torch.float32))
-            state = TrainState(step=self.step, sparsity_scale=sparsity_factor(self.step, warm),
+            state = TrainState(step=self.step, total_steps=self.total_steps, sparsity_scale=sparsity_factor(self.step, warm),
                                dead_mask=t.tracker.dead_mask)
             out = t.sae.training_loss(x, target, state=state)
             if not torch.isfinite(out.loss):

@@ -106,3 +106,15 @@ def test_unlearned_threshold_warns_when_saved(tmp_path):
 def test_config_errors(kwargs, match):
     with pytest.raises(SaeforgeError, match=match):
         BatchTopKConfig(d_in=D_IN, d_sae=D_SAE, k=4, **kwargs)
+
+
+def test_a_short_run_learns_its_threshold_over_its_second_half():
+    sae = fresh(threshold_start_step=1000)
+    x = batch(32, seed=3)
+    sae.training_loss(x, state=TrainState(step=9, total_steps=20))  # before the middle of a 20-step run
+    assert not sae.threshold_learned
+    sae.training_loss(x, state=TrainState(step=10, total_steps=20))
+    assert sae.threshold_learned
+    long_run = fresh(threshold_start_step=1000)
+    long_run.training_loss(x, state=TrainState(step=10, total_steps=5000))  # long runs keep the start step
+    assert not long_run.threshold_learned

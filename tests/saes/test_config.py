@@ -26,8 +26,8 @@ def test_default_learning_rates():
     assert get("batchtopk").default_lr(4 * 2**14) == pytest.approx(5e-4, rel=1e-12)
     assert get("matryoshka").default_lr(2**14 // 4) == pytest.approx(2e-3, rel=1e-12)
     # the L1/L0-penalised architectures keep their papers' rates, whatever d_sae
-    assert get("relu").default_lr(4608) == get("gated").default_lr(99) == 5e-5
-    assert get("jumprelu").default_lr(4608) == 7e-5
+    assert get("relu").default_lr(4608) == get("gated").default_lr(99) == 3e-3
+    assert get("jumprelu").default_lr(4608) == 3e-3
 
 
 @pytest.mark.parametrize("arch", known_architectures())

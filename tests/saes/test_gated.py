@@ -38,7 +38,7 @@ def test_aux_term_is_reconstruction_from_relu_of_the_gate():
     gate_acts = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_gate)
     expected_aux = (gate_acts @ sae.W_dec + sae.b_dec - x).pow(2).sum(1).mean()
     assert torch.allclose(out.terms["aux"], expected_aux, rtol=1e-5)
-    assert torch.allclose(out.terms["l1"], 5.0 * gate_acts.sum(1).mean(), rtol=1e-5)
+    assert torch.allclose(out.terms["l1"], sae.cfg.l1_coefficient * gate_acts.sum(1).mean(), rtol=1e-5)
 
 
 def test_main_loss_trains_the_decoder_and_magnitude_path():

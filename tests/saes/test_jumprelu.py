@@ -88,9 +88,9 @@ def test_inference_encode_is_a_hard_threshold():
 def test_defaults_and_saelens_view():
     cfg = JumpReLUConfig(d_in=6, d_sae=10)
     assert cfg.apply_b_dec_to_input is False
-    assert (cfg.bandwidth, cfg.threshold_init, cfg.pre_act_loss_coefficient) == (0.001, 0.001, 0.0)
+    assert (cfg.bandwidth, cfg.threshold_init, cfg.pre_act_loss_coefficient) == (0.1, 1.0, 0.0)
     sae = make_sae(cfg)
-    assert torch.allclose(sae.threshold, torch.full((10,), 0.001))
+    assert torch.allclose(sae.threshold, torch.full((10,), 1.0))
     assert sae.log_threshold.requires_grad
     tensors = sae.saelens_tensors()
     assert set(tensors) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}

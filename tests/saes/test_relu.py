@@ -62,7 +62,8 @@ def test_classic_l1_is_plain():
     with torch.no_grad():
         sae.W_dec.mul_(3.0)  # a plain L1 ignores the decoder norms
     out = sae.training_loss(x, state=TrainState())
-    assert torch.allclose(out.terms["l1"], 5.0 * sae.encode(x).sum(1).mean())
+    assert sae.cfg.l1_coefficient == 2.0 and build("relu").cfg.l1_coefficient == 5.0  # per-variant defaults
+    assert torch.allclose(out.terms["l1"], 2.0 * sae.encode(x).sum(1).mean())
 
 
 def _classic_with_dead_latents():
