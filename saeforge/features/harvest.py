@@ -209,7 +209,9 @@ def _previous_explanations(cfg: HarvestConfig, out: Path, hashes: dict[str, str]
                            else "the store predates weight hashes, so it cannot tell whether the SAE changed")
                     plan["dropped"][s["name"]] = (len(records), why)
     except SaeforgeError as err:
-        plan["unreadable"] = err.problem
+        if "newer than this saeforge reads" in err.problem:
+            raise  # written by a newer saeforge: replacing it would lose what this one cannot even read
+        plan["unreadable"] = err.problem  # damaged or not a store: replaced, and the summary says so
         return plan
     lost = {n: v for n, v in plan["dropped"].items() if cfg.explanations == "auto"}
     if lost:

@@ -317,3 +317,22 @@ def test_a_second_writer_is_refused_while_harvest_runs(tiny_run, text_file, tmp_
         proc.wait(timeout=30)
     harvest(_cfg(run, text_file))  # the lock went with the process; the killed harvest's temporary file too
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_reharvest_over_a_damaged_store_replaces_it_and_a_newer_one_is_left_alone(tiny_run, text_file, tmp_path):
+    import sqlite3
+
+    run = _fresh_run(tiny_run, tmp_path)
+    path = harvest(_cfg(run, text_file))
+    path.write_bytes(b"this is not a database" * 200)
+    harvest(_cfg(run, text_file))
+    with FeatureStore(path, readonly=True) as s:
+        assert s.integrity_check() == "ok" and "not a readable feature store" in s.meta("previous_store_unreadable")
+    con = sqlite3.connect(path)
+    con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    before = path.read_bytes()
+    with pytest.raises(SaeforgeError, match="newer than this saeforge reads"):
+        harvest(_cfg(run, text_file))
+    assert path.read_bytes() == before
