@@ -219,8 +219,8 @@ def _previous_explanations(cfg: HarvestConfig, out: Path, hashes: dict[str, str]
         detail = "; ".join(f"{name}: {n} ({why})" for name, (n, why) in lost.items())
         fix = f"saeforge harvest {cfg.path} --explanations discard   (start without them)"
         if any(name in hashes for name in lost):
-            fix += (f", or --explanations keep   (carry them over by feature index: only right if the features are "
-                    f"the same)")
+            fix += (", or --explanations keep   (carry them over by feature index: only right if the features are "
+                    "the same)")
         raise SaeforgeError(f"harvesting again would drop {total} explanation(s) of {out}: {detail}", fix)
     return plan
 

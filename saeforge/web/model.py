@@ -87,6 +87,8 @@ class ModelHost:
                 self._current = request
                 if self.stopping.is_set():
                     request.stop("stopping")
+                if request.cancel.is_set():  # its client left, or the server stopped, while it waited
+                    raise self.cancelled(request)
                 timer.start()
                 yield request
             finally:

@@ -3,8 +3,9 @@
     .venv/bin/python -m tests.web.screenshots RUN_DIR [OUT_DIR] [--feature IDX] [--token TOKEN] [--prompt TEXT]
         [--steer-feature IDX --steer-strength S --steer-prompts "A|B"] [--pages overview,...,steer]
 
-Writes overview.png, features.png (a search by token), feature.png (a feature page, full length), inspector.png
-(a prompt inspected, one token selected) and steer.png (the steering playground after a request) into OUT_DIR
+Writes overview.png, features.png (a search by token, ranked by relevance), feature.png (a feature page, full
+length), inspector.png (a prompt inspected, one token selected and its first feature shaded across the prompt) and
+steer.png (the steering playground after a request) into OUT_DIR
 (default docs/screenshots); ``--pages`` takes a subset. The prompt inspector and the playground load the run's
 model, so the run's model must be available (for the embedded one: ``saeforge fetch``).
 """
@@ -76,6 +77,9 @@ def main() -> None:
             page.click("#inspect-button")
             page.wait_for_selector("#tokens .t")
             page.click(f"#tokens .t >> nth={args.select}")
+            if page.locator("#token-detail .heat-button").count():
+                page.click("#token-detail .heat-button >> nth=0")
+                page.wait_for_selector("#tokens.heat")
             page.screenshot(path=out / "inspector.png")
         if "steer" in pages:
             feature = args.feature if args.steer_feature is None else args.steer_feature

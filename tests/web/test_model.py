@@ -10,7 +10,6 @@ test the server's side; ``test_real_generation_stops_at_the_limit`` uses the rea
 from __future__ import annotations
 
 import json
-import os
 import queue
 import re
 import signal
@@ -24,7 +23,6 @@ import urllib.request
 
 import pytest
 
-from .conftest import SAE
 
 
 class FakeGeneration:
