@@ -91,6 +91,10 @@ ORDERS = {"density": "f.density DESC, f.idx", "density_asc": "f.density ASC, f.i
           "score": "f.score IS NULL, f.score DESC, f.idx", "max_act": "f.max_act DESC, f.idx",
           "relevance": "f.density DESC, f.idx"}
 MAX_SEARCH_CHARS = 200
+# Token-search relevance: the token's share of a feature's strongest activations (hits of min(100, times fired)),
+# shrunk towards 0 by this many pseudo-activations, so that a feature seen once on the token does not outrank one
+# with 73 of its 100 strongest activations there.
+RELEVANCE_PRIOR = 10
 LINK_DIRECTIONS = ("out", "in")
 
 
@@ -511,20 +515,21 @@ class FeatureStore:
     def list_features(self, sae: str, *, order: str = "density", offset: int = 0, limit: int = 50,
                       query: str = "", token: str = "", alive_only: bool = False) -> list[dict]:
         """Features of an SAE, optionally filtered by text in the explanation (case-insensitive, no wildcards), by a
-        top-activating token (exact) and to those that fired. With a token, ``order="relevance"`` puts first the
-        features where the token has the largest share of the top activations (``token_hits``, of
-        ``min(100, fire_count)``), then its rank among the feature's top tokens (``token_rank``, 0 = first)."""
+        top-activating token (exact) and to those that fired. With a token each row has ``token_hits`` (how many of
+        the feature's ``min(100, fire_count)`` strongest activations are on it), ``token_rank`` (its place among the
+        feature's top tokens, 0 = first) and ``token_relevance`` = hits / (min(100, fire_count) + RELEVANCE_PRIOR),
+        by which ``order="relevance"`` sorts (then hits, rank, density)."""
         sae_id = self.sae_id(sae)
         if order not in ORDERS:
             raise SaeforgeError(f"unknown order {order!r}", f"use one of {', '.join(ORDERS)}")
         source, where, args = self._search(sae_id, query, token, alive_only)
         order_sql = ORDERS[order]
-        extra = ", NULL AS token_rank, NULL AS token_hits"
+        extra = ", NULL AS token_rank, NULL AS token_hits, NULL AS token_relevance"
         if token:
-            extra = ", m.token_rank, m.token_hits"
+            extra = (f", m.token_rank, m.token_hits, "
+                     f"CAST(m.token_hits AS REAL) / (MIN(100, f.fire_count) + {RELEVANCE_PRIOR}) AS token_relevance")
             if order == "relevance":
-                order_sql = ("CAST(m.token_hits AS REAL) / MAX(1, MIN(100, f.fire_count)) DESC, m.token_hits DESC, "
-                             "m.token_rank, f.density DESC, f.idx")
+                order_sql = "token_relevance DESC, m.token_hits DESC, m.token_rank, f.density DESC, f.idx"
         rows = self.con.execute(
             f"SELECT f.idx, f.density, f.fire_count, f.max_act, f.mean_act, f.top_tokens, f.explanation, f.score, "
             f"f.score_chance, f.explanation_source{extra} FROM {source} WHERE {where} ORDER BY {order_sql} "

@@ -23,7 +23,8 @@ def feature_list(data: "RunData", sae: str, *, q: str = "", token: str = "", ord
                  limit: int = 50, alive: bool = False) -> dict:
     """A page of the features of ``sae``. ``order`` empty: by relevance when searching a token, else by density.
     With a token search each row has ``token_hits`` (how many of the feature's strongest activations are on that
-    token), ``token_share`` (hits / min(100, times fired)) and ``token_rank``; ``total`` counts every match."""
+    token), ``token_share`` (hits / min(100, times fired)), ``token_relevance`` (the share shrunk for features that
+    fired only a few times: the relevance order) and ``token_rank``; ``total`` counts every match."""
     info = data.sae_info(sae)
     d_sae = int(info["d_sae"])
     check_text("the explanation search", q, MAX_SEARCH_CHARS, status=400)

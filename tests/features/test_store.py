@@ -245,9 +245,11 @@ def test_token_search_is_exact_and_ranked_by_relevance(tmp_path):
     assert idx(token="zzz") == [] and idx(token="\\") == []
     # spaces around the query are ignored unless typed: "the" finds " the" and "the"
     assert sorted(idx(token="the")) == [0, 1, 5, 8] and sorted(idx(token=" the")) == [0, 1, 8]
-    # relevance: the token's share of the feature's top activations (hits / min(100, fire count)), then its rank
+    # relevance: the token's share of the feature's top activations, hits / (min(100, fire count) + 10), then hits:
+    # 60/70 first; feature 8 fired once, on " the" (1/11), ties with 10 of 100 (10/110) and has fewer hits
     rows = s.list_features("x", token=" the", order="relevance")
-    assert [(r["idx"], r["token_hits"], r["token_rank"]) for r in rows] == [(1, 60, 0), (8, 1, 0), (0, 10, 1)]
+    assert [(r["idx"], r["token_hits"], r["token_rank"]) for r in rows] == [(1, 60, 0), (0, 10, 1), (8, 1, 0)]
+    assert [r["token_relevance"] for r in rows] == pytest.approx([60 / 70, 10 / 110, 1 / 11])
     assert s.count_features("x", token=" the") == 3 and s.count_features("x", token="%") == 1
     # density both ways, dead features hidden on request
     assert idx(order="density_asc")[:2] == [7, 9] and idx(order="density")[0] == 0

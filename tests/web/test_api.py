@@ -74,9 +74,12 @@ def test_feature_search_by_explanation_and_by_token(client, web_run, store):
     tops = {i: store.feature(SAE, i, with_examples=False)["top_tokens"] or [] for i in range(128)}
     expected = {i for i in range(128) if any(t == token for t, _ in tops[i])}  # the token exactly
     assert roles["busy"] in got and set(got) == expected and r["total"] == len(expected) and r["order"] == "relevance"
-    # most relevant first: the token's share of each feature's strongest activations
-    share = [f["token_hits"] / min(100, f["fire_count"]) for f in r["features"]]
-    assert share == sorted(share, reverse=True) and [f["token_share"] for f in r["features"]] == pytest.approx(share)
+    # most relevant first: the token's share of each feature's strongest activations, shrunk for rare features
+    relevance = [f["token_hits"] / (min(100, f["fire_count"]) + 10) for f in r["features"]]
+    assert relevance == sorted(relevance, reverse=True)
+    assert [f["token_relevance"] for f in r["features"]] == pytest.approx(relevance)
+    assert [f["token_share"] for f in r["features"]] == pytest.approx(
+        [f["token_hits"] / min(100, f["fire_count"]) for f in r["features"]])
     for f in r["features"]:
         assert f["token_hits"] == dict(map(tuple, tops[f["idx"]]))[token]
     # characters that LIKE or the JSON text would read as patterns match nothing here (no top token is one)
