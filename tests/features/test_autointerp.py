@@ -63,6 +63,21 @@ def _alive(run, n):
     return [r[0] for r in rows]
 
 
+def _alive_showing(run, n, word):
+    """Like :func:`_alive`, among features whose excerpts shown to the explainer hold ``word`` (so that "the word
+    <word>" names something they contain and is not rejected as saying nothing about them)."""
+    out = []
+    with FeatureStore(run / "features.sqlite", readonly=True) as s:
+        for idx in _alive(run, 40):
+            rec = s.feature(SITE, idx)
+            examples = {k: [P.drop_special_tokens(e) for e in v] for k, v in rec["examples"].items()}
+            shown = S.split_examples(examples).shown
+            if word in re.findall(r"\w+", " ".join("".join(e["tokens"]).lower() for e in shown)):
+                out.append(idx)
+    assert len(out) >= n
+    return out[:n]
+
+
 def _explanations(run) -> dict[int, tuple]:
     with FeatureStore(run / "features.sqlite", readonly=True) as s:
         rows = s.con.execute("SELECT idx, explanation, score, explainer, explained_at FROM features "
@@ -227,7 +242,7 @@ class KeywordBackend:
         out = []
         for p in prompts:
             user = p[-1]["content"]
-            if "Excerpts:" in user:
+            if any("Excerpts:" in m["content"] for m in p):  # a first or second try
                 out.append(self.explanation)
                 continue
             keyword = re.search(r"Explanation: the word (\w+)", user).group(1)
@@ -281,7 +296,7 @@ def test_detection_and_fuzzing_balanced_accuracy_are_exact():
 
 
 def test_explain_with_a_scripted_backend_writes_scores(run_copy):
-    feats = _alive(run_copy, 3)
+    feats = _alive_showing(run_copy, 3, "the")
     backend = KeywordBackend(explanation="the word the")
     res = explain(ExplainConfig(path=str(run_copy), features=tuple(map(str, feats)), fuzzing=True, progress=False,
                                 batch_size=8), backend=backend)
@@ -353,7 +368,7 @@ def test_unreachable_endpoint_is_a_clear_error_and_writes_nothing(run_copy, monk
 
 
 def test_rerun_skips_explained_features(run_copy, monkeypatch):
-    feats = _alive(run_copy, 6)
+    feats = _alive_showing(run_copy, 6, "the")
     with FakeServer(explanation="the word the") as srv:
         monkeypatch.setenv("SAEFORGE_LLM_BASE_URL", srv.url)
         cfg = ExplainConfig(path=str(run_copy), features=tuple(map(str, feats[:4])), backend="openai", model="m",
@@ -420,6 +435,10 @@ ROYAL = [{"tokens": ["Long", " live", " the", " king", ",", " and", " the", " qu
     ("1. Long live the <<king>>", "copies an excerpt"),
     ("king, king, king", "repeats 'king' 3 times"),
     ("the crown of the crown of", "repeats 'the crown of'"),
+    # what the embedded SmolLM2-135M wrote for a layer-15 TopK SAE
+    ("The feature responds to itself.", "talks about the feature itself"),
+    ("The feature responds to the question of when the feature fires.", "talks about the feature itself"),
+    ("The feature responds to the \"Addition\" in the excerpt.", "says nothing"),  # no "Addition" in the excerpts
 ])
 def test_degenerate_explanations_are_recognised(text, reason):
     from saeforge.features.autointerp.quality import degeneracy
@@ -432,6 +451,7 @@ def test_degenerate_explanations_are_recognised(text, reason):
     "the word the",  # names a string (even a function word, and even one it does not fire on)
     "tokens like 'and'", 'the token " of"', "punctuation closing a clause", "the particle 'to' before a verb",
     "words about monarchy", "Nouns for rulers, e.g. king, queen",
+    'The feature responds to "Long live" in the excerpt.',  # a string the excerpts hold
 ])
 def test_real_explanations_are_kept(text):
     from saeforge.features.autointerp.quality import degeneracy
@@ -468,8 +488,8 @@ class ScriptedBackend:
 def test_a_degenerate_reply_is_retried_once_then_replaced_by_a_top_token_label(run_copy):
     feats = _alive(run_copy, 3)
     junk = "The feature responds to the feature by responding to the feature's own feature."
-    backend = ScriptedBackend([["the word the", junk, "It fires on tokens."],  # round 1: one usable reply
-                               ["the word and", "The feature responds to the marked tokens."]])  # retries
+    backend = ScriptedBackend([["slings and arrows of fortune", junk, "It fires on tokens."],  # one usable reply
+                               ["names of places and people", "The feature responds to the marked tokens."]])
     res = explain(ExplainConfig(path=str(run_copy), features=tuple(map(str, feats)), progress=False, batch_size=8),
                   backend=backend)
     assert [len(r) for r in backend.explainer_rounds] == [3, 2]  # the two unusable replies were asked again, once
@@ -483,7 +503,8 @@ def test_a_degenerate_reply_is_retried_once_then_replaced_by_a_top_token_label(r
         recs = [store.feature(SITE, i, with_examples=False) for i in feats]
     from saeforge.features.autointerp.quality import top_token_label
 
-    assert [r["explanation"] for r in recs] == ["the word the", "the word and", top_token_label(recs[2]["top_tokens"])]
+    assert [r["explanation"] for r in recs] == ["slings and arrows of fortune", "names of places and people",
+                                                top_token_label(recs[2]["top_tokens"])]
     assert recs[2]["explanation"].startswith('tokens: "')
     for r, i in zip(recs, feats):
         assert r["explanation_source"] == got[i]["source"] and r["explainer_model"] == "fake:script"

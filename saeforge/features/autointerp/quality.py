@@ -8,11 +8,14 @@ finds, or returns None:
 - **empty**: no letter or digit;
 - **copied excerpt**: the ``<<`` ``>>`` marks or an excerpt's numbering;
 - **repetition**: a word other than a function word three times or more, or a run of three words twice;
+- **self-reference**: "itself", or the feature (feature, neuron, latent) named twice: "The feature responds to the
+  question of when the feature fires.";
 - **no content**: no word that could say what the feature is about. A word counts as content when it is not a
   function word ("the", "to"), not a word about the task itself ("feature", "responds", "token", "marked"...), and
   not a word of the prompt's instructions that the excerpts do not contain (a parroted instruction); and in any case
-  when it is quoted, follows "word", "token" or "like" as the last word or not a function word (it names a string:
-  "the word the", "tokens like commas"; not "tokens in the text"), or is the text of a token
+  when it names a string that occurs in the excerpts shown: quoted, or after "word", "token" or "like" as the last
+  word or not a function word ("the word the", "tokens like commas"; not "tokens in the text"), or when it is the
+  text of a token
   the feature fires on in the excerpts shown (a short explanation may be just that token).
 
 The explain loop retries a degenerate explanation once with :func:`retry_prompt` (the same conversation, the reply,
@@ -35,7 +38,7 @@ has have had of to in on at by for with from into onto upon over under about as 
 no yes if when where which who whom whose what while after before during between among within without through
 across against up down out off again further once all any both each every few more most other some same only own
 very can could will would shall should may might must just also too one ones s t i you he she we me my your his her
-our us him
+our us him itself themselves
 """.split())
 TASK_WORDS = frozenset("""
 feature features featured neuron neurons latent latents unit units fire fires firing fired activate activates activated
@@ -47,6 +50,8 @@ related relating relates thing things something anything everything kind kinds t
 occur occurs occurrence present presence contain contains containing given use used using shown show shows
 """.split())
 NAMING_WORDS = frozenset({"word", "words", "token", "tokens", "like", "string", "strings", "character", "characters"})
+SELF_WORDS = frozenset({"feature", "features", "neuron", "neurons", "latent", "latents"})
+REFLEXIVE = frozenset({"itself", "themselves", "itselves"})
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?", re.UNICODE)
 _QUOTED = re.compile(r"""'([^']+)'|"([^"]+)"|“([^”]+)”|‘([^’]+)’|`([^`]+)`""")
 _NUMBERED = re.compile(r"(^|\s)\d+\.\s")
@@ -94,18 +99,22 @@ def content_words(explanation: str, examples: Sequence[dict], threshold: float =
     ws = words(explanation)
     firing = activating_words(examples, threshold)
     in_examples = example_words(examples)
-    named = set()
+    named, quoted = set(), set()
     for m in _QUOTED.finditer(explanation):
-        named.update(words(next(g for g in m.groups() if g is not None)))
+        quoted.update(words(next(g for g in m.groups() if g is not None)))
+    named |= quoted
     for n, (prev, w) in enumerate(zip(ws, ws[1:]), 1):
         # "the word the", "tokens like commas": a string named; not "tokens in the text"
         if prev in NAMING_WORDS and (w not in FUNCTION_WORDS or n == len(ws) - 1):
             named.add(w)
+    held = in_examples | firing
+    misquoted = quoted - held  # a quotation the excerpts do not hold says nothing about them
+    named &= held
     out = []
     for w in ws:
         if w in named or w in firing:
             out.append(w)
-        elif w in FUNCTION_WORDS or w in TASK_WORDS:
+        elif w in misquoted or w in FUNCTION_WORDS or w in TASK_WORDS:
             continue
         elif w in _INSTRUCTIONS and w not in in_examples:
             continue
@@ -130,6 +139,9 @@ def degeneracy(explanation: str, examples: Sequence[dict], threshold: float = 0.
     again = [g for g, c in trigrams.items() if c >= 2]
     if again:
         return f"it repeats {' '.join(again[0])!r}"
+    self_refs = [w for w in ws if w in SELF_WORDS]
+    if any(w in REFLEXIVE for w in ws) or len(self_refs) >= 2:
+        return "it talks about the feature itself, not about the text"
     if not content_words(text, examples, threshold):
         return "it says nothing about the text (only words about features, tokens or the task)"
     return None
