@@ -36,6 +36,8 @@ def main() -> None:
                     help="the playground's prompts, separated by |")
     ap.add_argument("--steer-tokens", type=int, default=24, help="new tokens per prompt in the playground")
     ap.add_argument("--pages", default=",".join(PAGES), help=f"which screenshots, of {','.join(PAGES)}")
+    ap.add_argument("--request-timeout", type=float, default=900.0,
+                    help="the server's limit on a model request (a busy CPU generates slowly)")
     args = ap.parse_args()
     pages = [x.strip() for x in args.pages.split(",") if x.strip()]
     unknown = sorted(set(pages) - set(PAGES))
@@ -52,7 +54,7 @@ def main() -> None:
         raise SystemExit("chromium is not installed: run scripts/install_browser.sh")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    app = create_app(args.run)
+    app = create_app(args.run, request_timeout=args.request_timeout, queue_timeout=args.request_timeout)
     sae = app.state.data.default_sae()
     with BackgroundServer(app) as srv, sync_playwright() as p:
         browser = launch(p, chromium)
