@@ -89,6 +89,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     if not cfg.path:
         raise SaeforgeError("no run or SAE folder given", "saeforge eval RUN_DIR (or an SAE folder)")
+    if cfg.tokens <= 0:
+        raise SaeforgeError(f"--tokens {cfg.tokens} asks for no tokens; eval.json would be rewritten from a single "
+                            "context", f"pass a positive count, e.g. saeforge eval {cfg.path} --tokens 16384")
     path = Path(cfg.path)
     run = load_run(path, model=cfg.model, device=cfg.device, dtype=cfg.dtype, site=cfg.site)
     lm, model_name = run.lm, cfg.model or run.meta.get("model_name")

@@ -3,8 +3,37 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_L0_BINS = 60
+
+
+def count_share(n: int, total: int) -> str:
+    """``12 (0.29 %)``: a count and its share of ``total``, the one way saeforge shows counts such as dead latents
+    (the overview's metrics and the plots agree)."""
+    if not total:
+        return f"{n:,}"
+    p = 100 * n / total
+    return f"{n:,} ({p:.1f} %)" if p >= 1 or p == 0 else f"{n:,} ({p:.2g} %)"
+
+
+def l0_bins(l0: np.ndarray) -> np.ndarray:
+    """Histogram edges for active-latent counts: one bar per integer, centred on it, over the observed range and a
+    couple of integers either side (a TopK SAE's L0 is one value, which must still read as a bar at k, not as a
+    bar filling a meaningless axis); ranges wider than ``MAX_L0_BINS`` get integer-wide groups of several counts."""
+    l0 = np.asarray(l0)
+    if l0.size == 0:
+        return np.arange(-0.5, 2.0)
+    lo, hi = int(np.floor(l0.min())), int(np.ceil(l0.max()))
+    step = max(1, -(-(hi - lo + 1) // MAX_L0_BINS))
+    margin = 2 * step
+    start = max(0, lo - margin)
+    return np.arange(start, hi + margin + step + 1, step) - 0.5
 
 
 def have_matplotlib() -> bool:
@@ -33,17 +62,24 @@ def eval_plots(folder: Path, name: str, density: torch.Tensor, l0: torch.Tensor,
         plt.close(fig)
         written.append(path)
 
+    import torch
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     dead = int((density == 0).sum())
     ax.hist(torch.log10(density[density > 0]).numpy(), bins=50, color="#4c72b0")
     ax.set(xlabel="log10 feature density (fraction of tokens a latent fires on)", ylabel="latents",
-           title=f"{name}: feature density ({dead} dead of {density.numel()})")
+           title=f"{name}: feature density\n(dead latents: {count_share(dead, density.numel())} of "
+                 f"{density.numel():,})")
     save(fig, "feature_density.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(l0.numpy(), bins=min(60, max(10, int(l0.max()) + 1)), color="#55a868")
+    counts = l0.float().numpy()
+    ax.hist(counts, bins=l0_bins(counts), color="#55a868", edgecolor="white", linewidth=0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    same = f"; every token {int(counts[0])}" if counts.size and counts.min() == counts.max() else ""
     ax.set(xlabel="active latents per token (L0)", ylabel="tokens", title=f"{name}: L0 per token "
-           f"(mean {l0.float().mean():.1f})")
+           f"(mean {counts.mean() if counts.size else 0:.1f}{same})")
     save(fig, "l0_per_token.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -7,12 +7,21 @@ density, max and mean activation, quantiles and a histogram of its nonzero activ
 per context, highest activation first); quantile-sampled contexts (activation range split into equal bins, a few
 random contexts per bin); random contexts where it never fires (for scoring explanations); the tokens it fires on
 most; promoted and suppressed tokens (decoder direction through the final norm scale and the unembedding); and the
-nearest features by decoder cosine. The store is built under a temporary name and renamed when complete.
+nearest features by decoder cosine.
+
+The store is built under a temporary name and then put in place by :func:`~saeforge.features.store.install_store`
+(SQLite's backup API into the existing store, so a dashboard reading it sees the old or the new one and a write-ahead
+log left by a killed writer is never replayed onto the new file). The whole command holds the run's writer lock, which
+``explain`` takes too. Explanations of an SAE whose weights did not change carry over to the new store; when some
+would be lost (the SAE changed, or is no longer in the run) harvest stops before any slow work and asks for
+``--explanations discard`` (or ``keep``).
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +31,11 @@ import torch
 from simple_parsing.helpers import field
 
 from saeforge.errors import SaeforgeError
-from saeforge.features.store import STORE_FILE, FeatureStore
+from saeforge.features.store import STORE_FILE, WRITER_LOCK, FeatureStore, install_store
 from saeforge.utils.atomic import TMP_PREFIX
+from saeforge.utils.locking import exclusive_lock
+
+EXPLANATION_POLICIES = ("auto", "keep", "discard")
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,10 @@ class HarvestConfig:
     """auto, cpu or cuda."""
     seed: int = 0
     """Seed for the sampled examples."""
+    explanations: str = "auto"
+    """What happens to the explanations of an existing store: auto (carry them over for SAEs whose weights did not
+    change; stop and ask when any would be lost), keep (carry them over by feature index even for changed SAEs) or
+    discard (start without them)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -137,19 +153,102 @@ def _feature_records(cfg: HarvestConfig, rng: np.random.Generator, T: int, n_ctx
     return rec, examples
 
 
+def sae_weights_hash(sae) -> str:
+    """SHA-256 of an SAE's configuration and weights: the same hash means the same features."""
+    h = hashlib.sha256(json.dumps(sae.cfg.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(sae.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_config(cfg: HarvestConfig) -> None:
+    """Refuse bad settings before anything loads."""
+    if not cfg.path:
+        raise SaeforgeError("no run or SAE folder given", "saeforge harvest RUN_DIR")
+    if cfg.tokens <= 0:
+        raise SaeforgeError(f"--tokens {cfg.tokens} asks for no tokens; harvest would replace the store with an "
+                            "empty one", f"pass a positive count, e.g. saeforge harvest {cfg.path} --tokens 65536")
+    for name in ("batch_size", "top_examples", "quantile_bins"):
+        if getattr(cfg, name) < 1:
+            raise SaeforgeError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least 1",
+                                f"saeforge harvest {cfg.path} --{name.replace('_', '-')} "
+                                f"{HarvestConfig.__dataclass_fields__[name].default}")
+    for name in ("examples_per_bin", "random_examples", "window_before", "window_after", "n_logits", "n_neighbors",
+                 "context_length"):
+        if getattr(cfg, name) < 0:
+            raise SaeforgeError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is negative",
+                                f"pass 0 or more: saeforge harvest {cfg.path} --{name.replace('_', '-')} "
+                                f"{HarvestConfig.__dataclass_fields__[name].default}")
+    if cfg.explanations not in EXPLANATION_POLICIES:
+        raise SaeforgeError(f"unknown --explanations {cfg.explanations!r}",
+                            f"use one of {', '.join(EXPLANATION_POLICIES)}")
+
+
+def _previous_explanations(cfg: HarvestConfig, out: Path, hashes: dict[str, str]) -> dict:
+    """What the existing store's explanations become: ``{"keep": {sae: records}, "dropped": {sae: (n, reason)},
+    "unreadable": reason or None}``. Raises (auto) when some would be dropped, before any slow work."""
+    plan: dict = {"keep": {}, "dropped": {}, "unreadable": None}
+    if not out.is_file():
+        return plan
+    try:
+        with FeatureStore(out) as old:  # writable: an older schema is migrated (this process holds the lock)
+            for s in old.saes():
+                records = old.explanation_records(s["name"])
+                if not records:
+                    continue
+                if s["name"] not in hashes:
+                    plan["dropped"][s["name"]] = (len(records), "this SAE is no longer in the run")
+                elif cfg.explanations == "discard":
+                    plan["dropped"][s["name"]] = (len(records), "--explanations discard")
+                elif s.get("weights_hash") == hashes[s["name"]] or cfg.explanations == "keep":
+                    plan["keep"][s["name"]] = records
+                else:
+                    why = ("its weights changed since the last harvest" if s.get("weights_hash")
+                           else "the store predates weight hashes, so it cannot tell whether the SAE changed")
+                    plan["dropped"][s["name"]] = (len(records), why)
+    except SaeforgeError as err:
+        if "newer than this saeforge reads" in err.problem:
+            raise  # written by a newer saeforge: replacing it would lose what this one cannot even read
+        plan["unreadable"] = err.problem  # damaged or not a store: replaced, and the summary says so
+        return plan
+    lost = {n: v for n, v in plan["dropped"].items() if cfg.explanations == "auto"}
+    if lost:
+        total = sum(n for n, _ in lost.values())
+        detail = "; ".join(f"{name}: {n} ({why})" for name, (n, why) in lost.items())
+        fix = f"saeforge harvest {cfg.path} --explanations discard   (start without them)"
+        if any(name in hashes for name in lost):
+            fix += (", or --explanations keep   (carry them over by feature index: only right if the features are "
+                    "the same)")
+        raise SaeforgeError(f"harvesting again would drop {total} explanation(s) of {out}: {detail}", fix)
+    return plan
+
+
 def harvest(cfg: HarvestConfig) -> Path:
+    """Harvest into ``<path>/features.sqlite`` (see the module docstring); returns the store's path. The store's meta
+    ``explanations_kept`` / ``explanations_dropped`` say what became of the previous store's explanations."""
+    check_config(cfg)
+    root = Path(cfg.path)
+    if not root.exists():
+        raise SaeforgeError(f"{root} does not exist", "pass a run directory from `saeforge train` or an SAE folder")
+    with exclusive_lock(root, WRITER_LOCK):
+        return _harvest_locked(cfg, root)
+
+
+def _harvest_locked(cfg: HarvestConfig, root: Path) -> Path:
     from tqdm.auto import tqdm
 
     from saeforge.data.text_source import TextSource
     from saeforge.data.token_stream import TokenStream
     from saeforge.runs import load_run
 
-    if not cfg.path:
-        raise SaeforgeError("no run or SAE folder given", "saeforge harvest RUN_DIR")
-    root = Path(cfg.path)
     run = load_run(root, model=cfg.model, device=cfg.device, dtype=cfg.dtype)
     lm, model_name = run.lm, cfg.model or run.meta.get("model_name")
     saes = {name: (r.sae, r.site, r.folder) for name, r in run.saes.items()}
+    hashes = {name: sae_weights_hash(sae) for name, (sae, _, _) in saes.items()}
+    out = root / STORE_FILE
+    previous = _previous_explanations(cfg, out, hashes)
     T = run.context_length(cfg.context_length)
     tokens = TokenStream.for_model(TextSource(cfg.corpus, cfg.text_field), lm, run.token_policy(T))
     n_target = max(1, -(-cfg.tokens // T))
@@ -190,13 +289,12 @@ def harvest(cfg: HarvestConfig) -> Path:
     n_kept = int(kept_flat.sum())
     vocab = {int(i): lm.tokenizer.decode([int(i)]) for i in np.unique(ids_flat)}
 
-    out = root / STORE_FILE
     tmp = root / f"{TMP_PREFIX}{STORE_FILE}"
-    tmp.unlink(missing_ok=True)
+    for leftover in (tmp, *(tmp.with_name(tmp.name + s) for s in ("-wal", "-shm", "-journal"))):
+        leftover.unlink(missing_ok=True)  # of a killed harvest
     store = FeatureStore(tmp, create=True)
     try:
-        store.con.execute("PRAGMA journal_mode = OFF")
-        store.con.execute("PRAGMA synchronous = OFF")
+        store.begin_bulk_load()
         store.add_contexts(ids_all, 0)
         store.add_vocab(vocab)
         rng = np.random.default_rng(cfg.seed)
@@ -210,7 +308,7 @@ def harvest(cfg: HarvestConfig) -> Path:
             logit_info = _logit_effects(lm, sae, vocab_fn=lambda ids: [lm.tokenizer.decode([i]) for i in ids],
                                         n=cfg.n_logits)
             neighbors = _neighbors(sae, cfg.n_neighbors)
-            sae_id = store.add_sae(name, site.name, sae.cfg.d_sae, sae.cfg.architecture, str(folder))
+            sae_id = store.add_sae(name, site.name, sae.cfg.d_sae, sae.cfg.architecture, str(folder), hashes[name])
             records, examples = [], []
             for i in tqdm(range(sae.cfg.d_sae), desc=f"features of {name}", disable=not cfg.progress,
                           dynamic_ncols=True, leave=False):
@@ -233,10 +331,15 @@ def harvest(cfg: HarvestConfig) -> Path:
         store.set_meta("n_kept_tokens", n_kept)
         store.set_meta("stream_tokens_per_s", n_ctx * T / max(stream_seconds, 1e-9))
         store.set_meta("harvest_seconds", time.time() - t0)
-        store.commit()
-        store.con.execute("PRAGMA journal_mode = WAL")
+        kept = {name: store.restore_explanations(name, records) for name, records in previous["keep"].items()}
+        store.set_meta("explanations_kept", kept)
+        store.set_meta("explanations_dropped", {n: {"count": c, "reason": why}
+                                                for n, (c, why) in previous["dropped"].items()})
+        if previous["unreadable"]:
+            store.set_meta("previous_store_unreadable", previous["unreadable"])
+        store.end_bulk_load()
         store.close()
-        tmp.replace(out)
+        install_store(tmp, out)
     except BaseException:
         store.close()
         tmp.unlink(missing_ok=True)
@@ -306,4 +409,12 @@ def run_harvest(cfg: HarvestConfig) -> Path:
           f"{m['stream_tokens_per_s']:,.0f} tokens/s into {path}")
     for s in saes:
         print(f"  {s['name']}: {s['d_sae']} features ({s['architecture']}, {s['site']})")
+    for name, n in (m.get("explanations_kept") or {}).items():
+        if n:
+            print(f"  kept {n} explanation(s) of {name} from the previous store (same SAE weights)")
+    for name, d in (m.get("explanations_dropped") or {}).items():
+        print(f"  dropped {d['count']} explanation(s) of {name}: {d['reason']}")
+    if m.get("previous_store_unreadable"):
+        print(f"  the previous store could not be read, so no explanation was carried over: "
+              f"{m['previous_store_unreadable']}")
     return path

@@ -4,41 +4,50 @@
 page                                  JSON
 ====================================  =====================================================================
 ``/``  run overview                   ``GET /api/run``
-``/saes/{sae}/features``  list        ``GET /api/saes/{sae}/features?q=&token=&order=&offset=&limit=``
+``/saes/{sae}/features``  list        ``GET /api/saes/{sae}/features?q=&token=&order=&offset=&limit=&alive=``
 ``/saes/{sae}/features/{idx}``        ``GET /api/saes/{sae}/features/{idx}``
-``/inspect``  prompt inspector        ``POST /api/inspect`` with ``{"text": ..., "top": 5}``
+``/inspect``  prompt inspector        ``POST /api/inspect`` with ``{"text": ..., "top": 5}``;
+                                      ``POST /api/inspect/feature`` with ``{"text", "sae", "feature"}``: one
+                                      feature's activation at every token
 ``/steer``  steering playground       ``POST /api/steer`` with ``{"prompts": [...], "edits": [{"sae", "feature", "mode",
                                       "strength", "unit"}], "positions", "max_new_tokens", "temperature", "seed"}``
 ``/plots/{sae}/{file}.png``           the evaluation plots
 ====================================  =====================================================================
 
-Errors are ``{"error", "fix", "status"}`` JSON under ``/api/`` (and for any client that does not ask for HTML), an
-HTML page otherwise, with the same status: 404 for an unknown SAE or a feature index out of range, 413 for an
-over-long prompt (or too many prompts or feature edits in one steering request), 400/422 for other bad input, 503
-when the model cannot be loaded.
+Errors are ``{"error", "fix", "status"}`` with a 4xx/5xx status (an HTML page for a browser asking for a page).
+Requests that run the model wait at most ``queue_timeout`` s for it (then 503 with ``Retry-After``) and run at most
+``request_timeout`` s (then 504); a steering request stops when its client disconnects. The model is loaded on the
+first such request.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
+import anyio
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from markupsafe import Markup, escape
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from saeforge import __version__
 from saeforge.errors import SaeforgeError
-from saeforge.web.data import (MAX_LIST_LIMIT, MAX_STEER_EDITS, MAX_STEER_NEW_TOKENS, MAX_STEER_PROMPTS,
-                                MAX_STEER_TEMPERATURE, ORDERS, RunData, WebError)
+from saeforge.web.data import RunData
+from saeforge.web.errors import WebError
+from saeforge.web.features import MAX_LIST_LIMIT, ORDER_LABELS
+from saeforge.web.model import ModelRequest
+from saeforge.web.render import chip, example_html, fmt, share, show_token, token_html, window_peak
+from saeforge.web.steering import (MAX_STEER_EDITS, MAX_STEER_NEW_TOKENS, MAX_STEER_PROMPT_TOKENS, MAX_STEER_PROMPTS,
+                                   MAX_STEER_TEMPERATURE)
 
 HERE = Path(__file__).parent
+DISCONNECT_POLL_S = 0.25
+
+__all__ = ["create_app", "fmt", "show_token"]
 
 
 class SteerEdit(BaseModel):
@@ -61,57 +70,46 @@ class SteerRequest(BaseModel):
     seed: int = 0
 
 
-def fmt(value, digits: int = 4) -> str:
-    """A number for people: integers with separators, floats to ``digits`` significant digits."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return str(value)
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
-            return f"{value:.{digits - 1}e}"
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def show_token(text: str) -> str:
-    """A token as shown in the page: newlines and tabs made visible (spaces stay, the CSS keeps them)."""
-    return text.replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍") if text else "∅"
-
-
-def example_html(e: dict, max_act: float) -> Markup:
-    """One example window as token spans shaded by activation / the feature's max, the peak token boxed. Built here
-    rather than in the template: a feature page has ~2,000 tokens, and this is several times faster."""
-    parts = []
-    for i, (t, a) in enumerate(zip(e["tokens"], e["acts"])):
-        cls, attrs = "t", ""
-        if a > 0:
-            alpha = min(a / max_act, 1.0) if max_act > 0 else 1.0
-            cls = "t on"
-            attrs = (f' style="background: rgba(238, 108, 0, {0.15 + 0.85 * alpha:.3f})"'
-                     f' data-act="{a:.4g}" title="{a:.4g}"')
-        if i == e["peak_offset"]:
-            cls += " peak"
-        parts.append(f'<span class="{cls}"{attrs}>{escape(show_token(t))}</span>')
-    return Markup("".join(parts))
-
-
 def _wants_html(request: Request) -> bool:
     return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
 
 
+async def run_cancellable(request: Request, what: str, work):
+    """``work(model_request)`` on a worker thread; the model request's cancel event is set when the client
+    disconnects (the model's own bounds set it on a timeout or when the server stops)."""
+    claim = ModelRequest(what)
+    outcome: dict = {}
+
+    async def watch() -> None:
+        while not claim.cancel.is_set():
+            if await request.is_disconnected():
+                claim.stop("disconnected")
+                return
+            await anyio.sleep(DISCONNECT_POLL_S)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        try:
+            outcome["result"] = await anyio.to_thread.run_sync(work, claim, abandon_on_cancel=True)
+        except Exception as err:  # re-raised outside the task group, unwrapped
+            outcome["error"] = err
+        finally:
+            tg.cancel_scope.cancel()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def create_app(run_dir: str | Path, *, model: str = "", device: str = "auto", max_prompt_chars: int = 20_000,
-               data: RunData | None = None) -> FastAPI:
+               request_timeout: float = 120.0, queue_timeout: float = 10.0, data: RunData | None = None) -> FastAPI:
     """The dashboard of one run directory (opened and checked now, so a bad run fails before serving)."""
-    data = data or RunData(run_dir, model=model, device=device, max_prompt_chars=max_prompt_chars)
+    data = data or RunData(run_dir, model=model, device=device, max_prompt_chars=max_prompt_chars,
+                           request_timeout=request_timeout, queue_timeout=queue_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         yield
+        data.shutdown()  # a request still running stops at its next step
         data.close()  # the store connections of the server's threads
 
     app = FastAPI(title=f"saeforge · {data.path.name}", version=__version__, docs_url="/api/docs",
@@ -119,18 +117,20 @@ def create_app(run_dir: str | Path, *, model: str = "", device: str = "auto", ma
     app.state.data = data
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
-    templates.env.filters["fmt"] = fmt
-    templates.env.filters["tok"] = show_token
+    templates.env.filters.update(fmt=fmt, tok=show_token, chip=chip, token_html=token_html, share=share)
     templates.env.globals.update(run_name=data.path.name, version=__version__, default_sae=data.default_sae,
-                                 example_html=example_html)
+                                 example_html=example_html, window_peak=window_peak)
 
     def page(request: Request, name: str, status: int = 200, **ctx) -> HTMLResponse:
         return templates.TemplateResponse(request, name, ctx, status_code=status)
 
     def error_response(request: Request, err: WebError):
         if _wants_html(request):
-            return page(request, "error.html", err.status, error=err)
-        return JSONResponse(err.payload(), status_code=err.status)
+            response = page(request, "error.html", err.status, error=err)
+        else:
+            response = JSONResponse(err.payload(), status_code=err.status)
+        response.headers.update(err.headers)
+        return response
 
     @app.exception_handler(WebError)
     async def _web_error(request: Request, err: WebError):
@@ -160,9 +160,10 @@ def create_app(run_dir: str | Path, *, model: str = "", device: str = "auto", ma
         return JSONResponse(data.overview())
 
     @app.get("/api/saes/{sae}/features")
-    def api_features(sae: str, q: str = "", token: str = "", order: str = "density", offset: int = 0,
-                     limit: int = 50) -> JSONResponse:
-        return JSONResponse(data.feature_list(sae, q=q, token=token, order=order, offset=offset, limit=limit))
+    def api_features(sae: str, q: str = "", token: str = "", order: str = "", offset: int = 0, limit: int = 50,
+                     alive: bool = False) -> JSONResponse:
+        return JSONResponse(data.feature_list(sae, q=q, token=token, order=order, offset=offset, limit=limit,
+                                              alive=alive))
 
     @app.get("/api/saes/{sae}/features/{idx}")
     def api_feature(sae: str, idx: int) -> JSONResponse:
@@ -172,10 +173,18 @@ def create_app(run_dir: str | Path, *, model: str = "", device: str = "auto", ma
     def api_inspect(text: str = Body(..., embed=True), top: int = Body(5, embed=True)) -> JSONResponse:
         return JSONResponse(data.inspect(text, top))
 
+    @app.post("/api/inspect/feature")
+    def api_inspect_feature(text: str = Body(..., embed=True), sae: str = Body(..., embed=True),
+                            feature: int = Body(..., embed=True)) -> JSONResponse:
+        return JSONResponse(data.feature_across(text, sae, feature))
+
     @app.post("/api/steer")
-    def api_steer(req: SteerRequest) -> JSONResponse:
-        return JSONResponse(data.steer(req.prompts, [e.model_dump() for e in req.edits], positions=req.positions,
-                                       max_new_tokens=req.max_new_tokens, temperature=req.temperature, seed=req.seed))
+    async def api_steer(req: SteerRequest, request: Request) -> JSONResponse:
+        edits = [e.model_dump() for e in req.edits]
+        result = await run_cancellable(request, "steering", lambda claim: data.steer(
+            req.prompts, edits, positions=req.positions, max_new_tokens=req.max_new_tokens,
+            temperature=req.temperature, seed=req.seed, request=claim))
+        return JSONResponse(result)
 
     # ------------------------------------------------------------------------------------------- pages
     @app.get("/", response_class=HTMLResponse)
@@ -190,10 +199,10 @@ def create_app(run_dir: str | Path, *, model: str = "", device: str = "auto", ma
         return RedirectResponse(f"/saes/{sae}/features", status_code=307)
 
     @app.get("/saes/{sae}/features", response_class=HTMLResponse)
-    def features(request: Request, sae: str, q: str = "", token: str = "", order: str = "density", offset: int = 0,
-                 limit: int = 50):
-        listing = data.feature_list(sae, q=q, token=token, order=order, offset=offset, limit=limit)
-        return page(request, "features.html", listing=listing, orders=ORDERS, max_limit=MAX_LIST_LIMIT,
+    def features(request: Request, sae: str, q: str = "", token: str = "", order: str = "", offset: int = 0,
+                 limit: int = 50, alive: bool = False):
+        listing = data.feature_list(sae, q=q, token=token, order=order, offset=offset, limit=limit, alive=alive)
+        return page(request, "features.html", listing=listing, orders=ORDER_LABELS, max_limit=MAX_LIST_LIMIT,
                     saes=[s["name"] for s in data.store().saes()])
 
     @app.get("/saes/{sae}/features/{idx}", response_class=HTMLResponse)
@@ -219,11 +228,16 @@ def create_app(run_dir: str | Path, *, model: str = "", device: str = "auto", ma
                "unit": unit if unit in UNITS else "max"}
         return page(request, "steer.html", saes=saes, row=row, prompt=prompt, modes=MODES, units=UNITS,
                     max_strength=MAX_STRENGTH, max_prompts=MAX_STEER_PROMPTS, max_edits=MAX_STEER_EDITS,
-                    max_new_tokens=MAX_STEER_NEW_TOKENS, max_temperature=MAX_STEER_TEMPERATURE,
-                    max_chars=data.max_prompt_chars, loaded=data.inspector_loaded)
+                    max_new_tokens=MAX_STEER_NEW_TOKENS, max_prompt_tokens=MAX_STEER_PROMPT_TOKENS,
+                    max_temperature=MAX_STEER_TEMPERATURE, max_chars=data.max_prompt_chars,
+                    loaded=data.inspector_loaded, request_timeout=data.model.request_timeout)
 
     @app.get("/plots/{sae}/{name}")
     def plot(sae: str, name: str):
         return FileResponse(data.plot_file(sae, name), media_type="image/png")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():
+        return FileResponse(HERE / "static" / "favicon.svg", media_type="image/svg+xml")
 
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import socket
 import threading
 import time
@@ -31,6 +32,10 @@ class ServeConfig:
     """Device for the inspector and the playground: auto, cpu or cuda."""
     max_prompt_chars: int = 20_000
     """Longest prompt accepted, in characters (the token limit of the inspector applies as well)."""
+    request_timeout: float = 120.0
+    """Longest a request may use the model, in seconds: a steering request that runs longer stops and gets a 504."""
+    queue_timeout: float = 10.0
+    """Longest a request waits while another one uses the model, in seconds; then it gets a 503 with Retry-After."""
     log_level: str = "warning"
     """Server log level: critical, error, warning, info, debug."""
 
@@ -42,6 +47,39 @@ def _require_web():
     except ImportError as err:
         raise SaeforgeError(f"the dashboard needs FastAPI and uvicorn ({err.name} is missing)",
                             "pip install 'saeforge[web]'") from err
+
+
+# After SIGTERM/Ctrl-C, open connections get this long to finish before they are cut; a steering request in progress
+# is told to stop at once (its next token), so this only bounds what cannot be interrupted (a forward pass).
+GRACEFUL_SHUTDOWN_S = 3.0
+
+
+def _uvicorn_server(app, log_level: str):
+    """A uvicorn server for ``app`` that, when asked to stop (a signal, or ``should_exit``), also stops the model
+    request in progress instead of waiting for it."""
+    import uvicorn
+
+    class DashboardServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.data.shutdown()
+            super().handle_exit(sig, frame)
+
+    return DashboardServer(uvicorn.Config(app, log_level=log_level, lifespan="on",
+                                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+
+
+def check_config(cfg: ServeConfig) -> None:
+    if not cfg.path:
+        raise SaeforgeError("no run directory given", "saeforge serve RUN_DIR")
+    if not cfg.request_timeout > 0:
+        raise SaeforgeError(f"--request-timeout {cfg.request_timeout} must be positive",
+                            f"saeforge serve {cfg.path} --request-timeout 120")
+    if not cfg.queue_timeout >= 0:
+        raise SaeforgeError(f"--queue-timeout {cfg.queue_timeout} is negative",
+                            f"saeforge serve {cfg.path} --queue-timeout 10")
+    if cfg.max_prompt_chars < 1:
+        raise SaeforgeError(f"--max-prompt-chars {cfg.max_prompt_chars} must be at least 1",
+                            f"saeforge serve {cfg.path} --max-prompt-chars 20000")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -70,11 +108,10 @@ class BackgroundServer:
     """A uvicorn server for ``app`` on a thread (tests, benchmarks, screenshots). ``with`` starts and stops it."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
+        self.app = app
         self.sock = bind(host, port)
         self.url = url_of(self.sock)
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self.server = _uvicorn_server(app, log_level)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def start(self, timeout: float = 20.0) -> "BackgroundServer":
@@ -88,6 +125,7 @@ class BackgroundServer:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        self.app.state.data.shutdown()
         self.server.should_exit = True
         self.thread.join(timeout)
         self.sock.close()
@@ -100,20 +138,18 @@ class BackgroundServer:
 
 
 def run_serve(cfg: ServeConfig) -> None:
-    if not cfg.path:
-        raise SaeforgeError("no run directory given", "saeforge serve RUN_DIR")
+    check_config(cfg)
     _require_web()
-    import uvicorn
-
     from saeforge.web.app import create_app
 
-    app = create_app(cfg.path, model=cfg.model, device=cfg.device, max_prompt_chars=cfg.max_prompt_chars)
+    app = create_app(cfg.path, model=cfg.model, device=cfg.device, max_prompt_chars=cfg.max_prompt_chars,
+                     request_timeout=cfg.request_timeout, queue_timeout=cfg.queue_timeout)
     sock = bind(cfg.host, cfg.port)
     print(f"saeforge dashboard of {app.state.data.path} at {url_of(sock)}  (Ctrl-C stops it)", flush=True)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"  note: listening on {cfg.host}, so other machines can reach it; it has no authentication",
               flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, lifespan="on"))
+    server = _uvicorn_server(app, cfg.log_level)
     # The objects loaded so far (torch, transformers, ...) live as long as the server: keep them out of the garbage
     # collector's full passes, which otherwise stall a request now and then for a few hundred milliseconds.
     gc.collect()
@@ -122,3 +158,9 @@ def run_serve(cfg: ServeConfig) -> None:
         server.run(sockets=[sock])
     finally:
         sock.close()
+        # a model request that ignored its cancel event (a forward pass, or a generation without the cancel
+        # contract) would keep the interpreter alive at exit: give it a moment, then leave without it
+        if not app.state.data.model.idle(timeout=GRACEFUL_SHUTDOWN_S):
+            print("a model request was still running after the stop signal; exiting without waiting for it",
+                  flush=True)
+            os._exit(0)

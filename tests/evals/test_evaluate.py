@@ -105,3 +105,16 @@ def test_bad_inputs(tiny_llama_dir, tiny_model_dirs, text_file, tmp_path):
         evaluate(_cfg(tmp_path, text_file))
     with pytest.raises(SaeforgeError, match="unknown site"):
         evaluate(_cfg(tmp_path / "wide", text_file, site="layers.1.nowhere"))
+
+
+@pytest.mark.parametrize("tokens", [0, -1])
+def test_non_positive_tokens_are_refused_and_eval_json_is_kept(tiny_llama_dir, text_file, tmp_path, tokens):
+    import dataclasses
+
+    run = tmp_path / "run"
+    _save(_identity_sae(32), run / "saes" / SITE, tiny_llama_dir)
+    evaluate(_cfg(run, text_file))
+    before = (run / "eval.json").read_bytes()
+    with pytest.raises(SaeforgeError, match=f"--tokens {tokens} asks for no tokens") as err:
+        evaluate(dataclasses.replace(_cfg(run, text_file), tokens=tokens))
+    assert "--tokens 16384" in err.value.fix and (run / "eval.json").read_bytes() == before

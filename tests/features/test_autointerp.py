@@ -63,6 +63,21 @@ def _alive(run, n):
     return [r[0] for r in rows]
 
 
+def _alive_showing(run, n, word):
+    """Like :func:`_alive`, among features whose excerpts shown to the explainer hold ``word`` (so that "the word
+    <word>" names something they contain and is not rejected as saying nothing about them)."""
+    out = []
+    with FeatureStore(run / "features.sqlite", readonly=True) as s:
+        for idx in _alive(run, 40):
+            rec = s.feature(SITE, idx)
+            examples = {k: [P.drop_special_tokens(e) for e in v] for k, v in rec["examples"].items()}
+            shown = S.split_examples(examples).shown
+            if word in re.findall(r"\w+", " ".join("".join(e["tokens"]).lower() for e in shown)):
+                out.append(idx)
+    assert len(out) >= n
+    return out[:n]
+
+
 def _explanations(run) -> dict[int, tuple]:
     with FeatureStore(run / "features.sqlite", readonly=True) as s:
         rows = s.con.execute("SELECT idx, explanation, score, explainer, explained_at FROM features "
@@ -98,19 +113,22 @@ class FakeServer:
                 try:
                     time.sleep(outer.delay)
                     if self.path != "/v1/chat/completions":
-                        return self._send(404, {"error": "not found"})
-                    if n < outer.fail_first:
-                        return self._send(500, {"error": "overloaded"})
-                    user = body["messages"][-1]["content"]
-                    if "Excerpts:" in user:
-                        content = f"Explanation: {outer.explanation}"
+                        code, reply = 404, {"error": "not found"}
+                    elif n < outer.fail_first:
+                        code, reply = 500, {"error": "overloaded"}
                     else:
-                        text = user.split("Text: ", 1)[1].rsplit("\n\n", 1)[0]
-                        content = "Yes." if outer.keyword in text.lower() else "No."
-                    self._send(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
+                        user = body["messages"][-1]["content"]
+                        if "Excerpts:" in user:
+                            content = f"Explanation: {outer.explanation}"
+                        else:
+                            text = user.split("Text: ", 1)[1].rsplit("\n\n", 1)[0]
+                            content = "Yes." if outer.keyword in text.lower() else "No."
+                        code, reply = 200, {"choices": [{"message": {"role": "assistant", "content": content}}]}
                 finally:
+                    # before the reply goes out: once the client has it, it may send its next request at once
                     with outer.lock:
                         outer.active -= 1
+                self._send(code, reply)
 
             def _send(self, code, obj):
                 data = json.dumps(obj).encode()
@@ -224,7 +242,7 @@ class KeywordBackend:
         out = []
         for p in prompts:
             user = p[-1]["content"]
-            if "Excerpts:" in user:
+            if any("Excerpts:" in m["content"] for m in p):  # a first or second try
                 out.append(self.explanation)
                 continue
             keyword = re.search(r"Explanation: the word (\w+)", user).group(1)
@@ -278,7 +296,7 @@ def test_detection_and_fuzzing_balanced_accuracy_are_exact():
 
 
 def test_explain_with_a_scripted_backend_writes_scores(run_copy):
-    feats = _alive(run_copy, 3)
+    feats = _alive_showing(run_copy, 3, "the")
     backend = KeywordBackend(explanation="the word the")
     res = explain(ExplainConfig(path=str(run_copy), features=tuple(map(str, feats)), fuzzing=True, progress=False,
                                 batch_size=8), backend=backend)
@@ -350,7 +368,7 @@ def test_unreachable_endpoint_is_a_clear_error_and_writes_nothing(run_copy, monk
 
 
 def test_rerun_skips_explained_features(run_copy, monkeypatch):
-    feats = _alive(run_copy, 6)
+    feats = _alive_showing(run_copy, 6, "the")
     with FakeServer(explanation="the word the") as srv:
         monkeypatch.setenv("SAEFORGE_LLM_BASE_URL", srv.url)
         cfg = ExplainConfig(path=str(run_copy), features=tuple(map(str, feats[:4])), backend="openai", model="m",
@@ -399,3 +417,99 @@ def test_local_backend_end_to_end_on_a_tiny_model(run_copy, tiny_llama_dir):
     backend = LocalHFBackend(lm=LanguageModel.load(str(tiny_llama_dir), device="cpu"))
     assert not backend.chat and backend.render(P.detection_prompt("e", "t")).endswith("Answer:")
     assert len(backend.generate([P.detection_prompt("e", "t")] * 3, 4)) == 3
+
+
+# ------------------------------------------------------------------------------------------------ degenerate replies
+ROYAL = [{"tokens": ["Long", " live", " the", " king", ",", " and", " the", " queen"],
+          "acts": [0.0, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0, 2.5]},
+         {"tokens": ["The", " crown", " of", " England"], "acts": [0.0, 1.0, 0.0, 0.0]}]
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("The feature responds to the feature by responding to the feature's own feature.", "repeats 'feature' 4 times"),
+    ("The feature responds to the marked tokens.", "says nothing about the text"),
+    ("It fires on tokens in the text.", "says nothing about the text"),
+    ("Work out what the marked tokens and their context have in common.", "says nothing"),  # the instructions
+    ("", "empty"),
+    ("...", "empty"),
+    ("1. Long live the <<king>>", "copies an excerpt"),
+    ("king, king, king", "repeats 'king' 3 times"),
+    ("the crown of the crown of", "repeats 'the crown of'"),
+    # what the embedded SmolLM2-135M wrote for a layer-15 TopK SAE
+    ("The feature responds to itself.", "talks about the feature itself"),
+    ("The feature responds to the question of when the feature fires.", "talks about the feature itself"),
+    ("The feature responds to the \"Addition\" in the excerpt.", "says nothing"),  # no "Addition" in the excerpts
+])
+def test_degenerate_explanations_are_recognised(text, reason):
+    from saeforge.features.autointerp.quality import degeneracy
+
+    assert reason in degeneracy(text, ROYAL)
+
+
+@pytest.mark.parametrize("text", [
+    "names of kings and queens", "royal titles", "king",  # the token it fires on may be the whole explanation
+    "the word the",  # names a string (even a function word, and even one it does not fire on)
+    "tokens like 'and'", 'the token " of"', "punctuation closing a clause", "the particle 'to' before a verb",
+    "words about monarchy", "Nouns for rulers, e.g. king, queen",
+    'The feature responds to "Long live" in the excerpt.',  # a string the excerpts hold
+])
+def test_real_explanations_are_kept(text):
+    from saeforge.features.autointerp.quality import degeneracy
+
+    assert degeneracy(text, ROYAL) is None
+
+
+def test_top_token_label_quotes_tokens_and_leaves_out_control_tokens():
+    from saeforge.features.autointerp.quality import top_token_label
+
+    assert top_token_label([[" king", 9], ["<|im_start|>", 5], [" queen", 3], ["\n", 2]]) == \
+        'tokens: " king", " queen", "\\n"'
+    assert top_token_label([["<|endoftext|>", 4]]) is None and top_token_label(None) is None
+
+
+class ScriptedBackend:
+    """Explainer replies scripted per round (a list of replies per call to ``generate`` with explainer prompts); the
+    judge says yes when the text holds ``keyword``. Every explainer round's prompts are kept."""
+
+    name = "fake:script"
+
+    def __init__(self, rounds, keyword="the"):
+        self.rounds, self.keyword, self.explainer_rounds = list(rounds), keyword, []
+
+    def generate(self, prompts, max_new_tokens):
+        if "Excerpts:" in prompts[0][1]["content"]:
+            self.explainer_rounds.append(prompts)
+            replies = self.rounds.pop(0)
+            assert len(replies) == len(prompts)
+            return replies
+        return ["yes" if self.keyword in p[-1]["content"].split("Text: ", 1)[1].lower() else "no" for p in prompts]
+
+
+def test_a_degenerate_reply_is_retried_once_then_replaced_by_a_top_token_label(run_copy):
+    feats = _alive(run_copy, 3)
+    junk = "The feature responds to the feature by responding to the feature's own feature."
+    backend = ScriptedBackend([["slings and arrows of fortune", junk, "It fires on tokens."],  # one usable reply
+                               ["names of places and people", "The feature responds to the marked tokens."]])
+    res = explain(ExplainConfig(path=str(run_copy), features=tuple(map(str, feats)), progress=False, batch_size=8),
+                  backend=backend)
+    assert [len(r) for r in backend.explainer_rounds] == [3, 2]  # the two unusable replies were asked again, once
+    retry = backend.explainer_rounds[1][0]
+    assert retry[:2] == backend.explainer_rounds[0][1] and retry[2] == {"role": "assistant", "content": junk}
+    assert "repeats 'feature' 4 times" in retry[3]["content"]
+    got = res["explained"][SITE]
+    assert [got[i]["source"] for i in feats] == ["llm", "llm-retry", "top-tokens"]
+    assert got[feats[0]]["rejected"] == [] and len(got[feats[2]]["rejected"]) == 2
+    with FeatureStore(run_copy / "features.sqlite", readonly=True) as store:
+        recs = [store.feature(SITE, i, with_examples=False) for i in feats]
+    from saeforge.features.autointerp.quality import top_token_label
+
+    assert [r["explanation"] for r in recs] == ["slings and arrows of fortune", "names of places and people",
+                                                top_token_label(recs[2]["top_tokens"])]
+    assert recs[2]["explanation"].startswith('tokens: "')
+    for r, i in zip(recs, feats):
+        assert r["explanation_source"] == got[i]["source"] and r["explainer_model"] == "fake:script"
+        det = got[i]["detection"]
+        assert r["score"] == det["balanced_accuracy"] and r["score_chance"] == 0.5
+        assert r["score_detail"]["chance_sd"] == pytest.approx(0.25 * (1 / det["n_pos"] + 1 / det["n_neg"]) ** 0.5)
+        assert r["score_detail"]["detection"]["n_pos"] == det["n_pos"]
+        assert r["score_detail"]["rejected"] == got[i]["rejected"]

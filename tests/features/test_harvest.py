@@ -139,3 +139,200 @@ def test_harvest_writes_the_activation_heatmap(harvested):
     if have_matplotlib():
         png = store.path.parent / "saes" / SITE / "plots" / "activation_heatmap.png"
         assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------------------------ re-harvesting
+def _fresh_run(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("features.sqlite*", "checkpoints"))
+    return run
+
+
+def _cfg(run, text_file, **kw):
+    settings = dict(path=str(run), corpus=str(text_file), tokens=64 * 8, batch_size=8, top_examples=3,
+                    quantile_bins=2, examples_per_bin=1, random_examples=2, window_before=4, window_after=2,
+                    n_logits=2, n_neighbors=2, device="cpu", progress=False)
+    return HarvestConfig(**{**settings, **kw})
+
+
+def _kill_after_write(store_path, idx: int):
+    """In another process: explain feature ``idx`` and mark the store, commit, then die without closing the store, as
+    a killed `saeforge explain` (or a dashboard killed after a write) does: the committed pages stay in the -wal."""
+    import os
+    import subprocess
+    import sys
+
+    code = (f"import os\nfrom saeforge.features.store import FeatureStore\n"
+            f"s = FeatureStore({str(store_path)!r})\n"
+            f"s.set_explanation({SITE!r}, {idx}, 'written just before a kill', 0.75, 'test:killed')\n"
+            f"s.set_meta('marker', 'the old store')\ns.commit()\nos._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ}, timeout=60)
+    wal = store_path.with_name(store_path.name + "-wal")
+    assert wal.is_file() and wal.stat().st_size > 0  # the write is only in the log
+
+
+def _feature_stats(store):
+    return [(r["idx"], r["density"], r["max_act"], r["top_tokens"]) for r in store.list_features(SITE, order="index",
+                                                                                                 limit=1000)]
+
+
+def test_reharvest_over_a_store_with_unsaved_log_pages_is_clean(tiny_run, text_file, tmp_path):
+    run = _fresh_run(tiny_run, tmp_path)
+    path = harvest(_cfg(run, text_file, tokens=64 * 12))
+    with FeatureStore(path, readonly=True) as s:
+        idx = next(r["idx"] for r in s.list_features(SITE) if r["density"] > 0)
+    _kill_after_write(path, idx)
+    reader = FeatureStore(path, readonly=True)  # a dashboard connection open across the re-harvest
+    assert reader.meta("marker") == "the old store" and reader.meta("n_tokens") == 64 * 12
+    harvest(_cfg(run, text_file))
+    with FeatureStore(path, readonly=True) as s:
+        assert s.integrity_check() == "ok"
+        assert s.meta("marker") is None and s.meta("n_tokens") == 64 * 8  # nothing of the old store replayed
+        rec = s.feature(SITE, idx, with_examples=False)
+        assert (rec["explanation"], rec["score"], rec["explainer"]) == ("written just before a kill", 0.75,
+                                                                         "test:killed")  # carried over: same SAE
+        assert s.meta("explanations_kept") == {SITE: 1} and s.meta("explanations_dropped") == {}
+        assert s.count_explained(SITE) == 1
+        new = _feature_stats(s)
+    # the open reader now sees the new store, whole
+    assert reader.meta("marker") is None and reader.meta("n_tokens") == 64 * 8
+    assert _feature_stats(reader) == new and reader.integrity_check() == "ok"
+    reader.close()
+    # and the store equals a harvest from scratch
+    other = _fresh_run(tiny_run, tmp_path / "b")
+    with FeatureStore(harvest(_cfg(other, text_file)), readonly=True) as s:
+        assert _feature_stats(s) == new
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+
+
+def _change_weights(run):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = run / "saes" / SITE / "sae_weights.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    tensors["W_dec"] = tensors["W_dec"] + 0.01 * torch.randn_like(tensors["W_dec"])
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_reharvest_of_a_changed_sae_asks_before_dropping_explanations(tiny_run, text_file, tmp_path, monkeypatch):
+    run = _fresh_run(tiny_run, tmp_path)
+    path = harvest(_cfg(run, text_file))
+    with FeatureStore(path) as s:
+        s.set_explanation(SITE, 5, "five", 0.6, "test")
+        s.set_explanation(SITE, 9, "nine", None, "test")
+    _change_weights(run)
+    import saeforge.data.token_stream as token_stream
+
+    def no_streaming(*a, **k):
+        raise AssertionError("the text was streamed before the explanations were checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(token_stream.TokenStream, "batches", no_streaming)
+        with pytest.raises(SaeforgeError, match=r"would drop 2 explanation\(s\).*weights changed") as err:
+            harvest(_cfg(run, text_file))
+    assert "--explanations discard" in err.value.fix and "--explanations keep" in err.value.fix
+    with FeatureStore(path, readonly=True) as s:
+        assert s.explanations(SITE, [5, 9]) == {5: "five", 9: "nine"}  # untouched
+    harvest(_cfg(run, text_file, explanations="keep"))
+    with FeatureStore(path, readonly=True) as s:
+        assert s.explanations(SITE, [5, 9]) == {5: "five", 9: "nine"} and s.meta("explanations_kept") == {SITE: 2}
+    _change_weights(run)
+    harvest(_cfg(run, text_file, explanations="discard"))
+    with FeatureStore(path, readonly=True) as s:
+        assert s.count_explained(SITE) == 0
+        assert s.meta("explanations_dropped") == {SITE: {"count": 2, "reason": "--explanations discard"}}
+
+
+def test_run_harvest_says_what_became_of_the_explanations(tiny_run, text_file, tmp_path, capsys):
+    from saeforge.features.harvest import run_harvest
+
+    run = _fresh_run(tiny_run, tmp_path)
+    path = harvest(_cfg(run, text_file))
+    with FeatureStore(path) as s:
+        s.set_explanation(SITE, 5, "five", 0.6, "test")
+    capsys.readouterr()
+    run_harvest(_cfg(run, text_file))
+    assert f"kept 1 explanation(s) of {SITE} from the previous store (same SAE weights)" in capsys.readouterr().out
+    run_harvest(_cfg(run, text_file, explanations="discard"))
+    assert f"dropped 1 explanation(s) of {SITE}: --explanations discard" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tokens", [0, -1])
+def test_non_positive_tokens_are_refused_before_anything_changes(tiny_run, text_file, tmp_path, tokens):
+    run = _fresh_run(tiny_run, tmp_path)
+    path = harvest(_cfg(run, text_file))
+    before = path.read_bytes()
+    with pytest.raises(SaeforgeError, match=f"--tokens {tokens} asks for no tokens") as err:
+        harvest(_cfg(run, text_file, tokens=tokens))
+    assert "--tokens 65536" in err.value.fix
+    assert path.read_bytes() == before
+
+
+def test_cli_refuses_non_positive_tokens(tiny_run, tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "saeforge.cli", "harvest", str(tiny_run), "--tokens", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--tokens 0 asks for no tokens" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_second_writer_is_refused_while_harvest_runs(tiny_run, text_file, tmp_path):
+    """A real harvest in another process (paused inside the work by a patched step) holds the run's lock: a second
+    harvest and an explain on the same run are refused at once, naming the holder."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from saeforge.features.autointerp import ExplainConfig, explain
+
+    run = _fresh_run(tiny_run, tmp_path)
+    harvest(_cfg(run, text_file))
+    signal_file = tmp_path / "inside"
+    code = (f"import time, pathlib\nimport saeforge.features.harvest as h\n"
+            f"def slow(*a, **k):\n    pathlib.Path({str(signal_file)!r}).touch()\n    time.sleep(60)\n"
+            f"h._heatmap = slow\n"
+            f"h.harvest(h.HarvestConfig(path={str(run)!r}, corpus={str(text_file)!r}, tokens=512, device='cpu', "
+            f"progress=False))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ})
+    try:
+        deadline = time.monotonic() + 120
+        while not signal_file.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        with pytest.raises(SaeforgeError, match=f"is in use by pid {proc.pid}") as err:
+            harvest(_cfg(run, text_file))
+        assert "saeforge harvest/explain" in err.value.problem
+        with pytest.raises(SaeforgeError, match=f"is in use by pid {proc.pid}"):
+            explain(ExplainConfig(path=str(run), features=("0",), progress=False), backend=object())
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    harvest(_cfg(run, text_file))  # the lock went with the process; the killed harvest's temporary file too
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_reharvest_over_a_damaged_store_replaces_it_and_a_newer_one_is_left_alone(tiny_run, text_file, tmp_path):
+    import sqlite3
+
+    run = _fresh_run(tiny_run, tmp_path)
+    path = harvest(_cfg(run, text_file))
+    path.write_bytes(b"this is not a database" * 200)
+    harvest(_cfg(run, text_file))
+    with FeatureStore(path, readonly=True) as s:
+        assert s.integrity_check() == "ok" and "not a readable feature store" in s.meta("previous_store_unreadable")
+    con = sqlite3.connect(path)
+    con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    before = path.read_bytes()
+    with pytest.raises(SaeforgeError, match="newer than this saeforge reads"):
+        harvest(_cfg(run, text_file))
+    assert path.read_bytes() == before

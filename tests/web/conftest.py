@@ -12,12 +12,16 @@ pytest.importorskip("fastapi", reason="the dashboard needs the web extra: pip in
 pytest.importorskip("uvicorn", reason="the dashboard needs the web extra: pip install -e '.[web]'")
 
 SAE = "layers.1.resid_post"
-# feature -> explanation written into the store (the words are what the search tests look for)
+# feature -> explanation written into the store (the words are what the search tests look for); the "label" feature
+# gets the top-token label explain falls back to, and "quiet" an explanation from the explainer's second try
 EXPLANATIONS = {
     "quiet": "the particle 'to' before a verb",
     "busy": "punctuation closing a clause",
     "third": "names of English kings and places",
 }
+SCORES = {"busy": 0.9, "quiet": 0.8, "third": 0.55, "label": 0.5}
+SOURCES = {"quiet": "llm-retry", "label": "top-tokens"}
+CHANCE_SD = 0.25 * (1 / 10 + 1 / 10) ** 0.5  # 10 + 10 scored excerpts
 
 
 @pytest.fixture(scope="session")
@@ -40,9 +44,15 @@ def web_run(tiny_run, tiny_llama, tmp_path_factory):
     harvest(HarvestConfig(path=str(run), corpus=str(heldout), tokens=64 * 16, batch_size=8, top_examples=5,
                           quantile_bins=4, examples_per_bin=2, random_examples=3, window_before=8, window_after=3,
                           n_logits=5, n_neighbors=4, device="cpu", progress=False))
+    from saeforge.features.autointerp.quality import top_token_label
+
     with FeatureStore(run / "features.sqlite") as store:
         firing = [r["idx"] for r in store.list_features(SAE, order="density", limit=1000) if r["density"] > 0]
-        roles = {"busy": firing[0], "quiet": firing[-1], "third": firing[len(firing) // 2]}
+        roles = {"busy": firing[0], "quiet": firing[-1], "third": firing[len(firing) // 2],
+                 "label": firing[len(firing) // 3]}
         for role, idx in roles.items():
-            store.set_explanation(SAE, idx, EXPLANATIONS[role], 0.5 + 0.1 * len(role), "test")
+            text = EXPLANATIONS.get(role) or top_token_label(store.feature(SAE, idx, with_examples=False)["top_tokens"])
+            store.set_explanation(SAE, idx, text, SCORES[role], f"test:judge | detection={SCORES[role]:.3f}",
+                                  source=SOURCES.get(role, "llm"), chance=0.5,
+                                  detail={"chance_sd": CHANCE_SD, "detection": {"n_pos": 10, "n_neg": 10}})
     return run, roles

@@ -3,8 +3,9 @@
     .venv/bin/python -m tests.web.screenshots RUN_DIR [OUT_DIR] [--feature IDX] [--token TOKEN] [--prompt TEXT]
         [--steer-feature IDX --steer-strength S --steer-prompts "A|B"] [--pages overview,...,steer]
 
-Writes overview.png, features.png (a search by token), feature.png (a feature page, full length), inspector.png
-(a prompt inspected, one token selected) and steer.png (the steering playground after a request) into OUT_DIR
+Writes overview.png, features.png (a search by token, ranked by relevance), feature.png (a feature page, full
+length), inspector.png (a prompt inspected, one token selected and its first feature shaded across the prompt) and
+steer.png (the steering playground after a request) into OUT_DIR
 (default docs/screenshots); ``--pages`` takes a subset. The prompt inspector and the playground load the run's
 model, so the run's model must be available (for the embedded one: ``saeforge fetch``).
 """
@@ -35,6 +36,8 @@ def main() -> None:
                     help="the playground's prompts, separated by |")
     ap.add_argument("--steer-tokens", type=int, default=24, help="new tokens per prompt in the playground")
     ap.add_argument("--pages", default=",".join(PAGES), help=f"which screenshots, of {','.join(PAGES)}")
+    ap.add_argument("--request-timeout", type=float, default=900.0,
+                    help="the server's limit on a model request (a busy CPU generates slowly)")
     args = ap.parse_args()
     pages = [x.strip() for x in args.pages.split(",") if x.strip()]
     unknown = sorted(set(pages) - set(PAGES))
@@ -51,7 +54,7 @@ def main() -> None:
         raise SystemExit("chromium is not installed: run scripts/install_browser.sh")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    app = create_app(args.run)
+    app = create_app(args.run, request_timeout=args.request_timeout, queue_timeout=args.request_timeout)
     sae = app.state.data.default_sae()
     with BackgroundServer(app) as srv, sync_playwright() as p:
         browser = launch(p, chromium)
@@ -76,6 +79,9 @@ def main() -> None:
             page.click("#inspect-button")
             page.wait_for_selector("#tokens .t")
             page.click(f"#tokens .t >> nth={args.select}")
+            if page.locator("#token-detail .heat-button").count():
+                page.click("#token-detail .heat-button >> nth=0")
+                page.wait_for_selector("#tokens.heat")
             page.screenshot(path=out / "inspector.png")
         if "steer" in pages:
             feature = args.feature if args.steer_feature is None else args.steer_feature

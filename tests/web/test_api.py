@@ -42,7 +42,7 @@ def test_overview_has_the_eval_metrics_and_serves_the_plots(client, web_run):
     ev = json.loads((web_run[0] / "eval.json").read_text())["saes"][SAE]
     body = client.get("/api/run").json()
     (sae,) = body["saes"]
-    assert sae["name"] == SAE and sae["d_sae"] == 128 and sae["in_store"] and sae["n_explained"] == 3
+    assert sae["name"] == SAE and sae["d_sae"] == 128 and sae["in_store"] and sae["n_explained"] == 4
     for key in ("fvu", "l0", "dead_fraction", "ce_recovered", "kl_div"):
         assert sae["metrics"][key] == ev[key]
     assert [m["key"] for m in sae["key_metrics"]][:3] == ["fvu", "explained_variance", "l0"]
@@ -70,11 +70,23 @@ def test_feature_search_by_explanation_and_by_token(client, web_run, store):
 
     token = store.feature(SAE, roles["busy"], with_examples=False)["top_tokens"][0][0]
     r = client.get(f"/api/saes/{SAE}/features", params={"token": token, "limit": 500}).json()
-    got = {f["idx"] for f in r["features"]}
-    expected = {i for i in range(128)
-                if any(token in t for t, _ in store.feature(SAE, i, with_examples=False)["top_tokens"] or [])}
-    assert roles["busy"] in got and got == expected
-    assert all(any(token in t for t, _ in f["top_tokens"]) for f in r["features"])
+    got = [f["idx"] for f in r["features"]]
+    tops = {i: store.feature(SAE, i, with_examples=False)["top_tokens"] or [] for i in range(128)}
+    expected = {i for i in range(128) if any(t == token for t, _ in tops[i])}  # the token exactly
+    assert roles["busy"] in got and set(got) == expected and r["total"] == len(expected) and r["order"] == "relevance"
+    # most relevant first: the token's share of each feature's strongest activations, shrunk for rare features
+    relevance = [f["token_hits"] / (min(100, f["fire_count"]) + 10) for f in r["features"]]
+    assert relevance == sorted(relevance, reverse=True)
+    assert [f["token_relevance"] for f in r["features"]] == pytest.approx(relevance)
+    assert [f["token_share"] for f in r["features"]] == pytest.approx(
+        [f["token_hits"] / min(100, f["fire_count"]) for f in r["features"]])
+    for f in r["features"]:
+        assert f["token_hits"] == dict(map(tuple, tops[f["idx"]]))[token]
+    # characters that LIKE or the JSON text would read as patterns match nothing here (no top token is one)
+    for pattern in (",", "[", "]", "%", "_", '"', "\\"):
+        hits = client.get(f"/api/saes/{SAE}/features", params={"token": pattern, "limit": 500}).json()
+        assert {f["idx"] for f in hits["features"]} == {i for i in range(128) if any(
+            t.strip(" ") == pattern for t, _ in tops[i])}
 
     page = client.get(f"/saes/{SAE}/features", params={"q": "punctuation"}).text
     assert f'href="/saes/{SAE}/features/{roles["busy"]}"' in page and EXPLANATIONS["busy"] in page
@@ -235,3 +247,106 @@ def test_serve_binds_to_localhost_by_default_and_answers(web_run):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------------ hostile requests
+@pytest.mark.parametrize("method, path, kwargs, status, error", [
+    ("get", f"/api/saes/{SAE}/features", {"params": {"offset": "99999999999999999999"}}, 400,
+     "offset 99999999999999999999 is out of range"),
+    ("get", f"/api/saes/{SAE}/features", {"params": {"offset": "129"}}, 400, "out of range"),
+    ("get", f"/api/saes/{SAE}/features", {"params": {"q": "x" * 60_000}}, 400,
+     "the explanation search has 60,000 characters; the limit is 200"),
+    ("get", f"/api/saes/{SAE}/features", {"params": {"token": "%" * 20_000}}, 400, "the limit is 200"),
+    ("get", f"/saes/{SAE}/features", {"params": {"q": "x" * 60_000}}, 400, "the limit is 200"),
+    ("get", f"/api/saes/{SAE}/features/99999999999999999999", {}, 404, "out of range"),
+    ("post", "/api/inspect", {"json": {"text": "to be \ud800 or not"}}, 400, "U+D800 at character 6"),
+    ("post", "/api/inspect/feature", {"json": {"text": "\udfff", "sae": SAE, "feature": 1}}, 400, "U+DFFF"),
+    ("post", "/api/inspect/feature", {"json": {"text": "to be", "sae": SAE, "feature": 10**20}}, 404, "out of range"),
+    ("post", "/api/inspect/feature", {"json": {"text": "to be", "sae": "nope", "feature": 1}}, 404, "no SAE 'nope'"),
+    ("post", "/api/steer", {"json": {"prompts": ["a\ud800"], "edits": [{"feature": 1}]}}, 400, "prompt 1 holds U+D800"),
+    ("post", "/api/inspect", {"json": {"text": "to be", "top": 10**20}}, 400, "out of range"),
+])
+def test_hostile_requests_get_a_4xx_json_error(client, method, path, kwargs, status, error):
+    if "json" in kwargs:  # as a browser's JSON.stringify sends a lone surrogate: escaped, "\ud800"
+        kwargs = {"content": json.dumps(kwargs["json"]).encode(), "headers": {"content-type": "application/json"}}
+    r = getattr(client, method)(path, **kwargs)
+    assert r.status_code == status, r.text[:300]
+    assert r.headers["content-type"] == "application/json" and error in r.json()["error"]
+
+
+def test_feature_list_orders_filters_and_counts(client, store):
+    asc = client.get(f"/api/saes/{SAE}/features", params={"order": "density_asc", "limit": 500}).json()
+    dens = [f["density"] for f in asc["features"]]
+    assert dens == sorted(dens) and len(dens) == 128 and asc["total"] == 128
+    n_dead = sum(1 for f in asc["features"] if f["fire_count"] == 0)
+    assert asc["n_dead"] == n_dead
+    alive = client.get(f"/api/saes/{SAE}/features", params={"order": "density_asc", "alive": "true",
+                                                              "limit": 500}).json()
+    assert [f["idx"] for f in alive["features"]] == [f["idx"] for f in asc["features"] if f["fire_count"] > 0]
+    assert alive["total"] == 128 - n_dead
+    html = client.get(f"/saes/{SAE}/features", params={"order": "density_asc", "alive": "true"}).text
+    assert 'id="alive" value="true" checked' in html and f"{128 - n_dead} features match" in html
+    assert '<option value="density_asc" selected>density, rarest first</option>' in html
+
+
+def test_feature_page_says_who_explained_it_and_what_chance_is(client, web_run):
+    from .conftest import CHANCE_SD
+
+    roles = web_run[1]
+    html = client.get(f"/saes/{SAE}/features/{roles['third']}").text  # scored 0.55
+    assert 'detection score <b id="score">0.55</b>' in html and 'chance <span id="chance">0.5</span>' in html
+    assert f"± {CHANCE_SD:.2g}" in html and "not above chance" in html
+    assert "telling 10 held-out excerpts where it fires from 10 where it does not" in html
+    assert "written by <b>test:judge</b>" in html
+    html = client.get(f"/saes/{SAE}/features/{roles['busy']}").text  # scored 0.9: above chance
+    assert "not above chance" not in html and "chance" in html
+    html = client.get(f"/saes/{SAE}/features/{roles['quiet']}").text
+    assert "on its second try" in html
+    body = client.get(f"/api/saes/{SAE}/features/{roles['label']}").json()
+    assert body["explanation_source"] == "top-tokens" and body["explanation"].startswith("tokens: ")
+    assert body["score_chance"] == 0.5 and body["explainer_model"] == "test:judge"
+    html = client.get(f"/saes/{SAE}/features/{roles['label']}").text
+    assert 'id="fallback-badge"' in html and "top-token label" in html
+
+
+def test_feature_across_the_prompt_is_the_features_activation_at_every_token(client, web_run, tiny_llama):
+    import torch
+
+    from saeforge.saes import load_sae
+
+    text = "To be, or not to be, that is the question"
+    tokens = client.post("/api/inspect", json={"text": text, "top": 3}).json()["tokens"]
+    idx = next(f[0] for t in tokens for f in t["features"][SAE])
+    r = client.post("/api/inspect/feature", json={"text": text, "sae": SAE, "feature": idx})
+    assert r.status_code == 200
+    body = r.json()
+    sae = load_sae(web_run[0] / "saes" / SAE)
+    ids = torch.tensor([[tiny_llama.bos_token_id()] + tiny_llama.tokenizer(text, add_special_tokens=False)[
+        "input_ids"]])
+    with torch.no_grad():
+        want = sae.encode(tiny_llama.read(ids, [SAE])[SAE][0].float())[:, idx]
+    want[0] = 0.0  # BOS is not SAE data
+    assert body["acts"] == pytest.approx(want.tolist(), rel=1e-5, abs=1e-6)
+    assert [t["token"] for t in tokens] == body["tokens"] and body["special"][0] and not any(body["special"][1:])
+    # where the feature is among a token's strongest, the inspector gave the same activation
+    for t, a in zip(tokens, body["acts"]):
+        for i, v, _ in t["features"][SAE]:
+            if i == idx:
+                assert v == pytest.approx(a, rel=1e-5)
+    assert body["harvested_max_act"] == pytest.approx(client.get(f"/api/saes/{SAE}/features/{idx}").json()[
+        "max_act"])
+    r = client.post("/api/inspect/feature", json={"text": "word " * 300, "sae": SAE, "feature": idx})
+    assert r.status_code == 413 and "the limit is 256" in r.json()["error"]
+
+
+def test_favicon_and_overview_counts_agree(client, web_run):
+    r = client.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml") and b"<svg" in r.content
+    assert '<link rel="icon" href="/static/favicon.svg"' in client.get("/").text
+    ev = json.loads((web_run[0] / "eval.json").read_text())["saes"][SAE]
+    dead = round(ev["dead_fraction"] * 128)
+    from saeforge.web.render import share
+
+    html = client.get("/").text
+    assert re.search(r'data-metric="dead_fraction"><th>[^<]*</th><td>' + re.escape(share(dead, 128)), html)
+    assert "(" in share(dead, 128) or dead == 0

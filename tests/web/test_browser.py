@@ -175,3 +175,132 @@ def test_prompt_inspector_shows_features_per_token_and_refuses_long_prompts(page
     expect(page.locator("#char-count")).to_have_class("muted error")
     page.click("#inspect-button")
     expect(error).to_contain_text("2,500 characters; the limit is 2,000")
+
+
+# ------------------------------------------------------------------------------------------------ rough edges
+def test_a_plot_opens_full_size_and_closes(page):
+    page.goto("/")
+    link = page.locator(".plots a.plot-link").first
+    thumb = link.locator("img")
+    thumb.scroll_into_view_if_needed()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 100", arg=thumb.element_handle())
+    shown = thumb.evaluate("img => img.getBoundingClientRect().width")
+    natural = thumb.evaluate("img => img.naturalWidth")
+    assert shown < natural  # a thumbnail
+    link.click()
+    box = page.locator("#lightbox")
+    expect(box).to_be_visible()
+    big = box.locator("img")
+    page.wait_for_function("img => img.complete && img.naturalWidth > 100", arg=big.element_handle())
+    assert big.evaluate("img => Math.round(img.getBoundingClientRect().width)") == natural  # at its own size
+    expect(box.locator(".caption")).to_have_text(link.get_attribute("data-name"))
+    page.keyboard.press("Escape")
+    expect(box).to_be_hidden()
+    link.click()
+    expect(box).to_be_visible()
+    box.click()  # a click anywhere closes it too
+    expect(box).to_be_hidden()
+
+
+def test_feature_list_sorts_rarest_first_hides_dead_and_ranks_a_token_search(page, web_run):
+    from saeforge.web.render import share
+
+    page.goto(f"/saes/{SAE}/features")
+    everything = page.request.get(f"/api/saes/{SAE}/features", params={"limit": 500}).json()
+    expect(page.locator("#dead-count")).to_have_text(share(everything["n_dead"], 128))
+    page.select_option("#order", "density_asc")
+    page.check("#alive")
+    page.click("#search button[type=submit]")
+    rows = page.locator("#feature-table tbody tr")
+    want = page.request.get(f"/api/saes/{SAE}/features", params={"order": "density_asc", "alive": "true"}).json()
+    assert [int(i) for i in rows.evaluate_all("rs => rs.map(r => r.dataset.idx)")] == \
+           [f["idx"] for f in want["features"]]
+    assert all(f["fire_count"] > 0 for f in want["features"])
+    dens = [f["density"] for f in want["features"]]
+    assert dens == sorted(dens)
+    expect(page.locator("#alive")).to_be_checked()
+    expect(page.locator("#match-count")).to_contain_text(f"{want['total']} features match")
+
+    # a token search switches the order to relevance and shows the hits
+    token = page.request.get(f"/api/saes/{SAE}/features/{web_run[1]['busy']}").json()["top_tokens"][0][0]
+    page.goto(f"/saes/{SAE}/features")
+    page.fill("#token", token)
+    expect(page.locator("#order")).to_have_value("relevance")
+    page.click("#search button[type=submit]")
+    want = page.request.get(f"/api/saes/{SAE}/features", params={"token": token}).json()
+    hits = page.locator("#feature-table td.hits")
+    expect(hits).to_have_count(len(want["features"]))
+    assert [int(h.split()[0]) for h in hits.all_inner_texts()] == [f["token_hits"] for f in want["features"]]
+    expect(page.locator("#match-count")).to_contain_text(f"{want['total']} feature")
+
+
+def test_tokens_show_their_spaces_control_tokens_and_stay_inside_their_cards(page, web_run):
+    page.set_viewport_size({"width": 900, "height": 900})
+    data = None
+    for idx in range(128):  # a feature with a leading-space top token and a window that holds the BOS token
+        d = page.request.get(f"/api/saes/{SAE}/features/{idx}").json()
+        ex = [e for k in ("top", "quantile") for e in d["examples"][k]]
+        if any(t.startswith(" ") for t, _ in d["top_tokens"] or []) and any("<bos>" in e["tokens"] for e in ex):
+            data = d
+            break
+    assert data is not None
+    page.goto(f"/saes/{SAE}/features/{data['idx']}")
+    first = next(t for t, _ in data["top_tokens"] if t.startswith(" "))
+    chip = page.locator("#top-tokens .tok").nth([t for t, _ in data["top_tokens"]].index(first))
+    expect(chip.locator(".ws").first).to_have_text("␣")
+    assert chip.inner_text().replace("␣", " ") == first
+    ctl = page.locator("#top-examples .ex-text .ctl, #quantile-examples .ex-text .ctl")
+    assert ctl.count() >= 1 and set(ctl.all_inner_texts()) == {"bos"}
+    assert "<bos>" not in page.locator("#top-examples").inner_text()
+    # every example row fits its card, on a narrow window too
+    for width in (900, 320):
+        page.set_viewport_size({"width": width, "height": 900})
+        overflow = page.evaluate("""() => Array.from(document.querySelectorAll('.examples .example')).filter(ex => {
+            const card = ex.closest('.card').getBoundingClientRect();
+            return ex.getBoundingClientRect().right > card.right + 0.5 || ex.scrollWidth > ex.clientWidth + 1;
+        }).length""")
+        assert overflow == 0, f"{overflow} example rows overflow at {width}px"
+
+
+def test_the_explanation_says_its_chance_level_and_author(page, web_run):
+    page.goto(f"/saes/{SAE}/features/{web_run[1]['third']}")
+    expect(page.locator("#score")).to_have_text("0.55")
+    expect(page.locator("#chance")).to_have_text("0.5")
+    expect(page.locator("#score-line")).to_contain_text("not above chance")
+    expect(page.locator("#explainer")).to_contain_text("written by test:judge")
+    page.goto(f"/saes/{SAE}/features/{web_run[1]['label']}")
+    expect(page.locator("#fallback-badge")).to_be_visible()
+
+
+def test_inspector_shows_one_feature_across_the_whole_prompt(page, web_run):
+    text = "To be, or not to be, that is the question"
+    page.goto("/inspect")
+    page.fill("#prompt", text)
+    page.click("#inspect-button")
+    tokens = page.locator("#tokens .t")
+    expect(tokens.first).to_be_visible()
+    expect(page.locator("#tokens .t.special .ctl")).to_have_text("bos")  # the BOS token, by name
+    row = page.locator("#token-detail tr[data-idx]").first
+    idx = int(row.get_attribute("data-idx"))
+    row.locator(".heat-button").click()
+    legend = page.locator("#heat-legend")
+    expect(legend).to_be_visible()
+    expect(legend.locator("a.feature-link")).to_have_text(f"#{idx}")
+    want = page.request.post("/api/inspect/feature", data={"text": text, "sae": SAE, "feature": idx}).json()
+    expect(page.locator("#tokens.heat")).to_have_count(1)
+    shown = [float(a) for a in tokens.evaluate_all("ts => ts.map(t => t.dataset.act)")]
+    assert shown == pytest.approx(want["acts"], rel=1e-6, abs=1e-9)
+    on = tokens.evaluate_all("ts => ts.filter(t => t.classList.contains('on')).length")
+    assert on == sum(a > 0 for a in want["acts"]) > 0
+    assert "37, 99, 235" in page.locator("#tokens .t.on").first.evaluate("e => e.style.background")
+    page.click("#heat-clear")
+    expect(page.locator("#tokens.heat")).to_have_count(0)
+    expect(legend).to_be_hidden()
+
+
+def test_every_page_has_the_favicon(page):
+    for path in ("/", f"/saes/{SAE}/features", "/inspect", "/steer"):
+        page.goto(path)
+        href = page.locator('link[rel="icon"]').get_attribute("href")
+        r = page.request.get(href)
+        assert r.status == 200 and r.headers["content-type"].startswith("image/svg+xml")

@@ -7,7 +7,7 @@ import pytest
 
 from saeforge.interventions.generate import run_steering
 from saeforge.interventions.steering import FeatureEdit, Steerer
-from saeforge.web.data import MAX_STEER_EDITS, MAX_STEER_NEW_TOKENS, MAX_STEER_PROMPTS
+from saeforge.web.steering import MAX_STEER_EDITS, MAX_STEER_NEW_TOKENS, MAX_STEER_PROMPTS
 from .conftest import SAE
 
 PROMPTS = ["To be, or not to be", "Now is the winter of"]
@@ -116,7 +116,9 @@ def test_a_feature_that_never_fired_has_no_max_unit(client, steerer):
     ({"prompts": ["to be"] * (MAX_STEER_PROMPTS + 1)}, 413, f"{MAX_STEER_PROMPTS + 1} prompts; the limit is "
                                                            f"{MAX_STEER_PROMPTS}", "at most"),
     ({"prompts": ["x" * 2001]}, 413, "prompt 1 has 2,001 characters; the limit is 2,000", "shorten"),
-    ({"prompts": ["word " * 300]}, 413, "tokens; with 4 new tokens the model's context of 256 allows 252", "shorten"),
+    ({"prompts": ["word " * 300]}, 413, "tokens; the playground's limit is 256 tokens a prompt", "saeforge steer"),
+    ({"prompts": ["word " * 60], "max_new_tokens": 100}, 413,
+     "tokens; with 100 new tokens the model's context of 256 allows 156", "shorten"),
     ({"edits": []}, 400, "no feature to steer", "add a feature row"),
     ({"edits": [{"feature": 1, "unit": "raw"}] * (MAX_STEER_EDITS + 1)}, 413,
      f"{MAX_STEER_EDITS + 1} feature edits; the limit is {MAX_STEER_EDITS}", "at most"),
@@ -168,5 +170,5 @@ def test_the_inspector_shares_the_steerers_model_and_sees_no_steering(client, we
     got = client.post("/api/inspect", json={"text": text, "top": 3}).json()["tokens"]
     want = inspect_prompt(web_run[0], text, top=3, lm=tiny_llama)
     assert [[f[0] for f in t["features"][SAE]] for t in got] == [[f[0] for f in t["features"][SAE]] for t in want]
-    data = client.app.state.data
-    assert data._inspector.lm is data._steerer.lm  # one model in memory, behind one lock
+    host = client.app.state.data.model
+    assert host._inspector.lm is host._steerer.lm  # one model in memory, behind one lock

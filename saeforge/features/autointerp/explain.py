@@ -6,9 +6,16 @@ transaction. A feature is therefore either fully explained and scored in the sto
 skips the explained ones (``--overwrite`` redoes them). An unreachable endpoint stops the run with a clear error
 after its retries; features written before that stay written.
 
+A degenerate explanation (empty, repetitive, self-referential, a copied excerpt or instruction: see
+:mod:`~saeforge.features.autointerp.quality`) is retried once with a request naming its problem; if the retry is no
+better, the feature gets a plain label of its top tokens (``tokens: " king", " queen"``), stored as such
+(``explanation_source = 'top-tokens'``) and scored like any explanation.
+
 The store's ``score`` column holds the detection balanced accuracy (None when the feature has no non-activating
-excerpts to score against); the ``explainer`` column names the back end and model and lists the scores, e.g.
-``local:embedded | detection=0.650 fuzzing=0.550``.
+excerpts to score against) and ``score_chance`` what a judge guessing at random scores on average (0.5 for balanced
+accuracy; ``score_detail`` adds the spread of such a judge over the excerpts scored); the ``explainer`` column names
+the back end and model and lists the scores, e.g. ``local:embedded | detection=0.650 fuzzing=0.550``, and
+``explainer_model`` the back end and model alone. The run holds the folder's writer lock, which ``harvest`` takes too.
 """
 
 from __future__ import annotations
@@ -22,9 +29,11 @@ from simple_parsing.helpers import field
 
 from saeforge.errors import SaeforgeError
 from saeforge.features.autointerp import prompts as P
+from saeforge.features.autointerp import quality as Q
 from saeforge.features.autointerp import scoring as S
 from saeforge.features.autointerp.backends import Backend, make_backend
-from saeforge.features.store import STORE_FILE, FeatureStore
+from saeforge.features.store import STORE_FILE, WRITER_LOCK, FeatureStore
+from saeforge.utils.locking import exclusive_lock
 
 NO_EXPLANATION = "(the explainer gave no explanation)"
 
@@ -138,6 +147,35 @@ def _answers(backend: Backend, prompts: list, max_new_tokens: int) -> list[str]:
     return backend.generate(prompts, max_new_tokens)
 
 
+def _explanations_for(backend: Backend, jobs: list[dict], cfg: ExplainConfig) -> None:
+    """Fill each job's ``explanation``, ``source`` (llm, llm-retry, top-tokens), ``raw`` replies and ``rejected``
+    reasons: one batched round, a second round for the degenerate replies, then the top-token fallback."""
+    replies = backend.generate([j["prompt"] for j in jobs], cfg.explanation_tokens)
+    retry = []
+    for j, reply in zip(jobs, replies):
+        j["raw"], j["rejected"] = [reply], []
+        j["explanation"] = P.parse_explanation(reply)
+        reason = Q.degeneracy(j["explanation"], j["shown"], cfg.mark_threshold * j["rec"]["max_act"])
+        if reason is None:
+            j["source"] = "llm"
+        else:
+            j["rejected"].append(reason)
+            retry.append(j)
+    if retry:
+        replies = backend.generate([Q.retry_prompt(j["prompt"], j["raw"][0], j["rejected"][0]) for j in retry],
+                                   cfg.explanation_tokens)
+        for j, reply in zip(retry, replies):
+            j["raw"].append(reply)
+            text = P.parse_explanation(reply)
+            reason = Q.degeneracy(text, j["shown"], cfg.mark_threshold * j["rec"]["max_act"])
+            if reason is None:
+                j["explanation"], j["source"] = text, "llm-retry"
+                continue
+            j["rejected"].append(reason)
+            label = Q.top_token_label(j["rec"].get("top_tokens"))
+            j["explanation"], j["source"] = (label, "top-tokens") if label else (NO_EXPLANATION, "none")
+
+
 def _explain_chunk(store: FeatureStore, sae: str, idxs: list[int], backend: Backend, cfg: ExplainConfig,
                    results: dict, rng_base: int) -> None:
     jobs = []
@@ -150,15 +188,13 @@ def _explain_chunk(store: FeatureStore, sae: str, idxs: list[int], backend: Back
             results["no_examples"].append((sae, idx))
             continue
         shown = _fit_examples(backend, split.shown, rec["max_act"], cfg)
-        jobs.append({"idx": idx, "rec": rec, "split": split,
+        jobs.append({"idx": idx, "rec": rec, "split": split, "shown": shown,
                      "prompt": _explainer_prompt(shown, rec["max_act"], cfg)})
     if not jobs:
         return
-    replies = backend.generate([j["prompt"] for j in jobs], cfg.explanation_tokens)
+    _explanations_for(backend, jobs, cfg)
     scoring_prompts = []
-    for j, reply in zip(jobs, replies):
-        j["explanation"] = P.parse_explanation(reply) or NO_EXPLANATION
-        j["raw"] = reply
+    for j in jobs:
         j["samples"] = {"detection": S.detection_samples(j["explanation"], j["split"])}
         if cfg.fuzzing:
             rng = np.random.default_rng([cfg.seed, rng_base, j["idx"]])
@@ -178,11 +214,16 @@ def _explain_chunk(store: FeatureStore, sae: str, idxs: list[int], backend: Back
                   else S.balanced_accuracy([], []) for kind, samples in j["samples"].items()}
         det = scores["detection"]["balanced_accuracy"]
         fuzz = scores["fuzzing"]["balanced_accuracy"] if "fuzzing" in scores else None
+        chance = S.chance_level(scores["detection"]["n_pos"], scores["detection"]["n_neg"])
+        detail = {kind: {k: v for k, v in sc.items() if k != "balanced_accuracy"} for kind, sc in scores.items()}
+        detail.update(chance_sd=chance["sd"], rejected=j["rejected"])
         store.set_explanation(sae, j["idx"], j["explanation"], det,
-                              explainer_label(backend.name, det, fuzz, cfg.fuzzing))
+                              explainer_label(backend.name, det, fuzz, cfg.fuzzing), model=backend.name,
+                              source=j["source"], chance=chance["mean"] if det is not None else None, detail=detail)
         results["explained"].setdefault(sae, {})[j["idx"]] = {
-            "explanation": j["explanation"], "reply": j["raw"], "detection": scores["detection"],
-            "fuzzing": scores.get("fuzzing"), "shown": len(j["split"].shown), "held_out": len(j["split"].held_out),
+            "explanation": j["explanation"], "source": j["source"], "reply": j["raw"][0], "replies": j["raw"],
+            "rejected": j["rejected"], "detection": scores["detection"], "fuzzing": scores.get("fuzzing"),
+            "chance": chance, "shown": len(j["split"].shown), "held_out": len(j["split"].held_out),
             "negatives": len(j["split"].negatives)}
 
 
@@ -204,7 +245,9 @@ def explain(cfg: ExplainConfig, backend: Backend | None = None) -> dict:
             raise SaeforgeError(f"--{name.replace('_', '-')} must be at least 1", "pass a positive number")
     path = store_path(cfg.path)
     results: dict = {"store": str(path), "explained": {}, "skipped": [], "no_examples": [], "explainer": None}
-    with FeatureStore(path) as store:
+    if not path.is_file():
+        raise SaeforgeError(f"no feature store at {path}", f"run `saeforge harvest {cfg.path}` first")
+    with exclusive_lock(path.parent, WRITER_LOCK), FeatureStore(path) as store:
         saes = [cfg.sae] if cfg.sae else [s["name"] for s in store.saes()]
         todo: dict[str, list[int]] = {}
         for sae in saes:
@@ -238,12 +281,22 @@ def run_explain(cfg: ExplainConfig) -> dict:
         for idx, r in feats.items():
             det = r["detection"]["balanced_accuracy"]
             line = f"{sae} #{idx}: {r['explanation']!r}  detection {'n/a' if det is None else f'{det:.2f}'}"
+            if det is not None:
+                line += f" (chance 0.50 ± {r['chance']['sd']:.2f})"
             if r["fuzzing"] is not None:
                 fz = r["fuzzing"]["balanced_accuracy"]
                 line += f"  fuzzing {'n/a' if fz is None else f'{fz:.2f}'}"
             print(line)
     n = sum(len(v) for v in res["explained"].values())
     print(f"explained {n} feature(s) with {res['explainer'] or 'no explainer'}; results are in {res['store']}")
+    sources = [r["source"] for feats in res["explained"].values() for r in feats.values()]
+    if sources.count("llm-retry"):
+        print(f"{sources.count('llm-retry')} explanation(s) came from a second try (the first reply was unusable)")
+    if sources.count("top-tokens"):
+        print(f"{sources.count('top-tokens')} feature(s) got a top-token label instead (both replies were unusable: "
+              f"empty, repetitive or only about the task)")
+    if n:
+        print("scores are detection balanced accuracy: 0.5 is what a judge guessing at random gets")
     if res["skipped"]:
         print(f"skipped {len(res['skipped'])} already explained (pass --overwrite to redo them)")
     if res["no_examples"]:

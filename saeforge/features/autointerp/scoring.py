@@ -123,5 +123,13 @@ def balanced_accuracy(labels: Sequence[bool], answers: Sequence[bool | None]) ->
             "unparsed": sum(a is None for a in answers)}
 
 
+def chance_level(n_pos: int, n_neg: int) -> dict:
+    """What a judge answering at random gets: balanced accuracy 0.5 on average whatever its bias, with standard
+    deviation 0.25·sqrt(1/n_pos + 1/n_neg) for a fair coin (None without both classes). With 10 + 10 excerpts that is
+    ±0.11: a score of 0.6 is not evidence of a good explanation."""
+    sd = 0.25 * math.sqrt(1 / n_pos + 1 / n_neg) if n_pos and n_neg else None
+    return {"mean": 0.5, "sd": sd}
+
+
 def score(samples: Sequence[Sample], replies: Sequence[str]) -> dict:
     return balanced_accuracy([s.label for s in samples], [P.parse_yes_no(r) for r in replies])

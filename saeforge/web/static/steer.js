@@ -23,7 +23,6 @@
   };
   const num = (v, digits = 4) => (v === null || v === undefined ? "–" : v === 0 ? "0" : Number(v).toPrecision(digits));
   const mean = (xs) => (xs.length && xs.every((x) => x !== null) ? xs.reduce((a, b) => a + b, 0) / xs.length : null);
-  const show = (t) => (t ? t.replace(/\n/g, "↵").replace(/\t/g, "⇥") : "∅");
   const featureUrl = (sae, idx) => `/saes/${encodeURIComponent(sae)}/features/${idx}`;
 
   // ------------------------------------------------------------------------------------------- feature rows
@@ -99,7 +98,7 @@
     else if (known && known.top_tokens && known.top_tokens.length) {
       const line = el("div", { class: "small" });
       line.append(el("span", { class: "muted" }, "fires most on "));
-      for (const [t] of known.top_tokens.slice(0, 4)) line.append(el("span", { class: "tok" }, show(t)));
+      for (const [t] of known.top_tokens.slice(0, 4)) line.append(window.saeforgeTokens.chip(t));
       cell.append(line);
     }
   }
