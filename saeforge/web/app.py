@@ -108,6 +108,7 @@ def create_app(run_dir: str | Path, *, model: str = "", device: str = "auto", ma
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        data.model.stopping.clear()  # an app served again (a second test client, a restarted server) takes requests
         yield
         data.shutdown()  # a request still running stops at its next step
         data.close()  # the store connections of the server's threads

@@ -69,16 +69,19 @@ def feature_across(data: "RunData", text: str, sae: str, feature: int, request: 
             raise WebError(404, f"feature {feature} is out of range: SAE {sae!r} has features 0..{d_sae - 1}",
                            f"pick an index below {d_sae}")
         try:
-            ids = inspector.tokenize(text)
+            batch = inspector.prompts.one(text)
         except SaeforgeError as err:
             raise _tokenize_error(err) from err
+        ids = batch.input_ids
         lm = inspector.lm
         with torch.inference_mode():
             acts = model.encode(lm.read(ids, [site.name])[site.name][0].float())[:, feature].float().cpu()
         special = set(lm.special_token_ids())
         ids_list = [int(i) for i in ids[0]]
         tokens = [lm.tokenizer.decode([i]) for i in ids_list]
-    values = [0.0 if i in special else float(a) for i, a in zip(ids_list, acts.tolist())]
+        keep = batch.keep[0].tolist()
+    # positions outside the SAE's data (BOS, control tokens) show 0: the SAE was never trained on them
+    values = [float(a) if k and i not in special else 0.0 for i, a, k in zip(ids_list, acts.tolist(), keep)]
     harvested = None
     if data.has_store:
         try:

@@ -103,9 +103,6 @@ def steer(data: "RunData", prompts: list[str], edits: list[dict], *, positions: 
             strength = float("nan")
         parsed.append(FeatureEdit(e.get("sae") or default, int(e["feature"]), mode, strength, unit))
 
-    # the generation stops at its next token when the request's event is set (once the contract is in place)
-    cancelled_type = getattr(generate, "SteeringCancelled", None)
-    cancel_kw = {} if cancelled_type is None else {"cancel": None}
     request = request or ModelRequest("steering")
     t0 = time.perf_counter()
     with data.model.hold(request):
@@ -129,16 +126,14 @@ def steer(data: "RunData", prompts: list[str], edits: list[dict], *, positions: 
                 raise WebError(413, f"prompt {i} has {n:,} tokens; the playground's limit is "
                                     f"{MAX_STEER_PROMPT_TOKENS} tokens a prompt",
                                f"shorten it (or steer long prompts from the command line: saeforge steer)")
-        if cancel_kw:
-            cancel_kw["cancel"] = request.cancel
-        try:
+        try:  # the generation stops at its next token once the request's cancel event is set
             run = generate.run_steering(steerer, prompts, parsed, positions=positions, max_new_tokens=max_new_tokens,
-                                        temperature=float(temperature), seed=seed, **cancel_kw)
+                                        temperature=float(temperature), seed=seed, cancel=request.cancel)
+        except generate.SteeringCancelled as err:  # a SaeforgeError too: caught first
+            raise data.model.cancelled(request) from err
         except SaeforgeError as err:  # a prompt too long for the model's context (413), or empty (400)
             status = 413 if "tokens" in err.problem and "context" in err.problem else 400
             raise WebError(status, err.problem, err.fix) from err
-        except (cancelled_type or ()) as err:
-            raise data.model.cancelled(request) from err
     seconds = time.perf_counter() - t0
     info: dict[str, dict[int, dict]] = {}
     if data.has_store:

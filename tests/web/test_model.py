@@ -44,7 +44,7 @@ class FakeGeneration:
             while time.monotonic() - t0 < self.seconds:
                 if self.honour and cancel is not None and cancel.wait(0.02):
                     self.stopped_after = time.monotonic() - t0
-                    raise self.generate.SteeringCancelled("stopped at the next token")
+                    raise self.generate.SteeringCancelled()
                 time.sleep(0.02)
             n = len(prompts)
             return SteeringRun(list(prompts), [""] * n, [""] * n, {"edits": [], "perplexity_baseline": [1.0] * n,
@@ -57,9 +57,6 @@ class FakeGeneration:
 def fake(monkeypatch):
     from saeforge.interventions import generate
 
-    if not hasattr(generate, "SteeringCancelled"):  # the contract's exception, until the real one is merged
-        monkeypatch.setattr(generate, "SteeringCancelled", type("SteeringCancelled", (Exception,), {}),
-                            raising=False)
     gen = FakeGeneration()
     monkeypatch.setattr(generate, "run_steering", gen)
     return gen
@@ -150,15 +147,13 @@ import pathlib, sys, time
 from saeforge.interventions import generate
 marks = pathlib.Path(sys.argv[2])
 honour = sys.argv[3] == "honour"
-if not hasattr(generate, "SteeringCancelled"):
-    generate.SteeringCancelled = type("SteeringCancelled", (Exception,), {})
 def fake(steerer, prompts, edits, *, cancel=None, **kw):
     (marks / "started").touch()
     t0 = time.monotonic()
     while time.monotonic() - t0 < 900:  # the 15-minute request
         if honour and cancel is not None and cancel.wait(0.05):
             (marks / "cancelled").touch()
-            raise generate.SteeringCancelled("stopped")
+            raise generate.SteeringCancelled()
         time.sleep(0.05)
 generate.run_steering = fake
 from saeforge.web import ServeConfig, run_serve
@@ -199,9 +194,6 @@ def test_a_signal_stops_the_server_during_a_long_request(web_run, tmp_path, sig,
 def test_real_generation_stops_at_the_limit(web_run, tiny_llama, monkeypatch):
     from saeforge.interventions import generate
 
-    if not hasattr(generate, "SteeringCancelled"):
-        pytest.skip("saeforge.interventions.generate has no SteeringCancelled yet: run_steering(cancel=...) comes "
-                    "with the steering branch; run this test after merging it")
     from fastapi.testclient import TestClient
 
     app = _app(web_run, request_timeout=0.5)
