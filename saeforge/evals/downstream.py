@@ -78,21 +78,43 @@ def splice(sae, keep: torch.Tensor, mode: str = "sae", mean: torch.Tensor | None
 
 class LogitReference:
     """The clean next-token distributions of one batch over the loss positions (kept, not the last), against
-    which each modified forward of the batch is measured."""
+    which each modified forward of the batch is measured.
 
-    def __init__(self, input_ids: torch.Tensor, keep: torch.Tensor, clean_logits: torch.Tensor):
+    ``buffers``: a dict the caller keeps across batches; the [batch, seq, vocab] float32 tensors are allocated there
+    once and reused (a fresh allocation of that size costs page faults comparable to the arithmetic). The values
+    are those of ``log_softmax`` of the sliced logits and the plain formulas, bit for bit."""
+
+    def __init__(self, input_ids: torch.Tensor, keep: torch.Tensor, clean_logits: torch.Tensor,
+                 buffers: dict | None = None):
         device = clean_logits.device
         pos = keep.clone()
         pos[:, -1] = False  # the last position has no next token
         self.positions = pos[:, :-1].to(device)
         self.targets = input_ids[:, 1:].to(device)
         self.n = int(self.positions.sum())
+        self._buffers = {} if buffers is None else buffers
+        b, t, v = clean_logits.shape
+        self._shape = (b, t, v)
         with torch.no_grad():
-            self.logp = F.log_softmax(clean_logits[:, :-1].float(), dim=-1)
-            self.p = self.logp.exp()
+            self.logp = self._buffer("logp", (b, t - 1, v)).copy_(self._log_softmax(clean_logits)[:, :-1])
+            self.p = torch.exp(self.logp, out=self._buffer("p", (b, t - 1, v)))
         self.nll = self._nll_sum(self.logp)
-        self._logp_full: torch.Tensor | None = None  # reused buffers, [batch, seq, vocab] and [batch, seq-1, vocab]
-        self._diff: torch.Tensor | None = None
+
+    def _buffer(self, name: str, shape: tuple[int, int, int]) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.device != self.targets.device or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
+            buf = self._buffers[name] = torch.empty(shape, dtype=torch.float32, device=self.targets.device)
+        return buf[: shape[0]]  # a smaller last batch: the leading rows, still contiguous
+
+    def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Row by row over the whole [batch, seq, vocab] tensor (into a buffer): each row's values are those of
+        ``F.log_softmax`` of the logits sliced to the loss positions, without its copies."""
+        if tuple(logits.shape) != self._shape:
+            raise SaeforgeError(f"logits of shape {tuple(logits.shape)} measured against a clean batch of shape "
+                                f"{self._shape}", "measure the forwards of the batch the reference was built on")
+        out = self._buffer("full", self._shape)
+        torch._log_softmax(logits.float().contiguous(), -1, False, out=out)
+        return out
 
     def _nll_sum(self, logp: torch.Tensor) -> float:
         nll = -logp.gather(-1, self.targets[..., None]).squeeze(-1)
@@ -101,16 +123,9 @@ class LogitReference:
     @torch.no_grad()
     def measure(self, logits: torch.Tensor) -> tuple[float, float]:
         """(Σ next-token NLL, Σ KL(p_clean ‖ p)) over the loss positions of a modified forward's ``logits``."""
-        logits = logits.float()
-        if self._logp_full is None or self._logp_full.shape != logits.shape:
-            self._logp_full = torch.empty_like(logits, memory_format=torch.contiguous_format)
-            self._diff = torch.empty_like(self.logp)
-        # log-softmax row by row over the whole (contiguous) tensor, then the view without the last position: the
-        # same values as log_softmax of the sliced logits, without its copies
-        torch._log_softmax(logits.contiguous(), -1, False, out=self._logp_full)
-        logp = self._logp_full[:, :-1]
+        logp = self._log_softmax(logits)[:, :-1]
         nll = self._nll_sum(logp)
-        kl = torch.sub(self.logp, logp, out=self._diff).mul_(self.p).sum(-1)
+        kl = torch.sub(self.logp, logp, out=self._buffer("diff", tuple(self.logp.shape))).mul_(self.p).sum(-1)
         return nll, float(kl[self.positions].double().sum())
 
 

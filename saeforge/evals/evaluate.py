@@ -117,6 +117,7 @@ class _Plan:
         reads = sorted({t.reads for t in targets})
         self.early = [s for s in reads if first_block(lm, [s]) < self.start]  # read in the first pass
         self.late = sorted((set(reads) - set(self.early)) | set(self.groups))  # recorded in the clean forward
+        self.buffers: dict[str, torch.Tensor] = {}  # LogitReference's, reused batch after batch
 
     def first_pass(self, ids: torch.Tensor):
         """({block: BlockInput}, {site: activation}) of a batch: the replaced sites and the early reads."""
@@ -135,7 +136,7 @@ class _Plan:
         with lm.record(self.late) as acts:
             clean = logits_from(lm, inputs[self.start])
         acts = {**acts, **{s: early[s] for s in self.early}}
-        reference = LogitReference(ids, keep, clean)
+        reference = LogitReference(ids, keep, clean, self.buffers)
         del clean
         kept = keep.to(lm.device)
         for write, group in self.groups.items():

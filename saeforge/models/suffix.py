@@ -157,10 +157,11 @@ def read_block_inputs(lm, input_ids: torch.Tensor, starts: Iterable[int], sites:
 def _skipped_hooks(lm, start: int) -> list[str]:
     """Hooks (other than transformers' own output recorders) that the stubs of blocks 0..start−1 would bypass."""
     last = lm._block_path(start - 1)
-    prefixes = tuple(lm._block_path(i) for i in range(start))
+    blocks = {lm._block_path(i) for i in range(start)}
+    inside = tuple(b + "." for b in blocks)
     found = []
     for path, module in lm._modules.items():
-        if not (path in prefixes or path.startswith(tuple(p + "." for p in prefixes))):
+        if not (path in blocks or path.startswith(inside)):
             continue
         hooks = [("input", h) for h in module._forward_pre_hooks.values()]
         if path != last:  # the last stub's output hooks run on the cached output: resid_post of start − 1

@@ -34,8 +34,8 @@ def _save(sae, folder, model_dir, **meta):
 
 
 def _cfg(path, text_file, **kw):
-    return EvalConfig(path=str(path), corpus=str(text_file), tokens=32 * 12, batch_size=4, device="cpu",
-                      progress=False, **kw)
+    return EvalConfig(**{"path": str(path), "corpus": str(text_file), "tokens": 32 * 12, "batch_size": 4,
+                         "device": "cpu", "progress": False, **kw})
 
 
 def test_perfect_reconstruction_gives_fvu_0_ce_recovered_1_kl_0(tiny_llama_dir, text_file, tmp_path):
@@ -213,13 +213,14 @@ def test_the_fast_path_gives_the_figures_of_full_forwards(tiny_llama, tiny_llama
     for i, (name, (reads, writes)) in enumerate(layout.items()):
         saes[name] = _random(seed=i, k=6)
         save_sae(saes[name], run / "saes" / name, metadata=_binding_meta(tiny_llama_dir, reads, writes))
-    report = evaluate(_cfg(run, text_file, plots=False))
+    report = evaluate(_cfg(run, text_file, plots=False, tokens=32 * 10))  # batches of 4, 4 and 2 contexts
 
     from saeforge.runs import load_run
 
     loaded = load_run(run, lm=tiny_llama)  # the SAEs as saved (the weights evaluate() used)
     ts = TokenStream.for_model(TextSource(str(text_file)), tiny_llama, TokenPolicy(context_length=32))
     batches = [ids for _, ids in zip(range(3), (b for _, b in ts.batches(4)))]
+    batches[-1] = batches[-1][:2]
     keeps = [ts.keep_mask(ids) for ids in batches]
     with torch.inference_mode():
         expected = _reference_eval(tiny_llama, {n: (loaded.saes[n].sae, *layout[n]) for n in layout}, batches, keeps)
@@ -229,7 +230,7 @@ def test_the_fast_path_gives_the_figures_of_full_forwards(tiny_llama, tiny_llama
         assert got["kind"] == ("sae" if layout[name][0] == layout[name][1] else "transcoder")
         for key, value in want.items():
             assert got[key] == value or (value != value and got[key] != got[key]), (name, key, got[key], value)
-    assert report["n_token_positions"] == 12 * 32
+    assert report["n_token_positions"] == 10 * 32
 
 
 def test_site_override_for_an_sae_from_elsewhere(tiny_llama_dir, text_file, tmp_path, capsys):
@@ -264,3 +265,34 @@ def test_dictionaries_eval_cannot_replace_are_refused(tiny_llama_dir, text_file,
     with pytest.raises(SaeforgeError,
                        match=r"clt is a clt \(reads layers.0.resid_post; writes layers.0.mlp_out, layers.1.mlp_out\)"):
         evaluate(_cfg(tmp_path / "clt", text_file))
+
+
+def test_logit_reference_reproduces_the_plain_formulas_bit_for_bit():
+    """Reused buffers (a smaller batch after a larger one, a vocabulary that is no multiple of a vector width) give
+    exactly the values of log_softmax on the sliced logits and KL = Σ p (log p − log q)."""
+    import torch.nn.functional as F
+
+    from saeforge.evals.downstream import LogitReference
+
+    g = torch.Generator().manual_seed(0)
+    buffers = {}
+    for batch in (5, 3):
+        ids = torch.randint(0, 997, (batch, 9), generator=g)
+        keep = torch.rand(batch, 9, generator=g) > 0.2
+        clean, other = (torch.randn(batch, 9, 997, generator=g) * 3 for _ in range(2))
+        ref = LogitReference(ids, keep, clean, buffers)
+        pos = keep.clone()
+        pos[:, -1] = False
+        pos = pos[:, :-1]
+        cl, lo = F.log_softmax(clean[:, :-1], -1), F.log_softmax(other[:, :-1], -1)
+
+        def nll(logp):
+            return float((-logp.gather(-1, ids[:, 1:, None]).squeeze(-1))[pos].double().sum())
+
+        assert ref.n == int(pos.sum()) and ref.nll == nll(cl)
+        kl = float((cl.exp() * (cl - lo)).sum(-1)[pos].double().sum())
+        assert ref.measure(other) == (nll(lo), kl)
+        assert ref.measure(clean) == (nll(cl), 0.0)
+    assert buffers["full"].shape == (5, 9, 997)  # allocated once, for the larger batch
+    with pytest.raises(SaeforgeError, match="measured against a clean batch of shape"):
+        ref.measure(torch.zeros(3, 8, 997))
