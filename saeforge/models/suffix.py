@@ -27,7 +27,6 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from saeforge.errors import SaeforgeError
-from saeforge.models.language_model import _first_tensor, _StopForward
 from saeforge.models.sites import Site
 
 
@@ -106,52 +105,31 @@ def read_block_inputs(lm, input_ids: torch.Tensor, starts: Iterable[int], sites:
     Returns ``({start: BlockInput}, {site name: activation [batch, seq, d]})``.
     """
     starts = _check_starts(lm, starts)
-    resolved = lm._resolve(sites)
     ids = input_ids.to(lm.device)
     mask = attention_mask.to(lm.device) if attention_mask is not None else None
-    inputs: dict[int, BlockInput] = {}
-    acts: dict[str, torch.Tensor] = {}
-    wanted = len([s for s in starts if s > 0]) + len({s.name for s in resolved})
+    # the input of block s is the output of block s − 1, i.e. the site layers.{s-1}.resid_post; a hook beside the
+    # read keeps the rest of the block's output when it is a tuple
+    block_sites = {s: lm.site(f"layers.{s - 1}.resid_post") for s in starts if s > 0}
+    rests: dict[int, tuple | None] = {}
 
-    def done() -> None:
-        if len([s for s in inputs if s > 0]) + len(acts) == wanted:
-            raise _StopForward
-
-    def block_hook(start: int):
+    def format_hook(start: int):
         def hook(module, args, output):
-            if start not in inputs:
-                rest = tuple(output[1:]) if isinstance(output, tuple) else None
-                inputs[start] = BlockInput(start, _first_tensor(output).detach(), ids, mask, rest)
-                done()
+            rests.setdefault(start, tuple(output[1:]) if isinstance(output, tuple) else None)
 
         return hook
 
-    def reader(name: str):
-        def read(act):
-            if name not in acts:
-                acts[name] = act.detach()
-                done()
-
-        return read
-
-    handles = [lm._modules[lm._block_path(s - 1)].register_forward_hook(block_hook(s)) for s in starts if s > 0]
+    resolved = lm._resolve(sites)
+    handles = [lm._modules[site.module_path].register_forward_hook(format_hook(s)) for s, site in block_sites.items()]
     try:
-        handles += [lm._register(site, reader(site.name)) for site in resolved]
-        if wanted:
-            try:
-                lm._call(ids, mask)
-            except _StopForward:
-                pass
+        wanted = list(block_sites.values()) + resolved
+        acts = lm.read(ids, wanted, attention_mask=mask) if wanted else {}
     finally:
         for h in handles:
             h.remove()
+    inputs = {s: BlockInput(s, acts[site.name], ids, mask, rests.get(s)) for s, site in block_sites.items()}
     if 0 in starts:
         inputs[0] = BlockInput(0, None, ids, mask)
-    missing = [f"the input of block {s}" for s in starts if s not in inputs]
-    missing += sorted({s.name for s in resolved} - set(acts))
-    if missing:
-        raise SaeforgeError(f"{', '.join(missing)} never reached in the forward pass", "check the sites")
-    return inputs, acts
+    return inputs, {site.name: acts[site.name] for site in resolved}
 
 
 def _skipped_hooks(lm, start: int) -> list[str]:
