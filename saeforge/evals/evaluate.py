@@ -203,9 +203,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 a = first[1][s][keep].double().sum(0)
                 sums[s] = a if sums[s] is None else sums[s] + a
             count += int(keep.sum())
-            size = sum(b.nbytes for b in first[0].values()) + sum(
-                first[1][s].numel() * first[1][s].element_size() for s in plan.early)
-            firsts.append(first if cached_bytes + size <= PREFIX_CACHE_BYTES else None)
+            kept = (first[0], {s: first[1][s] for s in plan.early})  # the replaced sites are done with
+            size = sum(b.nbytes for b in kept[0].values()) + sum(a.numel() * a.element_size() for a in kept[1].values())
+            firsts.append(kept if cached_bytes + size <= PREFIX_CACHE_BYTES else None)
             cached_bytes += size if firsts[-1] is not None else 0
             progress.update(ids.numel())
     if count == 0:
