@@ -126,3 +126,20 @@ def test_bad_input(models):
     assert "forward" not in lm._modules["model.layers.0"].__dict__  # put back after the error
     with pytest.raises(SaeforgeError, match="no sites"):
         first_block(lm, [])
+
+
+@pytest.mark.embedded
+def test_real_model_forwards_from_layer_15_are_exact(embedded_lm):
+    lm = embedded_lm
+    text = ["To be, or not to be, that is the question:", "Now is the winter of our discontent made glorious"]
+    batch = lm.tokenizer(text, return_tensors="pt", padding=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    full = lm.logits(ids, attention_mask=mask)
+    with lm.edit({"layers.15.resid_post": _scale}):
+        edited = lm.logits(ids, attention_mask=mask)
+    inputs, _ = read_block_inputs(lm, ids, [15, 16, lm.n_layers], attention_mask=mask)
+    for start, block_input in inputs.items():
+        assert torch.equal(logits_from(lm, block_input), full), start
+    for start in (15, 16):
+        with lm.edit({"layers.15.resid_post": _scale}):
+            assert torch.equal(logits_from(lm, inputs[start]), edited), start
