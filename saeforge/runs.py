@@ -162,6 +162,22 @@ class BoundSAE:
     def d_sae(self) -> int:
         return int(self.sae.cfg.d_sae)
 
+    def describe(self) -> str:
+        """``SAE at layers.5.resid_post`` or ``transcoder: reads A, writes B`` (for tables and headers)."""
+        reads = ", ".join(s.name for s in self.reads)
+        if self.kind == "sae":
+            return f"SAE at {reads}"
+        return f"{self.kind}: reads {reads}, writes {', '.join(s.name for s in self.writes)}"
+
+    # Compatibility with code written for the ``(sae, site)`` tuples that ``Inspector.saes`` held before: unpacks
+    # and indexes as ``(sae, read_site)``. For a transcoder that is the site it reads, not the one it writes, so new
+    # code uses ``.sae``, ``.read_site`` and ``.write_site``; this goes once its last callers have moved.
+    def __iter__(self):
+        return iter((self.sae, self.read_site))
+
+    def __getitem__(self, index: int):
+        return (self.sae, self.read_site)[index]
+
 
 def bind(name: str, sae, binding: SiteBinding, lm, *, folder: Path | None = None, meta: dict | None = None
          ) -> BoundSAE:

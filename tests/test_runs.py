@@ -72,3 +72,17 @@ def test_bindings_the_model_cannot_serve_are_named(tiny_llama, tmp_path):
     save_sae(_sae(), tmp_path / "c", metadata={"model_name": "x"})
     with pytest.raises(SaeforgeError, match="does not say which site"):
         load_run(tmp_path / "c", lm=tiny_llama)
+
+
+def test_bound_saes_describe_themselves_and_unpack_as_the_old_tuples(tiny_llama, tiny_llama_dir, tmp_path):
+    meta = {"model_name": str(tiny_llama_dir)}
+    save_sae(_sae(), tmp_path / "run" / "saes" / "sae", metadata={"hook_name": "layers.1.resid_post", **meta})
+    save_sae(_sae(), tmp_path / "run" / "saes" / "tc",
+             metadata={**SiteBinding.single("layers.0.resid_post", "layers.1.mlp_out").to_metadata(), **meta})
+    run = load_run(tmp_path / "run", lm=tiny_llama)
+    sae, tc = run.saes["sae"], run.saes["tc"]
+    assert sae.describe() == "SAE at layers.1.resid_post"
+    assert tc.describe() == "transcoder: reads layers.0.resid_post, writes layers.1.mlp_out"
+    # (sae, site) as Inspector.saes held them: the site read
+    dictionary, site = tc
+    assert dictionary is tc.sae and site is tc.read_site and tc[0] is tc.sae and tc[1] is tc.read_site

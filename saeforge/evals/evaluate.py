@@ -12,25 +12,31 @@ import torch
 from simple_parsing.helpers import field
 
 from saeforge.errors import SaeforgeError
-from saeforge.evals.downstream import DownstreamStats, splice
+from saeforge.evals.downstream import DownstreamStats, LogitReference, replace_at
 from saeforge.evals.reconstruction import ReconstructionStats
+from saeforge.models.sites import SITE_KINDS
 from saeforge.utils.atomic import atomic_write_json
 
 EVAL_SCHEMA = "saeforge-eval"
 EVAL_SCHEMA_VERSION = 1
 MIN_MEANINGFUL_TOKENS = 4096
+PREFIX_CACHE_BYTES = 1 << 30
+"""What the first pass keeps for the second (the hidden states entering the first edited block, per batch); the
+batches beyond it are read again."""
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluate SAEs on held-out text: reconstruction, sparsity, and CE loss / KL with the SAE spliced into the model."""
+    """Evaluate SAEs on held-out text: reconstruction, sparsity, and CE loss / KL with the SAE spliced into the model.
+    A transcoder (reads one site, writes another) is evaluated as a replacement of the site it writes."""
 
     path: str = field(default="", positional=True)
     """A run directory (every SAE under saes/) or one SAE folder (cfg.json + weights)."""
     model: str = ""
     """Model; empty: the one the SAE was trained on (its metadata)."""
     site: str = ""
-    """Site; empty: the SAE's hook_name (for an SAE from elsewhere, give the saeforge site name)."""
+    """Site the SAE reads and replaces; empty: the sites its metadata names (for an SAE from elsewhere whose hook
+    name is not a saeforge site, give the saeforge site name)."""
     corpus: str = "embedded:validation"
     """Held-out text (never the training text): embedded:validation, a .txt file or folder, .jsonl, hf:NAME."""
     text_field: str = "text"
@@ -56,27 +62,99 @@ class EvalConfig:
 @dataclass
 class _Target:
     name: str
-    folder: Path
-    sae: Any
-    site: str
-    meta: dict
+    bound: Any  # saeforge.runs.BoundSAE
     recon: ReconstructionStats
     down: DownstreamStats
+
+    @property
+    def reads(self) -> str:
+        return self.bound.read_site.name
+
+    @property
+    def writes(self) -> str:
+        return self.bound.write_site.name
 
 
 def _targets(cfg: EvalConfig, run) -> list[_Target]:
     targets = []
-    for name, r in run.saes.items():
-        if r.meta.get("hook_name_out"):
-            raise SaeforgeError(f"{name} is a transcoder ({r.site.name} → {r.meta['hook_name_out']})",
-                                "saeforge eval handles SAEs; transcoder evaluation is not built yet")
-        if not cfg.allow_training_text and r.meta.get("dataset_path") == cfg.corpus:
+    for name, b in run.saes.items():
+        if b.kind not in ("sae", "transcoder"):
+            raise SaeforgeError(f"{name} is a {b.kind} (reads {', '.join(s.name for s in b.reads)}; writes "
+                                f"{', '.join(s.name for s in b.writes)})",
+                                "saeforge eval handles SAEs and transcoders (one site read, one written); evaluate "
+                                "those of the run one folder at a time: saeforge eval RUN_DIR/saes/NAME")
+        reads, writes = b.read_site, b.write_site
+        if (b.is_transcoder and {reads.kind, writes.kind} <= set(SITE_KINDS) and reads.order > writes.order):
+            raise SaeforgeError(f"transcoder {name} reads {reads.name}, which the model computes after "
+                                f"{writes.name}, the site it replaces", "check its metadata.reads and .writes")
+        if not cfg.allow_training_text and b.meta.get("dataset_path") == cfg.corpus:
             raise SaeforgeError(f"SAE {name} was trained on {cfg.corpus}; evaluating on its training text overstates it",
                                 "evaluate on held-out text (--corpus embedded:validation, or another file), or pass "
                                 "--allow-training-text")
-        targets.append(_Target(name, r.folder, r.sae, r.site.name, r.meta,
-                               ReconstructionStats(r.sae.cfg.d_in, r.sae.cfg.d_sae, run.lm.device), DownstreamStats()))
+        targets.append(_Target(name, b, ReconstructionStats(writes.d, b.sae.cfg.d_sae, run.lm.device),
+                               DownstreamStats()))
     return targets
+
+
+class _Plan:
+    """What the forwards of one batch read and from which block they start.
+
+    Targets are grouped by the site they replace: the zero- and mean-ablation forwards of a site are shared by every
+    target writing it. The first pass (:meth:`first_pass`) stops at the input of the earliest block any forward
+    edits, having read the input of each group's first block, the replaced sites (for their means) and the sites read
+    that a forward from there cannot see; later forwards run only the blocks after (``saeforge.models.suffix``),
+    with logits bit-identical to full forwards."""
+
+    def __init__(self, lm, targets: list[_Target]):
+        from saeforge.models.suffix import first_block
+
+        self.lm = lm
+        self.groups: dict[str, list[_Target]] = {}
+        for t in targets:
+            self.groups.setdefault(t.writes, []).append(t)
+        self.starts = {w: first_block(lm, [w]) for w in self.groups}
+        self.start = min(self.starts.values())
+        reads = sorted({t.reads for t in targets})
+        self.early = [s for s in reads if first_block(lm, [s]) < self.start]  # read in the first pass
+        self.late = sorted((set(reads) - set(self.early)) | set(self.groups))  # recorded in the clean forward
+        self.buffers: dict[str, torch.Tensor] = {}  # LogitReference's, reused batch after batch
+
+    def first_pass(self, ids: torch.Tensor):
+        """({block: BlockInput}, {site: activation}) of a batch: the replaced sites and the early reads."""
+        from saeforge.models.suffix import read_block_inputs
+
+        return read_block_inputs(self.lm, ids, set(self.starts.values()), sorted(set(self.groups) | set(self.early)))
+
+    @torch.inference_mode()
+    def run(self, ids: torch.Tensor, keep: torch.Tensor, first, means: dict[str, torch.Tensor]) -> None:
+        """Every forward of one batch: the clean one, then per replaced site each target spliced in and the two
+        ablations, each measured against the clean distributions."""
+        from saeforge.models.suffix import logits_from
+
+        lm = self.lm
+        inputs, early = first
+        with lm.record(self.late) as acts:
+            clean = logits_from(lm, inputs[self.start])
+        acts = {**acts, **{s: early[s] for s in self.early}}
+        reference = LogitReference(ids, keep, clean, self.buffers)
+        del clean
+        kept = keep.to(lm.device)
+        for write, group in self.groups.items():
+            start = inputs[self.starts[write]]
+            target = acts[write][kept].float()
+            for t in group:
+                x = target if t.reads == write else acts[t.reads][kept].float()
+                f = t.bound.sae.encode(x)
+                x_hat = t.bound.sae.decode(f)
+                t.recon.update(target, x_hat, f)
+                t.down.add_clean(reference)
+                with lm.edit({write: replace_at(keep, x_hat)}):
+                    t.down.add("sae", reference.measure(logits_from(lm, start)))
+            for mode, value in (("zero", None), ("mean", means[write])):
+                with lm.edit({write: replace_at(keep, value)}):
+                    measured = reference.measure(logits_from(lm, start))
+                for t in group:
+                    t.down.add(mode, measured)
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
@@ -96,10 +174,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     run = load_run(path, model=cfg.model, device=cfg.device, dtype=cfg.dtype, site=cfg.site)
     lm, model_name = run.lm, cfg.model or run.meta.get("model_name")
     targets = _targets(cfg, run)
+    plan = _Plan(lm, targets)
     ctx = run.context_length(cfg.context_length)
     tokens = TokenStream.for_model(TextSource(cfg.corpus, cfg.text_field), lm, run.token_policy(ctx))
     n_contexts = max(1, -(-cfg.tokens // ctx))
-    sites = sorted({t.site for t in targets})
 
     def batches():
         seen = 0
@@ -110,50 +188,52 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             if seen >= n_contexts:
                 return
 
-    # Pass 1 (early-stopped reads): the evaluation-set mean of each site, for the mean-ablation baseline.
-    sums = {s: None for s in sites}
-    count = {s: 0 for s in sites}
-    for ids in batches():
-        keep = tokens.keep_mask(ids).to(lm.device)
-        for s, act in lm.read(ids, sites).items():
-            a = act[keep].double().sum(0)
-            sums[s] = a if sums[s] is None else sums[s] + a
-            count[s] += int(keep.sum())
-    if not count or min(count.values()) == 0:
-        raise SaeforgeError(f"the corpus {cfg.corpus!r} gave no tokens to evaluate", "use a larger corpus")
-    means = {s: (sums[s] / count[s]).float() for s in sites}
+    def bar(desc: str):
+        return tqdm(total=n_contexts * ctx, unit="tok", unit_scale=True, desc=desc, disable=not cfg.progress,
+                    dynamic_ncols=True)
 
+    # Pass 1 (early-stopped): the evaluation-set mean of each replaced site, for the mean-ablation baseline; what
+    # it reads is kept for pass 2 (within PREFIX_CACHE_BYTES, else read again there).
     t0 = time.time()
-    bar = tqdm(total=n_contexts * ctx, unit="tok", unit_scale=True, desc="evaluating", disable=not cfg.progress,
-               dynamic_ncols=True)
+    sums = {s: None for s in plan.groups}
+    count = 0
+    firsts, cached_bytes = [], 0
+    with bar("reading") as progress:
+        for ids in batches():
+            keep = tokens.keep_mask(ids).to(lm.device)
+            first = plan.first_pass(ids)
+            for s in plan.groups:
+                a = first[1][s][keep].double().sum(0)
+                sums[s] = a if sums[s] is None else sums[s] + a
+            count += int(keep.sum())
+            kept = (first[0], {s: first[1][s] for s in plan.early})  # the replaced sites are done with
+            size = sum(b.nbytes for b in kept[0].values()) + sum(a.numel() * a.element_size() for a in kept[1].values())
+            firsts.append(kept if cached_bytes + size <= PREFIX_CACHE_BYTES else None)
+            cached_bytes += size if firsts[-1] is not None else 0
+            progress.update(ids.numel())
+    if count == 0:
+        raise SaeforgeError(f"the corpus {cfg.corpus!r} gave no tokens to evaluate", "use a larger corpus")
+    means = {s: (sums[s] / count).float() for s in plan.groups}
+
     n_tokens = 0
-    for ids in batches():
-        keep = tokens.keep_mask(ids)
-        with lm.record(sites) as captured:
-            clean = lm.logits(ids)
-        for t in targets:
-            t.down.update_clean(ids, keep, clean)
-            with torch.inference_mode():
-                x = captured[t.site][keep.to(lm.device)].float()
-                f = t.sae.encode(x)
-                t.recon.update(x, t.sae.decode(f), f)
-            for mode in DownstreamStats.MODES:
-                with lm.edit({t.site: splice(t.sae, keep, mode, means[t.site])}):
-                    t.down.update(mode, lm.logits(ids))
-        n_tokens += ids.numel()
-        bar.update(ids.numel())
-    bar.close()
+    with bar("evaluating") as progress:
+        for ids, first in zip(batches(), firsts):
+            plan.run(ids, tokens.keep_mask(ids), first or plan.first_pass(ids), means)
+            n_tokens += ids.numel()
+            progress.update(ids.numel())
+    firsts.clear()
 
     results: dict[str, Any] = {}
     for t in targets:
-        metrics = {"site": t.site, "sae_path": str(t.folder), "architecture": t.sae.cfg.architecture,
-                   "d_sae": t.sae.cfg.d_sae, **t.recon.result(), **t.down.result()}
+        metrics = {"site": t.writes, "kind": t.bound.kind, "reads": t.reads, "writes": t.writes,
+                   "sae_path": str(t.bound.folder), "architecture": t.bound.sae.cfg.architecture,
+                   "d_sae": t.bound.sae.cfg.d_sae, **t.recon.result(), **t.down.result()}
         if cfg.plots:
             from saeforge.evals.plots import eval_plots, have_matplotlib
 
             if have_matplotlib():
-                files = eval_plots(t.folder / "plots", t.name, t.recon.feature_density(), t.recon.l0_per_token(),
-                                   t.recon.nonzero_activations())
+                files = eval_plots(t.bound.folder / "plots", t.name, t.recon.feature_density(),
+                                   t.recon.l0_per_token(), t.recon.nonzero_activations())
                 metrics["plots"] = [str(p) for p in files]
             else:
                 metrics["plots"] = "matplotlib is not installed: pip install 'saeforge[plots]'"
@@ -189,10 +269,13 @@ TABLE_KEYS = (("fvu", "FVU", ".4f"), ("explained_variance", "EV", ".1%"), ("mse"
 
 
 def format_table(report: dict) -> str:
-    rows = [["SAE"] + [h for _, h, _ in TABLE_KEYS]]
+    """One row per SAE: the site it reads, the site it replaces (the same for an SAE; the metrics are of the
+    replaced site), then the metrics."""
+    rows = [["SAE", "reads", "replaces"] + [h for _, h, _ in TABLE_KEYS]]
     for name, m in report["saes"].items():
-        rows.append([name] + ["nan" if m[k] is None or (isinstance(m[k], float) and math.isnan(m[k])) else
-                              format(m[k], fmt) for k, _, fmt in TABLE_KEYS])
+        rows.append([name, m.get("reads", m["site"]), m.get("writes", m["site"])] + [
+            "nan" if m[k] is None or (isinstance(m[k], float) and math.isnan(m[k])) else format(m[k], fmt)
+            for k, _, fmt in TABLE_KEYS])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in rows)

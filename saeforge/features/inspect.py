@@ -1,4 +1,7 @@
-"""Prompt inspection: for each token of a text, the most active features of each SAE, with their explanations."""
+"""Prompt inspection: for each token of a text, the most active features of each SAE, with their explanations.
+
+Each dictionary encodes the activations of the site it reads (:attr:`~saeforge.runs.BoundSAE.read_site`); for a
+transcoder that is not the site it writes, and the output says both."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from simple_parsing.helpers import field
 from saeforge.data.prompts import PromptEncoder
 from saeforge.errors import SaeforgeError
 from saeforge.features.store import STORE_FILE, FeatureStore
+from saeforge.runs import BoundSAE
 
 MAX_PROMPT_TOKENS = 1024
 
@@ -40,7 +44,7 @@ class Inspector:
         self.path = Path(path)
         self.run = load_run(self.path, model=model, device=device, lm=lm)
         self.lm = lm = self.run.lm
-        self.saes = {name: (r.sae, r.site) for name, r in self.run.saes.items()}
+        self.saes: dict[str, BoundSAE] = dict(self.run.saes)
         store_path = self.path / STORE_FILE
         self.store_path = store_path if store_path.is_file() else None
         self.max_tokens = min(MAX_PROMPT_TOKENS, lm.max_context or MAX_PROMPT_TOKENS)
@@ -49,7 +53,13 @@ class Inspector:
 
     @property
     def sites(self) -> list[str]:
-        return sorted({s.name for _, s in self.saes.values()})
+        """The sites the dictionaries read (what :meth:`inspect` runs the model to)."""
+        return sorted({b.read_site.name for b in self.saes.values()})
+
+    def bindings(self) -> dict[str, dict]:
+        """Per dictionary: ``{"kind", "reads", "writes", "description"}`` (the sites by name)."""
+        return {name: {"kind": b.kind, "reads": [s.name for s in b.reads], "writes": [s.name for s in b.writes],
+                       "description": b.describe()} for name, b in self.saes.items()}
 
     @torch.inference_mode()
     def inspect(self, text: str, top: int = 5) -> list[dict]:
@@ -61,8 +71,8 @@ class Inspector:
         out = [{"token": t, "special": int(i) in special, "features": {}} for t, i in zip(tokens, ids[0])]
         explanations: dict[str, dict[int, str]] = {}
         per_sae = {}
-        for name, (sae, site) in self.saes.items():
-            f = sae.encode(acts[site.name][0].float())
+        for name, bound in self.saes.items():
+            f = bound.sae.encode(acts[bound.read_site.name][0].float())
             k = min(top, f.shape[-1])
             vals, idx = f.topk(k, dim=-1)
             per_sae[name] = (vals, idx)
@@ -93,7 +103,10 @@ def inspect_prompt(path: str | Path, text: str, *, top: int = 5, model: str = ""
 def run_inspect(cfg: InspectConfig) -> None:
     if not cfg.path or not cfg.text:
         raise SaeforgeError("give a run directory and a text", 'saeforge inspect RUN_DIR "To be, or not to be"')
-    rows = inspect_prompt(cfg.path, cfg.text, top=cfg.top, model=cfg.model, device=cfg.device)
+    inspector = Inspector(cfg.path, model=cfg.model, device=cfg.device)
+    rows = inspector.inspect(cfg.text, cfg.top)
+    for name, binding in inspector.bindings().items():
+        print(f"{name}: {binding['description']}")
     for row in rows:
         if row["special"]:
             continue
