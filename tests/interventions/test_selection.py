@@ -1,0 +1,222 @@
+"""Choosing features by output effect: the junk rule, theme words and rates, the standardised direct effect (hand-made
+logit lens and the real one), the ranking with junk rejected, and the gradient effect against finite differences."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from saeforge.errors import SaeforgeError
+from saeforge.interventions.selection import (LogitLens, direct_effect, gradient_effect, is_junk, is_word_token,
+                                              parse_words, promoted_words, rank_by_output_effect, theme_features,
+                                              theme_hits, theme_rate, theme_tokens, word_fraction, word_scores)
+from saeforge.runs import BoundSAE
+from saeforge.saes import TopKConfig, make_sae
+
+VOCAB = {" king", " queen", " the", " and", "ington", " thr", "King", "ing", " ing"}
+
+
+# ------------------------------------------------------------------------------------------------- words
+@pytest.mark.parametrize("token, word", [
+    (" king", True), (" Queen", True), (" o'er", True), (" well-born", True), (" rhythm", True),  # y is a vowel
+    ("King", True),  # no leading space, but " King"... is not in VOCAB: see below
+    ("ington", False),  # a word piece: " ington" is not a token
+    (" thr", False),  # no vowel: a cut-off word start
+    (",", False), (" ,", False), (" .", False), ("...", False), (" 1984", False), (" x", False), (" a", False),
+    ("\n", False), (" ", False), ("", False), ("ing", True),  # " ing" is a token, so "ing" passes (the rule's limit)
+    (" king's", True), (" -king", False), ("é", False),
+])
+def test_word_tokens(token, word):
+    vocab = VOCAB | {" King"}
+    assert is_word_token(token, vocab) is word
+
+
+def test_bare_tokens_need_their_spaced_form_and_without_a_vocabulary_never_count():
+    assert not is_word_token("King", VOCAB)  # " King" is not a token of this vocabulary
+    assert not is_word_token("king")  # no vocabulary given: bare tokens are pieces
+    assert is_word_token(" king")
+
+
+def test_word_fraction_and_the_junk_rule():
+    tokens = [" king", " queen", "ington", ",", " thr", " crown", " the", "...", " royal", "ing"]
+    # words: king, queen, crown, the, royal (ing: " ing" is in VOCAB, so it is a word too) → 6 of 10
+    assert word_fraction(tokens, VOCAB) == pytest.approx(0.6)
+    assert not is_junk(tokens, VOCAB)
+    assert is_junk(tokens, VOCAB, min_word_fraction=0.7)
+    assert word_fraction(tokens, None) == pytest.approx(0.5)  # without the vocabulary "ing" is a piece
+    assert is_junk([",", "ington", " thr", " king"], VOCAB)  # 1 of 4
+    assert word_fraction([], VOCAB) == 0.0 and is_junk([], VOCAB)
+
+
+def test_parse_words_and_theme_hits():
+    assert parse_words("King, queen crown,,king") == ["king", "queen", "crown"]
+    assert parse_words(["king,queen", "Throne"]) == ["king", "queen", "throne"]
+    with pytest.raises(SaeforgeError, match="must be words"):
+        parse_words("king,c4t")
+    texts = ["The King is dead.", "a kingdom of its own", "QUEEN", "nothing here", "the king's crown"]
+    assert theme_hits(texts, ["king", "queen"]) == [True, False, True, False, True]  # whole words: not "kingdom"
+    assert theme_rate(texts, ["king", "queen"]) == pytest.approx(3 / 5)
+    assert math.isnan(theme_rate(texts, [])) and math.isnan(theme_rate([], ["king"]))
+    assert theme_hits(["a.b"], ["a.b"]) == [True] and theme_hits(["axb"], ["a.b"]) == [False]  # escaped
+
+
+def test_theme_tokens_are_the_single_token_forms(tiny_llama):
+    tok = tiny_llama.tokenizer
+    forms = theme_tokens(tok, ["the", "their", "winter"])
+    one = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert forms["the"] == one(" the") and forms["their"] == one(" their")
+    assert forms["winter"] == []  # several tokens in every form
+    to = theme_tokens(tok, ["to"])["to"]
+    assert to == [one(" to")[0], one("To")[0]]  # " to" and the capitalised bare "To" are tokens
+
+
+# ------------------------------------------------------------------------------------------------- direct effect
+def _lens(M: torch.Tensor, tokenizer=None) -> LogitLens:
+    lens = LogitLens.__new__(LogitLens)
+    lens.tokenizer, lens._vocab = tokenizer, None
+    lens.M = M
+    lens.mean = M.mean(1)
+    c = M - lens.mean[:, None]
+    lens.cov = c @ c.T / M.shape[1]
+    return lens
+
+
+def test_standardised_effect_by_hand():
+    # two residual dimensions, five tokens
+    M = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 0.0, 0.0, 0.0, 10.0]])
+    lens = _lens(M)
+    u = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    z = lens.standardised(u, [4, 0])
+    # direction e0: logits 1..5, mean 3, population std √2 → z(4) = 2/√2, z(0) = −2/√2
+    assert z[0].tolist() == pytest.approx([2 / math.sqrt(2), -2 / math.sqrt(2)], rel=1e-6)
+    # direction (0.6, 0.8): logits 0.6, 1.2, 1.8, 2.4, 11 (mean 3.4)
+    logits = torch.tensor([0.6, 1.2, 1.8, 2.4, 11.0])
+    sd = float(((logits - 3.4) ** 2).mean().sqrt())
+    assert z[1].tolist() == pytest.approx([(11 - 3.4) / sd, (0.6 - 3.4) / sd], rel=1e-6)
+    # per word the best form, then the mean over words: word A = tokens {4, 0}, word B = {1}
+    forms = {"a": [4, 0], "b": [1]}
+    zz = lens.standardised(u, [4, 0, 1])
+    assert word_scores(zz, forms).flatten().tolist() == pytest.approx(
+        [float(zz[0, 0]), float(zz[0, 2]), float(zz[1, 0]), float(zz[1, 2])])
+    assert direct_effect(lens, u, forms).tolist() == pytest.approx(
+        [(float(zz[0, 0]) + float(zz[0, 2])) / 2, (float(zz[1, 0]) + float(zz[1, 2])) / 2])
+    assert direct_effect(lens, 7 * u, forms).tolist() == pytest.approx(direct_effect(lens, u, forms).tolist())
+
+
+def test_the_logit_lens_matches_direction_logits(tiny_llama):
+    lens = LogitLens(tiny_llama)
+    torch.manual_seed(0)
+    u = torch.randn(5, tiny_llama.d_model)
+    full = tiny_llama.direction_logits(u).float()
+    torch.testing.assert_close(lens.logits(u), full, rtol=1e-5, atol=1e-5)
+    tokens = [3, 17, 262]
+    expected = (full[:, tokens] - full.mean(1, keepdim=True)) / full.std(1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(lens.standardised(u, tokens), expected, rtol=1e-4, atol=1e-4)
+    assert [t for t, _ in lens.promoted(u[0], 3)] == [lens.vocab[int(i)] for i in full[0].topk(3).indices]
+
+
+# ------------------------------------------------------------------------------------------------- ranking
+class _FakeLM:
+    """A model whose direct logit effects are a hand-made matrix (d_model 4) over the tiny tokenizer's vocabulary."""
+
+    def __init__(self, tokenizer, M):
+        self.tokenizer, self.M, self.d_model = tokenizer, M, M.shape[0]
+
+    def direction_logits(self, directions):
+        return directions.float() @ self.M
+
+
+def _planted(tokenizer):
+    """M with: e0 → words and ' their' (+6); e1 → junk and ' their' (+20); e2 → words, not ' their'; e3 → −' their'."""
+    one = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"][0]  # noqa: E731
+    words = [one(w) for w in (" the", " and", " of", " to", " is", " no", " or", " be", " by")]
+    junk = [one(c) for c in (",", ":", ".", "'", ";", "?", "!", "-", "(")]
+    their = one(" their")
+    M = torch.zeros(4, len(tokenizer))
+    M[0, words], M[0, their] = 5.0, 6.0
+    M[1, junk], M[1, their] = 10.0, 20.0
+    M[2, words] = 5.0
+    M[3, their] = -5.0
+    return M, their
+
+
+def _bound(W_dec, name="sae", d=4):
+    sae = make_sae(TopKConfig(d_in=d, d_sae=W_dec.shape[0], k=2))
+    with torch.no_grad():
+        sae.W_dec.copy_(W_dec)
+    site = SimpleNamespace(name="layers.0.resid_post", d=d)
+    return BoundSAE(name, sae, (site,), (site,))
+
+
+def test_ranking_drops_junk_and_puts_the_theme_writer_first(tiny_llama):
+    tok = tiny_llama.tokenizer
+    M, their = _planted(tok)
+    lm = _FakeLM(tok, M)
+    # features: 0 = e1 (junk, largest effect), 1 = 2·e0 (theme writer), 2 = e2, 3 = e3 (suppresses the theme)
+    bound = _bound(torch.stack([torch.eye(4)[1], 2 * torch.eye(4)[0], torch.eye(4)[2], torch.eye(4)[3]]))
+    sel = rank_by_output_effect(lm, bound, "their", top=2)
+    z = _lens(M).standardised(torch.eye(4), [their])[:, 0]
+    assert sel.effect.tolist() == pytest.approx([float(z[1]), float(z[0]), float(z[2]), float(z[3])], rel=1e-5)
+    assert float(z[1]) > float(z[0]) > float(z[2]) > float(z[3])  # the junk feature has the largest effect ...
+    assert [r["feature"] for r in sel.rejected] == [0]  # ... and is rejected as junk
+    assert [r["feature"] for r in sel.rows] == [1, 2] and sel.best == 1
+    top = sel.rows[0]
+    assert top["promoted"][0][0] == " their" and top["word_fraction"] == 1.0
+    assert sel.forms == {"their": [" their"]} and sel.missing == []
+    d = theme_features(lm, bound, ["their", "winter"], top=1)  # JSON-ready, a word without a single token noted
+    assert d["features"][0]["feature"] == 1 and d["missing_words"] == ["winter"] and d["rejected"][0]["feature"] == 0
+    assert promoted_words(lm, bound, 1)[0] == "their"
+    assert promoted_words(lm, bound, 0) == ["their"]  # the junk feature's only word
+
+
+def test_ranking_refuses_bad_input(tiny_llama):
+    M, _ = _planted(tiny_llama.tokenizer)
+    lm = _FakeLM(tiny_llama.tokenizer, M)
+    bound = _bound(torch.eye(4))
+    with pytest.raises(SaeforgeError, match="none of the theme words"):
+        rank_by_output_effect(lm, bound, "winter,discontent")
+    with pytest.raises(SaeforgeError, match="unknown output-effect method"):
+        rank_by_output_effect(lm, bound, "their", method="vibes")
+    with pytest.raises(SaeforgeError, match="no theme words"):
+        rank_by_output_effect(lm, bound, " ,")
+    wide = _bound(torch.eye(4), d=4)
+    wide.writes[0].d = 8
+    with pytest.raises(SaeforgeError, match="not the residual stream"):
+        rank_by_output_effect(_FakeLM(tiny_llama.tokenizer, torch.zeros(8, 320)), wide, "their")
+
+
+# ------------------------------------------------------------------------------------------------- gradient effect
+def test_gradient_effect_matches_finite_differences(tiny_model_dirs):
+    from saeforge.data.prompts import PromptEncoder
+    from saeforge.runs import SiteBinding, bind
+    from tests.models.test_gradients import float64_model
+
+    lm = float64_model(tiny_model_dirs["llama"], "llama")
+    torch.manual_seed(0)
+    sae = make_sae(TopKConfig(d_in=32, d_sae=24, k=4, apply_b_dec_to_input=False)).double().eval()
+    site = "layers.1.resid_post"
+    bound = bind("sae", sae, SiteBinding.single(site), lm)
+    forms = theme_tokens(lm.tokenizer, ["the", "their", "to"])
+    ids = [t for v in forms.values() for t in v]
+    texts = ["To be, or not to be", "Now is the winter of our discontent"]
+    effect = gradient_effect(lm, bound, forms, texts)
+    batch = PromptEncoder(lm).batch(texts)
+    keep = batch.keep
+
+    def metric(i, eps):
+        u = sae.W_dec[i].detach() / sae.W_dec[i].detach().norm()
+
+        def add(x):
+            return x + eps * u * keep[..., None].to(x)
+
+        with lm.edit({site: add}):
+            logits = lm.logits(batch.input_ids, batch.attention_mask)
+        theme = torch.logsumexp(torch.log_softmax(logits, -1)[..., ids], -1)
+        return float(theme[keep].mean())
+
+    h = 1e-5
+    for i in (0, 7, 23):
+        fd = (metric(i, h) - metric(i, -h)) / (2 * h)
+        assert float(effect[i]) == pytest.approx(fd, rel=1e-6, abs=1e-9)
+    assert effect.shape == (24,) and float(effect.abs().max()) > 1e-3
