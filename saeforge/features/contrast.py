@@ -61,6 +61,9 @@ class ContrastConfig:
     theme_words: str = ""
     """Comma-separated theme words (king,queen,crown) for the output-effect column; empty with --rank-by
     output-effect: the words that mark the positive texts."""
+    min_word_fraction: float = 0.5
+    """Junk rule: with --rank-by output-effect, features whose top 10 promoted tokens hold fewer whole words than
+    this share (word pieces, punctuation) are dropped."""
     effect: str = "direct"
     """Output effect: direct (logit lens of the decoder direction) or gradient (∂ log P(theme) through the later
     layers, on neutral prompts)."""
@@ -207,7 +210,7 @@ def contrast(cfg: ContrastConfig, run=None) -> dict:
 
             lens = lens or LogitLens(lm)
             selection = rank_by_output_effect(lm, bound, words, method=cfg.effect, top=cfg.top, lens=lens,
-                                              policy=run.token_policy())
+                                              policy=run.token_policy(), min_word_fraction=cfg.min_word_fraction)
             if cfg.rank_by == "output-effect":
                 order = [r["feature"] for r in selection.rows]
         rows = []
@@ -222,7 +225,7 @@ def contrast(cfg: ContrastConfig, run=None) -> dict:
                    "ratio": float(mean_pos[j] / mean_neg[j]) if mean_neg[j] > 0 else None,
                    "examples": examples}
             if selection is not None:
-                row.update(_output_columns(bound, selection, j, lens))
+                row.update(_output_columns(bound, selection, j, lens, cfg.min_word_fraction))
             rows.append(row)
         report["saes"][name] = {"n_significant": int(significant.sum()), "features": rows}
         if selection is not None:
@@ -234,9 +237,9 @@ def contrast(cfg: ContrastConfig, run=None) -> dict:
     return report
 
 
-def _output_columns(bound, selection, j: int, lens) -> dict:
+def _output_columns(bound, selection, j: int, lens, min_word_fraction: float) -> dict:
     """The output-effect columns of feature ``j``: effect, promoted tokens, word fraction, junk."""
-    from saeforge.interventions.selection import MIN_WORD_FRACTION, word_fraction
+    from saeforge.interventions.selection import word_fraction
 
     known = next((r for r in selection.rows + selection.rejected if r["feature"] == j), None)
     if known is None:
@@ -244,7 +247,7 @@ def _output_columns(bound, selection, j: int, lens) -> dict:
         tokens = lens.promoted(d / d.norm().clamp_min(1e-12))
         known = {"promoted": tokens, "word_fraction": word_fraction([t for t, _ in tokens], lens.vocab_set)}
     return {"output_effect": float(selection.effect[j]), "promoted": known["promoted"],
-            "word_fraction": known["word_fraction"], "junk": known["word_fraction"] < MIN_WORD_FRACTION}
+            "word_fraction": known["word_fraction"], "junk": known["word_fraction"] < min_word_fraction}
 
 
 def run_contrast(cfg: ContrastConfig) -> dict:

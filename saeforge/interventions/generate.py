@@ -171,7 +171,9 @@ def default_theme_words(steerer: Steerer, edits: Sequence[FeatureEdit]) -> tuple
         words += promoted_words(steerer.lm, bound, e.feature, lens=steerer.lens)
         named.append(f"{e.sae}:{e.feature}")
     words = list(dict.fromkeys(words))
-    return words, (f"promoted tokens of {', '.join(named)}" if words else "none (no feature pushed up)")
+    if not named:
+        return [], "none (no feature pushed up)"
+    return words, f"promoted tokens of {', '.join(named)}" + ("" if words else " (none is a word)")
 
 
 def steer_points(steerer: Steerer, prompts: Sequence[str], edit_sets: Sequence[Sequence[FeatureEdit]], *,
