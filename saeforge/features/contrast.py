@@ -13,11 +13,12 @@ positions excluded). Per feature, over the two sets:
 Features are ranked by AUROC among the significant ones, then the rest (``rank_by="auroc"``).
 
 A feature that detects the texts is not necessarily one that makes the model write them. With ``theme_words`` each
-reported feature also gets its **output effect** on the theme (the standardised direct logit effect of its decoder
-direction on the theme words' tokens, or the gradient of log P(theme), ``saeforge.interventions.selection``) and its
-top promoted tokens, flagged as junk when they are mostly word pieces or punctuation; ``rank_by="output-effect"``
-ranks by that effect instead, junk features dropped (the features to steer with). Without theme words the output
-ranking uses the words that mark the positive texts (:func:`theme_words_from_texts`).
+reported feature also gets its **output effect** on the theme (``saeforge.interventions.selection``: by default the
+gradient of log P(theme words) on neutral prompts, the best candidates then steered for real; or the direct logit
+effect of the decoder direction) and the tokens steering with it promotes, flagged as junk when they are mostly word
+pieces or punctuation; ``rank_by="output-effect"`` ranks by that effect instead, junk dropped (the features to steer
+with). Without theme words the output ranking uses the words that mark the positive texts
+(:func:`theme_words_from_texts`).
 """
 
 from __future__ import annotations
@@ -64,9 +65,10 @@ class ContrastConfig:
     min_word_fraction: float = 0.5
     """Junk rule: with --rank-by output-effect, features whose top 10 promoted tokens hold fewer whole words than
     this share (word pieces, punctuation) are dropped."""
-    effect: str = "direct"
-    """Output effect: direct (logit lens of the decoder direction) or gradient (∂ log P(theme) through the later
-    layers, on neutral prompts)."""
+    effect: str = "gradient"
+    """Output effect: gradient (∂ log P(theme) through the later layers on neutral prompts, the best candidates then
+    steered for real: theme shift and promoted tokens) or direct (the logit lens of the decoder direction: cheap,
+    meaningful near the last layer only)."""
     model: str = ""
     """Model; empty: the one the SAE was trained on."""
     device: str = "auto"
@@ -209,8 +211,12 @@ def contrast(cfg: ContrastConfig, run=None) -> dict:
             from saeforge.interventions.selection import LogitLens, rank_by_output_effect
 
             lens = lens or LogitLens(lm)
-            selection = rank_by_output_effect(lm, bound, words, method=cfg.effect, top=cfg.top, lens=lens,
-                                              policy=run.token_policy(), min_word_fraction=cfg.min_word_fraction)
+            from saeforge.interventions.steering import recorded_mean_norm
+
+            selection = rank_by_output_effect(
+                lm, bound, words, method=cfg.effect, top=cfg.top, lens=lens, policy=run.token_policy(),
+                min_word_fraction=cfg.min_word_fraction, mean_norm=recorded_mean_norm(bound),
+                include=() if cfg.rank_by == "output-effect" else order)
             if cfg.rank_by == "output-effect":
                 order = [r["feature"] for r in selection.rows]
         rows = []
@@ -225,7 +231,7 @@ def contrast(cfg: ContrastConfig, run=None) -> dict:
                    "ratio": float(mean_pos[j] / mean_neg[j]) if mean_neg[j] > 0 else None,
                    "examples": examples}
             if selection is not None:
-                row.update(_output_columns(bound, selection, j, lens, cfg.min_word_fraction))
+                row.update(_output_columns(selection, j))
             rows.append(row)
         report["saes"][name] = {"n_significant": int(significant.sum()), "features": rows}
         if selection is not None:
@@ -237,17 +243,14 @@ def contrast(cfg: ContrastConfig, run=None) -> dict:
     return report
 
 
-def _output_columns(bound, selection, j: int, lens, min_word_fraction: float) -> dict:
-    """The output-effect columns of feature ``j``: effect, promoted tokens, word fraction, junk."""
-    from saeforge.interventions.selection import word_fraction
-
-    known = next((r for r in selection.rows + selection.rejected if r["feature"] == j), None)
-    if known is None:
-        d = bound.sae.W_dec[j].detach().float().cpu()
-        tokens = lens.promoted(d / d.norm().clamp_min(1e-12))
-        known = {"promoted": tokens, "word_fraction": word_fraction([t for t, _ in tokens], lens.vocab_set)}
-    return {"output_effect": float(selection.effect[j]), "promoted": known["promoted"],
-            "word_fraction": known["word_fraction"], "junk": known["word_fraction"] < min_word_fraction}
+def _output_columns(selection, j: int) -> dict:
+    """The output-effect columns of feature ``j``: effect (and steered theme shift), promoted tokens, junk."""
+    row = selection.checked[j]
+    out = {"output_effect": float(selection.effect[j]), "promoted": row["promoted"],
+           "word_fraction": row["word_fraction"], "junk": row["junk"]}
+    if "theme_shift" in row:
+        out["theme_shift"] = row["theme_shift"]
+    return out
 
 
 def run_contrast(cfg: ContrastConfig) -> dict:

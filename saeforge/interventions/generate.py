@@ -6,7 +6,8 @@ whether steering worked is read **by the plain model on the generated text** (te
 - the target feature's mean activation over the generated tokens (baseline text vs steered text): does the text
   itself evoke the feature, not only the injected direction?
 - the **theme rate**: the share of generations containing a theme word (whole word, any case); the words are given
-  (``theme_words``) or, by default, the words among the steered features' promoted tokens;
+  (``theme_words``) or, by default, the words among the tokens each steered feature promotes (its edit applied to
+  neutral prompts: the tokens whose log-probability rises most);
 - the cost: each continuation's perplexity under the plain model, and KL(p_plain ‖ p_steered) of the next-token
   distributions over the prompt (0 by construction when only generated positions are edited).
 
@@ -148,13 +149,13 @@ class Continuations:
         return _perplexity(logits, full, self.n_prompt)
 
     @torch.inference_mode()
-    def feature_means(self, acts: dict, edits: Sequence[FeatureEdit]) -> list[float]:
-        """Each edited feature's mean activation over the generated tokens (encode at the site it reads)."""
+    def feature_means(self, acts: dict, features: Sequence[tuple[str, int]]) -> list[float]:
+        """Each (sae, feature)'s mean activation over the generated tokens (encoded at the site the SAE reads)."""
         out = []
-        for e in edits:
-            bound = self.steerer.bound[e.sae]
+        for name, feature in features:
+            bound = self.steerer.bound[name]
             x = acts[bound.read_site.name][:, self.n_prompt:].float()
-            out.append(float(bound.sae.encode(x)[..., e.feature].mean()))
+            out.append(float(bound.sae.encode(x)[..., feature].mean()))
         return out
 
 
@@ -168,7 +169,8 @@ def default_theme_words(steerer: Steerer, edits: Sequence[FeatureEdit]) -> tuple
         bound = steerer.bound[e.sae]
         if e.mode == "scale" or e.strength <= 0 or bound.write_site.d != steerer.lm.d_model:
             continue
-        words += promoted_words(steerer.lm, bound, e.feature, lens=steerer.lens)
+        added = steerer.value(e) * bound.sae.W_dec[e.feature].detach().float().cpu()  # c·d_i (clamp: its target)
+        words += promoted_words(steerer.lm, bound, e.feature, vector=added, policy=steerer.policy, lens=steerer.lens)
         named.append(f"{e.sae}:{e.feature}")
     words = list(dict.fromkeys(words))
     if not named:
@@ -177,25 +179,36 @@ def default_theme_words(steerer: Steerer, edits: Sequence[FeatureEdit]) -> tuple
 
 
 def steer_points(steerer: Steerer, prompts: Sequence[str], edit_sets: Sequence[Sequence[FeatureEdit]], *,
-                 positions: str = "all", max_new_tokens: int = 32, temperature: float = 0.7, seed: int = 0,
-                 theme_words: Sequence[str] | None = None, cancel: threading.Event | None = None,
-                 progress: bool = False, on_point=None) -> list[SteeringRun]:
-    """One baseline and one steered generation per set of edits (a sweep), all measured by the plain model.
+                 vector_sets: Sequence[dict[str, torch.Tensor]] | None = None,
+                 watch: Sequence[tuple[str, int]] = (), positions: str = "all", max_new_tokens: int = 32,
+                 temperature: float = 0.7, seed: int = 0, theme_words: Sequence[str] | None = None,
+                 cancel: threading.Event | None = None, progress: bool = False, on_point=None) -> list[SteeringRun]:
+    """One baseline and one steered generation per point (a sweep), all measured by the plain model.
 
-    ``theme_words``: words whose presence counts as the theme; None derives them from the first set's features'
-    promoted tokens. ``on_point(i, run)`` is called as each point finishes (to print it at once)."""
+    Point i applies ``edit_sets[i]`` and, given ``vector_sets``, the raw vectors ``vector_sets[i]`` ({site: v}, e.g.
+    a CAA vector; ``edit_sets[i]`` may then be empty). ``watch``: (sae, feature) pairs read besides the edited
+    features (``metrics["watched"]``). ``theme_words``: words whose presence counts as the theme; None derives them
+    from the last point's features' promoted tokens. ``on_point(i, run)`` is called as each point finishes."""
     from tqdm.auto import tqdm
 
     if not edit_sets:
         raise SaeforgeError("no steering to measure", "give at least one set of feature edits")
+    vector_sets = list(vector_sets) if vector_sets is not None else [{} for _ in edit_sets]
+    if len(vector_sets) != len(edit_sets):
+        raise SaeforgeError(f"{len(edit_sets)} sets of edits but {len(vector_sets)} sets of vectors",
+                            "give one set of vectors per point (an empty dict for none)")
     for edits in edit_sets:
         steerer.check(edits)
         for e in edits:
             if e.mode != "scale":
                 steerer.value(e)  # units that cannot be resolved fail before any generation
+    for name, _ in watch:
+        if name not in steerer.bound:
+            raise SaeforgeError(f"no SAE {name!r} in this run", f"the run has: {', '.join(steerer.bound)}")
     gen = Continuations(steerer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                         cancel=cancel)
-    sites = sorted({steerer.bound[e.sae].read_site.name for edits in edit_sets for e in edits})
+    sites = sorted({steerer.bound[e.sae].read_site.name for edits in edit_sets for e in edits} |
+                   {steerer.bound[name].read_site.name for name, _ in watch})
     if theme_words is None:
         words, source = default_theme_words(steerer, edit_sets[-1])
     else:
@@ -208,18 +221,19 @@ def steer_points(steerer: Steerer, prompts: Sequence[str], edit_sets: Sequence[S
     base_ppl = gen.perplexity(logits_b, full_b)
     bar.update()
     runs = []
-    for i, edits in enumerate(edit_sets):
+    for i, (edits, vectors) in enumerate(zip(edit_sets, vector_sets)):
         bar.set_postfix_str(", ".join(f"{e.mode} {e.strength:g} {e.unit}" for e in edits)[:60])
-        with steerer.steering(edits, positions):
+        with steerer.steering(edits, positions, vectors):
             new = gen.sample()
         full_s, logits_plain, acts_plain = gen.read(new, sites)
-        with steerer.steering(edits, positions, prompt_length=gen.n_prompt):  # as during generation
+        with steerer.steering(edits, positions, vectors, prompt_length=gen.n_prompt):  # as during generation
             _, logits_edited, acts_edited = gen.read(new, sites)
         texts = gen.decode(new)
         hits = theme_hits(texts, words)
-        metrics: dict = {"edits": []}
-        for e, fb, fs, fi in zip(edits, gen.feature_means(acts_b, edits), gen.feature_means(acts_plain, edits),
-                                 gen.feature_means(acts_edited, edits)):
+        metrics: dict = {"edits": [], "watched": []}
+        pairs = [(e.sae, e.feature) for e in edits]
+        for e, fb, fs, fi in zip(edits, gen.feature_means(acts_b, pairs), gen.feature_means(acts_plain, pairs),
+                                 gen.feature_means(acts_edited, pairs)):
             bound = steerer.bound[e.sae]
             metrics["edits"].append({
                 "sae": e.sae, "feature": e.feature, "mode": e.mode, "strength": e.strength, "unit": e.unit,
@@ -228,6 +242,12 @@ def steer_points(steerer: Steerer, prompts: Sequence[str], edit_sets: Sequence[S
                 "mean_norm": steerer.mean_norm(e.sae)[0] if e.unit == "norm" and e.mode != "scale" else None,
                 "target_activation_baseline": fb, "target_activation_steered": fs,
                 "target_activation_injected": fi})
+        for (name, f), fb, fs, fi in zip(watch, gen.feature_means(acts_b, watch),
+                                         gen.feature_means(acts_plain, watch), gen.feature_means(acts_edited, watch)):
+            metrics["watched"].append({"sae": name, "feature": f, "activation_baseline": fb,
+                                       "activation_steered": fs, "activation_injected": fi})
+        if vectors:
+            metrics["vectors"] = {site: float(v.norm()) for site, v in vectors.items()}
         metrics["theme_words"], metrics["theme_source"] = words, source
         metrics["theme_hits_baseline"], metrics["theme_hits_steered"] = base_hits, hits
         metrics["theme_rate_baseline"] = mean(base_hits) if words else None

@@ -10,20 +10,25 @@ form is reported as missing and not scored.
 
 Output effect of feature i, for its unit decoder direction u_i (a dictionary that writes the residual stream):
 
+- ``gradient`` (default): first the first-order effect of adding u_i at every SAE-data position of a few neutral
+  texts on m, the mean over those positions of log P(next token ∈ theme tokens), through every later layer:
+  Σ_p ∂m/∂f_i[p] / ‖d_i‖, for all features at once from :func:`saeforge.models.gradients.spliced_forward`
+  (attribution patching, Marks et al., arXiv 2403.19647). Then the best ``candidates`` are steered for real on the
+  same texts (u_i added at ``strength`` × the mean ‖x‖ at the write site): their **theme shift** (the change of m)
+  and their **promoted tokens** (the tokens whose log-probability rises most, averaged over the positions) decide:
+  junk is dropped, the rest ranked by theme shift. The first-order score alone misjudges large steps; the steered
+  step is what ``saeforge steer`` will do.
 - ``direct``: the direct logit effect l_i = ``LanguageModel.direction_logits(u_i)`` (through the final norm's scale
-  and the unembedding, skipping every later layer). Standardised over the vocabulary, z_t = (l_i[t] − mean l_i) /
-  std l_i; per word the best of its forms; the effect is the mean over the theme words. Scale-free, so features with
-  decoder rows of different norms compare fairly. Mean and standard deviation over the vocabulary are computed
-  exactly from the unembedding's mean and covariance, so all features are scored without forming [d_sae, vocab].
-- ``gradient``: the first-order effect of adding u_i at every SAE-data position of a few neutral texts on m, the
-  mean over those positions of log P(next token ∈ theme tokens), through every later layer: Σ_p ∂m/∂f_i[p] / ‖d_i‖
-  from :func:`saeforge.models.gradients.spliced_forward` (attribution patching, Marks et al., arXiv 2403.19647).
-  In nats per unit of added norm.
+  and the unembedding, skipping every later layer), standardised over the vocabulary, z_t = (l_i[t] − mean l_i) /
+  std l_i; per word the best of its forms; the effect is the mean over the theme words; promoted tokens are the top
+  of l_i. No forward pass at all (mean and standard deviation come from the unembedding's mean and covariance), but
+  only meaningful near the last layer: at the middle of a model the logit lens of a direction is mostly noise.
 
-Junk rule (a heuristic, tested on hand-made cases): a promoted token is a **word** when, after one leading space,
-it is ≥ 2 letters (inner ' or - allowed) holding a vowel (a e i o u y); a token without a leading space (a word piece
-or a line-initial word) counts only if the tokenizer also has the space-led form as one token. A feature is **junk**
-when fewer than ``min_word_fraction`` (default ½) of its top ``n_promoted`` (10) promoted tokens are words.
+Junk rule (a heuristic, tested on hand-made cases): a promoted token is a **word** when it is a space followed by
+≥ 2 letters (inner ' or - allowed) holding a vowel (a e i o u y); a token without a leading space is a word piece
+(or a line-initial word, which does not count either). A feature is **junk** when fewer than ``min_word_fraction``
+(default ½) of its top ``n_promoted`` (10) promoted tokens are words. On the embedded model the rule rejects
+features that promote "ing", "ed", "ation" and keeps those that promote " king", " emperor", " pharaoh".
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import torch
 
 from saeforge.errors import SaeforgeError
 
-METHODS = ("direct", "gradient")
+METHODS = ("gradient", "direct")
 N_PROMOTED = 10
 MIN_WORD_FRACTION = 0.5
 NEUTRAL_PROMPTS = (
@@ -52,25 +57,21 @@ _VOWEL = re.compile(r"[aeiouyAEIOUY]")
 
 
 # ------------------------------------------------------------------------------------------------- words
-def is_word_token(token: str, vocab: set[str] | None = None) -> bool:
-    """Whether a decoded token is a whole word (see the module docstring). ``vocab``: the decoded single tokens of
-    the tokenizer, to accept a token without a leading space whose space-led form is also one token."""
-    spaced = token.startswith(" ")
-    core = token[1:] if spaced else token
-    if len(core) < 2 or not _WORD.fullmatch(core) or not _VOWEL.search(core):
-        return False
-    return spaced or (vocab is not None and " " + core in vocab)
+def is_word_token(token: str) -> bool:
+    """Whether a decoded token is a whole word: a space, then ≥ 2 letters (inner ' or -) with a vowel."""
+    core = token[1:]
+    return (token.startswith(" ") and len(core) >= 2 and _WORD.fullmatch(core) is not None
+            and _VOWEL.search(core) is not None)
 
 
-def word_fraction(tokens: Sequence[str], vocab: set[str] | None = None) -> float:
+def word_fraction(tokens: Sequence[str]) -> float:
     """Share of ``tokens`` that are words (0 for no tokens)."""
-    return sum(is_word_token(t, vocab) for t in tokens) / len(tokens) if tokens else 0.0
+    return sum(is_word_token(t) for t in tokens) / len(tokens) if tokens else 0.0
 
 
-def is_junk(tokens: Sequence[str], vocab: set[str] | None = None, min_word_fraction: float = MIN_WORD_FRACTION
-            ) -> bool:
+def is_junk(tokens: Sequence[str], min_word_fraction: float = MIN_WORD_FRACTION) -> bool:
     """The junk rule on a feature's top promoted tokens."""
-    return word_fraction(tokens, vocab) < min_word_fraction
+    return word_fraction(tokens) < min_word_fraction
 
 
 def parse_words(words: str | Iterable[str]) -> list[str]:
@@ -154,13 +155,7 @@ class LogitLens:
         """Every token decoded on its own (index = id), decoded once."""
         if self._vocab is None:
             self._vocab = decoded_vocab(self.tokenizer)
-            self._vocab_set = set(self._vocab)
         return self._vocab
-
-    @property
-    def vocab_set(self) -> set[str]:
-        self.vocab
-        return self._vocab_set
 
     def promoted(self, direction: torch.Tensor, n: int = N_PROMOTED) -> list[list]:
         """The ``n`` tokens a direction's direct effect raises most: ``[[token, logit], ...]``."""
@@ -213,6 +208,60 @@ def gradient_effect(lm, bound, forms: dict[str, list[int]], texts: Sequence[str]
     return (g_f[keep].sum(0) / norms).detach().cpu()
 
 
+@torch.inference_mode()
+def steered_shifts(lm, bound, vectors: torch.Tensor, forms: dict[str, list[int]], texts: Sequence[str], *,
+                   policy=None, n_promoted: int = N_PROMOTED, vocab: list[str] | None = None, chunk: int = 8
+                   ) -> list[dict]:
+    """Steer ``texts`` with each row of ``vectors`` ``[k, d]`` added at ``bound``'s write site (every SAE-data
+    position) and measure, over those positions, the mean change of log P(next token ∈ theme tokens)
+    (``theme_shift``, None without ``forms``) and the ``n_promoted`` tokens whose log-probability rises most
+    (``promoted``: [[token, mean change], ...])."""
+    from saeforge.data.prompts import PromptEncoder
+
+    vocab = vocab or decoded_vocab(lm.tokenizer)
+    ids = [t for v in forms.values() for t in v]
+    batch = PromptEncoder(lm, policy).batch(list(texts), truncate=True)
+    n = len(batch)
+    keep = batch.keep.to(lm.device)
+
+    def logprobs(rows: int, added: torch.Tensor | None) -> torch.Tensor:
+        input_ids, mask = batch.input_ids.repeat(rows, 1), batch.attention_mask.repeat(rows, 1)
+        if added is None:
+            return torch.log_softmax(lm.logits(input_ids, mask).float(), -1)
+        where = keep.repeat(rows, 1)[..., None]
+
+        def add(x):
+            return x + (added[:, None, :] * where).to(x.dtype)
+
+        with lm.edit({bound.write_site.name: add}):
+            return torch.log_softmax(lm.logits(input_ids, mask).float(), -1)
+
+    base = logprobs(1, None)[keep]  # [positions, vocab]
+    base_theme = torch.logsumexp(base[:, ids], -1) if ids else None
+    out = []
+    for start in range(0, vectors.shape[0], chunk):
+        part = vectors[start:start + chunk].to(lm.device, torch.float32)
+        lp = logprobs(part.shape[0], part.repeat_interleave(n, 0))
+        for j in range(part.shape[0]):
+            steered = lp[j * n:(j + 1) * n][keep]
+            change = (steered - base).mean(0)
+            vals, top = change.topk(n_promoted)
+            out.append({"theme_shift": float((torch.logsumexp(steered[:, ids], -1) - base_theme).mean())
+                        if ids else None,
+                        "promoted": [[vocab[int(i)], round(float(v), 4)] for v, i in zip(vals, top)]})
+    return out
+
+
+@torch.inference_mode()
+def texts_mean_norm(lm, site: str, texts: Sequence[str], policy=None) -> float:
+    """Mean ‖x‖ at ``site`` over the SAE-data positions of ``texts``."""
+    from saeforge.data.prompts import PromptEncoder
+
+    batch = PromptEncoder(lm, policy).batch(list(texts), truncate=True)
+    x = lm.read(batch.input_ids, [site], attention_mask=batch.attention_mask)[site]
+    return float(x[batch.keep.to(x.device)].float().norm(dim=-1).mean())
+
+
 # ------------------------------------------------------------------------------------------------- ranking
 @dataclass
 class ThemeSelection:
@@ -225,8 +274,10 @@ class ThemeSelection:
     forms: dict[str, list[str]]  # word → its single-token forms, decoded
     missing: list[str]  # words without a single-token form (not scored)
     effect: torch.Tensor  # [d_sae], every feature's effect
-    rows: list[dict]  # the top features that pass the junk rule, best first
-    rejected: list[dict]  # features with a higher effect than the last row that failed the junk rule
+    rows: list[dict]  # the top candidates that pass the junk rule, best first
+    rejected: list[dict]  # the candidates that failed it
+    checked: dict[int, dict]  # every feature checked (candidates and ``include``) → its row
+    strength: float | None  # gradient: the steered check's strength (× the mean ‖x‖ at the write site)
 
     @property
     def best(self) -> int:
@@ -237,18 +288,22 @@ class ThemeSelection:
 
     def to_dict(self) -> dict:
         return {"sae": self.sae, "write_site": self.write_site, "method": self.method, "words": self.words,
-                "forms": self.forms, "missing_words": self.missing, "features": self.rows,
-                "rejected": self.rejected}
+                "forms": self.forms, "missing_words": self.missing, "strength": self.strength,
+                "features": self.rows, "rejected": self.rejected}
 
 
-def rank_by_output_effect(lm, bound, words: str | Sequence[str], *, method: str = "direct", top: int = 20,
+def rank_by_output_effect(lm, bound, words: str | Sequence[str], *, method: str = "gradient", top: int = 20,
+                          candidates: int | None = None, strength: float = 0.5, mean_norm: float | None = None,
                           texts: Sequence[str] = NEUTRAL_PROMPTS, policy=None, n_promoted: int = N_PROMOTED,
                           min_word_fraction: float = MIN_WORD_FRACTION, lens: LogitLens | None = None,
-                          candidates: int | None = None) -> ThemeSelection:
+                          include: Sequence[int] = ()) -> ThemeSelection:
     """Rank ``bound``'s features by output effect on the theme ``words`` (see the module docstring), dropping junk.
 
-    ``candidates``: how many features, best effect first, are checked against the junk rule (default 10 × top);
-    ``lens``: a :class:`LogitLens` to reuse across calls (it holds a [d_model, vocab] matrix)."""
+    ``candidates``: how many features, best first-pass effect first, are checked (``gradient``: steered on
+    ``texts`` at ``strength`` × ``mean_norm``, the mean ‖x‖ at the write site, measured on ``texts`` when not given;
+    default 2 × top; ``direct``: their logit-lens tokens, default 10 × top). ``lens``: a :class:`LogitLens` to reuse
+    (it holds a [d_model, vocab] matrix). ``include``: features checked too, whatever their rank (their rows are in
+    :attr:`ThemeSelection.checked` with every candidate's)."""
     if method not in METHODS:
         raise SaeforgeError(f"unknown output-effect method {method!r}", f"use one of {', '.join(METHODS)}")
     if top < 1:
@@ -265,34 +320,58 @@ def rank_by_output_effect(lm, bound, words: str | Sequence[str], *, method: str 
     scored = {w: ids for w, ids in forms.items() if ids}
     lens = lens or LogitLens(lm)
     units = unit_directions(bound.sae)
+    rows, rejected = [], []
     if method == "direct":
         effect = direct_effect(lens, units, scored)
+        word_z = word_scores(lens.standardised(units, [t for v in scored.values() for t in v]), scored)
+        checked = {}
+        ranked = effect.argsort(descending=True)[: candidates or 10 * top].tolist()
+        for i in ranked + [int(j) for j in include if int(j) not in ranked]:
+            tokens = lens.promoted(units[i], n_promoted)
+            frac = word_fraction([t for t, _ in tokens])
+            checked[i] = {"feature": int(i), "effect": float(effect[i]), "word_fraction": frac, "promoted": tokens,
+                          "theme_z": {w: round(float(z), 3) for w, z in zip(scored, word_z[i])},
+                          "junk": frac < min_word_fraction}
+        for i in ranked:
+            (rejected if checked[i]["junk"] else rows).append(checked[i])
+            if len(rows) == top:
+                break
     else:
         effect = gradient_effect(lm, bound, scored, texts, policy)
-    vocab = lens.vocab
-    word_z = word_scores(lens.standardised(units, [t for v in scored.values() for t in v]), scored)
-    rows, rejected = [], []
-    for i in effect.argsort(descending=True)[: candidates or 10 * top].tolist():
-        tokens = lens.promoted(units[i], n_promoted)
-        frac = word_fraction([t for t, _ in tokens], lens.vocab_set)
-        row = {"feature": int(i), "effect": float(effect[i]), "word_fraction": frac, "promoted": tokens,
-               "theme_z": {w: round(float(z), 3) for w, z in zip(scored, word_z[i])}}
-        (rejected if frac < min_word_fraction else rows).append(row)
-        if len(rows) == top:
-            break
+        ranked = effect.argsort(descending=True)[: candidates or 2 * top].tolist()
+        chosen = ranked + [int(j) for j in include if int(j) not in ranked]
+        if mean_norm is None:
+            mean_norm = texts_mean_norm(lm, bound.write_site.name, texts, policy)
+        shifts = steered_shifts(lm, bound, units[chosen] * strength * mean_norm, scored, texts, policy=policy,
+                                n_promoted=n_promoted, vocab=lens.vocab)
+        checked = {}
+        for i, shift in zip(chosen, shifts):
+            frac = word_fraction([t for t, _ in shift["promoted"]])
+            checked[i] = {"feature": int(i), "effect": float(effect[i]), "theme_shift": shift["theme_shift"],
+                          "word_fraction": frac, "promoted": shift["promoted"], "junk": frac < min_word_fraction}
+        rejected = [checked[i] for i in ranked if checked[i]["junk"]]
+        rows = sorted((checked[i] for i in ranked if not checked[i]["junk"]), key=lambda r: -r["theme_shift"])[:top]
     return ThemeSelection(bound.name, bound.write_site.name, method, words,
-                          {w: [vocab[t] for t in ids] for w, ids in forms.items()}, missing, effect, rows, rejected)
+                          {w: [lens.vocab[t] for t in ids] for w, ids in forms.items()}, missing, effect, rows,
+                          rejected, checked, strength if method == "gradient" else None)
 
 
-def theme_features(lm, bound, words: str | Sequence[str], *, method: str = "direct", top: int = 20,
-                   lens: LogitLens | None = None) -> dict:
+def theme_features(lm, bound, words: str | Sequence[str], *, method: str = "gradient", top: int = 10,
+                   mean_norm: float | None = None, lens: LogitLens | None = None) -> dict:
     """JSON-ready ranking for the dashboard: ``rank_by_output_effect(...).to_dict()``."""
-    return rank_by_output_effect(lm, bound, words, method=method, top=top, lens=lens).to_dict()
+    return rank_by_output_effect(lm, bound, words, method=method, top=top, mean_norm=mean_norm,
+                                 lens=lens).to_dict()
 
 
-def promoted_words(lm, bound, feature: int, n: int = N_PROMOTED, lens: LogitLens | None = None) -> list[str]:
+def promoted_words(lm, bound, feature: int, *, vector: torch.Tensor | None = None, texts: Sequence[str] =
+                   NEUTRAL_PROMPTS, policy=None, n: int = N_PROMOTED, lens: LogitLens | None = None) -> list[str]:
     """The words among a feature's top ``n`` promoted tokens, lower-cased without the space: a theme when the user
-    gives none."""
+    gives none. Given ``vector`` (what the steering adds at the write site), the tokens it promotes when added on
+    ``texts``; else the logit lens of the decoder direction."""
     lens = lens or LogitLens(lm)
-    tokens = [t for t, _ in lens.promoted(unit_directions(bound.sae)[feature], n)]
-    return list(dict.fromkeys(t.strip().lower() for t in tokens if is_word_token(t, lens.vocab_set)))
+    if vector is not None:
+        tokens = steered_shifts(lm, bound, vector[None], {}, texts, policy=policy, n_promoted=n,
+                                vocab=lens.vocab)[0]["promoted"]
+    else:
+        tokens = lens.promoted(unit_directions(bound.sae)[feature], n)
+    return list(dict.fromkeys(t.strip().lower() for t, _ in tokens if is_word_token(t)))

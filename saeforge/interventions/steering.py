@@ -91,7 +91,7 @@ def loading_message(path: str | Path, model: str = "") -> str:
     return f"loading the model {name} and {what} ({', '.join(folders)}) from {path} ..."
 
 
-def _recorded_mean_norm(bound: BoundSAE) -> float | None:
+def recorded_mean_norm(bound: BoundSAE) -> float | None:
     """Mean ‖x‖ at the write site on the SAE's training data, from its saved input normalisation (saeforge scales
     inputs to E‖x‖ = √d: scale = √d / mean norm; for a transcoder ``scale_out`` is the write site's)."""
     norm = (bound.meta or {}).get("normalization")
@@ -153,7 +153,7 @@ class Steerer:
         """(mean ‖x‖ at the write site of SAE ``name``, where it was measured)."""
         if name not in self._norms:
             bound = self.bound[name]
-            value = _recorded_mean_norm(bound)
+            value = recorded_mean_norm(bound)
             self._norms[name] = (value, "the SAE's training data") if value else self._measure_norm(bound)
         return self._norms[name]
 
@@ -204,7 +204,7 @@ class Steerer:
         top = float(m[edit.feature])
         if top <= 0:
             raise SaeforgeError(f"feature {edit.feature} never fired in the harvested text, so its max is 0",
-                                "use --unit norm, or pick a feature that fires")
+                                "use --unit norm (or raw), or pick a feature that fires")
         return float(edit.strength) * top
 
     @property

@@ -96,7 +96,7 @@ def test_output_effect_ranking_and_columns(tiny_llama, tiny_llama_dir, tmp_path)
     (tmp_path / "neg.txt").write_text("\n".join(neg_texts))
     assert theme_words_from_texts(pos_texts, neg_texts) == ["their"]  # every positive, no negative
     common = dict(path=str(tmp_path / "sae"), positive=str(tmp_path / "pos.txt"), negative=str(tmp_path / "neg.txt"),
-                  top=5, device="cpu")
+                  top=5, device="cpu", effect="direct")
     # the tiny vocabulary is mostly single bytes, so the writer of ' their' promotes junk around it: dropped ...
     strict = contrast(ContrastConfig(rank_by="output-effect", **common))["saes"]["sae"]
     assert 11 in strict["rejected_as_junk"] and all(r["feature"] != 11 for r in strict["features"])
@@ -116,6 +116,11 @@ def test_output_effect_ranking_and_columns(tiny_llama, tiny_llama_dir, tmp_path)
     assert all("output_effect" in r and "junk" in r for r in by_auroc)
     with pytest.raises(SaeforgeError, match="unknown ranking"):
         contrast(ContrastConfig(rank_by="vibes", **common))
+    # the default effect: gradient candidates steered for real, ranked by the theme shift they cause
+    common["effect"] = "gradient"
+    steered = contrast(ContrastConfig(rank_by="output-effect", min_word_fraction=0.0, **common))
+    shifts = [r["theme_shift"] for r in steered["saes"]["sae"]["features"]]
+    assert steered["effect"] == "gradient" and shifts == sorted(shifts, reverse=True) and len(shifts) == 5
 
 
 def test_theme_words_from_texts_by_hand():

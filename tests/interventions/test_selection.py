@@ -8,45 +8,35 @@ import pytest
 import torch
 
 from saeforge.errors import SaeforgeError
-from saeforge.interventions.selection import (LogitLens, direct_effect, gradient_effect, is_junk, is_word_token,
-                                              parse_words, promoted_words, rank_by_output_effect, theme_features,
-                                              theme_hits, theme_rate, theme_tokens, word_fraction, word_scores)
+from saeforge.interventions.selection import (NEUTRAL_PROMPTS, LogitLens, direct_effect, gradient_effect, is_junk,
+                                              is_word_token, parse_words, promoted_words, rank_by_output_effect,
+                                              steered_shifts, texts_mean_norm, theme_features, theme_hits, theme_rate,
+                                              theme_tokens, word_fraction, word_scores)
 from saeforge.runs import BoundSAE
 from saeforge.saes import TopKConfig, make_sae
 
-VOCAB = {" king", " queen", " the", " and", "ington", " thr", "King", "ing", " ing"}
-
-
-# ------------------------------------------------------------------------------------------------- words
 @pytest.mark.parametrize("token, word", [
     (" king", True), (" Queen", True), (" o'er", True), (" well-born", True), (" rhythm", True),  # y is a vowel
-    ("King", True),  # no leading space, but " King"... is not in VOCAB: see below
-    ("ington", False),  # a word piece: " ington" is not a token
-    (" thr", False),  # no vowel: a cut-off word start
+    (" king's", True), (" emperor", True),
+    ("King", False), ("ington", False), ("ing", False), ("ed", False),  # no leading space: a piece (or line start)
+    (" thr", False), (" Mr", False),  # no vowel: a cut-off word start or an abbreviation
     (",", False), (" ,", False), (" .", False), ("...", False), (" 1984", False), (" x", False), (" a", False),
-    ("\n", False), (" ", False), ("", False), ("ing", True),  # " ing" is a token, so "ing" passes (the rule's limit)
-    (" king's", True), (" -king", False), ("é", False),
+    ("\n", False), (" ", False), ("", False), (" -king", False), (" é", False), ("  king", False),
 ])
 def test_word_tokens(token, word):
-    vocab = VOCAB | {" King"}
-    assert is_word_token(token, vocab) is word
-
-
-def test_bare_tokens_need_their_spaced_form_and_without_a_vocabulary_never_count():
-    assert not is_word_token("King", VOCAB)  # " King" is not a token of this vocabulary
-    assert not is_word_token("king")  # no vocabulary given: bare tokens are pieces
-    assert is_word_token(" king")
+    assert is_word_token(token) is word
 
 
 def test_word_fraction_and_the_junk_rule():
     tokens = [" king", " queen", "ington", ",", " thr", " crown", " the", "...", " royal", "ing"]
-    # words: king, queen, crown, the, royal (ing: " ing" is in VOCAB, so it is a word too) → 6 of 10
-    assert word_fraction(tokens, VOCAB) == pytest.approx(0.6)
-    assert not is_junk(tokens, VOCAB)
-    assert is_junk(tokens, VOCAB, min_word_fraction=0.7)
-    assert word_fraction(tokens, None) == pytest.approx(0.5)  # without the vocabulary "ing" is a piece
-    assert is_junk([",", "ington", " thr", " king"], VOCAB)  # 1 of 4
-    assert word_fraction([], VOCAB) == 0.0 and is_junk([], VOCAB)
+    assert word_fraction(tokens) == pytest.approx(0.5)  # king, queen, crown, the, royal
+    assert not is_junk(tokens)  # half are words: kept at the default ½
+    assert is_junk(tokens, min_word_fraction=0.6)
+    # what the embedded model's steered features promote (docs/steering.md): a pharaoh writer and a piece writer
+    assert not is_junk([" Arabia", " Judah", " Assyria", " pharaoh", " emperor", "rath", " king", " Emperor",
+                        " Pharaoh", " Assyrian"])
+    assert is_junk(["nings", "ation", "ming", "ulo", "ing", "ed", "isation", "ned", " Alban", "nia"])
+    assert word_fraction([]) == 0.0 and is_junk([])
 
 
 def test_parse_words_and_theme_hits():
@@ -155,7 +145,7 @@ def test_ranking_drops_junk_and_puts_the_theme_writer_first(tiny_llama):
     lm = _FakeLM(tok, M)
     # features: 0 = e1 (junk, largest effect), 1 = 2·e0 (theme writer), 2 = e2, 3 = e3 (suppresses the theme)
     bound = _bound(torch.stack([torch.eye(4)[1], 2 * torch.eye(4)[0], torch.eye(4)[2], torch.eye(4)[3]]))
-    sel = rank_by_output_effect(lm, bound, "their", top=2)
+    sel = rank_by_output_effect(lm, bound, "their", method="direct", top=2)
     z = _lens(M).standardised(torch.eye(4), [their])[:, 0]
     assert sel.effect.tolist() == pytest.approx([float(z[1]), float(z[0]), float(z[2]), float(z[3])], rel=1e-5)
     assert float(z[1]) > float(z[0]) > float(z[2]) > float(z[3])  # the junk feature has the largest effect ...
@@ -164,10 +154,11 @@ def test_ranking_drops_junk_and_puts_the_theme_writer_first(tiny_llama):
     top = sel.rows[0]
     assert top["promoted"][0][0] == " their" and top["word_fraction"] == 1.0
     assert sel.forms == {"their": [" their"]} and sel.missing == []
-    d = theme_features(lm, bound, ["their", "winter"], top=1)  # JSON-ready, a word without a single token noted
+    d = theme_features(lm, bound, ["their", "winter"], method="direct", top=1)  # JSON-ready; a word without a
+    # single-token form noted
     assert d["features"][0]["feature"] == 1 and d["missing_words"] == ["winter"] and d["rejected"][0]["feature"] == 0
-    assert promoted_words(lm, bound, 1)[0] == "their"
-    assert promoted_words(lm, bound, 0) == ["their"]  # the junk feature's only word
+    assert promoted_words(lm, bound, 1, lens=_lens(M, tok))[0] == "their"
+    assert promoted_words(lm, bound, 0, lens=_lens(M, tok)) == ["their"]  # the junk feature's only word
 
 
 def test_ranking_refuses_bad_input(tiny_llama):
@@ -175,15 +166,15 @@ def test_ranking_refuses_bad_input(tiny_llama):
     lm = _FakeLM(tiny_llama.tokenizer, M)
     bound = _bound(torch.eye(4))
     with pytest.raises(SaeforgeError, match="none of the theme words"):
-        rank_by_output_effect(lm, bound, "winter,discontent")
+        rank_by_output_effect(lm, bound, "winter,discontent", method="direct")
     with pytest.raises(SaeforgeError, match="unknown output-effect method"):
         rank_by_output_effect(lm, bound, "their", method="vibes")
     with pytest.raises(SaeforgeError, match="no theme words"):
-        rank_by_output_effect(lm, bound, " ,")
+        rank_by_output_effect(lm, bound, " ,", method="direct")
     wide = _bound(torch.eye(4), d=4)
     wide.writes[0].d = 8
     with pytest.raises(SaeforgeError, match="not the residual stream"):
-        rank_by_output_effect(_FakeLM(tiny_llama.tokenizer, torch.zeros(8, 320)), wide, "their")
+        rank_by_output_effect(_FakeLM(tiny_llama.tokenizer, torch.zeros(8, 320)), wide, "their", method="direct")
 
 
 # ------------------------------------------------------------------------------------------------- gradient effect
@@ -220,3 +211,63 @@ def test_gradient_effect_matches_finite_differences(tiny_model_dirs):
         fd = (metric(i, h) - metric(i, -h)) / (2 * h)
         assert float(effect[i]) == pytest.approx(fd, rel=1e-6, abs=1e-9)
     assert effect.shape == (24,) and float(effect.abs().max()) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------- steered check
+@pytest.fixture(scope="module")
+def bound_tiny(tiny_llama):
+    from saeforge.runs import SiteBinding, bind
+
+    torch.manual_seed(3)
+    sae = make_sae(TopKConfig(d_in=32, d_sae=24, k=4)).eval()
+    return bind("sae", sae, SiteBinding.single("layers.1.resid_post"), tiny_llama)
+
+
+def test_steered_shifts_match_a_forward_with_the_vector_added(tiny_llama, bound_tiny):
+    from saeforge.data.prompts import PromptEncoder
+
+    lm, site = tiny_llama, "layers.1.resid_post"
+    texts = ["To be, or not to be", "Now is the winter of our discontent"]
+    forms = theme_tokens(lm.tokenizer, ["the", "to"])
+    ids = [t for v in forms.values() for t in v]
+    torch.manual_seed(1)
+    vectors = torch.randn(3, 32) * 2
+    got = steered_shifts(lm, bound_tiny, vectors, forms, texts, n_promoted=4, chunk=2)  # chunks of 2 and 1
+    batch = PromptEncoder(lm).batch(texts)
+    keep = batch.keep
+    base = torch.log_softmax(lm.logits(batch.input_ids, batch.attention_mask), -1)[keep]
+    vocab = lm.tokenizer.batch_decode([[i] for i in range(len(lm.tokenizer))])
+    for v, row in zip(vectors, got):
+        with lm.edit({site: lambda x, v=v: x + v * keep[..., None]}):
+            lp = torch.log_softmax(lm.logits(batch.input_ids, batch.attention_mask), -1)[keep]
+        shift = (torch.logsumexp(lp[:, ids], -1) - torch.logsumexp(base[:, ids], -1)).mean()
+        assert row["theme_shift"] == pytest.approx(float(shift), rel=1e-4, abs=1e-6)
+        change = (lp - base).mean(0)
+        assert [t for t, _ in row["promoted"]] == [vocab[int(i)] for i in change.topk(4).indices]
+        assert [c for _, c in row["promoted"]] == pytest.approx(change.topk(4).values.tolist(), abs=1e-3)
+    assert steered_shifts(lm, bound_tiny, vectors[:1], {}, texts)[0]["theme_shift"] is None
+    x = lm.read(batch.input_ids, [site], attention_mask=batch.attention_mask)[site][keep]
+    assert texts_mean_norm(lm, site, texts) == pytest.approx(float(x.norm(dim=-1).mean()), rel=1e-6)
+
+
+def test_gradient_ranking_steers_the_best_candidates_and_ranks_them_by_theme_shift(tiny_llama, bound_tiny):
+    lm = tiny_llama
+    sel = rank_by_output_effect(lm, bound_tiny, "the,to", top=3, candidates=8, min_word_fraction=0.0, include=[23],
+                                strength=0.5, mean_norm=10.0)
+    forms = {w: v for w, v in theme_tokens(lm.tokenizer, ["the", "to"]).items()}
+    torch.testing.assert_close(sel.effect, gradient_effect(lm, bound_tiny, forms, NEUTRAL_PROMPTS))
+    ranked = sel.effect.argsort(descending=True)[:8].tolist()
+    assert {r["feature"] for r in sel.rows} <= set(ranked) and len(sel.rows) == 3
+    shifts = [r["theme_shift"] for r in sel.rows]
+    assert shifts == sorted(shifts, reverse=True)
+    assert max(sel.checked[i]["theme_shift"] for i in ranked) == shifts[0]  # the best of the candidates leads
+    assert 23 in sel.checked and sel.strength == 0.5
+    # each candidate was steered with its unit direction × 0.5 × 10
+    units = bound_tiny.sae.W_dec.detach() / bound_tiny.sae.W_dec.detach().norm(dim=1, keepdim=True)
+    f = sel.rows[0]["feature"]
+    again = steered_shifts(lm, bound_tiny, units[f:f + 1] * 5.0, forms, NEUTRAL_PROMPTS)[0]
+    assert again["theme_shift"] == pytest.approx(sel.rows[0]["theme_shift"], rel=1e-5)
+    strict = rank_by_output_effect(lm, bound_tiny, "the,to", top=3, candidates=8, mean_norm=10.0)
+    assert all(r["word_fraction"] < 0.5 for r in strict.rejected) and all(r["word_fraction"] >= 0.5
+                                                                          for r in strict.rows)
+    assert len(strict.rows) + len(strict.rejected) == 8
