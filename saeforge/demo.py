@@ -98,6 +98,7 @@ STEER_PROMPTS = 8  # the first neutral prompts of saeforge.interventions.selecti
 STEER_TOKENS = 24
 FEATURE_STRENGTH = 0.0  # set below from measurement (norm units: × the mean ‖x‖ at the site)
 VECTOR_STRENGTH = 0.0
+WRITER_CANDIDATES = 8  # features steered for real when choosing the one that writes the theme
 PERPLEXITY_FACTOR = 2.0  # the demo's strengths keep the steered perplexity within this factor of the baseline
 
 
@@ -158,21 +159,25 @@ def features_step(cfg: DemoConfig, run_dir: Path, lm) -> None:
             (Path(tmp) / "pos.txt").write_text("\n".join(pos))
             (Path(tmp) / "neg.txt").write_text("\n".join(neg))
             found = contrast(ContrastConfig(path=str(run_dir), positive=str(Path(tmp) / "pos.txt"),
-                                            negative=str(Path(tmp) / "neg.txt"), top=1,
-                                            theme_words=",".join(THEME_WORDS)), run=run)
+                                            negative=str(Path(tmp) / "neg.txt"), top=1), run=run)
         detector = found["saes"][cfg.site]["features"][0]
-        writers = rank_by_output_effect(lm, bound, THEME_WORDS, top=3, lens=steerer.lens)
-        writer = writers.rows[0]
+        writers = rank_by_output_effect(lm, bound, THEME_WORDS, top=3, candidates=WRITER_CANDIDATES,
+                                        strength=FEATURE_STRENGTH, mean_norm=steerer.mean_norm(cfg.site)[0],
+                                        lens=steerer.lens, policy=steerer.policy, include=[detector["feature"]])
+        detector.update(writers.checked[detector["feature"]])  # what steering with the detector promotes
+        # the best candidate that passes the junk rule (else the best one, said to be junk: a short training)
+        junk = not writers.rows
+        writer = writers.rows[0] if writers.rows else max(writers.rejected, key=lambda r: r["theme_shift"])
         a = collect(lm, bound.sae, cfg.site, pos, steerer.policy)
         b = collect(lm, bound.sae, cfg.site, neg, steerer.policy)
         refined, relevant = refined_caa_vector(bound.sae, a, b, caa_vector(a, b))
         units = bound.sae.W_dec.detach().float().cpu()
         units = units / units.norm(dim=1, keepdim=True)
         main = int(relevant[(units[relevant] @ refined).argmax()])  # the relevant feature closest to the vector
-        choice = dict(steerer=steerer, detector=detector, writer=writer, writers=writers, refined=refined,
-                      relevant=relevant, main=main, n_pos=len(pos), n_neg=len(neg))
+        choice = dict(steerer=steerer, detector=detector, writer=writer, junk=junk, refined=refined,
+                      relevant=relevant, main=main, run_dir=run_dir)
         print(f"      chose what to steer with in {time.time() - t:.0f} s (contrast of {len(pos)} lines naming "
-              f"royalty vs {len(neg)} others, output effects on {len(writers.words)} theme words)", flush=True)
+              f"royalty vs {len(neg)} others; output effect on {len(writers.words)} theme words)", flush=True)
 
     if cfg.explain_features > 0 and rows:
         from saeforge.features.autointerp import ExplainConfig, explain
@@ -180,7 +185,7 @@ def features_step(cfg: DemoConfig, run_dir: Path, lm) -> None:
 
         steering = [choice["writer"]["feature"], choice["main"]] if choice else []
         others = [r["idx"] for r in rows[:: max(1, len(rows) // cfg.explain_features)] if r["idx"] not in steering]
-        chosen = list(dict.fromkeys(steering + others))[: max(cfg.explain_features, len(steering))]
+        chosen = list(dict.fromkeys(steering + others))[: cfg.explain_features]  # those it steers with first
         t = time.time()
         explain(ExplainConfig(path=str(run_dir), features=tuple(str(i) for i in chosen), device=cfg.device,
                               progress=False), backend=LocalHFBackend(lm=lm, device=cfg.device))
@@ -225,8 +230,10 @@ def steer_step(cfg: DemoConfig, choice: dict) -> None:
     print(f"[7/7] steering towards royalty ({time.time() - t:.0f} s). The best detector of lines naming royalty, "
           f"#{detector['feature']} (AUROC {detector['auroc']:.2f}), promotes {_show_tokens(detector['promoted'])}"
           + (" — word pieces: it detects the theme but does not write it." if detector["junk"] else "."))
-    print(f"      Chosen instead by output effect on {', '.join(THEME_WORDS[:4])}...: #{feature} (effect "
-          f"{writer['effect']:.1f} σ), promoting {_show_tokens(writer['promoted'])}. Both below add a vector of "
+    print(f"      Chosen instead by output effect on {', '.join(THEME_WORDS[:4])}, ...: #{feature}, which raises "
+          f"log P(theme word next) by {writer['theme_shift']:.1f} nats on neutral prompts and promotes "
+          f"{_show_tokens(writer['promoted'])}" + (" (junk too: no candidate passed the junk rule)" if choice["junk"]
+                                                   else "") + ". Both below add a vector of "
           f"norm {FEATURE_STRENGTH:g} × the mean ‖x‖ ({norm:.1f}) at {cfg.site}; the refined CAA vector keeps the "
           f"CAA direction on the {len(choice['relevant'])} features that fire more on royal lines.")
     base = runs[0]
@@ -245,7 +252,9 @@ def steer_step(cfg: DemoConfig, choice: dict) -> None:
     for label, r in ((f"feature #{feature}", runs[0]), ("refined CAA", runs[1])):
         ps = mean(r.metrics["perplexity_steered"])
         print(f"        {label:<14} {r.metrics['theme_rate_steered']:>10.0%} {ps:>11.1f} "
-              f"{r.metrics['watched'][0]['activation_steered']:>16.2f}   (perplexity × {ps / pb:.1f})")
+              f"{r.metrics['watched'][0]['activation_steered']:>16.2f}   (perplexity × {ps / pb:.1f}"
+              + ("" if ps <= PERPLEXITY_FACTOR * pb else f", above the × {PERPLEXITY_FACTOR:g} the demo aims for")
+              + ")")
     print(f"      (#{feature} read with the edit still in force: {w0['activation_injected']:.2f}: that measures the "
-          f"injection itself, not the text.) Try more: saeforge steer {Path(cfg.out or '.') / 'run'} --feature "
+          f"injection itself, not the text.) Try more: saeforge steer {choice['run_dir']} --feature "
           f"{cfg.site}:{feature} --theme-words {','.join(THEME_WORDS[:4])} --sweep 0.25 0.5 1 --out sweep/")

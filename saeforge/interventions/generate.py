@@ -191,6 +191,7 @@ def steer_points(steerer: Steerer, prompts: Sequence[str], edit_sets: Sequence[S
     from the last point's features' promoted tokens. ``on_point(i, run)`` is called as each point finishes."""
     from tqdm.auto import tqdm
 
+    _check_cancel(cancel)
     if not edit_sets:
         raise SaeforgeError("no steering to measure", "give at least one set of feature edits")
     vector_sets = list(vector_sets) if vector_sets is not None else [{} for _ in edit_sets]

@@ -168,8 +168,14 @@ def test_bad_steer_options_fail_before_the_model_loads(tiny_run, monkeypatch):
 def test_default_theme_words_are_the_steered_features_promoted_words(steerer):
     from saeforge.interventions.selection import promoted_words
 
-    words = {i: promoted_words(steerer.lm, steerer.bound[SITE], i, lens=steerer.lens) for i in range(128)}
-    i = next(i for i, w in words.items() if w)
+    bound = steerer.bound[SITE]
+
+    def words_of(i):  # the words among the tokens the edit promotes on the neutral prompts
+        added = steerer.value(FeatureEdit(SITE, i, "add", 0.5, "norm")) * bound.sae.W_dec[i].detach()
+        return promoted_words(steerer.lm, bound, i, vector=added, policy=steerer.policy, lens=steerer.lens)
+
+    i = next(i for i in range(128) if words_of(i))
+    words = {i: words_of(i)}
     run = run_steering(steerer, PROMPTS, [FeatureEdit(SITE, i, "add", 0.5, "norm")], max_new_tokens=4)
     m = run.metrics
     assert m["theme_words"] == words[i] and m["theme_source"] == f"promoted tokens of {SITE}:{i}"
