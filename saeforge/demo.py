@@ -213,7 +213,7 @@ def features_step(cfg: DemoConfig, run_dir: Path, lm) -> None:
 def steer_step(cfg: DemoConfig, choice: dict) -> None:
     """Steer neutral prompts with the feature that writes the theme and with the SAE-refined CAA vector, at the same
     norm, and measure both by the plain model on the generated text."""
-    from saeforge.interventions.generate import mean, steer_points
+    from saeforge.interventions.generate import pooled_perplexity, steer_points
     from saeforge.interventions.selection import NEUTRAL_PROMPTS
     from saeforge.interventions.steering import FeatureEdit
 
@@ -241,7 +241,7 @@ def steer_step(cfg: DemoConfig, choice: dict) -> None:
         print(f"      {prompts[i]!r}\n        baseline:         {base.baseline[i].strip()!r}"
               f"\n        feature #{feature}:  {runs[0].steered[i].strip()!r}"
               f"\n        refined CAA:      {runs[1].steered[i].strip()!r}")
-    pb = mean(base.metrics["perplexity_baseline"])
+    pb = pooled_perplexity(base.metrics["perplexity_baseline"])
     n = len(prompts)
     print(f"      measured by the plain model on the generated text ({n} neutral prompts × {STEER_TOKENS} tokens; "
           f"theme = a generation naming {', '.join(THEME_WORDS[:3])}, ...):")
@@ -250,7 +250,7 @@ def steer_step(cfg: DemoConfig, choice: dict) -> None:
     print(f"        {'baseline':<14} {base.metrics['theme_rate_baseline']:>10.0%} {pb:>11.1f} "
           f"{w0['activation_baseline']:>16.2f}")
     for label, r in ((f"feature #{feature}", runs[0]), ("refined CAA", runs[1])):
-        ps = mean(r.metrics["perplexity_steered"])
+        ps = pooled_perplexity(r.metrics["perplexity_steered"])
         print(f"        {label:<14} {r.metrics['theme_rate_steered']:>10.0%} {ps:>11.1f} "
               f"{r.metrics['watched'][0]['activation_steered']:>16.2f}   (perplexity × {ps / pb:.1f}"
               + ("" if ps <= PERPLEXITY_FACTOR * pb else f", above the × {PERPLEXITY_FACTOR:g} the demo aims for")

@@ -65,7 +65,7 @@ def keyword_rate(texts: list[str], keywords) -> float:
 def compare_steering(cfg: CompareSteeringConfig, steerer=None) -> dict:
     from saeforge.data.texts import read_texts
     from saeforge.features.contrast import mann_whitney
-    from saeforge.interventions.generate import Continuations, mean
+    from saeforge.interventions.generate import Continuations, pooled_perplexity
     from saeforge.interventions.selection import parse_words, rank_by_output_effect
     from saeforge.interventions.steering import Steerer
     from saeforge.interventions.vectors import caa_vector, collect, refined_caa_vector, sta_vector
@@ -111,7 +111,7 @@ def compare_steering(cfg: CompareSteeringConfig, steerer=None) -> dict:
             f = sae.encode(acts[site.name][:, gen.n_prompt:].float())[..., target]
         texts = gen.decode(new)
         return {"target_activation": float(f.mean()), "keyword_rate": keyword_rate(texts, keywords),
-                "perplexity": mean(gen.perplexity(logits, full)), "samples": texts[:3]}
+                "perplexity": pooled_perplexity(gen.perplexity(logits, full)), "samples": texts[:3]}
 
     rows = [{"method": "none", "multiplier": 0.0, **measure(gen.sample())}]
     for method, v in methods.items():

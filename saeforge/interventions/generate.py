@@ -8,8 +8,9 @@ whether steering worked is read **by the plain model on the generated text** (te
 - the **theme rate**: the share of generations containing a theme word (whole word, any case); the words are given
   (``theme_words``) or, by default, the words among the tokens each steered feature promotes (its edit applied to
   neutral prompts: the tokens whose log-probability rises most);
-- the cost: each continuation's perplexity under the plain model, and KL(p_plain ‖ p_steered) of the next-token
-  distributions over the prompt (0 by construction when only generated positions are edited).
+- the cost: each continuation's perplexity under the plain model (summarised over the prompts as the perplexity of
+  all their tokens, :func:`pooled_perplexity`), and KL(p_plain ‖ p_steered) of the next-token distributions over the
+  prompt (0 by construction when only generated positions are edited).
 
 The target activation *with the edit in force* on the steered text is reported separately as
 ``target_activation_injected``: it measures the injection itself (adding S·d_i raises f_i whatever the text says),
@@ -109,6 +110,12 @@ def _perplexity(logits, full, n_prompt) -> list[float]:
 
 def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+def pooled_perplexity(perplexities: Sequence[float]) -> float:
+    """The perplexity of all the continuations together, exp(mean NLL over every generated token): the geometric
+    mean of per-prompt perplexities of equal length, so one degenerate continuation does not dominate."""
+    return math.exp(mean([math.log(p) for p in perplexities])) if perplexities else float("nan")
 
 
 @dataclass
@@ -394,8 +401,8 @@ def effect_summary(run: SteeringRun) -> str:
         words = ", ".join(m["theme_words"][:12]) + (" ..." if len(m["theme_words"]) > 12 else "")
         lines.append(f"  theme rate (generations containing {words}; {m['theme_source']}): "
                      f"{m['theme_rate_baseline']:.0%} → {m['theme_rate_steered']:.0%}")
-    lines.append(f"  perplexity under the plain model: baseline {mean(m['perplexity_baseline']):.1f}, steered "
-                 f"{mean(m['perplexity_steered']):.1f}; KL on the prompt {m['kl_prompt']:.4f}")
+    lines.append(f"  perplexity under the plain model: baseline {pooled_perplexity(m['perplexity_baseline']):.1f}, "
+                 f"steered {pooled_perplexity(m['perplexity_steered']):.1f}; KL on the prompt {m['kl_prompt']:.4f}")
     return "\n".join(lines)
 
 
@@ -471,11 +478,11 @@ def sweep_points(report: dict) -> list[dict]:
     runs = report["runs"]
     first = runs[0]
     points = [{"label": "baseline", "strength": 0.0 if report["config"]["mode"] == "add" else None,
-               "theme_rate": first["theme_rate_baseline"], "perplexity": mean(first["perplexity_baseline"]),
+               "theme_rate": first["theme_rate_baseline"], "perplexity": pooled_perplexity(first["perplexity_baseline"]),
                "activation": first["edits"][0]["target_activation_baseline"]}]
     for r in runs:
         points.append({"label": f"S={r['strength']:g}", "strength": r["strength"],
-                       "theme_rate": r["theme_rate_steered"], "perplexity": mean(r["perplexity_steered"]),
+                       "theme_rate": r["theme_rate_steered"], "perplexity": pooled_perplexity(r["perplexity_steered"]),
                        "activation": r["edits"][0]["target_activation_steered"]})
     return points
 

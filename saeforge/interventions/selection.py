@@ -139,16 +139,37 @@ def unit_directions(sae) -> torch.Tensor:
 
 class LogitLens:
     """The map from residual directions to direct logit effects, M = ``direction_logits(I)`` ``[d, vocab]``, with
-    its mean and covariance over the vocabulary (so every feature's standardised effects cost a [d_sae, d] product)."""
+    its mean and covariance over the vocabulary (so every feature's standardised effects cost a [d_sae, d] product),
+    and the decoded vocabulary; each is computed on first use and kept."""
 
     def __init__(self, lm):
-        self.tokenizer = lm.tokenizer
+        self.lm, self.tokenizer = lm, lm.tokenizer
         self._vocab: list[str] | None = None
-        eye = torch.eye(lm.d_model)
-        self.M = lm.direction_logits(eye).float().cpu()  # direction_logits is linear: row j is e_j's effect
-        self.mean = self.M.mean(1)
-        centred = self.M - self.mean[:, None]
-        self.cov = centred @ centred.T / self.M.shape[1]
+        self._M = self._mean = self._cov = None
+
+    def _fit(self) -> None:
+        self._M = self.lm.direction_logits(torch.eye(self.lm.d_model)).float().cpu()  # linear: row j is e_j's effect
+        self._mean = self._M.mean(1)
+        centred = self._M - self._mean[:, None]
+        self._cov = centred @ centred.T / self._M.shape[1]
+
+    @property
+    def M(self) -> torch.Tensor:
+        if self._M is None:
+            self._fit()
+        return self._M
+
+    @property
+    def mean(self) -> torch.Tensor:
+        if self._M is None:
+            self._fit()
+        return self._mean
+
+    @property
+    def cov(self) -> torch.Tensor:
+        if self._M is None:
+            self._fit()
+        return self._cov
 
     @property
     def vocab(self) -> list[str]:

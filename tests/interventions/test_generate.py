@@ -1,5 +1,6 @@
 """Generation for steering: cancellation, the steer command line, prompts under the run's token rules."""
 
+import math
 import threading
 
 import pytest
@@ -190,3 +191,11 @@ def test_steer_flags_parse():
     assert cfg.theme_words == "king,queen" and cfg.out == "o" and cfg.sweep == (0.0, 0.5) and cfg.unit == "max"
     assert cfg.strength is None
     assert build_parser().parse_args(["steer", "run", "--strength", "0.25"]).cfg.strength == 0.25
+
+
+def test_pooled_perplexity_is_the_perplexity_of_all_tokens():
+    from saeforge.interventions.generate import pooled_perplexity
+
+    assert pooled_perplexity([2.0, 8.0]) == pytest.approx(4.0)  # exp((ln 2 + ln 8) / 2)
+    assert pooled_perplexity([5.0]) == pytest.approx(5.0)
+    assert math.isnan(pooled_perplexity([]))

@@ -63,13 +63,8 @@ def test_theme_tokens_are_the_single_token_forms(tiny_llama):
 
 # ------------------------------------------------------------------------------------------------- direct effect
 def _lens(M: torch.Tensor, tokenizer=None) -> LogitLens:
-    lens = LogitLens.__new__(LogitLens)
-    lens.tokenizer, lens._vocab = tokenizer, None
-    lens.M = M
-    lens.mean = M.mean(1)
-    c = M - lens.mean[:, None]
-    lens.cov = c @ c.T / M.shape[1]
-    return lens
+    """A lens over a hand-made M (the fake model's direction_logits is M itself)."""
+    return LogitLens(SimpleNamespace(tokenizer=tokenizer, d_model=M.shape[0], direction_logits=lambda d: d @ M))
 
 
 def test_standardised_effect_by_hand():
