@@ -33,6 +33,7 @@ features that promote "ing", "ed", "ation" and keeps those that promote " king",
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -145,31 +146,17 @@ class LogitLens:
     def __init__(self, lm):
         self.lm, self.tokenizer = lm, lm.tokenizer
         self._vocab: list[str] | None = None
-        self._M = self._mean = self._cov = None
 
-    def _fit(self) -> None:
-        self._M = self.lm.direction_logits(torch.eye(self.lm.d_model)).float().cpu()  # linear: row j is e_j's effect
-        self._mean = self._M.mean(1)
-        centred = self._M - self._mean[:, None]
-        self._cov = centred @ centred.T / self._M.shape[1]
+    @functools.cached_property
+    def _stats(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        M = self.lm.direction_logits(torch.eye(self.lm.d_model)).float().cpu()  # linear: row j is e_j's effect
+        mean = M.mean(1)
+        centred = M - mean[:, None]
+        return M, mean, centred @ centred.T / M.shape[1]
 
-    @property
-    def M(self) -> torch.Tensor:
-        if self._M is None:
-            self._fit()
-        return self._M
-
-    @property
-    def mean(self) -> torch.Tensor:
-        if self._M is None:
-            self._fit()
-        return self._mean
-
-    @property
-    def cov(self) -> torch.Tensor:
-        if self._M is None:
-            self._fit()
-        return self._cov
+    M = property(lambda self: self._stats[0], doc="[d, vocab] direct logit effect of each residual axis")
+    mean = property(lambda self: self._stats[1], doc="[d] its mean over the vocabulary")
+    cov = property(lambda self: self._stats[2], doc="[d, d] its covariance over the vocabulary")
 
     @property
     def vocab(self) -> list[str]:

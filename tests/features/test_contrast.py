@@ -29,6 +29,14 @@ def test_benjamini_hochberg_matches_the_definition():
     assert q.tolist() == pytest.approx([0.025, 0.05, 0.05, 0.5, 0.005])
 
 
+def _marker_texts():
+    """make(with_marker): 12 random words of a line of Shakespeare, with " their" in the middle or not."""
+    words = "the sea of troubles and by opposing end them now is the winter of our discontent".split()
+    rng = np.random.default_rng(1)
+    return lambda with_marker: " ".join(
+        list(rng.choice(words, 8)) + (["their"] if with_marker else []) + list(rng.choice(words, 4)))
+
+
 def test_finds_the_feature_of_a_marker_word(tiny_llama, tiny_llama_dir, tmp_path):
     tok = tiny_llama.tokenizer
     marker = tok(" their", add_special_tokens=False)["input_ids"]
@@ -42,10 +50,7 @@ def test_finds_the_feature_of_a_marker_word(tiny_llama, tiny_llama_dir, tmp_path
         sae.b_enc[7] = -float((emb @ (e / e.norm() * 3)).sort().values[-2]) - 1e-3
     save_sae(sae, tmp_path / "sae", metadata={"hook_name": SITE, "model_name": str(tiny_llama_dir),
                                               "context_size": 32})
-    words = "the sea of troubles and by opposing end them now is the winter of our discontent".split()
-    rng = np.random.default_rng(1)
-    make = lambda with_marker: " ".join(  # noqa: E731
-        list(rng.choice(words, 8)) + (["their"] if with_marker else []) + list(rng.choice(words, 4)))
+    make = _marker_texts()
     (tmp_path / "pos.txt").write_text("\n".join(make(True) for _ in range(40)))
     (tmp_path / "neg.txt").write_text("\n".join(make(False) for _ in range(40)))
     report = contrast(ContrastConfig(path=str(tmp_path / "sae"), positive=str(tmp_path / "pos.txt"),
@@ -87,10 +92,7 @@ def test_output_effect_ranking_and_columns(tiny_llama, tiny_llama_dir, tmp_path)
         sae.W_dec[11] = best / best.norm() * 0.7
     save_sae(sae, tmp_path / "sae", metadata={"hook_name": SITE, "model_name": str(tiny_llama_dir),
                                               "context_size": 32})
-    words = "the sea of troubles and by opposing end them now is the winter of our discontent".split()
-    rng = np.random.default_rng(1)
-    make = lambda with_marker: " ".join(  # noqa: E731
-        list(rng.choice(words, 8)) + (["their"] if with_marker else []) + list(rng.choice(words, 4)))
+    make = _marker_texts()
     pos_texts, neg_texts = [make(True) for _ in range(30)], [make(False) for _ in range(30)]
     (tmp_path / "pos.txt").write_text("\n".join(pos_texts))
     (tmp_path / "neg.txt").write_text("\n".join(neg_texts))
