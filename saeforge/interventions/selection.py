@@ -10,14 +10,14 @@ form is reported as missing and not scored.
 
 Output effect of feature i, for its unit decoder direction u_i (a dictionary that writes the residual stream):
 
-- ``gradient`` (default): first the first-order effect of adding u_i at every SAE-data position of a few neutral
-  texts on m, the mean over those positions of log P(next token ∈ theme tokens), through every later layer:
+- ``gradient`` (default): the first-order effect of adding u_i at every SAE-data position of a few neutral texts on
+  m, the mean over those positions of log P(next token ∈ theme tokens), through every later layer:
   Σ_p ∂m/∂f_i[p] / ‖d_i‖, for all features at once from :func:`saeforge.models.gradients.spliced_forward`
-  (attribution patching, Marks et al., arXiv 2403.19647). Then the best ``candidates`` are steered for real on the
-  same texts (u_i added at ``strength`` × the mean ‖x‖ at the write site): their **theme shift** (the change of m)
-  and their **promoted tokens** (the tokens whose log-probability rises most, averaged over the positions) decide:
-  junk is dropped, the rest ranked by theme shift. The first-order score alone misjudges large steps; the steered
-  step is what ``saeforge steer`` will do.
+  (attribution patching, Marks et al., arXiv 2403.19647); features are ranked by it. The best ``candidates`` are
+  then steered for real on the same texts (u_i added at ``strength`` × the mean ‖x‖ at the write site): the tokens
+  they promote (whose log-probability rises most, averaged over the positions) decide whether they are junk, and
+  their **theme shift** (the change of m) is reported. On the embedded model the first-order ranking agreed better
+  with the theme rate of real generations than the theme shift did (docs/steering.md).
 - ``direct``: the direct logit effect l_i = ``LanguageModel.direction_logits(u_i)`` (through the final norm's scale
   and the unembedding, skipping every later layer), standardised over the vocabulary, z_t = (l_i[t] − mean l_i) /
   std l_i; per word the best of its forms; the effect is the mean over the theme words; promoted tokens are the top
@@ -358,7 +358,7 @@ def rank_by_output_effect(lm, bound, words: str | Sequence[str], *, method: str 
             checked[i] = {"feature": int(i), "effect": float(effect[i]), "theme_shift": shift["theme_shift"],
                           "word_fraction": frac, "promoted": shift["promoted"], "junk": frac < min_word_fraction}
         rejected = [checked[i] for i in ranked if checked[i]["junk"]]
-        rows = sorted((checked[i] for i in ranked if not checked[i]["junk"]), key=lambda r: -r["theme_shift"])[:top]
+        rows = [checked[i] for i in ranked if not checked[i]["junk"]][:top]
     return ThemeSelection(bound.name, bound.write_site.name, method, words,
                           {w: [lens.vocab[t] for t in ids] for w, ids in forms.items()}, missing, effect, rows,
                           rejected, checked, strength if method == "gradient" else None)

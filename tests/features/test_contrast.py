@@ -118,11 +118,13 @@ def test_output_effect_ranking_and_columns(tiny_llama, tiny_llama_dir, tmp_path)
     assert all("output_effect" in r and "junk" in r for r in by_auroc)
     with pytest.raises(SaeforgeError, match="unknown ranking"):
         contrast(ContrastConfig(rank_by="vibes", **common))
-    # the default effect: gradient candidates steered for real, ranked by the theme shift they cause
+    # the default effect: the first-order gradient, candidates steered for real (theme shift, promoted tokens)
     common["effect"] = "gradient"
     steered = contrast(ContrastConfig(rank_by="output-effect", min_word_fraction=0.0, **common))
-    shifts = [r["theme_shift"] for r in steered["saes"]["sae"]["features"]]
-    assert steered["effect"] == "gradient" and shifts == sorted(shifts, reverse=True) and len(shifts) == 5
+    rows = steered["saes"]["sae"]["features"]
+    effects = [r["output_effect"] for r in rows]
+    assert steered["effect"] == "gradient" and effects == sorted(effects, reverse=True) and len(rows) == 5
+    assert all(isinstance(r["theme_shift"], float) and len(r["promoted"]) == 10 for r in rows)
 
 
 def test_theme_words_from_texts_by_hand():

@@ -245,24 +245,25 @@ def test_steered_shifts_match_a_forward_with_the_vector_added(tiny_llama, bound_
     assert texts_mean_norm(lm, site, texts) == pytest.approx(float(x.norm(dim=-1).mean()), rel=1e-6)
 
 
-def test_gradient_ranking_steers_the_best_candidates_and_ranks_them_by_theme_shift(tiny_llama, bound_tiny):
+def test_gradient_ranking_steers_the_best_candidates_and_drops_the_junk(tiny_llama, bound_tiny):
     lm = tiny_llama
     sel = rank_by_output_effect(lm, bound_tiny, "the,to", top=3, candidates=8, min_word_fraction=0.0, include=[23],
                                 strength=0.5, mean_norm=10.0)
     forms = {w: v for w, v in theme_tokens(lm.tokenizer, ["the", "to"]).items()}
     torch.testing.assert_close(sel.effect, gradient_effect(lm, bound_tiny, forms, NEUTRAL_PROMPTS))
     ranked = sel.effect.argsort(descending=True)[:8].tolist()
-    assert {r["feature"] for r in sel.rows} <= set(ranked) and len(sel.rows) == 3
-    shifts = [r["theme_shift"] for r in sel.rows]
-    assert shifts == sorted(shifts, reverse=True)
-    assert max(sel.checked[i]["theme_shift"] for i in ranked) == shifts[0]  # the best of the candidates leads
-    assert 23 in sel.checked and sel.strength == 0.5
+    assert [r["feature"] for r in sel.rows] == ranked[:3]  # nothing is junk at a word share of 0
+    assert [r["effect"] for r in sel.rows] == sorted((r["effect"] for r in sel.rows), reverse=True)
+    assert set(sel.checked) == set(ranked) | {23} and sel.strength == 0.5
     # each candidate was steered with its unit direction × 0.5 × 10
     units = bound_tiny.sae.W_dec.detach() / bound_tiny.sae.W_dec.detach().norm(dim=1, keepdim=True)
     f = sel.rows[0]["feature"]
     again = steered_shifts(lm, bound_tiny, units[f:f + 1] * 5.0, forms, NEUTRAL_PROMPTS)[0]
     assert again["theme_shift"] == pytest.approx(sel.rows[0]["theme_shift"], rel=1e-5)
-    strict = rank_by_output_effect(lm, bound_tiny, "the,to", top=3, candidates=8, mean_norm=10.0)
-    assert all(r["word_fraction"] < 0.5 for r in strict.rejected) and all(r["word_fraction"] >= 0.5
+    strict = rank_by_output_effect(lm, bound_tiny, "the,to", top=3, candidates=8, mean_norm=10.0,
+                                   min_word_fraction=0.2)
+    assert all(r["word_fraction"] < 0.2 for r in strict.rejected) and all(r["word_fraction"] >= 0.2
                                                                           for r in strict.rows)
-    assert len(strict.rows) + len(strict.rejected) == 8
+    kept = [i for i in ranked if sel.checked[i]["word_fraction"] >= 0.2]
+    assert [r["feature"] for r in strict.rows] == kept[:3]  # the junk is skipped, the order kept
+    assert len(strict.rows) == min(3, len(kept)) and len(strict.rejected) == 8 - len(kept)
