@@ -96,10 +96,10 @@ THEME_WORDS = ("king", "queen", "crown", "royal", "majesty", "throne", "prince",
 THEME = r"\b(" + "|".join(THEME_WORDS) + r")\b"
 STEER_PROMPTS = 8  # the first neutral prompts of saeforge.interventions.selection: one generation = 12.5 %
 STEER_TOKENS = 24
-FEATURE_STRENGTH = 0.0  # set below from measurement (norm units: × the mean ‖x‖ at the site)
-VECTOR_STRENGTH = 0.0
+FEATURE_STRENGTH = 0.25  # norm units: the added vector is this × the mean ‖x‖ at the site (docs/steering.md)
+VECTOR_STRENGTH = 0.35
 WRITER_CANDIDATES = 8  # features steered for real when choosing the one that writes the theme
-PERPLEXITY_FACTOR = 2.0  # the demo's strengths keep the steered perplexity within this factor of the baseline
+PERPLEXITY_FACTOR = 3.0  # the demo's strengths keep the steered perplexity within this factor of the baseline
 
 
 def _theme_texts(lines_from: str, n: int = 48) -> tuple[list[str], list[str]]:
@@ -170,12 +170,13 @@ def features_step(cfg: DemoConfig, run_dir: Path, lm) -> None:
         writer = writers.rows[0] if writers.rows else max(writers.rejected, key=lambda r: r["theme_shift"])
         a = collect(lm, bound.sae, cfg.site, pos, steerer.policy)
         b = collect(lm, bound.sae, cfg.site, neg, steerer.policy)
-        refined, relevant = refined_caa_vector(bound.sae, a, b, caa_vector(a, b))
+        caa = caa_vector(a, b)
+        refined, relevant = refined_caa_vector(bound.sae, a, b, caa)
         units = bound.sae.W_dec.detach().float().cpu()
         units = units / units.norm(dim=1, keepdim=True)
         main = int(relevant[(units[relevant] @ refined).argmax()])  # the relevant feature closest to the vector
         choice = dict(steerer=steerer, detector=detector, writer=writer, junk=junk, refined=refined,
-                      relevant=relevant, main=main, run_dir=run_dir)
+                      relevant=relevant, main=main, run_dir=run_dir, caa_norm=float(caa.norm()))
         print(f"      chose what to steer with in {time.time() - t:.0f} s (contrast of {len(pos)} lines naming "
               f"royalty vs {len(neg)} others; output effect on {len(writers.words)} theme words)", flush=True)
 
@@ -221,7 +222,7 @@ def steer_step(cfg: DemoConfig, choice: dict) -> None:
     steerer, detector, writer = choice["steerer"], choice["detector"], choice["writer"]
     feature = writer["feature"]
     norm = steerer.mean_norm(cfg.site)[0]
-    refined = choice["refined"]
+    refined, caa_norm = choice["refined"], choice["caa_norm"]
     vector = refined / refined.norm() * VECTOR_STRENGTH * norm
     prompts = list(NEUTRAL_PROMPTS[:STEER_PROMPTS])
     runs = steer_points(steerer, prompts, [[FeatureEdit(cfg.site, feature, "add", FEATURE_STRENGTH, "norm")], []],
@@ -233,9 +234,11 @@ def steer_step(cfg: DemoConfig, choice: dict) -> None:
     print(f"      Chosen instead by output effect on {', '.join(THEME_WORDS[:4])}, ...: #{feature}, which raises "
           f"log P(theme word next) by {writer['theme_shift']:.1f} nats on neutral prompts and promotes "
           f"{_show_tokens(writer['promoted'])}" + (" (junk too: no candidate passed the junk rule)" if choice["junk"]
-                                                   else "") + ". Both below add a vector of "
-          f"norm {FEATURE_STRENGTH:g} × the mean ‖x‖ ({norm:.1f}) at {cfg.site}; the refined CAA vector keeps the "
-          f"CAA direction on the {len(choice['relevant'])} features that fire more on royal lines.")
+                                                   else "") + ".")
+    print(f"      Below, #{feature}'s direction is added at {FEATURE_STRENGTH:g} × the mean ‖x‖ ({norm:.0f}) at "
+          f"{cfg.site}, and the SAE-refined CAA vector (the CAA direction kept on the {len(choice['relevant'])} "
+          f"features that fire more on royal lines) at {VECTOR_STRENGTH:g} × ({VECTOR_STRENGTH * norm / caa_norm:.1f} "
+          f"× ‖v_CAA‖).")
     base = runs[0]
     for i in range(2):
         print(f"      {prompts[i]!r}\n        baseline:         {base.baseline[i].strip()!r}"

@@ -301,7 +301,7 @@ class ThemeSelection:
 
 
 def rank_by_output_effect(lm, bound, words: str | Sequence[str], *, method: str = "gradient", top: int = 20,
-                          candidates: int | None = None, strength: float = 0.5, mean_norm: float | None = None,
+                          candidates: int | None = None, strength: float = 0.25, mean_norm: float | None = None,
                           texts: Sequence[str] = NEUTRAL_PROMPTS, policy=None, n_promoted: int = N_PROMOTED,
                           min_word_fraction: float = MIN_WORD_FRACTION, lens: LogitLens | None = None,
                           include: Sequence[int] = ()) -> ThemeSelection:

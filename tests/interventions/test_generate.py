@@ -144,7 +144,7 @@ def test_one_run_prints_only_and_a_sweep_without_out_makes_a_new_folder(tiny_run
     report = run_steer(_cfg(tiny_run))
     assert list(tmp_path.iterdir()) == [] and "out" not in report
     assert "nothing written" in capsys.readouterr().out
-    assert report["runs"][0]["strength"] == 0.5 and report["runs"][0]["edits"][0]["unit"] == "norm"  # the defaults
+    assert report["runs"][0]["strength"] == 0.25 and report["runs"][0]["edits"][0]["unit"] == "norm"  # the defaults
     report = run_steer(_cfg(tiny_run, sweep=(1.0,), mode="scale"))
     made = list(tmp_path.iterdir())
     assert len(made) == 1 and made[0].name.startswith("steering-") and (made[0] / "steering.json").is_file()
