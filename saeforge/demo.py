@@ -96,8 +96,7 @@ THEME_WORDS = ("king", "queen", "crown", "royal", "majesty", "throne", "prince",
 THEME = r"\b(" + "|".join(THEME_WORDS) + r")\b"
 STEER_PROMPTS = 8  # the first neutral prompts of saeforge.interventions.selection: one generation = 12.5 %
 STEER_TOKENS = 24
-FEATURE_STRENGTH = 0.25  # norm units: the added vector is this × the mean ‖x‖ at the site (docs/steering.md)
-VECTOR_STRENGTH = 0.35
+STRENGTH = 0.35  # norm units: both added vectors are this × the mean ‖x‖ at the site (measured: docs/steering.md)
 WRITER_CANDIDATES = 8  # features steered for real when choosing the one that writes the theme
 PERPLEXITY_FACTOR = 3.0  # the demo's strengths keep the steered perplexity within this factor of the baseline
 
@@ -162,7 +161,7 @@ def features_step(cfg: DemoConfig, run_dir: Path, lm) -> None:
                                             negative=str(Path(tmp) / "neg.txt"), top=1), run=run)
         detector = found["saes"][cfg.site]["features"][0]
         writers = rank_by_output_effect(lm, bound, THEME_WORDS, top=3, candidates=WRITER_CANDIDATES,
-                                        strength=FEATURE_STRENGTH, mean_norm=steerer.mean_norm(cfg.site)[0],
+                                        strength=STRENGTH, mean_norm=steerer.mean_norm(cfg.site)[0],
                                         lens=steerer.lens, policy=steerer.policy, include=[detector["feature"]])
         detector.update(writers.checked[detector["feature"]])  # what steering with the detector promotes
         # the best candidate that passes the junk rule (else the best one, said to be junk: a short training)
@@ -223,9 +222,9 @@ def steer_step(cfg: DemoConfig, choice: dict) -> None:
     feature = writer["feature"]
     norm = steerer.mean_norm(cfg.site)[0]
     refined, caa_norm = choice["refined"], choice["caa_norm"]
-    vector = refined / refined.norm() * VECTOR_STRENGTH * norm
+    vector = refined / refined.norm() * STRENGTH * norm
     prompts = list(NEUTRAL_PROMPTS[:STEER_PROMPTS])
-    runs = steer_points(steerer, prompts, [[FeatureEdit(cfg.site, feature, "add", FEATURE_STRENGTH, "norm")], []],
+    runs = steer_points(steerer, prompts, [[FeatureEdit(cfg.site, feature, "add", STRENGTH, "norm")], []],
                         vector_sets=[{}, {cfg.site: vector}], watch=[(cfg.site, feature)],
                         max_new_tokens=STEER_TOKENS, seed=0, theme_words=THEME_WORDS)
     print(f"[7/7] steering towards royalty ({time.time() - t:.0f} s). The best detector of lines naming royalty, "
@@ -235,10 +234,9 @@ def steer_step(cfg: DemoConfig, choice: dict) -> None:
           f"log P(theme word next) by {writer['theme_shift']:.1f} nats on neutral prompts and promotes "
           f"{_show_tokens(writer['promoted'])}" + (" (junk too: no candidate passed the junk rule)" if choice["junk"]
                                                    else "") + ".")
-    print(f"      Below, #{feature}'s direction is added at {FEATURE_STRENGTH:g} × the mean ‖x‖ ({norm:.0f}) at "
-          f"{cfg.site}, and the SAE-refined CAA vector (the CAA direction kept on the {len(choice['relevant'])} "
-          f"features that fire more on royal lines) at {VECTOR_STRENGTH:g} × ({VECTOR_STRENGTH * norm / caa_norm:.1f} "
-          f"× ‖v_CAA‖).")
+    print(f"      Below, #{feature}'s direction and the SAE-refined CAA vector (the CAA direction kept on the "
+          f"{len(choice['relevant'])} features that fire more on royal lines) are each added at {STRENGTH:g} × the "
+          f"mean ‖x‖ ({norm:.0f}) at {cfg.site} (= {STRENGTH * norm / caa_norm:.1f} × ‖v_CAA‖).")
     base = runs[0]
     for i in range(2):
         print(f"      {prompts[i]!r}\n        baseline:         {base.baseline[i].strip()!r}"

@@ -479,7 +479,8 @@ def sweep_points(report: dict) -> list[dict]:
     runs = report["runs"]
     first = runs[0]
     points = [{"label": "baseline", "strength": 0.0 if report["config"]["mode"] == "add" else None,
-               "theme_rate": first["theme_rate_baseline"], "perplexity": pooled_perplexity(first["perplexity_baseline"]),
+               "theme_rate": first["theme_rate_baseline"],
+               "perplexity": pooled_perplexity(first["perplexity_baseline"]),
                "activation": first["edits"][0]["target_activation_baseline"]}]
     for r in runs:
         points.append({"label": f"S={r['strength']:g}", "strength": r["strength"],

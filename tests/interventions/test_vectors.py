@@ -95,7 +95,8 @@ def test_collect_means_over_the_sae_data_positions(tiny_llama):
     texts = ["To be, or not to be", "Now is the winter of our discontent made glorious summer"]
     got = collect(tiny_llama, sae, site, texts)
     for i, t in enumerate(texts):
-        ids = torch.tensor([[tiny_llama.bos_token_id()] + tiny_llama.tokenizer(t, add_special_tokens=False)["input_ids"]])
+        tokens = tiny_llama.tokenizer(t, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([[tiny_llama.bos_token_id()] + tokens])
         x = tiny_llama.read(ids, [site])[site][0, 1:]  # BOS is not SAE data
         torch.testing.assert_close(got.acts[i], x.mean(0), rtol=1e-5, atol=1e-6)
         with torch.no_grad():
