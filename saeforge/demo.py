@@ -37,7 +37,8 @@ class DemoConfig:
     explain_features: int = 3
     """Features explained with the local model (0 skips; SmolLM2-135M is a weak explainer)."""
     steer: bool = True
-    """Find a theme feature by contrast (lines about kings and queens versus others) and steer with it."""
+    """Steer neutral prompts towards royalty with the feature that writes it (by output effect) and with the
+    SAE-refined CAA vector from lines naming royalty, measured by the plain model on the generated text."""
     device: str = "auto"
     """auto, cpu or cuda."""
 
@@ -91,7 +92,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     return report["saes"][cfg.site]
 
 
-THEME = r"\b(king|queen|crown|royal|majesty|throne|prince|princess|kingdom)\b"
+THEME_WORDS = ("king", "queen", "crown", "royal", "majesty", "throne", "prince", "princess", "kingdom")
+THEME = r"\b(" + "|".join(THEME_WORDS) + r")\b"
+STEER_PROMPTS = 8  # the first neutral prompts of saeforge.interventions.selection: one generation = 12.5 %
+STEER_TOKENS = 24
+STRENGTH = 0.35  # norm units: both added vectors are this × the mean ‖x‖ at the site (measured: docs/steering.md)
+WRITER_CANDIDATES = 8  # features steered for real when choosing the one that writes the theme
+PERPLEXITY_FACTOR = 3.0  # the demo's strengths keep the steered perplexity within this factor of the baseline
 
 
 def _theme_texts(lines_from: str, n: int = 48) -> tuple[list[str], list[str]]:
@@ -112,13 +119,20 @@ def _theme_texts(lines_from: str, n: int = 48) -> tuple[list[str], list[str]]:
     return pos[:n], neg[:n]
 
 
+def _show_tokens(promoted: list, n: int = 5) -> str:
+    return ", ".join(repr(t) for t, _ in promoted[:n])
+
+
 def features_step(cfg: DemoConfig, run_dir: Path, lm) -> None:
+    import tempfile
+
     from saeforge.features.contrast import ContrastConfig, contrast
     from saeforge.features.harvest import HarvestConfig, harvest
-    from saeforge.features.inspect import Inspector
     from saeforge.features.store import FeatureStore
-    from saeforge.interventions.generate import run_steering
-    from saeforge.interventions.steering import FeatureEdit, Steerer
+    from saeforge.interventions.selection import rank_by_output_effect
+    from saeforge.interventions.steering import Steerer
+    from saeforge.interventions.vectors import caa_vector, collect, refined_caa_vector
+    from saeforge.runs import load_run
 
     t = time.time()
     store_path = harvest(HarvestConfig(path=str(run_dir), corpus="embedded:validation", tokens=cfg.harvest_tokens,
@@ -131,12 +145,50 @@ def features_step(cfg: DemoConfig, run_dir: Path, lm) -> None:
     print(f"[5/7] harvested {cfg.harvest_tokens:,} held-out tokens ({rate:,.0f} tokens/s) into {store_path} "
           f"in {time.time() - t:.0f} s", flush=True)
 
+    # what to steer with (cheap: no generation): the best detector of the theme, the feature that writes it, and
+    # the SAE-refined CAA vector
+    choice = None
+    if cfg.steer:
+        t = time.time()
+        run = load_run(run_dir, lm=lm)
+        steerer = Steerer.from_run(run_dir, lm=lm)
+        bound = run.saes[cfg.site]
+        pos, neg = _theme_texts("embedded:validation")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "pos.txt").write_text("\n".join(pos))
+            (Path(tmp) / "neg.txt").write_text("\n".join(neg))
+            found = contrast(ContrastConfig(path=str(run_dir), positive=str(Path(tmp) / "pos.txt"),
+                                            negative=str(Path(tmp) / "neg.txt"), top=1), run=run)
+        detector = found["saes"][cfg.site]["features"][0]
+        writers = rank_by_output_effect(lm, bound, THEME_WORDS, top=3, candidates=WRITER_CANDIDATES,
+                                        strength=STRENGTH, mean_norm=steerer.mean_norm(cfg.site)[0],
+                                        lens=steerer.lens, policy=steerer.policy, include=[detector["feature"]])
+        detector.update(writers.checked[detector["feature"]])  # what steering with the detector promotes
+        # the best candidate that passes the junk rule (else the best one, said to be junk: a short training)
+        junk = not writers.rows
+        writer = writers.rows[0] if writers.rows else max(writers.rejected, key=lambda r: r["theme_shift"])
+        a = collect(lm, bound.sae, cfg.site, pos, steerer.policy)
+        b = collect(lm, bound.sae, cfg.site, neg, steerer.policy)
+        caa = caa_vector(a, b)
+        refined, relevant = refined_caa_vector(bound.sae, a, b, caa)
+        units = bound.sae.W_dec.detach().float().cpu()
+        units = units / units.norm(dim=1, keepdim=True)
+        main = int(relevant[(units[relevant] @ refined).argmax()])  # the relevant feature closest to the vector
+        choice = dict(steerer=steerer, detector=detector, writer=writer, junk=junk, refined=refined,
+                      relevant=relevant, main=main, run_dir=run_dir, caa_norm=float(caa.norm()))
+        print(f"      chose what to steer with in {time.time() - t:.0f} s (contrast of {len(pos)} lines naming "
+              f"royalty vs {len(neg)} others; output effect on {len(writers.words)} theme words)", flush=True)
+
     if cfg.explain_features > 0 and rows:
         from saeforge.features.autointerp import ExplainConfig, explain
+        from saeforge.features.autointerp.backends import LocalHFBackend
 
-        chosen = [str(r["idx"]) for r in rows[:: max(1, len(rows) // cfg.explain_features)][: cfg.explain_features]]
+        steering = [choice["writer"]["feature"], choice["main"]] if choice else []
+        others = [r["idx"] for r in rows[:: max(1, len(rows) // cfg.explain_features)] if r["idx"] not in steering]
+        chosen = list(dict.fromkeys(steering + others))[: cfg.explain_features]  # those it steers with first
         t = time.time()
-        explain(ExplainConfig(path=str(run_dir), features=tuple(chosen), device=cfg.device, progress=False))
+        explain(ExplainConfig(path=str(run_dir), features=tuple(str(i) for i in chosen), device=cfg.device,
+                              progress=False), backend=LocalHFBackend(lm=lm, device=cfg.device))
         print(f"[6/7] explained {len(chosen)} features with the embedded model (weak; point `saeforge explain "
               f"--backend openai` at a stronger model) in {time.time() - t:.0f} s:")
         with FeatureStore(store_path, readonly=True) as store:
@@ -144,34 +196,66 @@ def features_step(cfg: DemoConfig, run_dir: Path, lm) -> None:
                 f = store.feature(cfg.site, int(i), with_examples=False)
                 tokens = ", ".join(repr(tk) for tk, _ in (f["top_tokens"] or [])[:3])
                 score = "n/a" if f["score"] is None else f"{f['score']:.2f}"
-                print(f"      #{i} (fires on {tokens}): {f['explanation']!r}  detection score {score}")
+                role = ("  ← steers below (writes the theme)" if choice and i == choice["writer"]["feature"] else
+                        "  ← the main feature of the refined CAA vector" if choice and i == choice["main"] else "")
+                said = repr(f["explanation"]) if f["explanation"] else "no explanation (no examples in the harvest)"
+                print(f"      #{i} (fires on {tokens or 'nothing in the harvest'}): {said}  detection score "
+                      f"{score}{role}")
     else:
         print("[6/7] skipped explanations")
 
-    if not cfg.steer:
+    if choice is None:
         print("[7/7] skipped steering")
         return
-    import tempfile
+    steer_step(cfg, choice)
 
-    pos, neg = _theme_texts("embedded:validation")
-    inspector = Inspector(run_dir, lm=lm)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "pos.txt").write_text("\n".join(pos))
-        (Path(tmp) / "neg.txt").write_text("\n".join(neg))
-        found = contrast(ContrastConfig(path=str(run_dir), positive=str(Path(tmp) / "pos.txt"),
-                                        negative=str(Path(tmp) / "neg.txt"), top=3), inspector=inspector)
-    best = found["saes"][cfg.site]["features"][0]
-    steerer = Steerer.from_run(run_dir, lm=lm)
-    prompts = ["The weather today is", "My favourite thing to do is"]
-    run = run_steering(steerer, prompts, [FeatureEdit(cfg.site, best["feature"], "add", 2.0)], max_new_tokens=24,
-                       seed=0)
-    e = run.metrics["edits"][0]
-    print(f"[7/7] contrast of {len(pos)} lines naming royalty vs {len(neg)} others: feature #{best['feature']} "
-          f"(AUROC {best['auroc']:.2f}, fires on {best['freq_pos']:.0%} vs {best['freq_neg']:.0%} of lines); "
-          f"steering with it (add 2 × its max activation):")
-    for p, b, st in zip(run.prompts, run.baseline, run.steered):
-        print(f"      {p!r}\n        baseline: {b.strip()!r}\n        steered:  {st.strip()!r}")
-    pb, ps = run.metrics["perplexity_baseline"], run.metrics["perplexity_steered"]
-    print(f"      target activation on generated tokens {e['target_activation_baseline']:.2f} → "
-          f"{e['target_activation_steered']:.2f}; perplexity under the plain model {sum(pb) / len(pb):.1f} → "
-          f"{sum(ps) / len(ps):.1f}; KL on the prompt {run.metrics['kl_prompt']:.3f}")
+
+def steer_step(cfg: DemoConfig, choice: dict) -> None:
+    """Steer neutral prompts with the feature that writes the theme and with the SAE-refined CAA vector, at the same
+    norm, and measure both by the plain model on the generated text."""
+    from saeforge.interventions.generate import pooled_perplexity, steer_points
+    from saeforge.interventions.selection import NEUTRAL_PROMPTS
+    from saeforge.interventions.steering import FeatureEdit
+
+    t = time.time()
+    steerer, detector, writer = choice["steerer"], choice["detector"], choice["writer"]
+    feature = writer["feature"]
+    norm = steerer.mean_norm(cfg.site)[0]
+    refined, caa_norm = choice["refined"], choice["caa_norm"]
+    vector = refined / refined.norm() * STRENGTH * norm
+    prompts = list(NEUTRAL_PROMPTS[:STEER_PROMPTS])
+    runs = steer_points(steerer, prompts, [[FeatureEdit(cfg.site, feature, "add", STRENGTH, "norm")], []],
+                        vector_sets=[{}, {cfg.site: vector}], watch=[(cfg.site, feature)],
+                        max_new_tokens=STEER_TOKENS, seed=0, theme_words=THEME_WORDS)
+    print(f"[7/7] steering towards royalty ({time.time() - t:.0f} s). The best detector of lines naming royalty, "
+          f"#{detector['feature']} (AUROC {detector['auroc']:.2f}), promotes {_show_tokens(detector['promoted'])}"
+          + (" — word pieces: it detects the theme but does not write it." if detector["junk"] else "."))
+    print(f"      Chosen instead by output effect on {', '.join(THEME_WORDS[:4])}, ...: #{feature}, which raises "
+          f"log P(theme word next) by {writer['theme_shift']:.1f} nats on neutral prompts and promotes "
+          f"{_show_tokens(writer['promoted'])}" + (" (junk too: no candidate passed the junk rule)" if choice["junk"]
+                                                   else "") + ".")
+    print(f"      Below, #{feature}'s direction and the SAE-refined CAA vector (the CAA direction kept on the "
+          f"{len(choice['relevant'])} features that fire more on royal lines) are each added at {STRENGTH:g} × the "
+          f"mean ‖x‖ ({norm:.0f}) at {cfg.site} (= {STRENGTH * norm / caa_norm:.1f} × ‖v_CAA‖).")
+    base = runs[0]
+    for i in range(2):
+        print(f"      {prompts[i]!r}\n        baseline:         {base.baseline[i].strip()!r}"
+              f"\n        feature #{feature}:  {runs[0].steered[i].strip()!r}"
+              f"\n        refined CAA:      {runs[1].steered[i].strip()!r}")
+    pb = pooled_perplexity(base.metrics["perplexity_baseline"])
+    n = len(prompts)
+    print(f"      measured by the plain model on the generated text ({n} neutral prompts × {STEER_TOKENS} tokens; "
+          f"theme = a generation naming {', '.join(THEME_WORDS[:3])}, ...):")
+    print(f"        {'':<14} {'theme rate':>10} {'perplexity':>11} {f'#{feature} activation':>16}")
+    w0 = runs[0].metrics["watched"][0]
+    print(f"        {'baseline':<14} {base.metrics['theme_rate_baseline']:>10.0%} {pb:>11.1f} "
+          f"{w0['activation_baseline']:>16.2f}")
+    for label, r in ((f"feature #{feature}", runs[0]), ("refined CAA", runs[1])):
+        ps = pooled_perplexity(r.metrics["perplexity_steered"])
+        print(f"        {label:<14} {r.metrics['theme_rate_steered']:>10.0%} {ps:>11.1f} "
+              f"{r.metrics['watched'][0]['activation_steered']:>16.2f}   (perplexity × {ps / pb:.1f}"
+              + ("" if ps <= PERPLEXITY_FACTOR * pb else f", above the × {PERPLEXITY_FACTOR:g} the demo aims for")
+              + ")")
+    print(f"      (#{feature} read with the edit still in force: {w0['activation_injected']:.2f}: that measures the "
+          f"injection itself, not the text.) Try more: saeforge steer {choice['run_dir']} --feature "
+          f"{cfg.site}:{feature} --theme-words {','.join(THEME_WORDS[:4])} --sweep 0.25 0.5 1 --out sweep/")

@@ -61,7 +61,8 @@ def test_demo_runs_on_the_embedded_model(embedded_lm, tmp_path):
     report = json.loads((tmp_path / "run" / "eval.json").read_text())["saes"]["layers.15.resid_post"]
     assert report["ce_loss_clean"] < report["ce_loss_sae"] < report["ce_loss_zero_ablation"]
     assert "[5/7] harvested 2,048 held-out tokens" in proc.stdout and "[6/7] explained 1 features" in proc.stdout
-    assert "[7/7] contrast of" in proc.stdout and "steered:" in proc.stdout
+    assert "[7/7] steering towards royalty" in proc.stdout and "refined CAA:" in proc.stdout
+    assert "measured by the plain model on the generated text" in proc.stdout
     assert f"saeforge serve {tmp_path / 'run'}" in proc.stdout
     from saeforge.data.activation_cache import ActivationCache
     from saeforge.saes import load_sae

@@ -1,11 +1,23 @@
 """Steering, clamping and ablation through SAE features, on top of ``LanguageModel.edit``.
 
-Modes, for feature i with decoder direction d_i (a row of W_dec) and activation f_i(x):
-- ``add``:   x ← x + S·d_i. With ``unit="max"`` (default) S is in units of the feature's typical maximum activation
-  (from the feature store, else the SAE's saved feature statistics), so S = 1 adds one "full" firing; ``raw`` adds S·d_i.
-- ``clamp``: x ← x + (c − f_i(x))·d_i, i.e. the SAE reconstruction with f_i set to c plus the untouched SAE error term,
-  so nothing but feature i moves (Templeton et al. 2024). c = S (× max activation with ``unit="max"``).
-- ``scale``: x ← x + (r − 1)·f_i(x)·d_i with r = S; r = 0 ablates the feature.
+Modes, for feature i with decoder direction d_i (a row of W_dec) and activation f_i:
+- ``add``:   x ← x + c·d_i.
+- ``clamp``: x ← x + (c − f_i)·d_i, i.e. the SAE reconstruction with f_i set to c plus the untouched SAE error term,
+  so nothing but feature i moves (Templeton et al. 2024).
+- ``scale``: x ← x + (r − 1)·f_i·d_i with r = S; r = 0 ablates the feature.
+
+The strength S becomes the coefficient c by its unit:
+- ``norm``: c·‖d_i‖ = S × the mean ‖x‖ at the write site, so S is the size of the push relative to the residual
+  stream itself (S = 0.5 adds a vector half as long as a typical activation). The mean norm comes from the SAE's
+  saved input normalisation (measured on its training data), else from a sample of its corpus or neutral prompts;
+- ``max``: c = S × the feature's typical maximum activation (from the feature store, else the SAE's saved feature
+  statistics), so S = 1 adds one "full" firing;
+- ``raw``: c = S.
+
+A dictionary that reads one site and writes another (a transcoder, reads A → writes B) is steered where it
+writes: the edit acts at B, where its decoder rows live, and f_i for clamp/scale is encode(x_A) read at A earlier in
+the same forward pass. An SAE reads and writes the same site.
+
 Edits apply at every non-special position (``positions="all"``) or only to generated tokens (``"generated"``): the
 tokens of cached generation steps, or with ``prompt_length`` every token after the prompt (so a teacher-forced pass
 over prompt + continuation is edited as the generation was).
@@ -24,10 +36,12 @@ import torch
 from saeforge.data.token_stream import TokenPolicy
 from saeforge.errors import SaeforgeError
 from saeforge.models.language_model import EditContext
+from saeforge.runs import BoundSAE
 
 MODES = ("add", "clamp", "scale")
-UNITS = ("max", "raw")
-MAX_STRENGTH = {"max": 1000.0, "raw": 1e5}  # beyond these the residual stream is destroyed, not steered
+UNITS = ("norm", "max", "raw")
+MAX_STRENGTH = {"norm": 100.0, "max": 1000.0, "raw": 1e5}  # beyond these the residual stream is destroyed, not steered
+NORM_SAMPLE_CONTEXTS = 8  # contexts of the SAE's corpus read to measure the mean norm when the SAE does not record it
 
 
 @dataclass(frozen=True)
@@ -52,8 +66,6 @@ class FeatureEdit:
         if not isinstance(s, (int, float)) or not math.isfinite(s) or abs(s) > limit:
             raise SaeforgeError(f"steering strength {s!r} is not allowed",
                                 f"use a finite number with |strength| ≤ {limit:g} (unit {self.unit})")
-        if self.mode == "scale" and s < 0 and self.unit == "max":
-            pass  # a negative scale flips the feature; allowed
 
 
 def parse_feature(spec: str, known: Sequence[str]) -> tuple[str, int]:
@@ -66,27 +78,64 @@ def parse_feature(spec: str, known: Sequence[str]) -> tuple[str, int]:
     return name, int(idx)
 
 
-class Steerer:
-    """The SAEs of a run loaded once, with their features' typical maximum activations."""
+def loading_message(path: str | Path, model: str = "") -> str:
+    """What loading a run involves, from its config files alone (nothing heavy is read): printed before the
+    15–60 s of loading so a command is not silent."""
+    from saeforge.runs import find_saes
+    from saeforge.saes import read_sae_config
 
-    def __init__(self, lm, saes: dict, max_acts: dict[str, torch.Tensor | None], policy: TokenPolicy | None = None):
+    folders = find_saes(path)
+    meta = read_sae_config(next(iter(folders.values()))).get("metadata") or {}
+    name = model or meta.get("model_name") or "the SAE's model"
+    what = "1 SAE" if len(folders) == 1 else f"{len(folders)} SAEs"
+    return f"loading the model {name} and {what} ({', '.join(folders)}) from {path} ..."
+
+
+def recorded_mean_norm(bound: BoundSAE) -> float | None:
+    """Mean ‖x‖ at the write site on the SAE's training data, from its saved input normalisation (saeforge scales
+    inputs to E‖x‖ = √d: scale = √d / mean norm; for a transcoder ``scale_out`` is the write site's)."""
+    norm = (bound.meta or {}).get("normalization")
+    if not isinstance(norm, dict) or norm.get("method") != "expected_norm":
+        return None
+    scale = norm.get("scale_out", norm.get("scale_in"))
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        return None
+    return math.sqrt(bound.write_site.d) / scale if math.isfinite(scale) and scale > 0 else None
+
+
+class Steerer:
+    """The dictionaries of a run loaded once, with what their strength units need (max activations, mean norms).
+
+    ``saes``: name → :class:`~saeforge.runs.BoundSAE` (or, as before, name → (SAE, site) for an SAE at one site).
+    :attr:`bound` holds the bound dictionaries; :attr:`saes` keeps the older name → (SAE, write site) view."""
+
+    def __init__(self, lm, saes: dict, max_acts: dict[str, torch.Tensor | None], policy: TokenPolicy | None = None,
+                 mean_norms: dict[str, float] | None = None):
         self.lm = lm
-        self.saes = saes  # name → (SAE, Site)
+        self.bound: dict[str, BoundSAE] = {
+            n: v if isinstance(v, BoundSAE) else BoundSAE(n, v[0], (v[1],), (v[1],)) for n, v in saes.items()}
+        self.saes = {n: (b.sae, b.write_site) for n, b in self.bound.items()}
         self.max_acts = max_acts
         self.policy = policy or TokenPolicy()  # the run's token rules, for tokenizing prompts
+        self._norms: dict[str, tuple[float, str]] = {n: (float(v), "given") for n, v in (mean_norms or {}).items()}
+        self._lens = None
 
     @classmethod
     def from_run(cls, path: str | Path, lm=None, *, model: str = "", device: str = "auto") -> "Steerer":
-        from saeforge.features.inspect import Inspector
-        from saeforge.features.store import FeatureStore
+        from saeforge.features.store import STORE_FILE, FeatureStore
+        from saeforge.runs import load_run
         from saeforge.saes import load_feature_stats
 
-        insp = Inspector(path, model=model, device=device, lm=lm)
+        run = load_run(path, model=model, device=device, lm=lm)
+        store_path = Path(path) / STORE_FILE
         max_acts: dict[str, torch.Tensor | None] = {}
-        for name, (sae, _) in insp.saes.items():
+        for name, bound in run.saes.items():
+            sae = bound.sae
             max_acts[name] = None
-            if insp.store_path is not None:
-                with FeatureStore(insp.store_path, readonly=True) as store:
+            if store_path.is_file():
+                with FeatureStore(store_path, readonly=True) as store:
                     sae_id = store.sae_id(name)
                     rows = store.con.execute("SELECT idx, max_act FROM features WHERE sae_id = ?", (sae_id,))
                     m = torch.zeros(sae.cfg.d_sae)
@@ -94,65 +143,140 @@ class Steerer:
                         m[idx] = v
                     max_acts[name] = m
             if max_acts[name] is None:
-                stats = load_feature_stats(insp.run.saes[name].folder)
+                stats = load_feature_stats(bound.folder)
                 if stats and "max_activation" in stats:
                     max_acts[name] = stats["max_activation"].float().cpu()
-        return cls(insp.lm, insp.saes, max_acts, insp.run.token_policy())
+        return cls(run.lm, run.saes, max_acts, run.token_policy())
+
+    # ------------------------------------------------------------------------------------------------ units
+    def mean_norm(self, name: str) -> tuple[float, str]:
+        """(mean ‖x‖ at the write site of SAE ``name``, where it was measured)."""
+        if name not in self._norms:
+            bound = self.bound[name]
+            value = recorded_mean_norm(bound)
+            self._norms[name] = (value, "the SAE's training data") if value else self._measure_norm(bound)
+        return self._norms[name]
+
+    @torch.inference_mode()
+    def _measure_norm(self, bound: BoundSAE) -> tuple[float, str]:
+        """Mean ‖x‖ at the write site over a few contexts of the SAE's corpus (a local one), else neutral prompts."""
+        from saeforge.data.prompts import PromptEncoder
+        from saeforge.interventions.selection import NEUTRAL_PROMPTS
+
+        texts, source = list(NEUTRAL_PROMPTS), f"{len(NEUTRAL_PROMPTS)} neutral prompts"
+        corpus = str((bound.meta or {}).get("dataset_path") or "")
+        if corpus and not corpus.startswith("hf:"):
+            try:
+                from saeforge.data.text_source import TextSource
+
+                docs = []
+                for doc in TextSource(corpus).documents():
+                    docs.append(doc[:2000])
+                    if len(docs) == NORM_SAMPLE_CONTEXTS:
+                        break
+                texts, source = docs, f"{len(docs)} texts of {corpus}"
+            except (SaeforgeError, OSError):
+                pass
+        encoder = PromptEncoder(self.lm, self.policy, max_tokens=min(self.policy.context_length, 512))
+        batch = encoder.batch(texts, truncate=True)
+        x = self.lm.read(batch.input_ids, [bound.write_site.name], attention_mask=batch.attention_mask)
+        x = x[bound.write_site.name][batch.keep.to(self.lm.device)].float()
+        if x.shape[0] == 0:
+            raise SaeforgeError(f"no token to measure the mean norm at {bound.write_site.name}",
+                                "give the strength with --unit max or --unit raw")
+        return float(x.norm(dim=-1).mean()), f"{x.shape[0]} tokens of {source}"
 
     def value(self, edit: FeatureEdit) -> float:
-        """The strength in activation units."""
+        """The coefficient c of the edit (x + c·d_i for add, f_i ← c for clamp; the ratio for scale)."""
         if edit.unit == "raw" or edit.mode == "scale":
             return float(edit.strength)
+        if edit.unit == "norm":
+            d_norm = float(self.bound[edit.sae].sae.W_dec[edit.feature].detach().float().norm())
+            if d_norm <= 0:
+                raise SaeforgeError(f"feature {edit.feature} has a zero decoder row, so it cannot steer",
+                                    "pick another feature")
+            return float(edit.strength) * self.mean_norm(edit.sae)[0] / d_norm
         m = self.max_acts.get(edit.sae)
         if m is None:
             raise SaeforgeError(f"no feature statistics for SAE {edit.sae!r}, so 'max' units are unknown",
-                                "harvest the run first (saeforge harvest) or give the strength in raw units (--unit raw)")
+                                "harvest the run first (saeforge harvest) or give the strength in norm or raw units "
+                                "(--unit norm)")
         top = float(m[edit.feature])
         if top <= 0:
             raise SaeforgeError(f"feature {edit.feature} never fired in the harvested text, so its max is 0",
-                                "use --unit raw, or pick a feature that fires")
+                                "use --unit norm (or raw), or pick a feature that fires")
         return float(edit.strength) * top
+
+    @property
+    def lens(self):
+        """The model's :class:`~saeforge.interventions.selection.LogitLens`, built once."""
+        if self._lens is None:
+            from saeforge.interventions.selection import LogitLens
+
+            self._lens = LogitLens(self.lm)
+        return self._lens
 
     def check(self, edits: Sequence[FeatureEdit]) -> None:
         for e in edits:
-            if e.sae not in self.saes:
-                raise SaeforgeError(f"no SAE {e.sae!r} in this run", f"the run has: {', '.join(self.saes)}")
-            e.validate(self.saes[e.sae][0].cfg.d_sae)
+            if e.sae not in self.bound:
+                raise SaeforgeError(f"no SAE {e.sae!r} in this run", f"the run has: {', '.join(self.bound)}")
+            e.validate(self.bound[e.sae].d_sae)
+            self.bound[e.sae].write_site  # one written site (an error naming them otherwise)
 
-    def _feature_op(self, e: FeatureEdit):
-        sae = self.saes[e.sae][0]
-        value = self.value(e) if e.mode != "scale" else float(e.strength)
+    # ------------------------------------------------------------------------------------------------ edits
+    def _feature_op(self, e: FeatureEdit, latents: dict):
+        """op(flat, mask, ctx) for one edit at its write site; ``latents`` holds a transcoder's encode(x_A) of the
+        current forward call, recorded at its read site."""
+        bound = self.bound[e.sae]
+        sae = bound.sae
+        value = self.value(e)
 
-        def op(flat: torch.Tensor) -> torch.Tensor:
+        def op(flat: torch.Tensor, mask: torch.Tensor, ctx: EditContext) -> torch.Tensor:
             d = sae.W_dec[e.feature].to(flat)
             if e.mode == "add":
                 return flat + value * d
-            f_i = sae.encode(flat)[:, e.feature]
+            if bound.is_transcoder:
+                call, f = latents.get(bound.name, (None, None))
+                if f is None or call != ctx.call:
+                    raise SaeforgeError(f"{bound.name} writes {bound.write_site.name}, which this forward reached "
+                                        f"before the site it reads ({bound.read_site.name})",
+                                        "steer a transcoder whose read site comes before its write site")
+                f_i = f[mask.to(f.device)][:, e.feature].to(flat)
+            else:
+                f_i = sae.encode(flat)[:, e.feature]
             target = value if e.mode == "clamp" else value * f_i
             return flat + (target - f_i)[:, None] * d
 
         return op
 
-    def _edit_fn(self, ops: list, positions: str, prompt_length: int | None):
+    def _mask(self, x: torch.Tensor, ctx: EditContext, positions: str, prompt_length: int | None,
+              special: torch.Tensor) -> torch.Tensor | None:
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        if positions == "generated":
+            if prompt_length is not None:
+                mask &= (ctx.columns >= prompt_length).to(x.device)[None, :]
+            elif not ctx.is_generated:
+                return None  # the prompt's forward pass
+        if ctx.input_ids is not None:
+            mask &= ~torch.isin(ctx.input_ids, special.to(ctx.input_ids.device)).to(x.device)  # BOS, padding
+        return mask if bool(mask.any()) else None
+
+    def _edit_fn(self, ops: list, readers: list[BoundSAE], latents: dict, positions: str,
+                 prompt_length: int | None):
         special = torch.tensor(self.lm.special_token_ids())
 
         def fn(x: torch.Tensor, ctx: EditContext) -> torch.Tensor | None:
-            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-            if positions == "generated":
-                if prompt_length is not None:
-                    mask &= (ctx.columns >= prompt_length).to(x.device)[None, :]
-                elif not ctx.is_generated:
-                    return None  # the prompt's forward pass
-            if ctx.input_ids is not None:
-                mask &= ~torch.isin(ctx.input_ids, special.to(ctx.input_ids.device)).to(x.device)  # BOS, padding
-            if not bool(mask.any()):
-                return None
-            out = x.clone()
-            flat = out[mask].float()
-            for op in ops:
-                flat = op(flat)
-            out[mask] = flat.to(x.dtype)
-            return out
+            out = x
+            mask = self._mask(x, ctx, positions, prompt_length, special) if ops else None
+            if mask is not None:
+                out = x.clone()
+                flat = out[mask].float()
+                for op in ops:
+                    flat = op(flat, mask, ctx)
+                out[mask] = flat.to(x.dtype)
+            for bound in readers:  # transcoders reading this site: their latents for the edits where they write
+                latents[bound.name] = (ctx.call, bound.sae.encode(out.float()))
+            return None if out is x else out
 
         return fn
 
@@ -166,12 +290,25 @@ class Steerer:
         if positions not in ("all", "generated"):
             raise SaeforgeError(f"unknown positions {positions!r}", "use all or generated")
         self.check(edits)
-        by_site: dict[str, list] = {}
+        sites: dict[str, object] = {}
+        ops: dict[str, list] = {}
+        readers: dict[str, list[BoundSAE]] = {}
+        latents: dict = {}
         for e in edits:
-            by_site.setdefault(self.saes[e.sae][1].name, []).append(self._feature_op(e))
+            bound = self.bound[e.sae]
+            sites[bound.write_site.name] = bound.write_site
+            ops.setdefault(bound.write_site.name, []).append(self._feature_op(e, latents))
+            reading = readers.setdefault(bound.read_site.name, [])
+            if bound.is_transcoder and e.mode != "add" and all(r.name != bound.name for r in reading):
+                sites[bound.read_site.name] = bound.read_site
+                reading.append(bound)
         for site, v in (vectors or {}).items():
             if not torch.isfinite(v).all():
                 raise SaeforgeError("the steering vector contains NaN or Inf", "check how it was computed")
-            by_site.setdefault(self.lm.site(site).name, []).append(lambda flat, v=v: flat + v.to(flat))
-        with self.lm.edit({site: self._edit_fn(ops, positions, prompt_length) for site, ops in by_site.items()}):
+            resolved = self.lm.site(site)
+            sites[resolved.name] = resolved
+            ops.setdefault(resolved.name, []).append(lambda flat, mask, ctx, v=v: flat + v.to(flat))
+        fns = {site: self._edit_fn(ops.get(name, []), readers.get(name, []), latents, positions, prompt_length)
+               for name, site in sites.items()}
+        with self.lm.edit(fns):
             yield

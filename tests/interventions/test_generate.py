@@ -1,5 +1,6 @@
 """Generation for steering: cancellation, the steer command line, prompts under the run's token rules."""
 
+import math
 import threading
 
 import pytest
@@ -105,3 +106,96 @@ def test_generated_positions_in_a_teacher_forced_pass(steerer):
         seen = lm.read(full, [SITE], attention_mask=full_mask)[SITE]
     special = torch.isin(full, torch.tensor(lm.special_token_ids()))
     assert torch.equal(seen[special], plain[special]) and special.sum() >= 3  # two BOS and the padding of row 0
+
+
+# ------------------------------------------------------------------------------------------------- the steer command
+def _cfg(run, **kw):
+    from saeforge.interventions.generate import SteerConfig
+
+    base = dict(path=str(run), prompt=tuple(PROMPTS), feature=(f"{SITE}:9",), max_new_tokens=4, device="cpu")
+    return SteerConfig(**{**base, **kw})
+
+
+def test_a_sweep_writes_its_plot_and_json_to_out_only(tiny_run, tmp_path, capsys):
+    from saeforge.interventions.generate import run_steer, sweep_points
+
+    before = sorted(p.name for p in tiny_run.iterdir())
+    report = run_steer(_cfg(tiny_run, sweep=(0.0, 1.0, 3.0), theme_words="the,to", out=str(tmp_path / "out")))
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"loading the model {tiny_run.parent}") or "loading the model" in printed.splitlines()[0]
+    assert "unit norm: mean ‖x‖ at layers.1.resid_post" in printed
+    assert "| baseline |" in printed and "| S=3 |" in printed
+    assert (tmp_path / "out" / "steering.json").is_file() and (tmp_path / "out" / "steering_sweep.png").is_file()
+    assert sorted(p.name for p in tiny_run.iterdir()) == before  # the run folder is not written
+    assert [r["strength"] for r in report["runs"]] == [1.0, 3.0]  # S = 0 of add is the baseline, measured once
+    points = sweep_points(report)
+    assert [p["label"] for p in points] == ["baseline", "S=1", "S=3"] and points[0]["strength"] == 0.0
+    first = report["runs"][0]
+    assert first["theme_words"] == ["the", "to"] and first["theme_source"] == "given"
+    assert first["theme_rate_baseline"] == sum(first["theme_hits_baseline"]) / 2
+    assert all(r["baseline"] == first["baseline"] for r in report["runs"])  # one baseline for the sweep
+    assert points[0]["theme_rate"] == first["theme_rate_baseline"]
+
+
+def test_one_run_prints_only_and_a_sweep_without_out_makes_a_new_folder(tiny_run, tmp_path, monkeypatch, capsys):
+    from saeforge.interventions.generate import run_steer
+
+    monkeypatch.chdir(tmp_path)
+    report = run_steer(_cfg(tiny_run))
+    assert list(tmp_path.iterdir()) == [] and "out" not in report
+    assert "nothing written" in capsys.readouterr().out
+    assert report["runs"][0]["strength"] == 0.25 and report["runs"][0]["edits"][0]["unit"] == "norm"  # the defaults
+    report = run_steer(_cfg(tiny_run, sweep=(1.0,), mode="scale"))
+    made = list(tmp_path.iterdir())
+    assert len(made) == 1 and made[0].name.startswith("steering-") and (made[0] / "steering.json").is_file()
+    assert report["runs"][0]["strength"] == 1.0
+
+
+def test_bad_steer_options_fail_before_the_model_loads(tiny_run, monkeypatch):
+    from saeforge.interventions import generate
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(generate.Steerer, "from_run", no_load)
+    for kw, message in [(dict(unit="furlong"), "unknown strength unit"), (dict(mode="boost"), "unknown steering mode"),
+                        (dict(feature=("layers.9.resid_post:1",)), "no SAE 'layers.9.resid_post'"),
+                        (dict(prompt=()), "no prompt given"), (dict(theme_words="k1ng"), "must be words"),
+                        (dict(sweep=(0.0,)), "only S = 0")]:
+        with pytest.raises(SaeforgeError, match=message):
+            generate.run_steer(_cfg(tiny_run, **kw))
+
+
+def test_default_theme_words_are_the_steered_features_promoted_words(steerer):
+    from saeforge.interventions.selection import promoted_words
+
+    bound = steerer.bound[SITE]
+
+    def words_of(i):  # the words among the tokens the edit promotes on the neutral prompts
+        added = steerer.value(FeatureEdit(SITE, i, "add", 0.5, "norm")) * bound.sae.W_dec[i].detach()
+        return promoted_words(steerer.lm, bound, i, vector=added, policy=steerer.policy, lens=steerer.lens)
+
+    i = next(i for i in range(128) if words_of(i))
+    words = {i: words_of(i)}
+    run = run_steering(steerer, PROMPTS, [FeatureEdit(SITE, i, "add", 0.5, "norm")], max_new_tokens=4)
+    m = run.metrics
+    assert m["theme_words"] == words[i] and m["theme_source"] == f"promoted tokens of {SITE}:{i}"
+    assert m["theme_rate_steered"] == sum(m["theme_hits_steered"]) / 2
+    none = run_steering(steerer, PROMPTS, [FeatureEdit(SITE, 9, "scale", 0.0)], max_new_tokens=2)
+    assert none.metrics["theme_words"] == [] and none.metrics["theme_rate_steered"] is None
+
+
+def test_steer_flags_parse():
+    cfg = build_parser().parse_args(["steer", "run", "--prompt", "A", "--feature", "x:1", "--theme-words",
+                                     "king,queen", "--out", "o", "--sweep", "0", "0.5", "--unit", "max"]).cfg
+    assert cfg.theme_words == "king,queen" and cfg.out == "o" and cfg.sweep == (0.0, 0.5) and cfg.unit == "max"
+    assert cfg.strength is None
+    assert build_parser().parse_args(["steer", "run", "--strength", "0.25"]).cfg.strength == 0.25
+
+
+def test_pooled_perplexity_is_the_perplexity_of_all_tokens():
+    from saeforge.interventions.generate import pooled_perplexity
+
+    assert pooled_perplexity([2.0, 8.0]) == pytest.approx(4.0)  # exp((ln 2 + ln 8) / 2)
+    assert pooled_perplexity([5.0]) == pytest.approx(5.0)
+    assert math.isnan(pooled_perplexity([]))

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from saeforge.errors import SaeforgeError
 from saeforge.interventions.generate import run_steering
 from saeforge.interventions.steering import FeatureEdit, Steerer, parse_feature
+from saeforge.runs import BoundSAE
 
 SITE = "layers.1.resid_post"
 PROMPTS = ["To be, or not to be", "Now is the winter of"]
@@ -53,14 +55,64 @@ def test_zero_strength_leaves_generation_unchanged_and_same_seed_is_used(steerer
     assert run.metrics["perplexity_baseline"] == run.metrics["perplexity_steered"]
 
 
-def test_steering_moves_the_target_feature_and_reports_the_cost(steerer):
-    sae = steerer.saes[SITE][0]
+def _plain_mean(steerer, prompts, new_texts_ids, feature, n_prompt, ids, mask):
+    lm = steerer.lm
+    full = torch.cat([ids, new_texts_ids], 1)
+    x = lm.read(full, [SITE], attention_mask=torch.cat([mask, torch.ones_like(new_texts_ids)], 1))[SITE]
+    with torch.no_grad():
+        return float(steerer.saes[SITE][0].encode(x[:, n_prompt:])[..., feature].mean())
+
+
+def test_the_effect_is_read_by_the_plain_model_and_the_injection_apart(steerer):
+    from saeforge.interventions.generate import Continuations
+
     run = run_steering(steerer, PROMPTS, [FeatureEdit(SITE, 9, "clamp", 25.0, "raw")], max_new_tokens=8, seed=1)
     e = run.metrics["edits"][0]
-    assert e["target_activation_steered"] > e["target_activation_baseline"] + 5
+    assert e["target_activation_injected"] > e["target_activation_baseline"] + 5  # clamped to 25 where it is set
+    # the plain-model reading, recomputed independently from the generated text
+    gen = Continuations(steerer, PROMPTS, max_new_tokens=8, seed=1)
+    with steerer.steering([FeatureEdit(SITE, 9, "clamp", 25.0, "raw")]):
+        new = gen.sample()
+    assert gen.decode(new) == run.steered
+    plain = _plain_mean(steerer, PROMPTS, new, 9, gen.n_prompt, gen.ids, gen.mask)
+    assert e["target_activation_steered"] == pytest.approx(plain, rel=1e-5, abs=1e-6)
+    assert e["target_activation_steered"] < e["target_activation_injected"] - 5
     assert run.metrics["kl_prompt"] > 0
     assert all(math.isfinite(p) and p > 1 for p in run.metrics["perplexity_steered"])
-    assert len(run.steered) == 2 and sae.cfg.d_sae == 128
+    assert e["read_site"] == e["write_site"] == SITE
+
+
+def test_an_injection_that_leaves_the_text_alone_reads_no_change(steerer):
+    """The old bug: reading the target feature with the edit in force measures the injection. Feature 5 is rebuilt
+    to read a direction u in which the text's activations do not vary (so it is 0 on the plain text) and to write
+    1e-4·u (so adding it cannot change a greedy continuation), with an encoder steep enough that the injection
+    alone lifts it to ~10."""
+    from saeforge.interventions.generate import Continuations
+
+    lm = steerer.lm
+    gen = Continuations(steerer, PROMPTS, max_new_tokens=8, temperature=0.0)
+    new = gen.sample()
+    full = torch.cat([gen.ids, new], 1)
+    x = lm.read(full, [SITE], attention_mask=torch.cat([gen.mask, torch.ones_like(new)], 1))[SITE]
+    x = x[torch.cat([gen.keep, torch.ones_like(new, dtype=torch.bool)], 1)]
+    u = torch.linalg.svd(x - x.mean(0), full_matrices=False).Vh[-1]  # fewer tokens than dimensions: no variance
+    assert float((x @ u).std()) < 1e-5
+    sae = copy.deepcopy(steerer.saes[SITE][0])
+    eps, steep = 1e-4, 1e5
+    with torch.no_grad():
+        sae.W_dec[5] = eps * u
+        sae.W_enc[:, 5] = steep * u
+        x_in = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x  # what the encoder multiplies
+        sae.b_enc[5] = -steep * float((x_in @ u).mean())
+    injecting = Steerer(lm, {SITE: (sae, steerer.saes[SITE][1])}, {SITE: None}, steerer.policy)
+    run = run_steering(injecting, PROMPTS, [FeatureEdit(SITE, 5, "add", 1.0, "raw")], max_new_tokens=8,
+                       temperature=0.0)
+    e = run.metrics["edits"][0]
+    assert run.steered == run.baseline  # the text did not change ...
+    assert e["target_activation_steered"] == e["target_activation_baseline"]  # ... so the plain model reads none
+    assert abs(e["target_activation_baseline"]) < 0.05
+    assert e["target_activation_injected"] > 5  # the old reading: the injection itself
+    assert run.metrics["theme_rate_steered"] == run.metrics["theme_rate_baseline"]
 
 
 def test_generated_only_positions_leave_the_prompt_alone(steerer):
@@ -88,3 +140,130 @@ def test_bad_feature_specs_and_prompts(steerer):
         parse_feature("layers.9.resid_post:3", [SITE])
     with pytest.raises(SaeforgeError, match="the prompt has .* tokens; with 4 new tokens"):
         run_steering(steerer, ["word " * 400], [FeatureEdit(SITE, 1, "add", 1.0, "raw")], max_new_tokens=4)
+
+
+# ------------------------------------------------------------------------------------------------- the norm unit
+def test_norm_unit_is_relative_to_the_mean_norm_at_the_write_site(steerer, tiny_cache):
+    meta = steerer.bound[SITE].meta
+    assert meta["normalization"]["method"] == "expected_norm"
+    value, source = steerer.mean_norm(SITE)
+    assert value == pytest.approx(math.sqrt(32) / meta["normalization"]["scale_in"], rel=1e-12)
+    assert source == "the SAE's training data"
+    # the scale was estimated on a sample of the training cache: its mean norm agrees with the whole cache's
+    assert value == pytest.approx(tiny_cache.manifest["mean_norm"][SITE], rel=0.03)
+    d = steerer.saes[SITE][0].W_dec[5].detach()
+    assert steerer.value(FeatureEdit(SITE, 5, "add", 0.5, "norm")) == pytest.approx(0.5 * value / float(d.norm()))
+    x, y = _edited(steerer, [FeatureEdit(SITE, 5, "add", 0.5, "norm")])
+    torch.testing.assert_close((y[1:] - x[1:]).norm(dim=-1), torch.full((x.shape[0] - 1,), 0.5 * value))
+    with pytest.raises(SaeforgeError, match=r"\|strength\| ≤ 100 \(unit norm\)"):
+        steerer.check([FeatureEdit(SITE, 5, "add", 101.0, "norm")])
+
+
+def test_norm_unit_without_a_recorded_norm_is_measured(steerer, text_file):
+    lm = steerer.lm
+    sae, site = steerer.saes[SITE]
+    on_corpus = Steerer(lm, {"s": BoundSAE("s", sae, (site,), (site,), meta={"dataset_path": str(text_file)})},
+                        {"s": None}, steerer.policy)
+    value, source = on_corpus.mean_norm("s")
+    assert source.endswith(f"tokens of 1 texts of {text_file}")
+    # independently: the file's first 2000 characters, BOS first, cut at the run's context length, BOS not counted
+    ids = lm.tokenizer(text_file.read_text()[:2000], add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[lm.bos_token_id()] + ids][:1])[:, : steerer.policy.context_length]
+    x = lm.read(ids, [SITE])[SITE][0, 1:]
+    assert value == pytest.approx(float(x.norm(dim=-1).mean()), rel=1e-5)
+    bare = Steerer(lm, {"s": BoundSAE("s", sae, (site,), (site,), meta={})}, {"s": None}, steerer.policy)
+    value, source = bare.mean_norm("s")
+    assert "neutral prompts" in source and value > 0
+    scaled = BoundSAE("t", sae, (site,), (site,), meta={"normalization": {"method": "expected_norm",
+                                                                           "scale_in": 2.0, "scale_out": 4.0}})
+    assert Steerer(lm, {"t": scaled}, {"t": None}).mean_norm("t")[0] == pytest.approx(math.sqrt(32) / 4.0)
+
+
+# ------------------------------------------------------------------------------------------------- transcoders
+READS, WRITES = "layers.0.resid_post", "layers.1.mlp_out"
+
+
+@pytest.fixture(scope="module")
+def transcoder(tiny_llama):
+    from saeforge.runs import SiteBinding, bind
+    from saeforge.saes import TopKConfig, make_sae
+
+    torch.manual_seed(0)
+    sae = make_sae(TopKConfig(d_in=32, d_sae=16, k=4, d_out=32, apply_b_dec_to_input=False)).eval()
+    with torch.no_grad():
+        sae.b_enc.fill_(0.5)  # most latents fire, so clamp and scale have something to act on
+    return bind("tc", sae, SiteBinding.single(READS, WRITES), tiny_llama)
+
+
+def _encode(sae, x):
+    with torch.no_grad():
+        return sae.encode(x)
+
+
+def _ids(lm, text="To be, or not to be, that is the question"):
+    return torch.tensor([[lm.bos_token_id()] + lm.tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+@pytest.mark.parametrize("mode, strength", [("add", 2.5), ("clamp", 3.0), ("scale", 0.0), ("scale", 2.0)])
+def test_a_transcoder_steers_where_it_writes_with_f_from_where_it_reads(tiny_llama, transcoder, mode, strength):
+    lm, sae = tiny_llama, transcoder.sae
+    st = Steerer(lm, {"tc": transcoder}, {"tc": None})
+    ids = _ids(lm)
+    plain = lm.read(ids, [READS, WRITES])
+    with st.steering([FeatureEdit("tc", 3, mode, strength, "raw")]):
+        got = lm.read(ids, [READS, WRITES])
+    assert torch.equal(got[READS], plain[READS])  # nothing is written where the transcoder reads
+    d = sae.W_dec[3].detach()
+    f = _encode(sae, plain[READS][0])[:, 3]  # from the activation at A, not from x_B
+    assert bool((f[1:] > 0).any())
+    delta = {"add": torch.full_like(f, strength), "clamp": strength - f, "scale": (strength - 1) * f}[mode]
+    expected = plain[WRITES][0, 1:] + delta[1:, None] * d
+    torch.testing.assert_close(got[WRITES][0, 1:], expected)
+    assert torch.equal(got[WRITES][0, 0], plain[WRITES][0, 0])  # BOS untouched
+
+
+def test_a_transcoder_reads_an_activation_edited_upstream(tiny_llama, transcoder, steerer):
+    """An SAE edit at A and a transcoder clamp at B in one block: f is encoded from A after A's edit."""
+    lm, sae = tiny_llama, transcoder.sae
+    site_a = lm.site(READS)
+    other = make_sae_at(32, 1)
+    st = Steerer(lm, {"tc": transcoder, "a": BoundSAE("a", other, (site_a,), (site_a,))}, {"tc": None, "a": None})
+    ids = _ids(lm)
+    first = [FeatureEdit("a", 0, "add", 4.0, "raw")]
+    with st.steering(first):
+        ref = lm.read(ids, [READS, WRITES])
+    with st.steering(first + [FeatureEdit("tc", 3, "clamp", 3.0, "raw")]):
+        got = lm.read(ids, [READS, WRITES])
+    f = _encode(sae, ref[READS][0])[:, 3]
+    torch.testing.assert_close(got[WRITES][0, 1:], ref[WRITES][0, 1:] + (3.0 - f[1:])[:, None] * sae.W_dec[3].detach())
+
+
+def make_sae_at(d, seed):
+    from saeforge.saes import TopKConfig, make_sae
+
+    torch.manual_seed(seed)
+    return make_sae(TopKConfig(d_in=d, d_sae=8, k=2)).eval()
+
+
+def test_a_transcoder_that_writes_before_it_reads_is_refused(tiny_llama):
+    from saeforge.runs import SiteBinding, bind
+
+    backwards = bind("back", make_sae_at(32, 2), SiteBinding.single("layers.2.resid_post", "layers.0.mlp_out"),
+                     tiny_llama)
+    st = Steerer(tiny_llama, {"back": backwards}, {"back": None})
+    with st.steering([FeatureEdit("back", 1, "clamp", 1.0, "raw")]), \
+            pytest.raises(SaeforgeError, match="before the site it reads"):
+        tiny_llama.logits(_ids(tiny_llama))
+    with st.steering([FeatureEdit("back", 1, "add", 1.0, "raw")]):  # add needs no f: allowed
+        tiny_llama.logits(_ids(tiny_llama))
+
+
+def test_run_steering_measures_a_transcoder_at_its_read_site(tiny_llama, transcoder):
+    st = Steerer(tiny_llama, {"tc": transcoder}, {"tc": None})
+    run = run_steering(st, PROMPTS, [FeatureEdit("tc", 3, "clamp", 0.0, "raw")], max_new_tokens=4, seed=0)
+    e = run.metrics["edits"][0]
+    assert (e["read_site"], e["write_site"]) == (READS, WRITES)
+    # clamping at B leaves A at the same position alone: with the text unchanged the injected reading is the plain one
+    if run.steered == run.baseline:
+        assert e["target_activation_injected"] == pytest.approx(e["target_activation_baseline"], rel=1e-5)
+    assert e["target_activation_baseline"] > 0

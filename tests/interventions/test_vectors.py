@@ -1,0 +1,105 @@
+"""Steering vectors against hand-computed cases: CAA, STA (atoms, normalisation, trimming, rescaling), SAE-refined CAA
+(relevant features by Mann–Whitney + FDR, least-squares projection), and the per-text means they start from."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from saeforge.errors import SaeforgeError
+from saeforge.interventions.vectors import TextActivations, caa_vector, collect, refined_caa_vector, sta_vector
+
+W4 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]])  # decoder rows, d = 3
+
+
+def _acts(acts, feats):
+    return TextActivations(torch.tensor(acts, dtype=torch.float32), torch.tensor(feats, dtype=torch.float32))
+
+
+def test_caa_is_the_difference_of_the_text_means():
+    pos = _acts([[1.0, 2.0, 0.0], [3.0, 4.0, 0.0]], [[0.0] * 4] * 2)
+    neg = _acts([[0.0, 0.0, 1.0], [2.0, 2.0, 1.0]], [[0.0] * 4] * 2)
+    assert caa_vector(pos, neg).tolist() == [1.0, 2.0, -1.0]
+
+
+def test_sta_by_hand():
+    # latent activations per text (means over tokens)
+    pos = _acts([[0.0] * 3] * 2, [[2, 0, 1, 0], [4, 0, 1, 1]])
+    neg = _acts([[0.0] * 3] * 2, [[0, 1, 1, 0], [0, 1, 0, 0]])
+    caa = torch.tensor([3.0, 4.0, 0.0])  # norm 5
+    # Δa = [3, −1, 0.5, 0.5]; Δf (texts fired on) = [2, −2, 1, 1]
+    # signed min–max of |Δa| (min 0.5, max 3): [1, −0.2, 0, 0]; of |Δf| (min 1, max 2): [1, −1, 0, 0]
+    # sign-consistent and non-zero: latents 0 and 1
+    # trim 0.5: thresholds at the median of |na| over {0, 1} = 0.6 and of |nf| = 1 → only latent 0 is kept
+    v, atoms = sta_vector(SimpleNamespace(W_dec=W4), pos, neg, caa, trim=0.5)
+    assert atoms.tolist() == [0]
+    torch.testing.assert_close(v, torch.tensor([5.0, 0.0, 0.0]))  # 3·W[0], rescaled to ‖v_CAA‖ = 5
+    # trim 1 keeps both consistent latents: 3·W[0] − 1·W[1] = (3, −2, 0), rescaled to norm 5
+    v, atoms = sta_vector(SimpleNamespace(W_dec=W4), pos, neg, caa, trim=1.0)
+    assert atoms.tolist() == [0, 1]
+    torch.testing.assert_close(v, torch.tensor([3.0, -2.0, 0.0]) * 5 / math.sqrt(13))
+    with pytest.raises(SaeforgeError, match="trim must lie in"):
+        sta_vector(SimpleNamespace(W_dec=W4), pos, neg, caa, trim=0.0)
+    same = _acts([[0.0] * 3] * 2, [[1, 1, 1, 1]] * 2)
+    with pytest.raises(SaeforgeError, match="no SAE latent differs consistently"):
+        sta_vector(SimpleNamespace(W_dec=W4), same, same, caa)
+
+
+def _sets(n=12):
+    """Latent 0 and 1 higher on every positive text, latent 2 the same on both, latent 3 higher on the negatives."""
+    pos_feats = [[2.0 + i, 1.0 + 0.1 * i, 0.5 if i % 2 else 0.0, 0.0] for i in range(n)]
+    neg_feats = [[0.1 * i, 0.0, 0.5 if i % 2 else 0.0, 1.0 + i] for i in range(n)]
+    pos = _acts([[2.0, 1.0, 3.0]] * n, pos_feats)
+    neg = _acts([[0.0, 0.0, 0.0]] * n, neg_feats)
+    return pos, neg
+
+
+def test_refined_caa_keeps_the_components_on_the_relevant_features():
+    pos, neg = _sets()
+    caa = caa_vector(pos, neg)
+    assert caa.tolist() == [2.0, 1.0, 3.0]
+    # relevant: latents 0 and 1 (every positive above every negative: p ≈ 1e-5, far below FDR 5 %); latent 2 is
+    # tied across the sets, latent 3 is higher on the negatives. Their decoder rows span the first two axes,
+    # so the projection of v_CAA is (2, 1, 0).
+    v, relevant = refined_caa_vector(SimpleNamespace(W_dec=W4), pos, neg, caa)
+    assert relevant.tolist() == [0, 1]
+    torch.testing.assert_close(v, torch.tensor([2.0, 1.0, 0.0]))
+    # non-orthogonal rows: (1, 1, 0)/√2 and (1, 0, 0) span the same plane: the same projection
+    skew = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    skew[0] /= math.sqrt(2)
+    v, _ = refined_caa_vector(SimpleNamespace(W_dec=skew), pos, neg, caa)
+    torch.testing.assert_close(v, torch.tensor([2.0, 1.0, 0.0]))
+    # one relevant row (1, 1, 1): the projection of (2, 1, 3) onto it is 2·(1, 1, 1)
+    only = pos.feats.clone()
+    only[:, 1] = neg.feats[:, 1]
+    v, relevant = refined_caa_vector(SimpleNamespace(W_dec=W4[[3, 1, 2, 0]]), TextActivations(pos.acts, only), neg,
+                                     caa)
+    assert relevant.tolist() == [0]
+    torch.testing.assert_close(v, torch.tensor([2.0, 2.0, 2.0]))
+
+
+def test_refined_caa_refuses_when_nothing_is_relevant():
+    _, neg = _sets()
+    same = TextActivations(neg.acts, neg.feats)  # the positives are the negatives: no latent differs
+    with pytest.raises(SaeforgeError, match="no feature fires significantly more"):
+        refined_caa_vector(SimpleNamespace(W_dec=W4), same, neg, caa_vector(same, neg))
+
+
+def test_collect_means_over_the_sae_data_positions(tiny_llama):
+    from saeforge.saes import TopKConfig, make_sae
+
+    torch.manual_seed(0)
+    sae = make_sae(TopKConfig(d_in=32, d_sae=16, k=4)).eval()
+    site = "layers.1.resid_post"
+    texts = ["To be, or not to be", "Now is the winter of our discontent made glorious summer"]
+    got = collect(tiny_llama, sae, site, texts)
+    for i, t in enumerate(texts):
+        tokens = tiny_llama.tokenizer(t, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([[tiny_llama.bos_token_id()] + tokens])
+        x = tiny_llama.read(ids, [site])[site][0, 1:]  # BOS is not SAE data
+        torch.testing.assert_close(got.acts[i], x.mean(0), rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            torch.testing.assert_close(got.feats[i], sae.encode(x).mean(0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(SaeforgeError, match="fewer than 2 usable texts"):
+        collect(tiny_llama, sae, site, texts[:1])
