@@ -132,16 +132,11 @@ class Steerer:
         store_path = Path(path) / STORE_FILE
         max_acts: dict[str, torch.Tensor | None] = {}
         for name, bound in run.saes.items():
-            sae = bound.sae
             max_acts[name] = None
             if store_path.is_file():
                 with FeatureStore(store_path, readonly=True) as store:
-                    sae_id = store.sae_id(name)
-                    rows = store.con.execute("SELECT idx, max_act FROM features WHERE sae_id = ?", (sae_id,))
-                    m = torch.zeros(sae.cfg.d_sae)
-                    for idx, v in rows:
-                        m[idx] = v
-                    max_acts[name] = m
+                    if name in {s["name"] for s in store.saes()}:  # a dictionary added after the harvest has none
+                        max_acts[name] = torch.from_numpy(store.max_activations(name))
             if max_acts[name] is None:
                 stats = load_feature_stats(bound.folder)
                 if stats and "max_activation" in stats:

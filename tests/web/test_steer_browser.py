@@ -53,10 +53,11 @@ def test_steer_form_shows_baseline_and_steered_columns_and_the_effect(page, web_
     m = want["metrics"]
     effect = page.locator(f'#effect-table tr[data-feature="{idx}"]')
     expect(effect).to_have_count(1)
-    shown = [float(effect.locator(f".act-{k}").text_content()) for k in ("baseline", "steered")]
-    assert shown == pytest.approx([m["edits"][0][f"target_activation_{k}"] for k in ("baseline", "steered")],
-                                  rel=1e-3, abs=1e-6)
-    assert shown[1] > shown[0]
+    kinds = ("baseline", "steered", "injected")
+    shown = [float(effect.locator(f".act-{k}").text_content()) for k in kinds]
+    assert shown == pytest.approx([m["edits"][0][f"target_activation_{k}"] for k in kinds], rel=1e-3, abs=1e-6)
+    # the plain model's reading of a 5-token text may not move on a random tiny model; the injection always does
+    assert shown[2] > shown[0]
     expect(effect.locator("a.feature-link")).to_have_attribute("href", f"/saes/{SAE}/features/{idx}")
     kl = float(page.locator("#kl").text_content())
     assert kl == pytest.approx(m["kl_prompt"], rel=1e-3) and kl > 0

@@ -115,7 +115,8 @@
       const act = el("td", { class: "activation" });
       act.append(el("span", { class: "act-baseline" }, num(m.target_activation_baseline)), " → ",
                  el("span", { class: "act-steered" }, num(m.target_activation_steered)));
-      tr.append(feat, edit, act);
+      const injected = el("td", { class: "act-injected muted" }, num(m.target_activation_injected));
+      tr.append(feat, edit, act, injected);
       effectRows.append(tr);
     });
     const pb = mean(body.metrics.perplexity_baseline);
