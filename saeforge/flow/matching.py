@@ -83,13 +83,16 @@ def blocked_topk(a: torch.Tensor, b: torch.Tensor, k: int, *, block_a: int = 204
     indices = torch.empty(n_a, k, dtype=torch.int64)
     for i in range(0, n_a, block_a):
         rows = a[i:i + block_a]
-        best_v = torch.full((rows.shape[0], 0), float("-inf"))
-        best_i = torch.empty(rows.shape[0], 0, dtype=torch.int64)
         for j in range(0, b.shape[0], block_b):
             sim = rows @ b[j:j + block_b].T
-            kk = min(k, sim.shape[1])
-            v, ix = sim.topk(kk, dim=1, sorted=True)
-            # earlier blocks first: on equal values topk of the concatenation keeps the earlier (lower) index
+            if k == 1:  # max is several times cheaper than topk over a block
+                v, ix = sim.max(dim=1, keepdim=True)
+            else:
+                v, ix = sim.topk(min(k, sim.shape[1]), dim=1, sorted=True)
+            if j == 0:
+                best_v, best_i = v, ix
+                continue
+            # earlier blocks first: on equal values the stable sort keeps the earlier (lower) index
             cat_v, cat_i = torch.cat([best_v, v], 1), torch.cat([best_i, ix + j], 1)
             order = torch.sort(cat_v, dim=1, descending=True, stable=True).indices[:, :k]
             best_v, best_i = cat_v.gather(1, order), cat_i.gather(1, order)
