@@ -7,7 +7,8 @@ Metrics: activation change 1 − z_new/z_old, success (z_new = 0: the target no 
 of the LM loss on the tokens from t on.
 
 Strategies: ``top1`` (the best decoder match at each predecessor site), ``top5`` (the five best), ``random_top5``
-(one of the five at random), ``permutation`` (the one-to-one Hungarian partner) and ``random`` (a control: as many
+(one of the five at random), ``permutation`` (the one-to-one Hungarian partner), ``pearson`` (the best match by
+activation correlation; needs ``saeforge flow match --methods pearson`` first) and ``random`` (a control: as many
 randomly chosen *active* features at each site as ``top1`` has active ones there).
 """
 
@@ -26,8 +27,10 @@ from simple_parsing.helpers import field
 from saeforge.errors import SaeforgeError
 from saeforge.flow.suite import open_suite, parse_layers, site_name
 
-STRATEGIES = ("top1", "top5", "random_top5", "permutation", "random")
-PAPER_TABLE = {"top1": (0.75, 0.65)}  # Table 1 of arXiv 2502.03032: mean activation change, success rate
+STRATEGIES = ("top1", "top5", "random_top5", "permutation", "pearson", "random")
+DEFAULT_STRATEGIES = ("top1", "top5", "random_top5", "permutation", "random")
+# Table 1 of arXiv 2502.03032: mean activation change, success rate
+PAPER_TABLE = {"top1": (0.75, 0.65), "pearson": (0.74, 0.65)}
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,9 @@ class DeactivateConfig:
     """The suite."""
     layers: str = ""
     """Layers of the target residual features (e.g. 12); empty: every layer with all its predecessors."""
-    strategies: tuple[str, ...] = STRATEGIES
-    """Matching strategies: top1, top5, random_top5, permutation, random (control)."""
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
+    """Matching strategies: top1, top5, random_top5, permutation, pearson (after flow match --methods pearson),
+    random (control)."""
     r: float = 0.0
     """Rescaling factor of the predecessors (0 removes them; negative flips them)."""
     corpus: str = "embedded:validation"
@@ -78,8 +82,8 @@ def strategy_sets(strategy: str, i: int, tables: dict, active: dict[str, torch.T
         elif strategy == "random_top5":
             cand = [int(j) for j in t["top5"][i] if j >= 0]
             js = [cand[int(torch.randint(len(cand), (1,), generator=gen))]] if cand else []
-        elif strategy == "permutation":
-            js = [int(t["permutation"][i])]
+        elif strategy in ("permutation", "pearson"):
+            js = [int(t[strategy][i])]
         elif strategy == "random":
             n = int(t["top1"][i] >= 0 and bool(active[key][t["top1"][i]]))
             pool = torch.nonzero(active[key]).flatten()
@@ -101,8 +105,13 @@ def _tables(suite, L: int, strategies: tuple[str, ...]) -> dict[str, dict[str, t
     needed = {"top1": ("top1", 1), "top5": ("topk", 5)}
     if "permutation" in strategies:
         needed["permutation"] = ("permutation", 1)
+    if "pearson" in strategies:
+        needed["pearson"] = ("pearson", 1)
     for name, (method, k) in needed.items():
         stored = {key: load_matches(suite.path, target, p, method) for key, p in preds.items()}
+        if method == "pearson" and any(m is None for m in stored.values()):
+            raise SaeforgeError(f"no Pearson matches stored for layer {L}",
+                                f"saeforge flow match {suite.path} --methods top1 pearson --layers {L}")
         if any(m is None or m.k < k for m in stored.values()):
             stored = predecessor_matches(suite, L, method, k=k)
         for key, m in stored.items():
