@@ -120,16 +120,29 @@ def run_match(cfg: MatchConfig) -> dict[str, Any]:
                 for m in tables.values():
                     save_matches(cfg.suite, m)
                 row[method] = _layer_summary(tables, cfg.residual_threshold, cfg.module_threshold)
+            row["random_baseline_s"] = _random_baseline(suite, L)
             summary["layers"][str(L)] = row
             s = row[cfg.methods[0]]
             print(f"layer {L:>3} ({cfg.methods[0]}): mean s^(R) {s['mean_s']['R']:.3f}, s^(M) {s['mean_s']['M']:.3f}, "
                   f"s^(A) {s['mean_s']['A']:.3f} | translated {s['groups']['translated']:.1%}, processed "
                   f"{s['groups']['processed']:.1%}, newborn {s['groups']['newborn']:.1%}, unexplained "
-                  f"{s['groups']['unexplained']:.1%}", flush=True)
+                  f"{s['groups']['unexplained']:.1%} (random directions: s {row['random_baseline_s']:.3f})", flush=True)
         summary["seconds"] = time.time() - t0
         atomic_write_json(Path(cfg.suite) / "flow" / "match_summary.json", summary)
     print(f"matched {len(layers)} layer(s) in {summary['seconds']:.1f} s; tables in {Path(cfg.suite) / 'flow/matches'}")
     return summary
+
+
+def _random_baseline(suite, layer: int) -> float:
+    """Mean top-1 cosine of R_L's features against random directions as many as M_L has: what s scores reach by
+    chance (about sqrt(2 ln n / d); 0.16 for 2,304 features in 576 dimensions), so thresholds can be set above it."""
+    import torch
+
+    from saeforge.flow.matching import match_decoders
+
+    target, other = suite.sae(layer, "resid_post"), suite.sae(layer, "mlp_out")
+    noise = torch.randn(other.d_sae, other.d_out, generator=torch.Generator().manual_seed(layer))
+    return float(match_decoders(target.sae.W_dec, noise).s.mean())
 
 
 def _layer_summary(tables: dict, t_res: float, t_mod: float) -> dict[str, Any]:

@@ -236,12 +236,33 @@ class Suite:
         the one the SAEs were trained on (when they record it)."""
         from saeforge.runs import SiteBinding, bind
 
-        if self.fingerprint and self.fingerprint != lm.fingerprint():
+        if self.fingerprint and self.fingerprint not in self._fingerprints(lm):
             raise SaeforgeError(f"the suite {self.path} was trained on another model (fingerprint "
                                 f"{self.fingerprint[:12]}, {lm.name} is {lm.fingerprint()[:12]})",
                                 f"load the suite's model: --model {self.model_name or 'NAME'}")
         return {s: bind(s, e.sae.to(lm.device).eval(), SiteBinding.single(s), lm, folder=e.path, meta=e.meta)
                 for s, e in self.saes.items()}
+
+    def _fingerprints(self, lm) -> set[str]:
+        """The fingerprints ``lm`` may have been recorded under: its own and, for a suite trained with the model in
+        another dtype (the fingerprint hashes the weights as loaded), the one of the model loaded in that dtype."""
+        prints = {lm.fingerprint()}
+        trained = self.model_dtype()
+        if self.fingerprint not in prints and trained and trained != str(lm.dtype).removeprefix("torch."):
+            from saeforge.models.language_model import LanguageModel
+
+            prints.add(LanguageModel.load(lm.name, dtype=trained, device="cpu").fingerprint())
+        return prints
+
+    def model_dtype(self) -> str | None:
+        """The dtype the model ran in while the suite trained (run.json), if it says."""
+        import json
+
+        run = self.path / "run.json"
+        try:
+            return json.loads(run.read_text())["config"].get("model_dtype") if run.is_file() else None
+        except (OSError, ValueError, KeyError, AttributeError):
+            return None
 
     def load_model(self, model: str = "", device: str = "auto", dtype: str = "float32"):
         from saeforge.models.language_model import LanguageModel

@@ -109,3 +109,18 @@ def test_binding_checks_the_fingerprint(tiny_llama, tmp_path):
     write_suite(tmp_path, {"layers.1.resid_post": unit(8, 32, g)}, {"model_fingerprint": "c" * 64})
     with pytest.raises(SaeforgeError, match="another model"):
         open_suite(tmp_path).bind(tiny_llama)
+
+
+def test_a_suite_trained_with_the_model_in_bfloat16_binds_to_it_in_float32(tiny_llama, tiny_llama_dir, tmp_path):
+    import json
+
+    from saeforge.models.language_model import LanguageModel
+
+    bf16 = LanguageModel.load(str(tiny_llama_dir), dtype="bfloat16", device="cpu").fingerprint()
+    assert bf16 != tiny_llama.fingerprint()  # the fingerprint hashes the weights as loaded
+    g = torch.Generator().manual_seed(4)
+    write_suite(tmp_path, {"layers.1.resid_post": unit(8, 32, g)}, {"model_fingerprint": bf16})
+    with pytest.raises(SaeforgeError, match="another model"):
+        open_suite(tmp_path).bind(tiny_llama)  # nothing says the suite ran the model in bfloat16
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"model_dtype": "bfloat16"}}))
+    assert set(open_suite(tmp_path).bind(tiny_llama)) == {"layers.1.resid_post"}
