@@ -29,7 +29,7 @@ def test_match_and_graph_from_the_command_line(small_suite, capsys):
     assert main(["flow", "match", str(small_suite), "--methods", "top1", "topk"]) == 0
     summary = json.loads((small_suite / "flow" / "match_summary.json").read_text())
     assert list(summary["layers"]) == ["5"] and set(summary["layers"]["5"]) == {"top1", "topk", "random_baseline_s"}
-    assert 0.2 < summary["layers"]["5"]["random_baseline_s"] < 0.4  # sqrt(2 ln 50 / 128) = 0.25 by chance
+    assert 0.1 < summary["layers"]["5"]["random_baseline_s"] < 0.3  # ≈ 0.19 by chance for 50 features in 128 dims
     assert main(["flow", "graph", str(small_suite), "--feature", "layers.5.resid_post:7"]) == 0
     out = capsys.readouterr().out
     assert "layers.4.resid_post:3" in out and (small_suite / "flow/graphs/layers.5.resid_post_7.svg").is_file()
