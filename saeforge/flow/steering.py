@@ -169,18 +169,12 @@ def measure(lm, bound: dict, ids: torch.Tensor, mask: torch.Tensor, new: torch.T
     logp = F.log_softmax(logits[:, n - 1:-1], -1)
     nll = -logp.gather(-1, new[..., None].to(logp.device)).squeeze(-1).mean(1)
     z = bound[site].sae.encode(cap[site][:, n:].float())[..., idx]
+    from saeforge.interventions.compare import keyword_rate  # share of texts with a keyword (NaN without keywords)
+
     texts = [lm.tokenizer.decode(t, skip_special_tokens=True) for t in new]
     return {"target_activation": float(z.mean()), "target_firing": float((z > 0).float().mean()),
             "keyword_rate": keyword_rate(texts, keywords), "perplexity": float(torch.exp(nll).median()),
             "texts": texts}
-
-
-def keyword_rate(texts: Sequence[str], keywords: Sequence[str]) -> float:
-    """Share of texts holding a keyword (whole words, any case); NaN without keywords."""
-    if not keywords:
-        return float("nan")
-    pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in keywords) + r")\b", re.IGNORECASE)
-    return sum(bool(pattern.search(t)) for t in texts) / max(len(texts), 1)
 
 
 JUDGE_PROMPT = """Rate the text below on two scales from 0 to 5.
