@@ -10,6 +10,7 @@ from typing import Any, Callable
 from simple_parsing.helpers import field
 
 from saeforge.errors import SaeforgeError
+from saeforge.flow.data import with_threads
 from saeforge.flow.matching import METHODS, check_threshold, compare_saes, pearson_match
 from saeforge.flow.suite import KINDS, open_suite, parse_layers, site_name
 
@@ -49,6 +50,8 @@ class MatchConfig:
     """pearson: the model; empty: the one the SAEs name."""
     device: str = "auto"
     """auto, cpu or cuda."""
+    threads: int = 0
+    """CPU threads for PyTorch; 0: automatic (fewer when other work keeps the CPUs busy)."""
 
 
 def _compare(cfg: MatchConfig) -> dict[str, Any]:
@@ -77,6 +80,7 @@ def _compare(cfg: MatchConfig) -> dict[str, Any]:
     return report
 
 
+@with_threads
 def run_match(cfg: MatchConfig) -> dict[str, Any]:
     from saeforge.flow.links import save_matches
     from saeforge.flow.matching import predecessor_matches

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -64,3 +66,18 @@ def encode_sites(lm, saes: dict, ids: torch.Tensor, sites: list[str], *, positio
                 a = a.gather(1, pos[..., None].expand(-1, -1, a.shape[-1]))
             out[s].append(saes[s].sae.encode(a).cpu())
     return {s: torch.cat(v) for s, v in out.items()}
+
+
+def with_threads(fn: Callable) -> Callable:
+    """Run a command under the project's thread policy (``cfg.threads``, 0: automatic): on a shared 2-core machine
+    two PyTorch threads that wait on each other made these steps many times slower than one
+    (saeforge.utils.threads)."""
+
+    @functools.wraps(fn)
+    def run(cfg, *args, **kwargs):
+        from saeforge.utils.threads import thread_policy
+
+        with thread_policy(getattr(cfg, "threads", 0)):
+            return fn(cfg, *args, **kwargs)
+
+    return run

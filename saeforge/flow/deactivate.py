@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from simple_parsing.helpers import field
 
 from saeforge.errors import SaeforgeError
+from saeforge.flow.data import with_threads
 from saeforge.flow.suite import open_suite, parse_layers, site_name
 
 STRATEGIES = ("top1", "top5", "random_top5", "permutation", "pearson", "random")
@@ -66,6 +67,8 @@ class DeactivateConfig:
     """auto, cpu or cuda."""
     out: str = ""
     """Output folder; empty: SUITE/flow/."""
+    threads: int = 0
+    """CPU threads for PyTorch; 0: automatic (fewer when other work keeps the CPUs busy)."""
 
 
 def strategy_sets(strategy: str, i: int, tables: dict, active: dict[str, torch.Tensor], gen: torch.Generator
@@ -213,6 +216,7 @@ def format_table(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+@with_threads
 def run_deactivate(cfg: DeactivateConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 

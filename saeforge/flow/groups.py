@@ -16,6 +16,7 @@ import torch
 from simple_parsing.helpers import field
 
 from saeforge.errors import SaeforgeError
+from saeforge.flow.data import with_threads
 from saeforge.flow.suite import open_suite, parse_layers, site_name
 
 GROUPS = ("From RES", "From MLP", "From ATT", "From RES & MLP", "From RES & ATT", "From MLP & ATT",
@@ -49,6 +50,8 @@ class GroupsConfig:
     """auto, cpu or cuda."""
     out: str = ""
     """Output folder; empty: SUITE/flow/."""
+    threads: int = 0
+    """CPU threads for PyTorch; 0: automatic (fewer when other work keeps the CPUs busy)."""
 
 
 def top1_tables(suite, layers: list[int]) -> dict[int, dict[str, torch.Tensor]]:
@@ -87,6 +90,7 @@ def count_groups(code: torch.Tensor) -> list[int]:
     return [int(counts[c]) for c in sorted(_CODE_TO_GROUP, key=_CODE_TO_GROUP.get)]
 
 
+@with_threads
 def run_groups(cfg: GroupsConfig) -> dict[str, Any]:
     from saeforge.flow.data import encode_sites, sample_tokens
     from saeforge.utils.atomic import atomic_write_json

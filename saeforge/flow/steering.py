@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from simple_parsing.helpers import field
 
 from saeforge.errors import SaeforgeError
+from saeforge.flow.data import with_threads
 
 SCHEDULES = ("constant", "linear", "exponential")
 SCOPES = ("target", "single", "cumulative", "cumulative_all")
@@ -253,6 +254,8 @@ class FlowSteerConfig:
     """auto, cpu or cuda."""
     out: str = ""
     """Output folder; empty: SUITE/flow/steer/."""
+    threads: int = 0
+    """CPU threads for PyTorch; 0: automatic (fewer when other work keeps the CPUs busy)."""
 
 
 def _settings(cfg: FlowSteerConfig) -> list[tuple[str, str, float]]:
@@ -264,6 +267,7 @@ def _settings(cfg: FlowSteerConfig) -> list[tuple[str, str, float]]:
     return out
 
 
+@with_threads
 def run_flow_steer(cfg: FlowSteerConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
