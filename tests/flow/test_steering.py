@@ -100,3 +100,17 @@ def test_bad_input(tiny_suite):
         run_flow_steer(FlowSteerConfig(suite=str(suite), feature="layers.2.resid_post:64"))
     with pytest.raises(SaeforgeError, match="strengths"):
         run_flow_steer(FlowSteerConfig(suite=str(suite), feature="layers.2.resid_post:0", strengths=(float("inf"),)))
+
+
+def test_judge_reads_behaviour_and_coherence_replies():
+    from saeforge.flow.steering import judge
+
+    class FakeBackend:
+        def generate(self, prompts, max_new_tokens):
+            assert all("love" in p[0]["content"] for p in prompts)
+            return ["behaviour=5 coherence=4", "Behavior = 1, coherence = 2", "I cannot rate this"]
+
+    scores = judge(FakeBackend(), ["a", "b", "c"], "love")
+    assert scores["judge_behaviour"] == pytest.approx(3 / 5)  # the unreadable reply is left out
+    assert scores["judge_coherence"] == pytest.approx(3 / 5)
+    assert scores["judge_score"] == pytest.approx((5 * 4 + 1 * 2) / 2 / 25)
