@@ -74,9 +74,10 @@ def parse_layers(spec: str, n_layers: int | None = None) -> list[int]:
 @flat_options
 @dataclass(frozen=True)
 class SuiteConfig:
-    """Train a suite: TopK SAEs on resid_post, mlp_out and attn_out of every layer in a range, all from one pass over
-    the data (one model forward, stopped after the last layer, feeds every SAE). The result is a run directory that
-    `saeforge flow match/graph/groups/deactivate/steer` open whole; `saeforge train --resume OUT` resumes it."""
+    """Train a suite: SAEs (TopK by default) on resid_post, mlp_out and attn_out of every layer in a range, all from
+    one pass over the data (one model forward, stopped after the last layer, feeds every SAE). The result is a run
+    directory that `saeforge flow match/graph/groups/deactivate/steer` open whole; `saeforge train --resume OUT`
+    resumes it."""
 
     out: str = ""
     """Run directory to create (saes/layers.L.SITE/ for every SAE)."""
