@@ -119,7 +119,9 @@ def run_import(cfg) -> None:
           f"`saeforge train --cache {cache.folder} --sites {' '.join(m['sites'])} --out RUN_DIR`")
 
 
-def _commands() -> dict[str, tuple[type, Callable, str]]:
+def _commands() -> dict[str, tuple[type | dict, Callable | None, str]]:
+    """``{name: (config class, function, help)}``; a group of subcommands (``saeforge flow match``) has a dict of
+    those in place of the config class and no function."""
     from saeforge.data.activation_cache import CacheConfig
     from saeforge.data.array_import import ImportConfig
     from saeforge.demo import DemoConfig, run_demo
@@ -128,6 +130,7 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     from saeforge.features.contrast import ContrastConfig, run_contrast
     from saeforge.features.harvest import HarvestConfig, run_harvest
     from saeforge.features.inspect import InspectConfig, run_inspect
+    from saeforge.flow.cli import flow_commands
     from saeforge.formats.convert import ConvertConfig, run_convert
     from saeforge.interventions.compare import CompareSteeringConfig, run_compare_steering
     from saeforge.interventions.generate import SteerConfig, run_steer
@@ -155,6 +158,8 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
                              "compare CAA, STA and SAE-refined steering vectors on one behaviour"),
         "convert": (ConvertConfig, run_convert,
                     "convert SAEs between formats (saeforge, SAELens, sparsify, Gemma Scope, dictionary_learning)"),
+        "flow": (flow_commands(), None, "feature flow across layers: SAE suites, matching, flow graphs, origin "
+                 "groups, deactivation, multi-layer steering"),
     }
 
 
@@ -170,6 +175,14 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--version", action="version", version=f"saeforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, (cfg_cls, _, help_text) in _commands().items():
+        if isinstance(cfg_cls, dict):  # a group: saeforge NAME SUBCOMMAND
+            group = sub.add_parser(name, help=help_text, description=help_text)
+            inner = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", title="subcommands")
+            for sub_name, (sub_cls, _, sub_help) in cfg_cls.items():
+                p = inner.add_parser(sub_name, help=sub_help, description=sub_cls.__doc__,
+                                     add_option_string_dash_variants=DashVariant.DASH)
+                p.add_arguments(sub_cls, dest="cfg")
+            continue
         p = sub.add_parser(name, help=help_text, description=cfg_cls.__doc__,
                            add_option_string_dash_variants=DashVariant.DASH)
         p.add_arguments(cfg_cls, dest="cfg")
@@ -182,7 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    _, fn, _ = _commands()[args.command]
+    group, fn, _ = _commands()[args.command]
+    if isinstance(group, dict):
+        if not getattr(args, "subcommand", None):
+            next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[
+                args.command].print_help()
+            return 0
+        _, fn, _ = group[args.subcommand]
+    command = " ".join(filter(None, (args.command, getattr(args, "subcommand", None))))
     try:
         if fn is run_train:
             command_parser = next(a for a in parser._actions
@@ -191,14 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             fn(args.cfg)
     except SaeforgeError as err:
-        print(f"saeforge {args.command}: error: {err.problem}", file=sys.stderr)
+        print(f"saeforge {command}: error: {err.problem}", file=sys.stderr)
         if err.fix:
             print(f"  fix: {err.fix}", file=sys.stderr)
         if os.environ.get("SAEFORGE_DEBUG"):
             raise
         return 2
     except KeyboardInterrupt:
-        print(f"saeforge {args.command}: interrupted; re-running the same command resumes", file=sys.stderr)
+        print(f"saeforge {command}: interrupted; re-running the same command resumes", file=sys.stderr)
         return 130
     return 0
 
