@@ -210,8 +210,8 @@ def check_site_order(binding: SiteBinding, *, where: str = "the dictionary") -> 
                 raise SaeforgeError(
                     f"{where} would read {r} and write {w}, which the model computes before {r}: a transcoder "
                     "predicts a later site from an earlier one",
-                    f"swap them (--sites {w} --target-sites {r}), or pick a target site after {r}, e.g. "
-                    f"layers.{pos[r][0]}.mlp_out")
+                    f"swap them (--sites {w} --target-sites {r}), or give a target site that the model computes "
+                    f"after {r}")
     elif kind == "crosscoder":
         order_of(binding.reads, "sites")
 

@@ -69,7 +69,8 @@ class CLTConfigMixin:
     """Rules and derived widths every CLT config shares (the fields ``n_layers``/``skip_connection`` are declared on
     each config)."""
 
-    binding_kinds: ClassVar[tuple[str, ...]] = ("clt",)
+    # one layer of a CLT reads one site and writes one: a transcoder binding
+    binding_kinds: ClassVar[tuple[str, ...]] = ("clt", "transcoder")
     code: ClassVar[str] = ""
 
     @classmethod

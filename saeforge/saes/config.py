@@ -135,9 +135,17 @@ class SAEConfig:
         what = {"sae": "read and write one site", "transcoder": "read one site and write another",
                 "clt": "read one site per layer and write the MLP outputs of that layer and later ones",
                 "crosscoder": "read (and write) several sites"}.get(kind, kind)
+        fix = f"pass --architecture with one of: {', '.join(able)}"
+        if kind in ("sae", "crosscoder") and {"transcoder", "clt"} & set(cls.binding_kinds):
+            fix = "give the sites it writes (--target-sites, e.g. layers.5.mlp_out), or " + fix[0].lower() + fix[1:]
         raise SaeforgeError(f"architecture {cls.architecture!r} trains {', '.join(cls.binding_kinds)} dictionaries, "
-                            f"but this one is a {kind} (it would {what})",
-                            f"pass --architecture with one of: {', '.join(able)}")
+                            f"but this one is a {kind} (it would {what})", fix)
+
+    @classmethod
+    def trains_several_sites(cls) -> bool:
+        """Whether one dictionary of this architecture reads several sites (so the trainer gives it every site of a
+        layer list instead of training one per site)."""
+        return bool({"clt", "crosscoder"} & set(cls.binding_kinds))
 
     @classmethod
     def binding_options(cls, read_widths: tuple[int, ...], write_widths: tuple[int, ...]) -> dict[str, Any]:

@@ -41,7 +41,8 @@ __all__ = ["BatchTopKCrosscoder", "BatchTopKCrosscoderConfig", "CrosscoderMixin"
 
 
 class CrosscoderConfigMixin:
-    binding_kinds: ClassVar[tuple[str, ...]] = ("crosscoder",)
+    # a crosscoder over one site is an SAE
+    binding_kinds: ClassVar[tuple[str, ...]] = ("crosscoder", "sae")
 
     @classmethod
     def binding_options(cls, read_widths: tuple[int, ...], write_widths: tuple[int, ...]) -> dict[str, Any]:

@@ -85,4 +85,6 @@ def test_binding_rules():
         TopKCrosscoderConfig.binding_options((8, 16), (8, 16))
     with pytest.raises(SaeforgeError, match="not a multiple of n_sites=3"):
         TopKCrosscoderConfig(d_in=16, d_sae=32, n_sites=3, k=2)
-    assert TopKCrosscoderConfig.binding_kinds == ("crosscoder",)
+    assert TopKCrosscoderConfig.for_binding("crosscoder") is TopKCrosscoderConfig
+    with pytest.raises(SaeforgeError, match="this one is a transcoder"):
+        TopKCrosscoderConfig.for_binding("transcoder")
