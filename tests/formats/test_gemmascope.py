@@ -136,7 +136,9 @@ def test_gemmascope2_round_trip(tmp_path):
     imp = read_any(folder / "params.safetensors")
     x = inputs()
     assert torch.equal(imp.sae.encode(x), reference(p, x))
-    assert imp.metadata["hook_name"] == "model.layers.5" and imp.metadata["model_name"] == "google/gemma-3-270m-pt"
+    # the HF hook model.layers.5.output is saeforge's layers.5.resid_post
+    assert imp.metadata["hook_name"] == "layers.5.resid_post" and imp.metadata["reads"] == ["layers.5.resid_post"]
+    assert imp.metadata["model_name"] == "google/gemma-3-270m-pt" and imp.sae.architecture == "jumprelu"
 
 
 def test_gemmascope2_square_uses_documented_layout(tmp_path):
