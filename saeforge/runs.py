@@ -18,7 +18,7 @@ kind           reads → writes          example
                                        writes is a CLT too
 ``crosscoder`` several sites → the     one dictionary over several layers (acausal: every feature reads and
                same sites              writes all of them), or over two models (site names prefixed with the
-                                       model's key, ``a:layers.12.resid_post``, :func:`split_model_site`)
+                                       model's key, ``a--layers.12.resid_post``, :func:`split_model_site`)
 =============  ======================  ======================================================================
 
 A dictionary that reads several sites takes their activations concatenated in ``reads`` order as its input
@@ -97,7 +97,8 @@ class SiteBinding:
 
     @property
     def models(self) -> tuple[str, ...]:
-        """The model keys of a binding over several models (``a:`` / ``b:`` prefixes), in order; () for one model."""
+        """The model keys of a binding over several models (``a--`` / ``b--`` prefixes), in order; () for one
+        model."""
         keys = [split_model_site(s)[0] for s in self.sites]
         return tuple(dict.fromkeys(k for k in keys if k)) if any(keys) else ()
 
@@ -124,11 +125,13 @@ class SiteBinding:
         return cls.single(str(hook), str(meta.get("hook_name_out") or hook))
 
 
-MODEL_SITE_SEPARATOR = ":"
+# "--" appears in no module path and no canonical site, and (unlike ":") is allowed in file names everywhere: caches
+# name their files by site.
+MODEL_SITE_SEPARATOR = "--"
 
 
 def split_model_site(name: str) -> tuple[str | None, str]:
-    """``"a:layers.12.resid_post"`` -> ``("a", "layers.12.resid_post")``; a plain site name -> ``(None, name)``."""
+    """``"a--layers.12.resid_post"`` -> ``("a", "layers.12.resid_post")``; a plain site name -> ``(None, name)``."""
     key, sep, site = name.partition(MODEL_SITE_SEPARATOR)
     return (key, site) if sep and key and site else (None, name)
 

@@ -78,11 +78,11 @@ def test_multi_site_kinds_and_forward_order():
     clt = SiteBinding(tuple(f"layers.{i}.mlp_in" for i in range(3)), tuple(f"layers.{i}.mlp_out" for i in range(3)))
     assert clt.kind == "clt" and clt.is_transcoder
     check_site_order(clt)
-    two_models = ("a:layers.4.resid_post", "b:layers.4.resid_post")
+    two_models = ("a--layers.4.resid_post", "b--layers.4.resid_post")
     diff = SiteBinding(two_models, two_models)
     assert diff.kind == "crosscoder" and diff.models == ("a", "b") and clt.models == ()
     check_site_order(diff)  # the same layer of two models is no repeat
-    assert split_model_site("b:layers.4.resid_post") == ("b", "layers.4.resid_post")
+    assert split_model_site("b--layers.4.resid_post") == ("b", "layers.4.resid_post")
     assert split_model_site("model.layers.4.mlp") == (None, "model.layers.4.mlp")
     assert site_position("model.layers.3.post_attention_layernorm") == site_position("layers.3.mlp_in")
     assert site_position("transformer.h.2.mlp") == site_position("layers.2.mlp_out")

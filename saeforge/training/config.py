@@ -245,7 +245,7 @@ class TrainConfig:
                 if k in mine and k not in RESUME_FREE_FIELDS and mine[k] != theirs[k]]
 
 
-_LAYER_LIST = re.compile(r"^(?P<head>(?:[^:]*:)?(?:.*\.)?(?:layers|h|blocks)\.)(?P<layers>[0-9][0-9,\-]*)(?P<tail>(?:\..*)?)$")
+_LAYER_LIST = re.compile(r"^(?P<head>(?:\w+--)?(?:.*\.)?(?:layers|h|blocks)\.)(?P<layers>[0-9][0-9,\-]*)(?P<tail>(?:\..*)?)$")
 
 
 def expand_sites(spec: str | list | tuple) -> list[str]:

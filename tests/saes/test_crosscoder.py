@@ -72,7 +72,7 @@ def test_fold_one_scale_per_site(code):
 
 def test_save_load_round_trip_is_exact(code, tmp_path):
     sae = build(code)
-    save_sae(sae, tmp_path / "cc", metadata={"reads": ["a:x", "b:x"], "writes": ["a:x", "b:x"]})
+    save_sae(sae, tmp_path / "cc", metadata={"reads": ["a--x", "b--x"], "writes": ["a--x", "b--x"]})
     loaded = load_sae(tmp_path / "cc")
     assert loaded.cfg == sae.cfg
     for key, value in sae.state_dict().items():
