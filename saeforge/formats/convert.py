@@ -67,7 +67,8 @@ def check_encodings(a, b, *, n: int = 512, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     cfg = a.cfg
     with torch.no_grad():
-        scale = float(a.W_dec.detach().float().norm(dim=1).mean()) or 1.0
+        w_dec = a.W_dec if isinstance(a.W_dec, torch.Tensor) else a.W_dec[0]  # a CLT: layer 0's decoders
+        scale = float(w_dec.detach().float().reshape(w_dec.shape[0], -1).norm(dim=1).mean()) or 1.0
         x = torch.randn(n, cfg.d_in, generator=g) * scale * 2.0
         if not cfg.is_transcoder:
             x = x + a.b_dec.detach().float().cpu()
