@@ -91,7 +91,8 @@ def saelens_make(args) -> None:
     x = eval_rows(args.x, args.eval_rows)
     d_in = x.shape[1]
     sae = JumpReLUSkipTranscoder(JumpReLUSkipTranscoderConfig(d_in=d_in, d_sae=args.d_sae, d_out=d_in,
-                                                              device="cpu", dtype="float32"))
+                                                              apply_b_dec_to_input=False, device="cpu",
+                                                              dtype="float32"))
     with torch.no_grad():  # random weights at the scale of the data, thresholds that keep a few dozen latents
         scale = float(x.norm(dim=1).mean())
         sae.W_enc.copy_(torch.randn(d_in, args.d_sae) / scale)
