@@ -7,7 +7,12 @@ activations (SmolLM2-135M-Instruct, saeforge site ``layers.5.resid_post``, d_in 
 2. saeforge trains a TopK SAE itself, saves it (native format, plain SAELens format, sparsify format), and SAELens
    (``SAE.load_from_disk``) and sparsify (``SparseCoder.load_from_disk``) load it and encode like saeforge;
 3. across the peers through saeforge: sparsify's SAE converted to a SAELens folder is encoded by SAELens exactly as
-   sparsify encodes it, and SAELens' SAE converted to a sparsify folder is encoded by sparsify as SAELens encodes it.
+   sparsify encodes it, and SAELens' SAE converted to a sparsify folder is encoded by sparsify as SAELens encodes it;
+4. transcoders (``--coders on|only|off``), on the MLP input and output of layer 5 of the embedded model: saeforge's
+   TopK skip transcoder written as a sparsify folder and its JumpReLU and BatchTopK skip transcoders written as
+   SAELens folders are loaded by the peers, whose encodings *and outputs* (skip term included) must match
+   saeforge's; a skip transcoder trained by sparsify and one built by SAELens are read by saeforge and must match
+   the peers' own.
 
 The peers run in their own virtual environments (``benchmarks/setup_peers.sh``; ``SAEFORGE_PEERS=/work/peers``
 reuses existing ones) through ``benchmarks/peers/interop_saelens.py`` / ``interop_sparsify.py``, which exchange
@@ -130,6 +135,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="result name under benchmarks/results (default interop)")
+    ap.add_argument("--coders", choices=("on", "only", "off"), default="on",
+                    help="also check transcoders (on), only them (only: no peer TopK training), or not (off)")
+    ap.add_argument("--coder-rows", type=int, default=6144, help="MLP input/output rows made for the transcoder checks")
     args = ap.parse_args()
 
     import torch
@@ -139,6 +147,14 @@ def main() -> None:
 
     from saeforge.formats import read_any, save_as
 
+    peers = Path(args.peers)
+    if args.coders == "only":
+        work = Path(args.work)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        results = coder_comparisons(args, peers, work, work / "peers.stderr.log")
+        report(results, {"config": vars(args)}, args.out or "interop_coders")
+        return
     acts_path = Path(args.acts)
     if not acts_path.is_file():
         raise SystemExit(f"{acts_path} not found: run benchmarks/make_acts.py first, or pass --acts")
@@ -147,7 +163,6 @@ def main() -> None:
         raise SystemExit(f"{acts_path}: expected a float32 [N, d] array, got {acts.dtype} {acts.shape}")
     n_train = acts.shape[0] - args.eval_rows
     x_eval = torch.from_numpy(np.array(acts[-args.eval_rows:], dtype=np.float32))
-    peers = Path(args.peers)
     py_lens, py_sp = peer_python(peers, "saelens"), peer_python(peers, "sparsify")
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -224,12 +239,9 @@ def main() -> None:
                            np.load(work / "sp_enc_saelens_as_sparsify.npy"), args.rtol,
                            "sparsify's encode of SAELens' SAE (converted by saeforge) vs SAELens' own encode"))
 
-    print()
-    print(f"{'comparison':<48} {'max|diff|':>10} {'max|act|':>9} {'rel':>9} {'rows≠':>6} {'L0':>6}  result")
-    for r in results:
-        print(f"{r['name']:<48} {r['max_abs_diff']:>10.3g} {r['max_abs_activation']:>9.3g} {r['max_rel_diff']:>9.2g} "
-              f"{r['rows_with_different_active_set']:>6} {r['mean_l0']:>6.1f}  "
-              f"{'identical' if r['identical'] else ('ok' if r['passed'] else 'FAILED')}")
+    if args.coders == "on":
+        results.extend(coder_comparisons(args, peers, work, log))
+    print_table(results)
     print(f"\nSAELens {lens['version']}: trained {lens['train_seconds']:.0f}s, held-out FVU {lens['eval_fvu']:.3f}; "
           f"sparsify {spar['version']}: trained {spar['train_seconds']:.0f}s, held-out FVU {spar['eval_fvu']:.3f}; "
           f"saeforge: trained {sf_info['train_seconds']:.0f}s")
@@ -246,6 +258,152 @@ def main() -> None:
     path = write_result(args.out or "interop", data)
     print(f"{'all comparisons passed' if passed else 'SOME COMPARISONS FAILED'}; wrote {path}")
     sys.exit(0 if passed else 1)
+
+
+def print_table(results: list[dict]) -> None:
+    print()
+    print(f"{'comparison':<56} {'max|diff|':>10} {'max|act|':>9} {'rel':>9} {'rows≠':>6} {'L0':>6}  result")
+    for r in results:
+        print(f"{r['name']:<56} {r['max_abs_diff']:>10.3g} {r['max_abs_activation']:>9.3g} {r['max_rel_diff']:>9.2g} "
+              f"{r['rows_with_different_active_set']:>6} {r['mean_l0']:>6.1f}  "
+              f"{'identical' if r['identical'] else ('ok' if r['passed'] else 'FAILED')}")
+
+
+def report(results: list[dict], extra: dict, name: str) -> None:
+    from common import machine, write_result
+
+    print_table(results)
+    passed = all(r["passed"] for r in results)
+    path = write_result(name, {"benchmark": "interop", "machine": machine(), **extra, "comparisons": results,
+                               "passed": passed})
+    print(f"{'all comparisons passed' if passed else 'SOME COMPARISONS FAILED'}; wrote {path}")
+    sys.exit(0 if passed else 1)
+
+
+def compare_outputs(name: str, ref: np.ndarray, got: np.ndarray, rtol: float, what: str) -> dict:
+    """Outputs (signed, dense): max |difference| relative to the largest |output|."""
+    diff = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+    scale = float(np.abs(ref).max())
+    return {"name": name, "what": what, "rows": int(ref.shape[0]), "max_abs_diff": float(diff.max()),
+            "max_abs_activation": scale, "max_rel_diff": float(diff.max()) / scale if scale else 0.0,
+            "identical": bool(np.array_equal(ref, got)), "rows_with_different_active_set": 0, "mean_l0": 0.0,
+            "passed": bool(diff.max() <= rtol * max(scale, 1e-30))}
+
+
+def mlp_activations(work: Path, rows: int) -> tuple[Path, Path]:
+    """[rows, 576] MLP inputs and outputs of layer 5 of the embedded model on the embedded validation text."""
+    import torch
+
+    from saeforge.data.text_source import TextSource
+    from saeforge.data.token_stream import TokenPolicy, TokenStream
+    from saeforge.models.language_model import LanguageModel
+
+    lm = LanguageModel.load("embedded", device="cpu")
+    stream = TokenStream.for_model(TextSource("embedded:validation"), lm, TokenPolicy(128, True, True))
+    xs, ys, n = [], [], 0
+    for _, ids in stream.batches(8):
+        keep = stream.keep_mask(ids)
+        acts = lm.read(ids, ["layers.5.mlp_in", "layers.5.mlp_out"])
+        xs.append(acts["layers.5.mlp_in"][keep].float())
+        ys.append(acts["layers.5.mlp_out"][keep].float())
+        n += int(keep.sum())
+        if n >= rows:
+            break
+    x_path, y_path = work / "mlp_in.npy", work / "mlp_out.npy"
+    np.save(x_path, torch.cat(xs)[:rows].numpy())
+    np.save(y_path, torch.cat(ys)[:rows].numpy())
+    return x_path, y_path
+
+
+def train_transcoder(cfg, x: np.ndarray, y: np.ndarray, n_train: int, steps: int, batch: int):
+    """A plain saeforge training loop (expected-norm scaling folded in at the end), enough for non-trivial weights."""
+    import torch
+
+    from saeforge.saes import ActivationScaler, TrainState, make_sae
+
+    torch.manual_seed(0)
+    xt, yt = torch.from_numpy(np.array(x[:n_train])), torch.from_numpy(np.array(y[:n_train]))
+    scaler = ActivationScaler.fit(xt[:4096], "expected_norm", yt[:4096])
+    sae = make_sae(cfg)
+    sae.init_from_data(scaler.scale_input(xt[:4096]), scaler.scale_target(yt[:4096]))
+    opt = torch.optim.Adam(sae.parameters(), lr=2e-3)
+    n_batches = max(1, n_train // batch)
+    for step in range(steps):
+        j = step % n_batches
+        out = sae.training_loss(scaler.scale_input(xt[j * batch:(j + 1) * batch]),
+                                scaler.scale_target(yt[j * batch:(j + 1) * batch]), state=TrainState(step=step))
+        out.loss.backward()
+        sae.before_optimizer_step()
+        opt.step()
+        sae.after_optimizer_step()
+        opt.zero_grad(set_to_none=True)
+    scaler.fold_into(sae)
+    return sae.eval()
+
+
+def coder_comparisons(args, peers: Path, work: Path, log: Path) -> list[dict]:
+    """Section 4 of the module docstring."""
+    import torch
+
+    from saeforge.formats import read_any, save_as
+    from saeforge.saes import BatchTopKSkipTranscoderConfig, JumpReLUSkipTranscoderConfig, TopKSkipTranscoderConfig
+
+    py_lens, py_sp = peer_python(peers, "saelens"), peer_python(peers, "sparsify")
+    cw = work / "coders"
+    cw.mkdir(parents=True, exist_ok=True)
+    print(f"transcoders: MLP input/output of layer 5 of the embedded model ({args.coder_rows} rows) ...", flush=True)
+    x_path, y_path = mlp_activations(cw, args.coder_rows)
+    x, y = np.load(x_path), np.load(y_path)
+    n_eval = min(1024, args.coder_rows // 4)
+    n_train = x.shape[0] - n_eval
+    x_eval = torch.from_numpy(x[-n_eval:])
+    rows = ["--x", str(x_path), "--eval-rows", str(n_eval)]
+    meta = {"reads": ["layers.5.mlp_in"], "writes": ["layers.5.mlp_out"], "hook_name": "layers.5.mlp_in",
+            "hook_name_out": "layers.5.mlp_out", "model_name": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+    def ours(sae):
+        with torch.no_grad():
+            return sae.encode(x_eval).float().numpy(), sae(x_eval).float().numpy()
+
+    results = []
+    d, k = 576, args.k
+    made = {
+        "topk_skip_transcoder": (TopKSkipTranscoderConfig(d_in=d, d_sae=args.d_sae, k=k), "sparsify", py_sp,
+                                 "sparsify-load", "SparseCoder.load_from_disk"),
+        "jumprelu_skip_transcoder": (JumpReLUSkipTranscoderConfig(d_in=d, d_sae=args.d_sae, l0_coefficient=1e-3,
+                                                                  bandwidth=0.05, threshold_init=0.05),
+                                     "saelens", py_lens, "saelens-load", "SAE.load_from_disk"),
+        "batchtopk_skip_transcoder": (BatchTopKSkipTranscoderConfig(d_in=d, d_sae=args.d_sae, k=k,
+                                                                    threshold_start_step=5),
+                                      "saelens", py_lens, "saelens-load", "SAE.load_from_disk"),
+    }
+    for arch, (cfg, fmt, py, cmd, loader) in made.items():
+        print(f"saeforge trains a {arch} and writes it as {fmt} ...", flush=True)
+        sae = train_transcoder(cfg, x, y, n_train, steps=40, batch=1024)
+        folder = cw / f"saeforge_{arch}_as_{fmt}" / ("layers.5.mlp" if fmt == "sparsify" else "")
+        save_as(sae, folder, fmt, metadata=meta)
+        enc, out = ours(sae)
+        prefix = str(cw / f"{fmt}_loads_{arch}")
+        run_peer(py, "interop_coders.py", [cmd, *rows, "--sae", str(folder), "--out", prefix], log, args.threads)
+        results.append(compare(f"{fmt} loads saeforge's {arch}", enc, np.load(prefix + ".enc.npy"), args.rtol,
+                               f"{loader}(...).encode vs saeforge's encode"))
+        results.append(compare_outputs(f"{fmt} loads saeforge's {arch}: outputs", out, np.load(prefix + ".out.npy"),
+                                       args.rtol, f"{loader}(...) forward (skip included) vs saeforge's forward"))
+    print("sparsify trains a skip transcoder; SAELens builds one; saeforge reads both ...", flush=True)
+    run_peer(py_sp, "interop_coders.py", ["sparsify-make", *rows, "--y", str(y_path), "--out",
+                                          str(cw / "sparsify_made" / "layers.5.mlp"), "--d-sae", str(args.d_sae),
+                                          "--k", str(k)], log, args.threads)
+    run_peer(py_lens, "interop_coders.py", ["saelens-make", *rows, "--out", str(cw / "saelens_made"),
+                                            "--d-sae", str(args.d_sae)], log, args.threads)
+    for label, folder in (("sparsify", cw / "sparsify_made" / "layers.5.mlp"), ("SAELens", cw / "saelens_made")):
+        imp = read_any(folder)
+        enc, out = ours(imp.sae)
+        results.append(compare(f"saeforge loads {label}'s skip transcoder", np.load(folder / "enc.npy"), enc,
+                               args.rtol, f"read_any -> {imp.sae.architecture}, encode vs {label}'s own"))
+        results.append(compare_outputs(f"saeforge loads {label}'s skip transcoder: outputs",
+                                       np.load(folder / "out.npy"), out, args.rtol,
+                                       f"saeforge forward (skip included) vs {label}'s own"))
+    return results
 
 
 if __name__ == "__main__":

@@ -125,6 +125,8 @@ def _commands() -> dict[str, tuple[type | dict, Callable | None, str]]:
     from saeforge.data.activation_cache import CacheConfig
     from saeforge.data.array_import import ImportConfig
     from saeforge.demo import DemoConfig, run_demo
+    from saeforge.diffing.diff import DiffConfig, run_diff
+    from saeforge.diffing.finetune import FinetuneConfig, run_finetune
     from saeforge.evals.evaluate import EvalConfig, run_eval
     from saeforge.features.autointerp import ExplainConfig, run_explain
     from saeforge.features.contrast import ContrastConfig, run_contrast
@@ -157,7 +159,11 @@ def _commands() -> dict[str, tuple[type | dict, Callable | None, str]]:
         "compare-steering": (CompareSteeringConfig, run_compare_steering,
                              "compare CAA, STA and SAE-refined steering vectors on one behaviour"),
         "convert": (ConvertConfig, run_convert,
-                    "convert SAEs between formats (saeforge, SAELens, sparsify, Gemma Scope, dictionary_learning)"),
+                    "convert SAEs between formats (saeforge, SAELens, sparsify, Gemma Scope, circuit-tracer, "
+                    "dictionary_learning)"),
+        "finetune": (FinetuneConfig, run_finetune,
+                     "fine-tune a copy of a model briefly on one text (a second model to diff against)"),
+        "diff": (DiffConfig, run_diff, "diff two models through a crosscoder: shared and exclusive features"),
         "flow": (flow_commands(), None, "feature flow across layers: SAE suites, matching, flow graphs, origin "
                  "groups, deactivation, multi-layer steering"),
     }

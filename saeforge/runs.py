@@ -10,11 +10,21 @@ Site bindings, by kind of dictionary:
 kind           reads → writes          example
 =============  ======================  ======================================================================
 ``sae``        one site → the same     ``layers.5.resid_post`` → ``layers.5.resid_post``
-``transcoder`` one site → another      the MLP's input ``model.layers.5.post_attention_layernorm`` →
-                                       ``layers.5.mlp_out`` (a residual → residual transcoder is one too)
-``clt``        one site → several      a cross-layer transcoder writing the MLP outputs of this and later layers
-``crosscoder`` several sites → several one dictionary over several layers (or models)
+``transcoder`` one site → another      ``layers.5.mlp_in`` → ``layers.5.mlp_out`` (a residual → residual
+                                       transcoder is one too: the sites differ, whatever the widths)
+``clt``        sites → other sites     a cross-layer transcoder: ``layers.{0..5}.mlp_in`` →
+                                       ``layers.{0..5}.mlp_out`` (``reads[i]`` and ``writes[i]`` are layer i;
+                                       the features read at layer i write ``writes[i:]``); one read → several
+                                       writes is a CLT too
+``crosscoder`` several sites → the     one dictionary over several layers (acausal: every feature reads and
+               same sites              writes all of them), or over two models (site names prefixed with the
+                                       model's key, ``a--layers.12.resid_post``, :func:`split_model_site`)
 =============  ======================  ======================================================================
+
+A dictionary that reads several sites takes their activations concatenated in ``reads`` order as its input
+(``d_in`` is the sum of their widths); one that writes several sites returns their concatenation in ``writes``
+order (``d_out`` is the sum). :func:`check_site_order` refuses bindings that would need the future: a transcoder
+or CLT that writes a site before the one it reads, and layer lists out of order.
 
 The binding is saved in the SAE's ``metadata`` as ``reads``/``writes`` lists, beside the SAELens fields
 ``hook_name`` (the first site read) and ``hook_name_out`` (the first site written, when it differs), so SAELens
@@ -69,11 +79,11 @@ class SiteBinding:
 
     @property
     def kind(self) -> str:
-        if len(self.reads) > 1:
-            return "crosscoder"
+        if self.reads == self.writes:
+            return "sae" if len(self.reads) == 1 else "crosscoder"
         if len(self.writes) > 1:
             return "clt"
-        return "sae" if self.reads == self.writes else "transcoder"
+        return "transcoder" if len(self.reads) == 1 else "crosscoder"
 
     @property
     def is_transcoder(self) -> bool:
@@ -84,6 +94,13 @@ class SiteBinding:
     def sites(self) -> tuple[str, ...]:
         """Every site involved, reads first, each once."""
         return tuple(dict.fromkeys(self.reads + self.writes))
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The model keys of a binding over several models (``a--`` / ``b--`` prefixes), in order; () for one
+        model."""
+        keys = [split_model_site(s)[0] for s in self.sites]
+        return tuple(dict.fromkeys(k for k in keys if k)) if any(keys) else ()
 
     def to_metadata(self) -> dict[str, Any]:
         """The ``metadata`` fields that record this binding (SAELens' ``hook_name``/``hook_name_out`` included)."""
@@ -106,6 +123,100 @@ class SiteBinding:
         if not hook:
             return None
         return cls.single(str(hook), str(meta.get("hook_name_out") or hook))
+
+
+# "--" appears in no module path and no canonical site, and (unlike ":") is allowed in file names everywhere: caches
+# name their files by site.
+MODEL_SITE_SEPARATOR = "--"
+
+
+def split_model_site(name: str) -> tuple[str | None, str]:
+    """``"a--layers.12.resid_post"`` -> ``("a", "layers.12.resid_post")``; a plain site name -> ``(None, name)``."""
+    key, sep, site = name.partition(MODEL_SITE_SEPARATOR)
+    return (key, site) if sep and key and site else (None, name)
+
+
+# Where a raw module inside a block sits among the canonical sites of its layer (for the order checks only).
+_RAW_KIND_ORDER = (("input_layernorm", "resid_pre"), ("ln_1", "resid_pre"), ("self_attn", "attn_out"),
+                   ("attention", "attn_out"), ("attn", "attn_out"), ("post_attention_layernorm", "mlp_in"),
+                   ("pre_feedforward_layernorm", "mlp_in"), ("ln_2", "mlp_in"),
+                   ("post_feedforward_layernorm", "mlp_out"), ("mlp", "mlp_out"))
+
+
+def site_position(name: str) -> tuple[int, int | None] | None:
+    """Where a site sits in the forward pass, from its name alone: ``(layer, rank within the layer)`` for a
+    canonical site (rank by :data:`~saeforge.models.sites.SITE_KINDS`), ``(layer, rank or None)`` for a raw module
+    path inside a block, None when the name does not say. A model key prefix is ignored."""
+    import re
+
+    from saeforge.models.sites import CANONICAL_RE, SITE_KINDS
+
+    site = split_model_site(name)[1]
+    m = CANONICAL_RE.match(site)
+    if m:
+        return int(m.group(1)), SITE_KINDS.index(m.group(2))
+    m = re.search(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(\.|$)", site)
+    if not m:
+        return None
+    parts = site[m.end():].split(".")
+    for module, kind in _RAW_KIND_ORDER:
+        if module in parts:
+            return int(m.group(1)), SITE_KINDS.index(kind)
+    return int(m.group(1)), None
+
+
+def _before(a: tuple[int, int | None], b: tuple[int, int | None]) -> bool:
+    """Whether position ``a`` certainly comes before ``b`` in the forward pass."""
+    if a[0] != b[0]:
+        return a[0] < b[0]
+    return a[1] is not None and b[1] is not None and a[1] < b[1]
+
+
+def check_site_order(binding: SiteBinding, *, where: str = "the dictionary") -> None:
+    """Refuse a binding whose sites are out of forward order, naming them (checks what the names tell; a site
+    whose place the name does not tell is not checked):
+
+    - a transcoder or CLT must not write a site before the one it reads (it would predict the past);
+    - the reads (and the writes) of a CLT or crosscoder must go strictly forward, layer by layer, each layer once;
+    - a CLT reads and writes the same number of sites, ``writes[i]`` at or after ``reads[i]``.
+    """
+    kind = binding.kind
+    pos = {s: site_position(s) for s in binding.sites}
+
+    def order_of(sites: tuple[str, ...], what: str) -> None:
+        by_model: dict[str | None, list[str]] = {}
+        for s in sites:
+            by_model.setdefault(split_model_site(s)[0], []).append(s)
+        for group in by_model.values():
+            known = [s for s in group if pos[s] is not None]
+            for a, b in zip(known, known[1:]):
+                if not _before(pos[a], pos[b]):
+                    layers = [pos[s][0] for s in known]
+                    fixed = sorted(known, key=lambda s: (pos[s][0], pos[s][1] or 0))
+                    raise SaeforgeError(
+                        f"{where}: its {what} are out of order or repeat a layer ({', '.join(known)}; layers "
+                        f"{layers}): a multi-layer dictionary takes its layers in forward order, each once",
+                        f"list them in increasing layer order, e.g. {', '.join(fixed)}")
+
+    if kind in ("transcoder", "clt"):
+        if kind == "clt" and len(binding.reads) > 1 and len(binding.reads) != len(binding.writes):
+            raise SaeforgeError(f"{where}: a cross-layer transcoder reads one site per layer and writes one per "
+                                f"layer, but this one reads {len(binding.reads)} and writes {len(binding.writes)}",
+                                "give as many target sites as sites, e.g. --sites layers.0-3.mlp_in "
+                                "--target-sites layers.0-3.mlp_out")
+        order_of(binding.reads, "sites read")
+        order_of(binding.writes, "sites written")
+        pairs = list(zip(binding.reads, binding.writes)) if len(binding.reads) > 1 else \
+            [(binding.reads[0], w) for w in binding.writes]
+        for r, w in pairs:
+            if pos[r] is not None and pos[w] is not None and _before(pos[w], pos[r]):
+                raise SaeforgeError(
+                    f"{where} would read {r} and write {w}, which the model computes before {r}: a transcoder "
+                    "predicts a later site from an earlier one",
+                    f"swap them (--sites {w} --target-sites {r}), or give a target site that the model computes "
+                    f"after {r}")
+    elif kind == "crosscoder":
+        order_of(binding.reads, "sites")
 
 
 @dataclass
@@ -203,10 +314,11 @@ def bind(name: str, sae, binding: SiteBinding, lm, *, folder: Path | None = None
         sites = f"site {binding.reads[0]}" if len(reads) == 1 else f"sites {', '.join(binding.reads)} together"
         raise SaeforgeError(f"{where} has d_in {d_in} but {sites} of {lm.name} has width {read_width}",
                             "use the model and site the SAE was trained on")
-    for s in writes:
-        if s.d != d_out:
-            raise SaeforgeError(f"{where} writes width {d_out} but site {s.name} has width {s.d}",
-                                "use the model and sites the dictionary was trained on")
+    write_width = sum(s.d for s in writes)
+    if d_out != write_width:
+        sites = f"site {writes[0].name}" if len(writes) == 1 else f"sites {', '.join(binding.writes)} together"
+        raise SaeforgeError(f"{where} writes width {d_out} but {sites} has width {write_width}",
+                            "use the model and sites the dictionary was trained on")
     return BoundSAE(name, sae, reads, writes, folder, dict(meta or {}))
 
 

@@ -5,7 +5,7 @@ import torch
 
 from saeforge.errors import SaeforgeError
 from saeforge.formats import save_as
-from saeforge.runs import SiteBinding, load_run
+from saeforge.runs import SiteBinding, check_site_order, load_run, site_position, split_model_site
 from saeforge.saes import TopKConfig, make_sae, save_sae
 
 
@@ -86,3 +86,29 @@ def test_bound_saes_describe_themselves_and_unpack_as_the_old_tuples(tiny_llama,
     # (sae, site) as Inspector.saes held them: the site read
     dictionary, site = tc
     assert dictionary is tc.sae and site is tc.read_site and tc[0] is tc.sae and tc[1] is tc.read_site
+
+
+def test_multi_site_kinds_and_forward_order():
+    clt = SiteBinding(tuple(f"layers.{i}.mlp_in" for i in range(3)), tuple(f"layers.{i}.mlp_out" for i in range(3)))
+    assert clt.kind == "clt" and clt.is_transcoder
+    check_site_order(clt)
+    two_models = ("a--layers.4.resid_post", "b--layers.4.resid_post")
+    diff = SiteBinding(two_models, two_models)
+    assert diff.kind == "crosscoder" and diff.models == ("a", "b") and clt.models == ()
+    check_site_order(diff)  # the same layer of two models is no repeat
+    assert split_model_site("b--layers.4.resid_post") == ("b", "layers.4.resid_post")
+    assert split_model_site("model.layers.4.mlp") == (None, "model.layers.4.mlp")
+    assert site_position("model.layers.3.post_attention_layernorm") == site_position("layers.3.mlp_in")
+    assert site_position("transformer.h.2.mlp") == site_position("layers.2.mlp_out")
+    assert site_position("lm_head") is None
+    layers = ("layers.3.resid_post", "layers.1.resid_post")
+    with pytest.raises(SaeforgeError, match="out of order or repeat a layer") as err:
+        check_site_order(SiteBinding(layers, layers))
+    assert "layers.1.resid_post, layers.3.resid_post" in err.value.fix
+    with pytest.raises(SaeforgeError, match="computes before layers.2.mlp_out"):
+        check_site_order(SiteBinding.single("layers.2.mlp_out", "layers.2.mlp_in"))
+    with pytest.raises(SaeforgeError, match="computes before"):
+        check_site_order(SiteBinding.single("model.layers.4.mlp", "layers.2.mlp_out"))
+    with pytest.raises(SaeforgeError, match="reads 3 and writes 2"):
+        check_site_order(SiteBinding(clt.reads, clt.writes[:2]))
+    check_site_order(SiteBinding.single("layers.1.resid_pre", "layers.1.resid_post"))  # residual -> residual

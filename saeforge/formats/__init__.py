@@ -1,13 +1,15 @@
 """Read and write other tools' SAE formats.
 
     from saeforge.formats import load_any, save_as
-    sae = load_any("path/to/sae")                        # saeforge, SAELens, sparsify, Gemma Scope 1/2, dictionary_learning
+    sae = load_any("path/to/sae")       # saeforge, SAELens, sparsify, Gemma Scope 1/2, circuit-tracer, dictionary_learning
     save_as(sae, "out/dir", "saelens", metadata={"hook_name": "layers.5.resid_post"})
 
 Every reader normalises to saeforge's conventions (``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]``, ``x @ W_enc``)
 and reproduces the tool's own encodings; ``read_any`` also returns the metadata, feature statistics and notes on what
 was converted. Writers: ``saeforge`` (native; also a SAELens v6 folder), ``saelens`` (plain SAELens v6 folder),
-``sparsify`` (TopK SAEs only). Layouts: ``docs`` of each module and ``../shared/docs/formats.md``.
+``sparsify`` (TopK SAEs and transcoders), ``gemmascope2`` and ``circuit_tracer`` (JumpReLU SAEs and transcoders),
+``gemmascope2_clt`` and ``circuit_tracer_clt`` (JumpReLU cross-layer transcoders). Layouts: the docstring of each
+module; ``docs/coders.md`` for transcoders and CLTs.
 
 Hints (keyword arguments of ``read_any``/``load_any``) for files that do not say everything themselves:
 ``d_in`` (checked against the file), ``architecture`` (dictionary_learning ``ae.pt`` without config.json:
@@ -71,6 +73,18 @@ def _reader(fmt: str):
         from saeforge.formats.gemmascope import read_gemmascope2
 
         return read_gemmascope2
+    if fmt == "gemmascope2_clt":
+        from saeforge.formats.gemmascope import read_gemmascope2_clt
+
+        return read_gemmascope2_clt
+    if fmt == "circuit_tracer":
+        from saeforge.formats.circuit_tracer import read_circuit_tracer
+
+        return read_circuit_tracer
+    if fmt == "circuit_tracer_clt":
+        from saeforge.formats.circuit_tracer import read_circuit_tracer_clt
+
+        return read_circuit_tracer_clt
     if fmt == "dictionary_learning":
         from saeforge.formats.dictionary_learning import read_dictionary_learning
 
@@ -96,6 +110,7 @@ def read_any(path: str | Path, *, fmt: str = "auto", device: str | None = None, 
     else:
         if not path.exists():
             raise SaeforgeError(f"{path} does not exist", "pass an SAE folder or file")
+        _refuse_other_format(path, fmt)
         where = path
         if fmt in ("saeforge", "saelens", "sparsify") and path.is_file():
             where = path.parent
@@ -109,6 +124,24 @@ def read_any(path: str | Path, *, fmt: str = "auto", device: str | None = None, 
     return out
 
 
+# Formats whose files another format's reader also accepts (a saeforge folder is a SAELens folder).
+_COMPATIBLE = {("saelens", "saeforge")}
+
+
+def _refuse_other_format(path: Path, fmt: str) -> None:
+    """A file of one format passed as another: say which it is before its reader fails on a missing file."""
+    if fmt not in FORMAT_NAMES:
+        raise SaeforgeError(f"unknown SAE format {fmt!r}", f"use one of: auto, {', '.join(FORMAT_NAMES)}")
+    try:
+        detected, _ = detect_format(path)
+    except SaeforgeError:
+        return  # nothing recognisable: the named reader reports what is missing
+    if detected != fmt and (fmt, detected) not in _COMPATIBLE:
+        raise SaeforgeError(f"{path} holds a {detected} SAE, not {fmt}",
+                            f"read it as {detected} (from_format='{detected}', saeforge convert --from-format "
+                            f"{detected}), or leave the format out to detect it")
+
+
 def load_any(path: str | Path, **hints: Any) -> SAE:
     """The SAE in ``path``, whatever its format (see :func:`read_any` for the hints)."""
     return read_any(path, **hints).sae
@@ -116,7 +149,7 @@ def load_any(path: str | Path, **hints: Any) -> SAE:
 
 def save_as(sae: SAE, folder: str | Path, fmt: str = "saeforge", *, metadata: dict[str, Any] | None = None,
             feature_stats: dict[str, Tensor] | None = None) -> Path:
-    """Write ``sae`` to ``folder`` in ``fmt`` (saeforge | saelens | sparsify). Returns the folder.
+    """Write ``sae`` to ``folder`` in ``fmt`` (one of ``WRITABLE_FORMATS``). Returns the folder.
 
     metadata: SAELens ``metadata{}`` fields (``hook_name``, ``model_name``, ...); sparsify keeps none of it.
     """
@@ -136,6 +169,17 @@ def save_as(sae: SAE, folder: str | Path, fmt: str = "saeforge", *, metadata: di
         from saeforge.formats.sparsify import write_sparsify
 
         return write_sparsify(sae, folder)
+    if fmt in ("gemmascope2", "gemmascope2_clt"):
+        from saeforge.formats import gemmascope
+
+        writer = gemmascope.write_gemmascope2 if fmt == "gemmascope2" else gemmascope.write_gemmascope2_clt
+        return writer(sae, folder, metadata=meta)
+    if fmt in ("circuit_tracer", "circuit_tracer_clt"):
+        from saeforge.formats import circuit_tracer
+
+        writer = circuit_tracer.write_circuit_tracer if fmt == "circuit_tracer" else \
+            circuit_tracer.write_circuit_tracer_clt
+        return writer(sae, folder, metadata=meta)
     raise SaeforgeError(f"saeforge cannot write the format {fmt!r}", f"write one of: {', '.join(WRITABLE_FORMATS)}")
 
 

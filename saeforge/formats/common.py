@@ -30,17 +30,26 @@ __all__ = [
     "check_vector",
     "dtype_name",
     "fold_decoder_norms_into_tensors",
+    "hf_hook_for_site",
+    "jumprelu_config",
+    "jumprelu_form",
+    "layer_of_site",
     "log_threshold_for",
     "orient",
     "read_json",
     "read_npz",
     "read_safetensors",
     "read_torch_state_dict",
+    "site_for_hf_hook",
+    "site_for_tl_hook",
+    "tl_hook_for_site",
 ]
 
 # Names accepted by load_any(fmt=...) / `saeforge convert --from-format` and by save_as / `--to`.
-FORMAT_NAMES = ("saeforge", "saelens", "sparsify", "gemmascope", "gemmascope2", "dictionary_learning")
-WRITABLE_FORMATS = ("saeforge", "saelens", "sparsify")
+FORMAT_NAMES = ("saeforge", "saelens", "sparsify", "gemmascope", "gemmascope2", "gemmascope2_clt", "circuit_tracer",
+                "circuit_tracer_clt", "dictionary_learning")
+WRITABLE_FORMATS = ("saeforge", "saelens", "sparsify", "gemmascope2", "gemmascope2_clt", "circuit_tracer",
+                    "circuit_tracer_clt")
 
 # How a W_enc-like matrix is stored when its shape alone cannot tell (d_in == d_sae):
 #   "x_at_W": x @ W_enc, W_enc [d_in, d_sae], W_dec [d_sae, d_out]   (SAELens, Gemma Scope, saeforge)
@@ -322,3 +331,115 @@ def assemble(cfg: SAEConfig, tensors: Mapping[str, Tensor], *, where: str) -> SA
         out[name] = value.detach().to(device=current.device, dtype=current.dtype).contiguous()
     sae.load_state_dict(out, strict=True)
     return sae
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sites and the hook names of other tools
+# --------------------------------------------------------------------------------------------------------------
+
+# Hugging Face module hooks as Gemma Scope 2 writes them (``<module path>.input|.output``), by canonical site kind.
+# Gemma's MLP output is the post-MLP norm's output (saeforge's mlp_out for the Gemma 2/3 family).
+_HF_HOOKS = {
+    "gemma": {"resid_pre": "model.layers.{L}.input", "resid_post": "model.layers.{L}.output",
+              "mlp_in": "model.layers.{L}.pre_feedforward_layernorm.output",
+              "mlp_out": "model.layers.{L}.post_feedforward_layernorm.output",
+              "attn_out": "model.layers.{L}.post_attention_layernorm.output"},
+    "llama": {"resid_pre": "model.layers.{L}.input", "resid_post": "model.layers.{L}.output",
+              "mlp_in": "model.layers.{L}.mlp.input", "mlp_out": "model.layers.{L}.mlp.output",
+              "attn_out": "model.layers.{L}.self_attn.output"},
+}
+
+
+def hf_hook_for_site(site: str, model_name: str = "") -> str | None:
+    """The Hugging Face module hook (Gemma Scope 2's ``hf_hook_point_in/out``) of a canonical saeforge site, in the
+    naming of ``model_name``'s family (Gemma's post-norms, or the Llama layout every other family shares here)."""
+    from saeforge.models.sites import CANONICAL_RE
+
+    m = CANONICAL_RE.match(site)
+    if not m:
+        return None
+    table = _HF_HOOKS["gemma" if "gemma" in model_name.lower() else "llama"]
+    return table[m.group(2)].format(L=m.group(1)) if m.group(2) in table else None
+
+
+def site_for_hf_hook(hook: str) -> str | None:
+    """The canonical saeforge site of a Hugging Face module hook (either family's naming), or None."""
+    import re
+
+    for table in _HF_HOOKS.values():
+        for kind, pattern in table.items():
+            rx = "^" + re.escape(pattern).replace(re.escape("{L}"), r"(\d+)") + "$"
+            m = re.match(rx, hook)
+            if m:
+                return f"layers.{m.group(1)}.{kind}"
+    return None
+
+
+# TransformerLens hook names circuit-tracer writes (feature_input_hook / feature_output_hook), by canonical kind.
+_TL_HOOKS = {"mlp.hook_in": "mlp_in", "ln2.hook_normalized": "mlp_in", "hook_mlp_in": "mlp_in",
+             "mlp.hook_out": "mlp_out", "hook_mlp_out": "mlp_out", "hook_resid_pre": "resid_pre",
+             "hook_resid_post": "resid_post", "hook_attn_out": "attn_out"}
+
+
+def tl_hook_for_site(site: str) -> str:
+    """The TransformerLens hook (relative to a block) circuit-tracer names a canonical site by; other names as
+    they are."""
+    from saeforge.models.sites import CANONICAL_RE
+
+    m = CANONICAL_RE.match(site)
+    if not m:
+        return site
+    return {"mlp_in": "mlp.hook_in", "mlp_out": "hook_mlp_out", "resid_pre": "hook_resid_pre",
+            "resid_post": "hook_resid_post", "attn_out": "hook_attn_out"}[m.group(2)]
+
+
+def site_for_tl_hook(hook: str, layer: int) -> str | None:
+    """``layers.{layer}.<kind>`` for a TransformerLens hook name (``mlp.hook_in``, ``hook_mlp_out``...), or None
+    (``hook_resid_mid``, the residual stream between attention and MLP, has no saeforge site)."""
+    kind = _TL_HOOKS.get(hook.split("blocks.", 1)[-1].split(".", 1)[-1] if hook.startswith("blocks.") else hook)
+    return f"layers.{layer}.{kind}" if kind else None
+
+
+def layer_of_site(site: str) -> int | None:
+    from saeforge.models.sites import CANONICAL_RE
+
+    m = CANONICAL_RE.match(site)
+    return int(m.group(1)) if m else None
+
+
+@torch.no_grad()
+def jumprelu_form(sae: SAE, fmt: str) -> dict[str, Tensor]:
+    """The inference tensors of a JumpReLU-shaped dictionary (saeforge names and orientation, ``threshold`` per
+    latent), for formats that store ``f = pre · 1[pre > θ]`` with ``pre = x W_enc + b_enc``: JumpReLU as it is,
+    BatchTopK with its learnt global threshold, ReLU with θ = 0. A pre-encoder bias (``apply_b_dec_to_input``) is
+    folded into ``b_enc`` (``b_enc - b_dec W_enc``). ``W_skip`` [d_out, d_in] is included when there is one."""
+    arch = sae.architecture
+    base = arch.replace("_skip_transcoder", "").replace("_transcoder", "")
+    if base not in ("jumprelu", "batchtopk", "relu"):
+        raise SaeforgeError(f"{fmt} stores JumpReLU (or ReLU) dictionaries; a {arch} SAE has no such form "
+                            "(TopK selection is not a threshold)",
+                            "write it with --to saeforge, or train a jumprelu/batchtopk one")
+    if base == "batchtopk" and not sae.threshold_learned:
+        raise SaeforgeError(f"this {arch} has not learned its inference threshold yet, so it has no JumpReLU form",
+                            "train it past threshold_start_step, or write it with --to saeforge")
+    t = {k: v.detach().clone() for k, v in sae.saelens_tensors().items() if k in ("W_enc", "b_enc", "W_dec", "b_dec",
+                                                                                "threshold", "W_skip")}
+    if "threshold" not in t:
+        t["threshold"] = torch.zeros(sae.cfg.d_sae, dtype=t["W_enc"].dtype, device=t["W_enc"].device)
+    if getattr(sae.cfg, "skip_connection", False) and "W_skip" not in t:
+        t["W_skip"] = sae.W_skip.detach().clone()
+    if sae.cfg.apply_b_dec_to_input:
+        t["b_enc"] = (t["b_enc"].double() - t["b_dec"].double() @ t["W_enc"].double()).to(t["b_enc"].dtype)
+    return t
+
+
+def jumprelu_config(*, d_in: int, d_sae: int, d_out: int, transcoder: bool, skip: bool, dtype: str):
+    """The saeforge config a JumpReLU-shaped file becomes: an SAE, a transcoder or a skip transcoder."""
+    from saeforge.saes import JumpReLUConfig, JumpReLUSkipTranscoderConfig, JumpReLUTranscoderConfig
+
+    if skip:
+        return JumpReLUSkipTranscoderConfig(d_in=d_in, d_sae=d_sae, d_out=d_out, dtype=dtype)
+    if transcoder:
+        return JumpReLUTranscoderConfig(d_in=d_in, d_sae=d_sae, d_out=d_out, dtype=dtype)
+    return JumpReLUConfig(d_in=d_in, d_sae=d_sae, d_out=d_out if d_out != d_in else None, dtype=dtype,
+                          apply_b_dec_to_input=False)

@@ -15,13 +15,14 @@ from saeforge.formats.common import FORMAT_NAMES, WRITABLE_FORMATS
 __all__ = ["ConvertConfig", "check_encodings", "run_convert"]
 
 _SAE_FILES = ("cfg.json", "sae_weights.safetensors", "sae.safetensors", "saeforge_state.safetensors",
-              "sparsity.safetensors")
+              "sparsity.safetensors", "params.safetensors", "config.json", "config.yaml")
 
 
 @dataclass(frozen=True)
 class ConvertConfig:
-    """Convert an SAE between formats: read saeforge, SAELens, sparsify, Gemma Scope 1/2 or dictionary_learning;
-    write saeforge, SAELens or sparsify. The encodings of the written SAE are checked against the source's."""
+    """Convert an SAE, transcoder or CLT between formats: read saeforge, SAELens, sparsify, Gemma Scope 1/2,
+    circuit-tracer or dictionary_learning; write saeforge, SAELens, sparsify, Gemma Scope 2 or circuit-tracer. The
+    encodings of the written SAE are checked against the source's."""
 
     source: str = field(default="", positional=True)
     """The SAE: a folder (saeforge, SAELens, sparsify, Gemma Scope 2) or file (Gemma Scope params.npz,
@@ -29,10 +30,12 @@ class ConvertConfig:
     out: str = ""
     """Folder to write the converted SAE to (created)."""
     to: str = "saeforge"
-    """Output format: saeforge (native; SAELens loads it too), saelens (plain SAELens v6) or sparsify (TopK only)."""
+    """Output format: saeforge (native; SAELens loads it too), saelens (plain SAELens v6), sparsify (TopK SAEs and
+    transcoders), gemmascope2 / circuit_tracer (JumpReLU SAEs and transcoders), gemmascope2_clt / circuit_tracer_clt
+    (JumpReLU cross-layer transcoders)."""
     from_format: str = "auto"
     """Input format: auto (detected from the files), saeforge, saelens, sparsify, gemmascope, gemmascope2,
-    dictionary_learning."""
+    gemmascope2_clt, circuit_tracer, circuit_tracer_clt, dictionary_learning."""
     d_in: int = 0
     """Hint: the input width, checked against the file (0: from the file)."""
     architecture: str = ""
@@ -64,7 +67,8 @@ def check_encodings(a, b, *, n: int = 512, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     cfg = a.cfg
     with torch.no_grad():
-        scale = float(a.W_dec.detach().float().norm(dim=1).mean()) or 1.0
+        w_dec = a.W_dec if isinstance(a.W_dec, torch.Tensor) else a.W_dec[0]  # a CLT: layer 0's decoders
+        scale = float(w_dec.detach().float().reshape(w_dec.shape[0], -1).norm(dim=1).mean()) or 1.0
         x = torch.randn(n, cfg.d_in, generator=g) * scale * 2.0
         if not cfg.is_transcoder:
             x = x + a.b_dec.detach().float().cpu()

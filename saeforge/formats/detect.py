@@ -8,6 +8,9 @@ cfg.json + sae_weights.safetensors                     saelens
 cfg.json + sae.safetensors                             sparsify
 params.npz (or any .npz file)                          gemmascope
 params.safetensors + config.json                       gemmascope2
+params_layer_0.safetensors, params_layer_1...          gemmascope2_clt
+layer_<L>.safetensors (one)                            circuit_tracer
+W_enc_0.safetensors + W_dec_0.safetensors ...          circuit_tracer_clt
 ae.pt (or any .pt / .pth file)                         dictionary_learning
 =====================================================  ======================
 
@@ -46,6 +49,10 @@ def _folder_format(folder: Path) -> str | None:
         return "gemmascope"
     if has["params.safetensors"]:
         return "gemmascope2"
+    if (folder / "params_layer_0.safetensors").is_file():
+        return "gemmascope2_clt"
+    if (folder / "W_enc_0.safetensors").is_file():
+        return "circuit_tracer_clt"
     if has["ae.pt"]:
         return "dictionary_learning"
     if has["sae_weights.safetensors"]:
@@ -54,6 +61,10 @@ def _folder_format(folder: Path) -> str | None:
         return "sparsify"
     if has["cfg.json"]:
         return "saelens"  # weights missing: the SAELens reader names them
+    from saeforge.formats.circuit_tracer import transcoder_files
+
+    if len(transcoder_files(folder)) == 1:
+        return "circuit_tracer"
     return None
 
 
@@ -73,6 +84,14 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
             return fmt, path.parent
         if suffix == ".npz":
             return "gemmascope", path
+        from saeforge.formats.circuit_tracer import LAYER_FILE_RE
+
+        if LAYER_FILE_RE.match(name):
+            return "circuit_tracer", path
+        if name.startswith("params_layer_") and suffix == ".safetensors":
+            return "gemmascope2_clt", path.parent
+        if name.startswith(("W_enc_", "W_dec_")) and suffix == ".safetensors":
+            return "circuit_tracer_clt", path.parent
         if suffix in (".pt", ".pth"):
             return "dictionary_learning", path
         raise SaeforgeError(f"cannot tell the format of the file {path}",
@@ -81,6 +100,14 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
     fmt = _folder_format(path)
     if fmt is not None:
         return fmt, path
+    from saeforge.formats.circuit_tracer import transcoder_files
+
+    layer_files = transcoder_files(path)
+    if len(layer_files) > 1:
+        names = ", ".join(p.name for p in layer_files[:8]) + (f" (+{len(layer_files) - 8} more)"
+                                                              if len(layer_files) > 8 else "")
+        raise SaeforgeError(f"{path} holds a circuit-tracer transcoder set of {len(layer_files)} layers ({names}), "
+                            "not one SAE", f"pass one of its files, e.g. {layer_files[0]}")
     inner = [p for p in sorted(path.iterdir()) if p.is_dir() and _folder_format(p) is not None]
     saes_dir = path / "saes"
     if saes_dir.is_dir():

@@ -9,9 +9,10 @@ standard                    relu (``apply_b_dec_to_input`` from cfg.json, defaul
 transcoder                  relu with ``d_out``
 topk                        topk (``k``); ``rescale_acts_by_decoder_norm`` is folded into the weights
 jumprelu                    jumprelu (``threshold``; SAELens applies ReLU first, so negative thresholds act as 0)
-jumprelu_transcoder         jumprelu with ``d_out``
+jumprelu_transcoder         jumprelu_transcoder (whatever the widths: the architecture says it is a transcoder)
+jumprelu_skip_transcoder    jumprelu_skip_transcoder (``W_skip`` [d_out, d_in])
 gated                       gated
-others                      refused by name (skip transcoders, temporal, matching pursuit, abstopk, ...)
+others                      refused by name (ReLU skip transcoders, temporal, matching pursuit, abstopk, ...)
 ==========================  ==================================================================================
 
 ``normalize_activations``: "none" is plain; "expected_average_only_in" needs its scaling factor, which is folded the
@@ -23,8 +24,9 @@ Pre-6.0 flat configs (``hook_point``, ``activation_fn_str``/``activation_fn_kwar
 than 6 are refused.
 
 Writing: a plain SAELens v6 folder, exactly what SAELens' ``SAE.load_from_disk`` loads: relu -> standard/transcoder,
-topk -> topk, jumprelu -> jumprelu/jumprelu_transcoder, gated -> gated, batchtopk/matryoshka -> jumprelu with their
-learned global threshold for every latent (as SAELens saves them). ``metadata.sae_lens_version`` is set to "6.0.0"
+topk -> topk, jumprelu -> jumprelu/jumprelu_transcoder, the (BatchTopK, JumpReLU) skip transcoders ->
+jumprelu_skip_transcoder, gated -> gated, batchtopk/matryoshka -> jumprelu with their learned global threshold for
+every latent (as SAELens saves them); TopK transcoders, CLTs and crosscoders have no SAELens form and are refused. ``metadata.sae_lens_version`` is set to "6.0.0"
 unless given (SAELens treats a config without it as pre-6.0 and drops the nested metadata).
 """
 
@@ -50,7 +52,15 @@ from saeforge.formats.common import (
     read_json,
     read_safetensors,
 )
-from saeforge.saes import SAE, GatedConfig, JumpReLUConfig, ReLUConfig, TopKConfig
+from saeforge.saes import (
+    SAE,
+    GatedConfig,
+    JumpReLUConfig,
+    JumpReLUSkipTranscoderConfig,
+    JumpReLUTranscoderConfig,
+    ReLUConfig,
+    TopKConfig,
+)
 from saeforge.saes.io import CFG_FILENAME, EXTRA_STATE_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME
 from saeforge.utils.atomic import atomic_save_safetensors, atomic_write_json
 
@@ -73,11 +83,11 @@ _ARCH_TENSORS = {
     "topk": ({"W_enc", "b_enc", "W_dec", "b_dec"}, set()),
     "jumprelu": ({"W_enc", "b_enc", "W_dec", "b_dec"}, {"threshold", "log_threshold"}),
     "jumprelu_transcoder": ({"W_enc", "b_enc", "W_dec", "b_dec"}, {"threshold", "log_threshold"}),
+    "jumprelu_skip_transcoder": ({"W_enc", "b_enc", "W_dec", "b_dec", "W_skip"}, {"threshold", "log_threshold"}),
     "gated": ({"W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec"}, set()),
 }
 _REFUSED = {
-    "skip_transcoder": "it has a skip connection (W_skip), which saeforge SAEs do not have",
-    "jumprelu_skip_transcoder": "it has a skip connection (W_skip), which saeforge SAEs do not have",
+    "skip_transcoder": "saeforge has no ReLU skip transcoder (its skip transcoders are TopK, BatchTopK and JumpReLU)",
     "temporal": "saeforge has no temporal SAE",
     "matching_pursuit": "saeforge has no matching-pursuit SAE",
     "abstopk": "saeforge has no absolute-value TopK SAE",
@@ -164,7 +174,8 @@ def read_saelens(folder: str | Path, *, d_in: int | None = None, scaling_factor:
     arch = cfg.get("architecture", "standard")
     if arch in _REFUSED:
         raise SaeforgeError(f"{cfg_path}: SAELens architecture {arch!r} cannot be imported: {_REFUSED[arch]}",
-                            "saeforge reads standard, transcoder, topk, jumprelu, jumprelu_transcoder and gated")
+                            "saeforge reads standard, transcoder, topk, jumprelu, jumprelu_transcoder, "
+                            "jumprelu_skip_transcoder and gated")
     if arch not in _ARCH_TENSORS:
         raise SaeforgeError(f"{cfg_path}: unknown SAELens architecture {arch!r}",
                             f"saeforge reads: {', '.join(_ARCH_TENSORS)}")
@@ -209,7 +220,12 @@ def read_saelens(folder: str | Path, *, d_in: int | None = None, scaling_factor:
                         hint=orientation, where=where, notes=notes, role="decoder")
     check_vector("b_dec", raw["b_dec"], d_out, where)
     t["b_dec"] = raw["b_dec"]
-    for name in required - {"W_enc", "W_dec", "b_dec"}:
+    if "W_skip" in required:  # [d_out, d_in], applied as x @ W_skip.T (saeforge's orientation too)
+        if tuple(raw["W_skip"].shape) != (d_out, cfg_d_in):
+            raise SaeforgeError(f"{where}: W_skip has shape {tuple(raw['W_skip'].shape)}, expected "
+                                f"[{d_out}, {cfg_d_in}]", "the file is damaged")
+        t["W_skip"] = raw["W_skip"]
+    for name in required - {"W_enc", "W_dec", "b_dec", "W_skip"}:
         check_vector(name, raw[name], d_sae, where)
         t[name] = raw[name]
     t = {k: v.to(torch.float64) for k, v in t.items()}  # fold in float64, cast once when assembling
@@ -249,6 +265,7 @@ def read_saelens(folder: str | Path, *, d_in: int | None = None, scaling_factor:
         t["W_enc"] = t["W_enc"] * s
         t["W_dec"] = t["W_dec"] / s
         t["b_dec"] = t["b_dec"] / s
+        # (a W_skip needs nothing: it sees x·s and its output is divided by s like the decoder's)
         notes.append(f"activation scaling factor {s:g} folded in (as SAELens folds it)")
 
     apply_b_dec = cfg.get("apply_b_dec_to_input", not is_tc)  # SAELens' default; transcoders never subtract it
@@ -265,6 +282,14 @@ def read_saelens(folder: str | Path, *, d_in: int | None = None, scaling_factor:
             raise SaeforgeError(f"{cfg_path}: a topk SAE needs a positive integer 'k', got {k!r}",
                                 "the config is damaged")
         sae_cfg = TopKConfig(**common, k=k)
+    elif arch in ("jumprelu_transcoder", "jumprelu_skip_transcoder"):
+        # a transcoder by its architecture, whatever its widths (a residual -> residual transcoder is one too)
+        config_class = JumpReLUSkipTranscoderConfig if arch == "jumprelu_skip_transcoder" else JumpReLUTranscoderConfig
+        sae_cfg = config_class(**{**common, "d_out": d_out})
+        if threshold is not None:
+            t["threshold"] = threshold
+        else:
+            t["log_threshold"] = raw["log_threshold"]
     elif arch.startswith("jumprelu"):
         sae_cfg = JumpReLUConfig(**common)
         if threshold is not None:
@@ -298,10 +323,15 @@ def saelens_config(sae: SAE, metadata: dict[str, Any] | None) -> dict[str, Any]:
     """The plain SAELens v6 cfg.json for ``sae`` (refusing what SAELens cannot load)."""
     cfg = sae.cfg
     arch = sae.saelens_architecture()
-    if cfg.is_transcoder and sae.architecture in ("topk", "gated", "batchtopk", "matryoshka"):
-        raise SaeforgeError(f"SAELens has no {sae.architecture} transcoder (d_out={cfg.d_out} != d_in={cfg.d_in})",
+    if cfg.is_transcoder and sae.architecture in ("topk", "gated", "batchtopk", "matryoshka", "topk_transcoder",
+                                                  "topk_skip_transcoder"):
+        raise SaeforgeError(f"SAELens has no {sae.architecture.removesuffix('_transcoder')} transcoder "
+                            f"(d_out={cfg.d_out}, d_in={cfg.d_in})",
                             "write it in saeforge's own format (--to saeforge); only saeforge loads it")
-    if sae.architecture in ("batchtopk", "matryoshka") and not bool(sae.threshold >= 0):
+    if sae.architecture.endswith(("_clt", "_crosscoder")):
+        raise SaeforgeError(f"SAELens has no {sae.architecture}", "write it with --to saeforge (or a CLT with --to "
+                            "gemmascope2_clt / circuit_tracer_clt)")
+    if sae.architecture.startswith(("batchtopk", "matryoshka")) and not bool(sae.threshold >= 0):
         raise SaeforgeError(f"this {sae.architecture} SAE has not learned its inference threshold yet "
                             "(it still encodes by batch selection), so it has no SAELens (jumprelu) form",
                             "train it past threshold_start_step, or write it with --to saeforge")

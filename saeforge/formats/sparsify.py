@@ -5,16 +5,22 @@ Tensors (``safetensors.torch.save_model`` of a ``SparseCoder``): ``encoder.weigh
 connection). cfg.json: the ``SparseCoderConfig`` fields (``activation``, ``expansion_factor``, ``normalize_decoder``,
 ``num_latents`` (0: d_in * expansion_factor), ``k``, ``multi_topk``, ``skip_connection``, ``transcode``) + ``d_in``.
 
-sparsify encodes ``TopK_k(ReLU(encoder(x - b_dec)))`` (no ``- b_dec`` for transcoders), i.e. saeforge's TopK SAE with
-``apply_b_dec_to_input = not transcode``. "groupmax" activations and skip connections are refused.
+sparsify encodes ``TopK_k(ReLU(encoder(x - b_dec)))`` (no ``- b_dec`` for transcoders), i.e. saeforge's TopK SAE.
+A coder with ``transcode: true`` is a transcoder (sparsify trains it from its hookpoint's input to its output):
+saeforge ``topk_transcoder``, or ``topk_skip_transcoder`` with ``skip_connection: true`` (``W_skip`` [d_in, d_in],
+used as ``x @ W_skip.mT``, saeforge's orientation too). Its binding comes from the hookpoint folder's name: ``layers.N``
+reads ``layers.N.resid_pre`` and writes ``layers.N.resid_post``, ``layers.N.mlp`` reads ``layers.N.mlp_in`` and writes
+``layers.N.mlp_out``. "groupmax" activations and skip connections on plain SAEs are refused.
 
-Writing: only a saeforge ``topk`` SAE with ``d_out == d_in`` has a sparsify form. One with
-``apply_b_dec_to_input=False`` is written with ``transcode: true`` (sparsify's switch for "do not subtract b_dec").
+Writing: a saeforge ``topk`` SAE, ``topk_transcoder`` or ``topk_skip_transcoder`` with ``d_out == d_in`` (sparsify's
+coders write their input's width). A plain TopK SAE with ``apply_b_dec_to_input=False`` is written with
+``transcode: true`` (sparsify's only switch for "do not subtract b_dec"), so it reads back as a transcoder.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +36,7 @@ from saeforge.formats.common import (
     read_json,
     read_safetensors,
 )
-from saeforge.saes import SAE, TopKConfig
+from saeforge.saes import SAE, TopKConfig, TopKSkipTranscoderConfig, TopKTranscoderConfig
 from saeforge.utils.atomic import atomic_save_safetensors, atomic_write_json
 
 __all__ = ["SPARSIFY_CFG", "SPARSIFY_WEIGHTS", "read_sparsify", "write_sparsify"]
@@ -60,9 +66,12 @@ def read_sparsify(folder: str | Path, *, d_in: int | None = None, **_: Any) -> I
     if activation != "topk":
         raise SaeforgeError(f"{cfg_path}: activation {activation!r} is not supported (saeforge reads sparsify's "
                             "'topk' sparse coders)", "only TopK sparse coders can be imported")
-    if cfg.get("skip_connection", False):
-        raise SaeforgeError(f"{cfg_path}: this sparse coder has a skip connection (W_skip), which saeforge SAEs "
-                            "do not have", "only sparse coders without skip_connection can be imported")
+    transcode = bool(cfg.get("transcode", False))
+    skip = bool(cfg.get("skip_connection", False))
+    if skip and not transcode:
+        raise SaeforgeError(f"{cfg_path}: this sparse coder is an SAE with a skip connection (W_skip), which saeforge "
+                            "SAEs do not have (its skip transcoders do)",
+                            "only skip connections on transcoders (transcode: true) can be imported")
     if cfg.get("signed", False):
         raise SaeforgeError(f"{cfg_path}: signed sparse coders are not supported", "use an unsigned sparse coder")
     unknown = sorted(set(cfg) - _CFG_FIELDS - {"signed"})
@@ -72,8 +81,8 @@ def read_sparsify(folder: str | Path, *, d_in: int | None = None, **_: Any) -> I
 
     where = folder / SPARSIFY_WEIGHTS
     raw = read_safetensors(where, "sparsify weights")
-    check_keys(raw, {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}, where=str(where),
-               layout="sparsify TopK sparse coder")
+    check_keys(raw, {"encoder.weight", "encoder.bias", "W_dec", "b_dec"} | ({"W_skip"} if skip else set()),
+               where=str(where), layout="sparsify TopK " + ("skip transcoder" if skip else "sparse coder"))
     enc = raw["encoder.weight"]
     if enc.dim() != 2:
         raise SaeforgeError(f"{where}: encoder.weight must be a matrix, got {tuple(enc.shape)}", "the file is damaged")
@@ -97,14 +106,28 @@ def read_sparsify(folder: str | Path, *, d_in: int | None = None, **_: Any) -> I
                             "(sparsify stores the decoder as [num_latents, d_in])", "the file is damaged")
     if k > n_lat:
         raise SaeforgeError(f"{cfg_path}: k={k} exceeds num_latents={n_lat}", "the config is damaged")
-    transcode = bool(cfg.get("transcode", False))
+    tensors = {"W_enc": enc.T, "b_enc": raw["encoder.bias"], "W_dec": w_dec, "b_dec": raw["b_dec"]}
+    if skip:
+        if tuple(raw["W_skip"].shape) != (width, width):
+            raise SaeforgeError(f"{where}: W_skip has shape {tuple(raw['W_skip'].shape)}, expected [{width}, {width}]",
+                                "the file is damaged")
+        tensors["W_skip"] = raw["W_skip"]
     if transcode:
-        notes.append("transcode=true: b_dec is not subtracted before the encoder (apply_b_dec_to_input=False)")
-    sae_cfg = TopKConfig(d_in=width, d_sae=n_lat, k=k, dtype=dtype_name(enc), apply_b_dec_to_input=not transcode)
-    sae = assemble(sae_cfg, {"W_enc": enc.T, "b_enc": raw["encoder.bias"], "W_dec": w_dec, "b_dec": raw["b_dec"]},
-                   where=str(where))
+        config_class = TopKSkipTranscoderConfig if skip else TopKTranscoderConfig
+        sae_cfg = config_class(d_in=width, d_sae=n_lat, k=k, dtype=dtype_name(enc))
+    else:
+        sae_cfg = TopKConfig(d_in=width, d_sae=n_lat, k=k, dtype=dtype_name(enc))
+    sae = assemble(sae_cfg, tensors, where=str(where))
 
     metadata: dict[str, Any] = {"hook_name": folder.name}
+    if transcode:
+        reads, writes = _transcoder_sites(folder.name)
+        metadata.update(hook_name=reads, reads=[reads], writes=[writes])
+        if writes != reads:
+            metadata["hook_name_out"] = writes
+        else:
+            notes.append(f"hookpoint {folder.name!r} is no saeforge site: bound to it as both read and written "
+                         "(give the sites with --hook-name / metadata)")
     run_cfg_path = folder.parent / "config.json"
     if run_cfg_path.is_file():
         try:
@@ -122,15 +145,27 @@ def read_sparsify(folder: str | Path, *, d_in: int | None = None, **_: Any) -> I
     return ImportedSAE(sae=sae, fmt="sparsify", path=folder, metadata=metadata, notes=notes)
 
 
+def _transcoder_sites(hookpoint: str) -> tuple[str, str]:
+    """(read, written) sites of a sparsify transcoder trained at ``hookpoint`` (its input and its output)."""
+    m = re.fullmatch(r"(?:model\.|transformer\.|gpt_neox\.)?(?:layers|h)\.(\d+)(\.mlp)?", hookpoint)
+    if not m:
+        return hookpoint, hookpoint
+    layer = m.group(1)
+    return (f"layers.{layer}.mlp_in", f"layers.{layer}.mlp_out") if m.group(2) else \
+        (f"layers.{layer}.resid_pre", f"layers.{layer}.resid_post")
+
+
 def write_sparsify(sae: SAE, folder: str | Path, **_: Any) -> Path:
-    """Write a saeforge TopK SAE as a sparsify hookpoint folder (``SparseCoder.load_from_disk`` loads it)."""
+    """Write a saeforge TopK SAE or (skip) transcoder as a sparsify hookpoint folder (``SparseCoder.load_from_disk``
+    loads it)."""
     cfg = sae.cfg
-    if sae.architecture != "topk":
-        raise SaeforgeError(f"sparsify has no {sae.architecture} sparse coder (it has per-token TopK only)",
-                            "write it with --to saelens or --to saeforge")
-    if cfg.is_transcoder:
+    if sae.architecture not in ("topk", "topk_transcoder", "topk_skip_transcoder"):
+        raise SaeforgeError(f"sparsify has no {sae.architecture} sparse coder (it has per-token TopK coders and "
+                            "transcoders only)", "write it with --to saelens or --to saeforge")
+    if cfg.d_output != cfg.d_in:
         raise SaeforgeError(f"a sparsify sparse coder decodes into d_in={cfg.d_in}, but this SAE has "
                             f"d_out={cfg.d_out}", "write it with --to saeforge")
+    skip = bool(getattr(cfg, "skip_connection", False))
     folder = Path(folder)
     tensors: dict[str, Tensor] = {
         "encoder.weight": sae.W_enc.detach().T.contiguous(),
@@ -138,6 +173,8 @@ def write_sparsify(sae: SAE, folder: str | Path, **_: Any) -> Path:
         "W_dec": sae.W_dec.detach(),
         "b_dec": sae.b_dec.detach(),
     }
+    if skip:
+        tensors["W_skip"] = sae.W_skip.detach()
     expansion = cfg.d_sae // cfg.d_in if cfg.d_sae % cfg.d_in == 0 and cfg.d_sae >= cfg.d_in else 1
     cfg_json = {
         "activation": "topk",
@@ -146,7 +183,7 @@ def write_sparsify(sae: SAE, folder: str | Path, **_: Any) -> Path:
         "num_latents": cfg.d_sae,
         "k": cfg.k,
         "multi_topk": False,
-        "skip_connection": False,
+        "skip_connection": skip,
         "transcode": not cfg.apply_b_dec_to_input,
         "d_in": cfg.d_in,
     }

@@ -1,11 +1,15 @@
 """Sites: named places in a model where activations are read or written.
 
-Canonical names ``layers.{L}.resid_pre | resid_post | attn_out | mlp_out`` resolve to module paths per model family;
-any other name is taken as a raw module path (``model.layers.3.mlp.act_fn``) and hooked at that module's output.
+Canonical names ``layers.{L}.resid_pre | resid_post | attn_out | mlp_in | mlp_out`` resolve to module paths per model
+family; any other name is taken as a raw module path (``model.layers.3.mlp.act_fn``) and hooked at that module's
+output.
 
 Which module output is ``attn_out``/``mlp_out``: the tensor the block adds to the residual stream. For most families
 that is the output of the attention/MLP module itself; Gemma 2/3 apply a norm after each (``post_attention_layernorm``,
 ``post_feedforward_layernorm``) before the residual add, so there the site is that norm's output.
+
+``mlp_in`` is the input of the MLP module (after its pre-MLP norm; read and edited with a forward pre-hook), where a
+transcoder or cross-layer transcoder reads: an edit there changes what the MLP computes and nothing else.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from dataclasses import dataclass
 
 from saeforge.errors import SaeforgeError
 
-SITE_KINDS = ("resid_pre", "attn_out", "mlp_out", "resid_post")
-CANONICAL_RE = re.compile(r"^layers\.(\d+)\.(resid_pre|resid_post|attn_out|mlp_out)$")
+SITE_KINDS = ("resid_pre", "attn_out", "mlp_in", "mlp_out", "resid_post")
+CANONICAL_RE = re.compile(r"^layers\.(\d+)\.(resid_pre|resid_post|attn_out|mlp_in|mlp_out)$")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class ModelFamily:
     attn_out: str  # module, relative to a block, whose output is the attention contribution
     mlp_out: str
     final_norm: str = "model.norm"  # the norm before the unembedding
+    mlp: str = "mlp"  # the MLP module, relative to a block; its input is the site mlp_in
     norm_weight_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + weight)
 
 
@@ -96,6 +101,8 @@ def resolve_site(name: str, *, model_type: str, n_layers: int, d_model: int, mod
             return Site(name, block, "input", kind, layer, d_model)
         if kind == "resid_post":
             return Site(name, block, "output", kind, layer, d_model)
+        if kind == "mlp_in":
+            return Site(name, f"{block}.{fam.mlp}", "input", kind, layer, d_model)
         sub = fam.attn_out if kind == "attn_out" else fam.mlp_out
         return Site(name, f"{block}.{sub}", "output", kind, layer, d_model)
     if name in module_names and name:

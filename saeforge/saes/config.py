@@ -99,21 +99,78 @@ class SAEConfig:
     uses_k: ClassVar[bool] = False
     # Adam learning rate when --lr is not given (an architecture may scale it with d_sae: see default_lr).
     default_learning_rate: ClassVar[float] = 1e-4
+    # The site bindings (saeforge.runs.SiteBinding.kind) this architecture trains: an ordinary SAE reads and writes
+    # one site, and (as before transcoders had architectures of their own) may be given a target site; a transcoder,
+    # cross-layer transcoder or crosscoder architecture names its own kind. See for_binding.
+    binding_kinds: ClassVar[tuple[str, ...]] = ("sae", "transcoder")
+    # A transcoder architecture names the ordinary architecture whose code it shares ("topk" for topk_transcoder):
+    # asked to train that one with a target site, the trainer trains the transcoder (for_binding).
+    plain_architecture: ClassVar[str | None] = None
 
     @classmethod
     def default_lr(cls, d_sae: int) -> float:
         """Learning rate for an SAE of ``d_sae`` latents when none is given."""
         return cls.default_learning_rate
 
+    def learning_rate(self) -> float:
+        """The default learning rate of this SAE (``default_lr`` at its size; an architecture made of several
+        dictionaries, such as a cross-layer transcoder, applies the rule to one of them)."""
+        return type(self).default_lr(self.d_sae)
+
+    @classmethod
+    def for_binding(cls, kind: str) -> type[SAEConfig]:
+        """The config class that trains a dictionary of binding ``kind`` when this architecture is asked for: this
+        one when it trains that kind, except that an ordinary SAE given a target site is trained as its transcoder
+        architecture where there is one (``topk`` -> ``topk_transcoder``); an error naming the architectures that
+        do train the kind otherwise."""
+        from saeforge.saes.registry import get_config_class, known_architectures
+
+        if kind == "transcoder" and "sae" in cls.binding_kinds:
+            for name in known_architectures():
+                if get_config_class(name).plain_architecture == cls.architecture:
+                    return get_config_class(name)
+        if kind in cls.binding_kinds:
+            return cls
+        able = [a for a in known_architectures() if kind in get_config_class(a).binding_kinds]
+        what = {"sae": "read and write one site", "transcoder": "read one site and write another",
+                "clt": "read one site per layer and write the MLP outputs of that layer and later ones",
+                "crosscoder": "read (and write) several sites"}.get(kind, kind)
+        fix = f"pass --architecture with one of: {', '.join(able)}"
+        if kind in ("sae", "crosscoder") and {"transcoder", "clt"} & set(cls.binding_kinds):
+            fix = "give the sites it writes (--target-sites, e.g. layers.5.mlp_out), or " + fix[0].lower() + fix[1:]
+        raise SaeforgeError(f"architecture {cls.architecture!r} trains {', '.join(cls.binding_kinds)} dictionaries, "
+                            f"but this one is a {kind} (it would {what})", fix)
+
+    @classmethod
+    def trains_several_sites(cls) -> bool:
+        """Whether one dictionary of this architecture reads several sites (so the trainer gives it every site of a
+        layer list instead of training one per site)."""
+        return bool({"clt", "crosscoder"} & set(cls.binding_kinds))
+
+    @classmethod
+    def binding_options(cls, read_widths: tuple[int, ...], write_widths: tuple[int, ...]) -> dict[str, Any]:
+        """Config fields that follow from the widths of the sites read and written (one entry per site); an
+        architecture over several sites sets its layer count here. Ordinary SAEs read one site and write one."""
+        if len(read_widths) > 1 or len(write_widths) > 1:
+            raise SaeforgeError(f"architecture {cls.architecture!r} reads one site and writes one, but this "
+                                f"dictionary reads {len(read_widths)} and writes {len(write_widths)}",
+                                "pass a cross-layer transcoder or crosscoder --architecture (e.g. topk_clt, "
+                                "topk_crosscoder), or one site per SAE")
+        return {}
+
     @classmethod
     def from_training_options(cls, *, d_in: int, d_sae: int, d_out: int | None = None, k: int,
                               sparsity_coefficient: float, dead_after_tokens: int,
-                              options: dict[str, Any] | None = None) -> SAEConfig:
+                              options: dict[str, Any] | None = None, read_widths: tuple[int, ...] = (),
+                              write_widths: tuple[int, ...] = ()) -> SAEConfig:
         """The config the trainer's generic options describe. ``d_out`` given: a transcoder (``b_dec`` lives in the
         output space, so it is never subtracted from the input). ``sparsity_coefficient`` < 0: the default.
-        ``options`` (``--sae-options``) win over everything else."""
+        ``read_widths``/``write_widths``: the width of each site read/written (several for a multi-site dictionary,
+        whose ``d_in``/``d_out`` are their sums; see :meth:`binding_options`). ``options`` (``--sae-options``) win
+        over everything else."""
         names = {f.name for f in dataclasses.fields(cls) if f.init}
-        kw: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae}
+        kw: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae, **cls.binding_options(tuple(read_widths),
+                                                                                  tuple(write_widths))}
         if d_out is not None:
             kw.update(d_out=d_out, apply_b_dec_to_input=False)
         if cls.uses_k:
@@ -158,7 +215,8 @@ class SAEConfig:
                  f"{name}: apply_b_dec_to_input must be true or false, got {self.apply_b_dec_to_input!r}",
                  option_fix(self, "apply_b_dec_to_input", True, "(or false; leave it out for the default)"))
         _require(not (self.apply_b_dec_to_input and self.is_transcoder),
-                 f"{name}: apply_b_dec_to_input=True needs d_out == d_in, but d_in={self.d_in}, d_out={self.d_out}",
+                 f"{name}: apply_b_dec_to_input must be false for a transcoder (b_dec lives in the output space; "
+                 f"d_in={self.d_in}, d_out={self.d_out})",
                  option_fix(self, "apply_b_dec_to_input", False, "for a transcoder (b_dec lives in the output space)"))
         if self.b_dec_init is None:
             self._set("b_dec_init", self._default_b_dec_init())

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from saeforge.errors import SaeforgeError
 
-__all__ = ["NORMALIZATION_METHODS", "ActivationScaler", "estimate_scale"]
+__all__ = ["NORMALIZATION_METHODS", "ActivationScaler", "estimate_scale", "site_scales"]
 
 NORMALIZATION_METHODS = ("expected_norm", "unit_mean_squared", "none")
 
@@ -47,6 +47,16 @@ def estimate_scale(x_sample: Tensor, method: str) -> float:
         raise SaeforgeError(f"cannot estimate an input scale: the sample's mean norm is {mean}",
                             "check the activations (all zero, or containing inf/NaN?)")
     return target / mean if method == "expected_norm" else 1.0 / math.sqrt(mean)
+
+
+def site_scales(scale: float | Sequence[float], n: int, what: str = "input") -> list[float]:
+    """One scale per site of a multi-site dictionary: ``scale`` itself when it lists n of them, else n copies of
+    the one number given; an error unless they are positive and finite."""
+    values = [float(scale)] * n if isinstance(scale, (int, float)) else [float(s) for s in scale]
+    if len(values) != n or not all(math.isfinite(v) and v > 0 for v in values):
+        raise SaeforgeError(f"{what} scales must be {n} positive finite numbers (one per site), got {scale!r}",
+                            "pass the scales the trainer estimated (one per site)")
+    return values
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import torch
 
 from saeforge.errors import SaeforgeError
 from saeforge.saes import SAE, ActivationScaler, DeadLatentTracker
+from saeforge.training.scaling import SiteScaler, scaler_from_dict
 from saeforge.utils.atomic import atomic_write
 
 __all__ = ["CHECKPOINT_FORMAT", "FORMAT_VERSION", "load_checkpoint", "rng_state", "save_checkpoint",
@@ -33,7 +34,7 @@ class Checkpointed(Protocol):
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     tracker: DeadLatentTracker
-    scaler: ActivationScaler
+    scaler: ActivationScaler | SiteScaler
 
 
 def rng_state() -> dict[str, Any]:
@@ -97,7 +98,7 @@ def load_checkpoint(path: Path, *, run_id: str, trainees: list[Checkpointed], me
         t.optimizer.load_state_dict(s["optimizer"])
         t.scheduler.load_state_dict(s["scheduler"])
         t.tracker.tokens_since_fired.copy_(s["tokens_since_fired"])
-        t.scaler = ActivationScaler.from_dict(s["scaler"])
+        t.scaler = scaler_from_dict(s["scaler"])
     set_rng_state(state["rng"])
     if metrics_path.exists():  # drop metrics recorded after the checkpoint; they will be recorded again
         with open(metrics_path, "r+b") as fh:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -47,7 +48,12 @@ class TrainConfig:
 
     # ---- data
     sites: tuple[str, ...] = ("layers.5.resid_post",)
-    """Sites to train on: one SAE per site (unless a config file lists `saes`)."""
+    """Sites to train on: one SAE per site (unless a config file lists `saes`). A layer list stands for one site per
+    layer (layers.0-5.mlp_in, layers.2,4,6.resid_post): one SAE each, or one cross-layer transcoder / crosscoder
+    over all of them."""
+    target_sites: tuple[str, ...] = ()
+    """Sites the SAEs write, one per --sites entry: a transcoder reads its site and predicts this one (layers.5.mlp_in
+    -> layers.5.mlp_out); a cross-layer transcoder gives a layer list (layers.0-5.mlp_out). Empty: SAEs."""
     cache: str = ""
     """Train from this activation cache folder (saeforge cache or import-activations) instead of running the model."""
     model_options: ModelOptions = field(default_factory=ModelOptions)
@@ -118,8 +124,9 @@ class TrainConfig:
     """Where and how the run computes; a resumed run may change these."""
 
     saes: tuple[dict, ...] = field(default=(), cmd=False)
-    """(config files only) per-SAE settings: each needs `site`, may set `name`, `target_site` (a transcoder) and
-    any of: architecture, expansion_factor, d_sae, k, sparsity_coefficient, sae_options, lr, dead_after_tokens."""
+    """(config files only) per-SAE settings: each needs `site` (a site, a layer list or a list of sites), may set
+    `name`, `target_site` (what it writes: a transcoder, or a CLT's list) and any of: architecture,
+    expansion_factor, d_sae, k, sparsity_coefficient, sae_options, lr, dead_after_tokens."""
 
     # ------------------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -144,8 +151,16 @@ class TrainConfig:
         need(self.threads >= 0, f"--threads must be 0 (automatic) or positive, got {self.threads}",
              "pass --threads 0")
         need(bool(self.sites) or bool(self.saes), "no sites to train on", "pass --sites layers.5.resid_post")
+        need(not self.target_sites or len(self.target_sites) == len(self.sites),
+             f"--target-sites gives {len(self.target_sites)} site(s) for {len(self.sites)} --sites",
+             "give one target site per site, e.g. --sites layers.5.mlp_in --target-sites layers.5.mlp_out")
         self.sae_option_dict()
+        from saeforge.runs import SiteBinding, check_site_order
+
         for spec in self.sae_specs():
+            binding = SiteBinding(spec["reads"], spec["writes"])
+            check_site_order(binding, where=f"SAE {spec['name']!r}")
+            get_config_class(spec["architecture"]).for_binding(binding.kind)
             v = spec.get("lr", 0.0)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
                  f"SAE {spec['name']!r}: learning rate must be positive, got {v!r}",
@@ -155,10 +170,19 @@ class TrainConfig:
         return parse_sae_options(self.sae_options)
 
     def sae_specs(self) -> list[dict[str, Any]]:
-        """One dict per SAE: name, site, target_site and the per-SAE fields, defaults filled from this config."""
+        """One dict per dictionary to train: name, ``reads`` and ``writes`` (tuples of sites), ``site``/``target_site``
+        (the first of each; ``target_site`` None for an SAE) and the per-SAE fields, defaults filled from this config.
+
+        A site entry may be a layer list (:func:`expand_sites`): an architecture that trains one dictionary per site
+        gets one per layer (paired with the target sites, if any), one over several sites (a cross-layer transcoder,
+        a crosscoder: its config class says so) gets them all."""
         base = {f: getattr(self, f) for f in PER_SAE_FIELDS}
-        entries = list(self.saes) if self.saes else [{"site": s} for s in self.sites]
-        specs, names = [], set()
+        if self.saes:
+            entries = list(self.saes)
+        else:
+            targets = list(self.target_sites) or [None] * len(self.sites)
+            entries = [{"site": s, "target_site": t} if t else {"site": s} for s, t in zip(self.sites, targets)]
+        specs: list[dict[str, Any]] = []
         for i, entry in enumerate(entries):
             if not isinstance(entry, dict) or "site" not in entry:
                 raise SaeforgeError(f"entry {i} of `saes` has no `site`", "give every SAE a `site:` in the config file")
@@ -167,21 +191,39 @@ class TrainConfig:
                 raise SaeforgeError(f"entry {i} of `saes` has unknown keys: {', '.join(sorted(unknown))}",
                                     f"use site, name, target_site, {', '.join(PER_SAE_FIELDS)}")
             spec = {**base, **entry}
-            spec.setdefault("target_site", None)
-            spec.setdefault("name", entry["site"] if len(entries) == 1 or sum(
-                e.get("site") == entry["site"] for e in entries) == 1 else f"{entry['site']}-{i}")
+            reads = expand_sites(entry["site"])
+            writes = expand_sites(entry["target_site"]) if entry.get("target_site") else reads
+            if get_config_class(spec["architecture"]).trains_several_sites():
+                groups = [(tuple(reads), tuple(writes))]
+            elif len(reads) != len(writes):
+                raise SaeforgeError(f"entry {i} reads {len(reads)} site(s) ({', '.join(reads)}) but writes "
+                                    f"{len(writes)} ({', '.join(writes)}), and {spec['architecture']!r} trains one "
+                                    "dictionary per site", "give as many target sites as sites, or pass a cross-layer "
+                                    "transcoder's --architecture (`saeforge train --help` lists them)")
+            else:
+                groups = [((r,), (w,)) for r, w in zip(reads, writes)]
+            for r, w in groups:
+                one = {**spec, "reads": r, "writes": w, "site": r[0], "target_site": None if w == r else w[0],
+                       "_entry": i, "_explicit_name": entry.get("name")}
+                one["name"] = entry.get("name") if len(groups) == 1 and entry.get("name") else (
+                    entry["site"] if isinstance(entry["site"], str) and len(r) > 1 else r[0])
+                specs.append(one)
+        names: set[str] = set()
+        for spec in specs:
+            if not spec.pop("_explicit_name") and sum(s["name"] == spec["name"] for s in specs) > 1:
+                spec["name"] = f"{spec['name']}-{spec['_entry']}"
+            spec.pop("_entry")
             if spec["name"] in names:
                 raise SaeforgeError(f"two SAEs are named {spec['name']!r}",
                                     "give them distinct `name:`s in the config file")
             names.add(spec["name"])
-            specs.append(spec)
         return specs
 
     def needed_sites(self) -> list[str]:
         out: list[str] = []
         for spec in self.sae_specs():
-            for s in (spec["site"], spec["target_site"]):
-                if s and s not in out:
+            for s in spec["reads"] + spec["writes"]:
+                if s not in out:
                     out.append(s)
         return out
 
@@ -193,7 +235,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict`; also reads run.json files of older versions (options they lack take their
         defaults) and option groups written as nested mappings."""
-        return from_flat_dict(cls, d, tuple_fields=("sites", "saes"), what="training option")
+        return from_flat_dict(cls, d, tuple_fields=("sites", "target_sites", "saes"), what="training option")
 
     def differences(self, other: TrainConfig, fields: list[str] | None = None) -> list[str]:
         """Human-readable differences in the fields that determine the result."""
@@ -201,6 +243,41 @@ class TrainConfig:
         keys = fields if fields is not None else list(mine)
         return [f"{k}: saved {theirs[k]!r}, given {mine[k]!r}" for k in keys
                 if k in mine and k not in RESUME_FREE_FIELDS and mine[k] != theirs[k]]
+
+
+_LAYER_LIST = re.compile(r"^(?P<head>(?:\w+--)?(?:.*\.)?(?:layers|h|blocks)\.)(?P<layers>[0-9][0-9,\-]*)(?P<tail>(?:\..*)?)$")
+
+
+def expand_sites(spec: str | list | tuple) -> list[str]:
+    """A site, a list of sites, or a layer list as one string: ``layers.0-3.mlp_in`` -> layers 0, 1, 2, 3;
+    ``layers.2,4,6.resid_post`` -> layers 2, 4, 6 (ranges and commas mix: ``layers.0-2,5.x``). Layers must go up,
+    each once; the model or the cache says whether they exist."""
+    if isinstance(spec, (list, tuple)):
+        out = [s for item in spec for s in expand_sites(item)]
+        if not out:
+            raise SaeforgeError("an empty list of sites", "give at least one site, e.g. layers.5.resid_post")
+        return out
+    if not isinstance(spec, str) or not spec:
+        raise SaeforgeError(f"a site must be a non-empty string, got {spec!r}", "e.g. layers.5.resid_post")
+    m = _LAYER_LIST.match(spec)
+    if not m or ("," not in m["layers"] and "-" not in m["layers"]):
+        return [spec]
+    layers: list[int] = []
+    for part in m["layers"].split(","):
+        bounds = part.split("-")
+        if len(bounds) > 2 or not all(b.isdigit() for b in bounds):
+            raise SaeforgeError(f"cannot read the layer list {m['layers']!r} in {spec!r}",
+                                "write layers as ranges and commas, e.g. layers.0-5.mlp_in or layers.2,4,6.resid_post")
+        lo, hi = int(bounds[0]), int(bounds[-1])
+        if hi < lo:
+            raise SaeforgeError(f"the layer range {part} in {spec!r} goes down",
+                                f"write it upwards: {m['head']}{hi}-{lo}{m['tail']}")
+        layers.extend(range(lo, hi + 1))
+    if layers != sorted(set(layers)):
+        raise SaeforgeError(f"the layers of {spec!r} ({', '.join(map(str, layers))}) are out of order or repeat one",
+                            f"list each layer once, in increasing order: "
+                            f"{m['head']}{','.join(map(str, sorted(set(layers))))}{m['tail']}")
+    return [f"{m['head']}{layer}{m['tail']}" for layer in layers]
 
 
 def parse_sae_options(options: str | dict | None) -> dict[str, Any]:

@@ -7,8 +7,15 @@ weights bit-identical to an uninterrupted run: everything that determines a step
 step and the checkpointed state.
 
 The loop knows no architecture: each SAE's config class says how the generic options map onto it
-(:meth:`~saeforge.saes.SAEConfig.from_training_options`) and what its default learning rate is, and the SAE handles
-its own dead latents in :meth:`~saeforge.saes.SAE.after_step`.
+(:meth:`~saeforge.saes.SAEConfig.from_training_options`), which site bindings it trains
+(:meth:`~saeforge.saes.SAEConfig.for_binding`) and what its default learning rate is, and the SAE handles its own
+dead latents in :meth:`~saeforge.saes.SAE.after_step`.
+
+Every dictionary reads one or several sites and writes one or several (:class:`~saeforge.runs.SiteBinding`): its
+input is the concatenation of the sites it reads, its target that of the sites it writes (none for an SAE, which
+reconstructs its input), all from the same batch of the one stream, so a cross-layer transcoder over L layers is
+trained from one pass over the data. A dictionary over several sites scales each site on its own
+(:mod:`saeforge.training.scaling`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from saeforge.saes.registry import get_config_class
 from saeforge.training.checkpoint import load_checkpoint, save_checkpoint
 from saeforge.training.config import TrainConfig, non_default_fields, parse_sae_options, resolve_config
 from saeforge.training.run_dir import open_run, record_data
+from saeforge.training.scaling import SiteScaler
 from saeforge.training.schedules import lr_factor, sparsity_factor
 from saeforge.utils.atomic import atomic_write_json
 from saeforge.utils.threads import thread_policy
@@ -45,14 +53,23 @@ class Trainee:
     """One SAE being trained, with everything that belongs to it alone."""
 
     name: str
-    site: str
-    target_site: str | None
+    binding: SiteBinding
     sae: SAE
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     tracker: DeadLatentTracker
-    scaler: ActivationScaler
+    scaler: ActivationScaler | SiteScaler
     metrics: dict[str, float] | None = None  # of the last step that was logged
+
+    @property
+    def has_target(self) -> bool:
+        """Whether it writes other sites than it reads (a transcoder or CLT), i.e. trains against a target."""
+        return self.binding.writes != self.binding.reads
+
+
+def _joined(acts: dict[str, torch.Tensor], sites: tuple[str, ...]) -> torch.Tensor:
+    """The activations of ``sites`` side by side (no copy for one site)."""
+    return acts[sites[0]] if len(sites) == 1 else torch.cat([acts[s] for s in sites], dim=-1)
 
 
 class Trainer:
@@ -111,21 +128,31 @@ class Trainer:
                                 "or pass a larger --corpus")
         torch.manual_seed(cfg.seed)
         for spec in cfg.sae_specs():
-            site, target_site = spec["site"], spec["target_site"]
-            x = sample[site][:INIT_SAMPLE_TOKENS].to(self.device, torch.float32)
-            y = sample[target_site][:INIT_SAMPLE_TOKENS].to(self.device, torch.float32) if target_site else None
-            self._check_finite(x, site, "the initialisation sample")
+            binding = SiteBinding(spec["reads"], spec["writes"])
+            xs = [sample[r][:INIT_SAMPLE_TOKENS].to(self.device, torch.float32) for r in binding.reads]
+            ys = None
+            if binding.writes != binding.reads:
+                ys = [sample[w][:INIT_SAMPLE_TOKENS].to(self.device, torch.float32) for w in binding.writes]
+            for site, a in zip(binding.sites, xs + (ys or [])):
+                self._check_finite(a, site, "the initialisation sample")
+            x = xs[0] if len(xs) == 1 else torch.cat(xs, 1)
+            y = None if ys is None else (ys[0] if len(ys) == 1 else torch.cat(ys, 1))
             dead_after = self._dead_after_tokens(spec)
-            config_class = get_config_class(spec["architecture"])
+            config_class = get_config_class(spec["architecture"]).for_binding(binding.kind)
+            read_widths = tuple(int(a.shape[1]) for a in xs)
+            write_widths = read_widths if ys is None else tuple(int(a.shape[1]) for a in ys)
             sae_cfg = config_class.from_training_options(
                 d_in=x.shape[1], d_sae=spec["d_sae"] or spec["expansion_factor"] * x.shape[1],
                 d_out=y.shape[1] if y is not None else None, k=spec["k"],
                 sparsity_coefficient=spec["sparsity_coefficient"], dead_after_tokens=dead_after,
-                options=parse_sae_options(spec["sae_options"]))
+                options=parse_sae_options(spec["sae_options"]), read_widths=read_widths, write_widths=write_widths)
             sae = make_sae(sae_cfg).to(self.device)
-            scaler = ActivationScaler.fit(x, cfg.normalize_activations, y)
+            if len(xs) == 1 and (ys is None or len(ys) == 1):
+                scaler = ActivationScaler.fit(x, cfg.normalize_activations, y)
+            else:
+                scaler = SiteScaler.fit(xs, cfg.normalize_activations, ys)
             sae.init_from_data(scaler.scale_input(x), scaler.scale_target(y) if y is not None else None)
-            lr = spec["lr"] or type(sae_cfg).default_lr(sae_cfg.d_sae)
+            lr = spec["lr"] or sae_cfg.learning_rate()
             opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
             # fused: one kernel for the whole update (CPU and CUDA), measurably faster at SAE sizes
             optimizer = opt_cls(sae.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
@@ -136,7 +163,7 @@ class Trainer:
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                           lambda s: lr_factor(s, total, warm, decay, frac))
             tracker = DeadLatentTracker(sae_cfg.d_sae, dead_after, device=self.device)
-            self.trainees.append(Trainee(spec["name"], site, target_site, sae, optimizer, scheduler, tracker, scaler))
+            self.trainees.append(Trainee(spec["name"], binding, sae, optimizer, scheduler, tracker, scaler))
         # a copy, so the whole first fill is not kept alive for the run by a view of it
         self.init_sample = {k: v[:INIT_SAMPLE_TOKENS].clone() for k, v in sample.items()}
 
@@ -168,13 +195,14 @@ class Trainer:
         warm = int(cfg.sparsity_warmup_fraction * self.total_steps)
         logging = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total_steps
         for t in self.trainees:
-            x = batch[t.site].to(self.device, torch.float32, non_blocking=True)
-            self._check_finite(x, t.site, f"the batch of step {self.step}")
+            x = _joined(batch, t.binding.reads).to(self.device, torch.float32, non_blocking=True)
+            self._check_finite(x, ", ".join(t.binding.reads), f"the batch of step {self.step}")
             x = t.scaler.scale_input(x)
             target = None
-            if t.target_site:
-                target = t.scaler.scale_target(batch[t.target_site].to(self.device, torch.float32))
-            state = TrainState(step=self.step, total_steps=self.total_steps, sparsity_scale=sparsity_factor(self.step, warm),
+            if t.has_target:
+                target = t.scaler.scale_target(_joined(batch, t.binding.writes).to(self.device, torch.float32))
+            state = TrainState(step=self.step, total_steps=self.total_steps,
+                               sparsity_scale=sparsity_factor(self.step, warm),
                                dead_mask=t.tracker.dead_mask)
             out = t.sae.training_loss(x, target, state=state)
             if not torch.isfinite(out.loss):
@@ -191,7 +219,8 @@ class Trainer:
             t.scheduler.step()
             t.tracker.update(out.fired, x.shape[0])
             if logging:  # before after_step, which may change the SAE: the metrics describe this forward
-                t.metrics = _step_metrics(out, x if target is None else target)
+                widths = getattr(t.scaler, "widths_out", ())
+                t.metrics = _step_metrics(out, x if target is None else target, widths)
             t.sae.after_step(self.step, self.total_steps, t.tracker.dead_mask, x, t.optimizer)
 
     def _log(self, t0: float, tokens_at_start: int) -> dict[str, Any]:
@@ -247,7 +276,7 @@ class Trainer:
     def _feature_stats(self, t: Trainee, sae: SAE, chunk: int = 4096) -> dict[str, torch.Tensor]:
         """Density, max and mean activation per latent on the initialisation sample, in chunks (a dense
         [tokens, d_sae] matrix of the whole sample would be the run's largest allocation)."""
-        x_all = self.init_sample[t.site]
+        x_all = _joined(self.init_sample, t.binding.reads)
         d = sae.cfg.d_sae
         fired = torch.zeros(d, device=self.device)
         total = torch.zeros(d, device=self.device)
@@ -270,7 +299,7 @@ class Trainer:
             sae = make_sae(t.sae.cfg).to(self.device)
             sae.load_state_dict(t.sae.state_dict())
             t.scaler.fold_into(sae)
-            meta = {**SiteBinding.single(t.site, t.target_site).to_metadata(), **self.data_info,
+            meta = {**t.binding.to_metadata(), **self.data_info,
                     "saeforge_run": self.run_info["run_id"], "normalization": t.scaler.to_dict(),
                     "training_tokens": self.total_steps * self.cfg.batch_size}
             save_sae(sae, self.run_dir / "saes" / t.name, metadata=meta, feature_stats=self._feature_stats(t, sae))
@@ -280,13 +309,20 @@ class Trainer:
         return final
 
 
-def _step_metrics(out: TrainOutput, reference: torch.Tensor) -> dict[str, float]:
-    """Loss, its terms, L0 and FVU (against the batch's own mean) of one training forward."""
+def _fvu(x_hat: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((x_hat - reference).pow(2).sum() / (reference - reference.mean(0)).pow(2).sum().clamp_min(1e-12))
+
+
+def _step_metrics(out: TrainOutput, reference: torch.Tensor, widths: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Loss, its terms, L0 and FVU (against the batch's own mean) of one training forward; with several sites
+    written (``widths``), the FVU of each too (``fvu_sites``, in the binding's order)."""
     with torch.no_grad():
-        fvu = float((out.x_hat - reference).pow(2).sum()
-                    / (reference - reference.mean(0)).pow(2).sum().clamp_min(1e-12))
-    return {"loss": float(out.loss.detach()), "l0": out.l0, "fvu": fvu,
-            **{f"loss_{k}": float(v.detach()) for k, v in out.terms.items()}}
+        metrics: dict[str, Any] = {"loss": float(out.loss.detach()), "l0": out.l0, "fvu": _fvu(out.x_hat, reference),
+                                   **{f"loss_{k}": float(v.detach()) for k, v in out.terms.items()}}
+        if len(widths) > 1:
+            parts = zip(out.x_hat.split(list(widths), dim=1), reference.split(list(widths), dim=1))
+            metrics["fvu_sites"] = [_fvu(a, b) for a, b in parts]
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------- entry

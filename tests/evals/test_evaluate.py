@@ -273,7 +273,7 @@ def test_dictionaries_eval_cannot_replace_are_refused(tiny_llama_dir, text_file,
     with pytest.raises(SaeforgeError, match="reads layers.2.resid_post, which the model computes after "
                                             "layers.1.mlp_out"):
         evaluate(_cfg(tmp_path / "backwards", text_file))
-    save_sae(_random(), tmp_path / "clt", metadata={"reads": ["layers.0.resid_post"],
+    save_sae(_random(d_out=64), tmp_path / "clt", metadata={"reads": ["layers.0.resid_post"],
                                               "writes": ["layers.0.mlp_out", "layers.1.mlp_out"], **meta})
     with pytest.raises(SaeforgeError,
                        match=r"clt is a clt \(reads layers.0.resid_post; writes layers.0.mlp_out, layers.1.mlp_out\)"):

@@ -77,3 +77,20 @@ def test_refusals(tmp_path):
         run_convert(ConvertConfig(source=str(tmp_path / "b"), out=str(tmp_path / "o"), to="saelens"))
     run_convert(ConvertConfig(source=str(tmp_path / "b"), out=str(tmp_path / "o"), to="saeforge", overwrite=True))
     assert load_any(tmp_path / "o").architecture == "batchtopk"
+
+
+def test_a_clt_converts_to_gemma_scope_2_and_circuit_tracer(tmp_path, capsys):
+    """saeforge -> Gemma Scope 2 CLT -> circuit-tracer CLT, each checked by read-back encodings."""
+    from saeforge.saes import save_sae
+    from tests.formats.test_circuit_tracer import jump_clt
+
+    sae = jump_clt()
+    meta = {"reads": [f"layers.{i}.mlp_in" for i in range(3)], "writes": [f"layers.{i}.mlp_out" for i in range(3)]}
+    save_sae(sae, tmp_path / "native", metadata=meta)
+    run_convert(ConvertConfig(source=str(tmp_path / "native"), out=str(tmp_path / "gs2"), to="gemmascope2_clt"))
+    run_convert(ConvertConfig(source=str(tmp_path / "gs2"), out=str(tmp_path / "ct"), to="circuit_tracer_clt"))
+    out = capsys.readouterr().out
+    assert out.count("encodings on 512 random inputs identical") == 2
+    back = load_any(tmp_path / "ct")
+    x = torch.randn(20, sae.cfg.d_in)
+    assert torch.equal(back.encode(x), sae.encode(x))

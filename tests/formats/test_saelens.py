@@ -260,3 +260,29 @@ def test_jumprelu_transcoder_without_d_out_or_apply_fields(tmp_path):
     x = inputs()
     pre = x @ t["W_enc"] + t["b_enc"]
     assert torch.equal(sae.encode(x), torch.relu(pre) * (pre > 0.1))
+
+
+@pytest.mark.parametrize("arch", ["jumprelu_transcoder", "jumprelu_skip_transcoder", "batchtopk_skip_transcoder"])
+def test_transcoders_round_trip_through_plain_saelens_folders(tmp_path, arch):
+    """JumpReLU-shaped (skip) transcoders have SAELens forms; a residual -> residual one stays a transcoder."""
+    from tests.saes.test_transcoder import build as build_transcoder
+
+    sae = build_transcoder(arch, d_out=None)
+    save_as(sae, tmp_path, "saelens", metadata={"hook_name": "layers.1.resid_pre", "hook_name_out": "layers.1.resid_post"})
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["architecture"] == ("jumprelu_skip_transcoder" if "skip" in arch else "jumprelu_transcoder")
+    assert cfg["d_out"] == cfg["d_in"]
+    back = load_any(tmp_path)
+    assert back.architecture == cfg["architecture"] and back.cfg.is_transcoder
+    x = inputs()
+    assert torch.equal(back.encode(x), sae.encode(x))
+    torch.testing.assert_close(back(x), sae(x), rtol=1e-6, atol=1e-6)
+
+
+def test_topk_transcoders_and_multi_site_dictionaries_have_no_saelens_form(tmp_path):
+    from saeforge.saes import TopKCLTConfig, TopKSkipTranscoderConfig
+
+    for cfg in (TopKSkipTranscoderConfig(d_in=8, d_sae=16, k=2),
+                TopKCLTConfig(d_in=16, d_sae=32, d_out=16, n_layers=2, k=2)):
+        with pytest.raises(SaeforgeError, match="SAELens has no"):
+            save_as(make_sae(cfg), tmp_path / cfg.architecture, "saelens")

@@ -49,7 +49,9 @@ def test_round_trip(tmp_path, apply_b_dec):
     assert w["encoder.weight"].shape == (D_SAE, D_IN) and w["W_dec"].shape == (D_SAE, D_IN)
     assert detect_format(tmp_path) == ("sparsify", tmp_path)
     back = load_any(tmp_path)
-    assert back.architecture == "topk" and back.cfg.apply_b_dec_to_input is apply_b_dec
+    # sparsify's only "do not subtract b_dec" switch is transcode: such a coder reads back as a TopK transcoder
+    assert back.architecture == ("topk" if apply_b_dec else "topk_transcoder")
+    assert back.cfg.apply_b_dec_to_input is apply_b_dec
     assert_same_encodings(sae, back)
 
 
@@ -67,7 +69,13 @@ def test_foreign_folder_matches_sparsify_encode(tmp_path, transcode):
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)  # x @ W.T vs F.linear: same math, other kernel
     # reconstruction: sparsify decodes with W_dec [num_latents, d_in] + b_dec
     torch.testing.assert_close(imp.sae.decode(got), ref @ t["W_dec"] + t["b_dec"], rtol=1e-5, atol=1e-5)
-    assert imp.metadata == {"hook_name": "layers.5", "model_name": "HuggingFaceTB/SmolLM2-135M", "context_size": 128}
+    run_meta = {"model_name": "HuggingFaceTB/SmolLM2-135M", "context_size": 128}
+    if transcode:  # a transcoder at the block reads its input and writes its output
+        assert imp.sae.architecture == "topk_transcoder"
+        assert imp.metadata == {"hook_name": "layers.5.resid_pre", "hook_name_out": "layers.5.resid_post",
+                                "reads": ["layers.5.resid_pre"], "writes": ["layers.5.resid_post"], **run_meta}
+    else:
+        assert imp.metadata == {"hook_name": "layers.5", **run_meta}
 
 
 def test_num_latents_zero_uses_expansion_factor(tmp_path):
@@ -129,3 +137,34 @@ def test_write_refusals(tmp_path):
         save_as(build("batchtopk"), tmp_path / "b", "sparsify")
     with pytest.raises(SaeforgeError, match="d_out"):
         save_as(make_sae(TopKConfig(d_in=D_IN, d_sae=D_SAE, d_out=5, k=2)), tmp_path / "t", "sparsify")
+
+
+def test_skip_transcoder_round_trip_and_documented_forward(tmp_path):
+    from saeforge.saes import TopKSkipTranscoderConfig
+
+    torch.manual_seed(0)
+    sae = make_sae(TopKSkipTranscoderConfig(d_in=D_IN, d_sae=D_SAE, k=4))
+    with torch.no_grad():
+        sae.W_skip.copy_(0.2 * torch.randn(D_IN, D_IN))
+        sae.b_enc.copy_(0.2 * torch.randn(D_SAE))
+    folder = tmp_path / "layers.4.mlp"
+    save_as(sae, folder, "sparsify")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["transcode"] is True and cfg["skip_connection"] is True
+    w = load_file(str(folder / "sae.safetensors"))
+    x = inputs()
+    # sparsify: TopK(ReLU(encoder(x))) (no b_dec subtraction for a transcoder), decode + x @ W_skip.mT
+    f = topk_dense(F.linear(x, w["encoder.weight"], w["encoder.bias"]), 4)
+    torch.testing.assert_close(f @ w["W_dec"] + w["b_dec"] + x @ w["W_skip"].mT, sae(x), rtol=1e-5, atol=1e-5)
+    imp = read_any(folder)
+    assert imp.sae.architecture == "topk_skip_transcoder"
+    assert imp.metadata["reads"] == ["layers.4.mlp_in"] and imp.metadata["writes"] == ["layers.4.mlp_out"]
+    assert torch.equal(imp.sae(x), sae(x))
+
+
+def test_a_skip_connection_on_a_plain_sae_is_refused(tmp_path):
+    t = sparsify_tensors()
+    t["W_skip"] = torch.zeros(D_IN, D_IN)
+    write_folder(tmp_path, sparsify_cfg(skip_connection=True), t)
+    with pytest.raises(SaeforgeError, match="SAE with a skip connection"):
+        load_any(tmp_path)

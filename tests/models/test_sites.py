@@ -20,7 +20,7 @@ def _ids(lm, n=2, t=12, seed=0):
 def test_canonical_sites_resolve_with_dimensions(models, family):
     lm = models[family]
     sites = lm.sites()
-    assert len(sites) == 4 * lm.n_layers
+    assert len(sites) == 5 * lm.n_layers
     acts = lm.read(_ids(lm), [s.name for s in sites])
     for s in sites:
         assert s.d == lm.d_model
@@ -132,3 +132,26 @@ def test_direction_logits_equal_the_head_on_unit_rms_vectors(models, family):
     with torch.no_grad():
         expected = lm.model.get_output_embeddings()(norm(v))
     torch.testing.assert_close(lm.direction_logits(v), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlp_in_is_what_the_mlp_reads(models, family):
+    """mlp_in is the MLP module's input: running the MLP on it gives mlp_out (Gemma 2 adds its post-MLP norm), and
+    an edit there changes the MLP's output and the residual stream only through it."""
+    lm = models[family]
+    ids = _ids(lm)
+    names = ["layers.1.resid_pre", "layers.1.attn_out", "layers.1.mlp_in", "layers.1.mlp_out", "layers.1.resid_post"]
+    a = lm.read(ids, names)
+    block = lm.model.get_submodule(f"{lm.family.layers}.1")
+    with torch.no_grad():
+        out = block.mlp(a["layers.1.mlp_in"])
+        if family == "gemma2":
+            out = block.post_feedforward_layernorm(out)
+    torch.testing.assert_close(out, a["layers.1.mlp_out"], rtol=1e-5, atol=1e-6)
+    with lm.edit({"layers.1.mlp_in": lambda x: torch.zeros_like(x)}):
+        b = lm.read(ids, names)
+    assert torch.equal(b["layers.1.attn_out"], a["layers.1.attn_out"])
+    assert not torch.allclose(b["layers.1.mlp_out"], a["layers.1.mlp_out"])
+    torch.testing.assert_close(b["layers.1.resid_pre"] + b["layers.1.attn_out"] + b["layers.1.mlp_out"],
+                               b["layers.1.resid_post"], rtol=1e-5, atol=1e-5)
+    assert lm.site("layers.1.mlp_in").order < lm.site("layers.1.mlp_out").order

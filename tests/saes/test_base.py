@@ -19,7 +19,7 @@ from .helpers import num
     ({"d_in": 8, "d_sae": 8, "d_out": 0}, "d_out must be a positive integer"),
     ({"d_in": 8, "d_sae": 8, "dtype": "float8"}, "unknown dtype"),
     ({"d_in": 8, "d_sae": 8, "b_dec_init": "median"}, "unknown b_dec_init"),
-    ({"d_in": 8, "d_sae": 8, "d_out": 4, "apply_b_dec_to_input": True}, "needs d_out == d_in"),
+    ({"d_in": 8, "d_sae": 8, "d_out": 4, "apply_b_dec_to_input": True}, "must be false for a transcoder"),
     ({"d_in": 8, "d_sae": 8, "apply_b_dec_to_input": "yes"}, "true or false"),
 ])
 def test_config_validation(kwargs, match):

@@ -21,7 +21,9 @@ from saeforge.saes import (
     register_sae,
 )
 
-ALL = ["batchtopk", "gated", "jumprelu", "matryoshka", "relu", "topk"]
+ALL = ["batchtopk", "batchtopk_clt", "batchtopk_crosscoder", "batchtopk_skip_transcoder", "batchtopk_transcoder",
+       "gated", "jumprelu", "jumprelu_clt", "jumprelu_crosscoder", "jumprelu_skip_transcoder", "jumprelu_transcoder",
+       "matryoshka", "relu", "topk", "topk_clt", "topk_crosscoder", "topk_skip_transcoder", "topk_transcoder"]
 
 
 def test_known_architectures():

@@ -197,8 +197,13 @@ def test_bad_training_settings_are_refused(tiny_cache, tmp_path, kw, message):
 
 @pytest.mark.parametrize("architecture", known_architectures())
 def test_every_architecture_trains_with_its_defaults(tiny_cache, tmp_path, architecture):
-    """`saeforge train --architecture X` and nothing else (Matryoshka's groups come from d_sae)."""
-    final = train(_cfg(tiny_cache, tmp_path / "run", architecture=architecture, tokens=256 * 10))[SITES[0]]
+    """`saeforge train --architecture X` and nothing else (Matryoshka's groups come from d_sae); a transcoder
+    (or a one-layer cross-layer transcoder) gets the site it writes."""
+    from saeforge.saes import get_config_class
+
+    target = () if "sae" in get_config_class(architecture).binding_kinds else (SITES[1],)
+    final = train(_cfg(tiny_cache, tmp_path / "run", architecture=architecture, tokens=256 * 10,
+                       target_sites=target))[SITES[0]]
     assert math.isfinite(final["loss"]) and math.isfinite(final["fvu"])
     sae = load_sae(tmp_path / "run" / "saes" / SITES[0])
     assert torch.isfinite(sae.encode(tiny_cache.load(SITES[0])[:100])).all()
@@ -271,3 +276,119 @@ def test_saved_classic_relu_is_the_sae_the_last_metrics_describe(tiny_cache, tmp
         fvu = float((saved.decode(f) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
         l0 = float((f > 0).sum(1).float().mean())
     assert fvu == pytest.approx(final["fvu"], rel=0.005) and l0 == pytest.approx(final["l0"], rel=0.03)
+
+
+# ---------------------------------------------------------------------------------------------- several sites
+MLP_SITES = tuple(f"layers.{i}.{k}" for i in range(3) for k in ("mlp_in", "mlp_out"))
+
+
+@pytest.fixture(scope="module")
+def mlp_cache(tiny_llama, tiny_llama_dir, tmp_path_factory):
+    """The MLP inputs and outputs of the tiny Llama's three layers (8k tokens)."""
+    import random
+
+    from saeforge.data.activation_cache import CacheConfig, build_cache
+    from tests.conftest import TEXT
+
+    folder = tmp_path_factory.mktemp("mlp_cache")
+    rng = random.Random(1)
+    words = TEXT.split()
+    (folder / "t.txt").write_text(" ".join(rng.choice(words) for _ in range(6000)))
+    cfg = CacheConfig(out=str(folder / "cache"), model=str(tiny_llama_dir), sites=MLP_SITES, tokens=8_000,
+                      corpus=str(folder / "t.txt"), context_length=64, batch_size=8, shard_tokens=2000, device="cpu")
+    return build_cache(cfg, lm=tiny_llama, progress=False)
+
+
+def _multi_config(tmp_path, cache, saes: str, **extra) -> TrainConfig:
+    config = tmp_path / "multi.yaml"
+    config.write_text("tokens: 5120\nbatch_size: 256\nd_sae: 96\nprogress: false\ndevice: cpu\nlr_warmup_steps: 2\n"
+                      f"checkpoint_every: 5\nlog_every: 5\ncache: {cache.folder}\nsaes:\n" + saes)
+    return TrainConfig(config=str(config), out=str(tmp_path / "run"), **extra)
+
+
+CLT_AND_TRANSCODERS = ("  - {site: layers.0-2.mlp_in, target_site: layers.0-2.mlp_out, architecture: topk_clt, "
+                       "name: clt, k: 4}\n"
+                       "  - {site: layers.0-2.mlp_in, target_site: layers.0-2.mlp_out, architecture: topk, k: 4}\n"
+                       "  - {site: layers.0-2.mlp_in, architecture: topk_crosscoder, name: xc, k: 4}\n")
+
+
+def test_a_clt_per_layer_transcoders_and_a_crosscoder_train_from_one_stream(mlp_cache, tiny_llama, tmp_path):
+    cfg = _multi_config(tmp_path, mlp_cache, CLT_AND_TRANSCODERS)
+    final = train(cfg, given=["config", "out"])
+    run = tmp_path / "run"
+    assert set(final) == {"clt", "xc", "layers.0.mlp_in", "layers.1.mlp_in", "layers.2.mlp_in"}
+    assert len(final["clt"]["fvu_sites"]) == 3 and len(final["xc"]["fvu_sites"]) == 3
+    cfg_json = json.loads((run / "saes" / "clt" / "cfg.json").read_text())
+    assert cfg_json["saeforge"]["config"]["architecture"] == "topk_clt"
+    assert cfg_json["saeforge"]["config"]["n_layers"] == 3 and cfg_json["saeforge"]["config"]["d_sae"] == 96
+    meta = cfg_json["metadata"]
+    assert meta["reads"] == [f"layers.{i}.mlp_in" for i in range(3)]
+    assert meta["writes"] == [f"layers.{i}.mlp_out" for i in range(3)]
+    assert len(meta["normalization"]["scale_in"]) == 3 and len(set(meta["normalization"]["scale_out"])) == 3
+    # `architecture: topk` with a target site trains the TopK transcoder: one per layer of the list
+    tc = json.loads((run / "saes" / "layers.1.mlp_in" / "cfg.json").read_text())
+    assert tc["saeforge"]["config"]["architecture"] == "topk_transcoder"
+    assert tc["metadata"]["writes"] == ["layers.1.mlp_out"]
+    from saeforge.runs import load_run
+
+    loaded = load_run(run, lm=tiny_llama)
+    assert loaded.saes["clt"].kind == "clt" and loaded.saes["xc"].kind == "crosscoder"
+    assert loaded.saes["layers.2.mlp_in"].kind == "transcoder"
+    # the saved CLT takes raw activations: its FVU on them is the trained one's
+    clt = loaded.saes["clt"].sae
+    x = torch.cat([mlp_cache.load(f"layers.{i}.mlp_in")[:2000] for i in range(3)], 1)
+    y = torch.cat([mlp_cache.load(f"layers.{i}.mlp_out")[:2000] for i in range(3)], 1)
+    with torch.no_grad():
+        fvu = float((clt(x) - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    assert fvu < 0.9
+
+
+def test_a_multi_site_run_resumes_bit_identically(mlp_cache, tmp_path, monkeypatch):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole.mkdir()
+    cut.mkdir()
+    train(_multi_config(whole, mlp_cache, CLT_AND_TRANSCODERS), given=["config", "out"])
+    real_step = Trainer._train_step
+    calls = {"n": 0}
+
+    def dying_step(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "_train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(_multi_config(cut, mlp_cache, CLT_AND_TRANSCODERS), given=["config", "out"])
+    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    train(TrainConfig(resume=str(cut / "run"), progress=False))
+    for name in ("clt", "xc", "layers.0.mlp_in"):
+        a, b = _weights(whole / "run", name), _weights(cut / "run", name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(sites=("layers.2.mlp_out",), target_sites=("layers.2.mlp_in",)), "which the model computes before"),
+    (dict(sites=("layers.1.mlp_out",), target_sites=("layers.0.mlp_out",)), "which the model computes before"),
+    (dict(sites=("layers.2,0.mlp_in",), target_sites=("layers.0,2.mlp_out",), architecture="topk_clt"),
+     "out of order or repeat one"),
+    (dict(sites=("layers.0-2.mlp_in",), target_sites=("layers.0-1.mlp_out",), architecture="topk_clt"),
+     "reads 3 and writes 2"),
+    (dict(sites=("layers.0-2.mlp_in",), architecture="topk_clt"), "this one is a crosscoder"),
+    (dict(sites=("layers.0-2.mlp_in",), target_sites=("layers.0-2.mlp_out", "x")), "gives 2 site"),
+    (dict(sites=("layers.0-5.mlp_in",), target_sites=("layers.0-5.mlp_out",), architecture="topk_clt"),
+     "'layers.3.mlp_in' is not in the cache"),
+])
+def test_bad_multi_site_settings_are_refused_before_any_work(mlp_cache, tmp_path, kw, message):
+    with pytest.raises(SaeforgeError, match=message) as err:
+        train(_cfg(mlp_cache, tmp_path / "run", **kw))
+    assert err.value.fix
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_layers_out_of_the_models_range_are_named(tiny_llama_dir, text_file, tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "run"), model=str(tiny_llama_dir), corpus=str(text_file),
+                      sites=("layers.1-7.mlp_in",), target_sites=("layers.1-7.mlp_out",), architecture="topk_clt",
+                      context_length=32, tokens=1024, batch_size=128, progress=False, device="cpu")
+    with pytest.raises(SaeforgeError, match="layer 3 does not exist, the model has 3 layers"):
+        train(cfg)
