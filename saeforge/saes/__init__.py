@@ -18,6 +18,7 @@ from saeforge.saes.batchtopk import BatchTopKConfig, BatchTopKSAE  # isort: skip
 from saeforge.saes.matryoshka import MatryoshkaConfig, MatryoshkaSAE  # isort: skip
 from saeforge.saes.gated import GatedConfig, GatedSAE  # isort: skip
 from saeforge.saes.jumprelu import JumpReLUConfig, JumpReLUSAE  # isort: skip
+from saeforge.saes.hsae import HSAE, HSAEConfig  # isort: skip
 from saeforge.saes.normalization import NORMALIZATION_METHODS, ActivationScaler, estimate_scale  # isort: skip
 from saeforge.saes.io import load_feature_stats, load_sae, read_sae_config, save_sae  # isort: skip
 
@@ -30,6 +31,8 @@ __all__ = [
     "DeadLatentTracker",
     "GatedConfig",
     "GatedSAE",
+    "HSAE",
+    "HSAEConfig",
     "JumpReLUConfig",
     "JumpReLUSAE",
     "MatryoshkaConfig",

@@ -21,7 +21,7 @@ from saeforge.saes import (
     register_sae,
 )
 
-ALL = ["batchtopk", "gated", "jumprelu", "matryoshka", "relu", "topk"]
+ALL = ["batchtopk", "gated", "hsae", "jumprelu", "matryoshka", "relu", "topk"]
 
 
 def test_known_architectures():
