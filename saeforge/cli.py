@@ -158,6 +158,18 @@ def _commands() -> dict[str, tuple[type, Callable, str]]:
     }
 
 
+def _groups() -> dict[str, tuple[str, dict[str, tuple[type, Callable, str]]]]:
+    """Commands with actions (``saeforge hierarchy link ...``): name → (help, {action: (config, function, help)})."""
+    from saeforge.hierarchy.cli import HIERARCHY_ACTIONS
+    from saeforge.hierarchy.modules_cli import MODULES_ACTIONS
+
+    return {
+        "hierarchy": ("feature trees: link SAEs after training, measure and judge trees, absorption and splitting",
+                      HIERARCHY_ACTIONS),
+        "modules": ("co-activation modules across adjacent layers' SAEs: build, test on a task, steer", MODULES_ACTIONS),
+    }
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="saeforge",
@@ -173,6 +185,13 @@ def build_parser() -> ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=cfg_cls.__doc__,
                            add_option_string_dash_variants=DashVariant.DASH)
         p.add_arguments(cfg_cls, dest="cfg")
+    for name, (help_text, actions) in _groups().items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        acts = p.add_subparsers(dest="action", metavar="ACTION", title="actions")
+        for action, (cfg_cls, _, action_help) in actions.items():
+            a = acts.add_parser(action, help=action_help, description=cfg_cls.__doc__,
+                                add_option_string_dash_variants=DashVariant.DASH)
+            a.add_arguments(cfg_cls, dest="cfg")
     return parser
 
 
@@ -182,7 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 0
-    _, fn, _ = _commands()[args.command]
+    groups = _groups()
+    if args.command in groups:
+        if not getattr(args, "action", None):
+            parser.parse_args([args.command, "--help"])
+        fn = groups[args.command][1][args.action][1]
+    else:
+        fn = _commands()[args.command][1]
     try:
         if fn is run_train:
             command_parser = next(a for a in parser._actions

@@ -179,9 +179,9 @@ def tree_metrics(tree: FeatureTree, batches: Iterable[Tensor], *, levels: list[t
                 continue
             a_p, a_c = active[lv], active[lv + 1]
             joint[lv] += (a_p[:, pt] & a_c[:, ct]).sum(0)
-            any_child = torch.zeros(x.shape[0], widths[lv], dtype=torch.float32, device=dev)
-            any_child.index_reduce_(1, pt, a_c[:, ct].float(), "amax")
-            hamming[lv] += (a_p[:, has] != (any_child[:, has] > 0)).sum(0)
+            children_firing = torch.zeros(x.shape[0], widths[lv], dtype=torch.float32, device=dev)
+            children_firing.index_add_(1, pt, a_c[:, ct].float())  # > 0: the OR of the children
+            hamming[lv] += (a_p[:, has] != (children_firing[:, has] > 0)).sum(0)
         xd = x.double()
         sum_x = xd.sum(0) if sum_x is None else sum_x + xd.sum(0)
         sum_sq_x += float(xd.pow(2).sum())
