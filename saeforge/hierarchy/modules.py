@@ -258,8 +258,9 @@ class ModuleFinder:
     """Co-activation graphs and modules of one model's SAEs at consecutive layers (see the module docstring)."""
 
     def __init__(self, lm, saes: dict[int, Any], sites: dict[int, str], densities: dict[int, torch.Tensor],
-                 settings: ModuleSettings = ModuleSettings(), policy=None):
+                 settings: ModuleSettings = ModuleSettings(), policy=None, *, names: dict[int, str] | None = None):
         settings.check()
+        self.names = names or dict(sites)  # layer → the SAE's name in its run
         self.settings = settings
         self.runner = _Runner(lm, saes, sites, policy)
         self.densities = densities
@@ -267,12 +268,12 @@ class ModuleFinder:
 
     @classmethod
     def from_run(cls, path, *, settings: ModuleSettings = ModuleSettings(), model: str = "", device: str = "auto",
-                 lm=None, sites: Sequence[str] = ()) -> "ModuleFinder":
-        """The SAEs of a run (or of the ``sites`` named) at one layer each; all of one model."""
+                 lm=None, sites: Sequence[str] = (), names: Sequence[str] = ()) -> "ModuleFinder":
+        """The SAEs of a run (those named, or at the ``sites`` named) at one layer each; all of one model."""
         from saeforge.runs import load_run
         from saeforge.saes import load_feature_stats
 
-        run = load_run(path, model=model, device=device, lm=lm)
+        run = load_run(path, model=model, device=device, lm=lm, names=names)
         chosen = {name: b for name, b in run.saes.items() if not sites or b.read_site.name in sites}
         if sites and len(chosen) != len(set(sites)):
             raise SaeforgeError(f"the run has no SAE at some of {', '.join(sites)}",
@@ -284,6 +285,7 @@ class ModuleFinder:
                                 "build modules from SAEs of one model: one run, or --sites of one model's SAEs")
         by_layer: dict[int, Any] = {}
         site_of: dict[int, str] = {}
+        name_of: dict[int, str] = {}
         dens: dict[int, torch.Tensor] = {}
         for b in chosen.values():
             if b.kind != "sae":
@@ -291,8 +293,8 @@ class ModuleFinder:
             layer = _layer_of(b.read_site.name)
             if layer in by_layer:
                 raise SaeforgeError(f"two SAEs at layer {layer} ({site_of[layer]}, {b.read_site.name})",
-                                    "pass --sites with one site per layer")
-            by_layer[layer], site_of[layer] = b.sae, b.read_site.name
+                                    "pass --saes with one SAE per layer")
+            by_layer[layer], site_of[layer], name_of[layer] = b.sae, b.read_site.name, b.name
             stats = load_feature_stats(b.folder) if b.folder else None
             if not stats or "sparsity" not in stats:
                 raise SaeforgeError(f"{b.folder} has no feature densities (sparsity.safetensors)",
@@ -300,7 +302,7 @@ class ModuleFinder:
             dens[layer] = torch.pow(10.0, stats["sparsity"].double()).float()
         if len(by_layer) < 2:
             raise SaeforgeError("modules need SAEs at two or more layers", "train SAEs at consecutive layers")
-        return cls(run.lm, by_layer, site_of, dens, settings, run.token_policy())
+        return cls(run.lm, by_layer, site_of, dens, settings, run.token_policy(), names=name_of)
 
     # ---- graphs ----
     def graph(self, prompts: Sequence[str]):

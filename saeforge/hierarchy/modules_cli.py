@@ -103,6 +103,8 @@ class BuildModulesConfig:
     """Relations to use."""
     sites: tuple[str, ...] = ()
     """Only the SAEs at these sites (default: every SAE of the run)."""
+    saes: tuple[str, ...] = ()
+    """Only the SAEs of these names (one per layer)."""
     min_correlation: float = 0.9
     """Link two features when the Pearson correlation of their activations over the prompt tokens exceeds this."""
     max_density: float = 0.01
@@ -129,7 +131,8 @@ def run_build(cfg: BuildModulesConfig) -> dict[str, Any]:
     _pick(cfg.concepts, task.concepts, "concepts")
     settings = ModuleSettings(cfg.min_correlation, cfg.max_density, cfg.top_k, cfg.adjacent_only, cfg.max_sharing)
     settings.check()
-    finder = ModuleFinder.from_run(cfg.run, settings=settings, model=cfg.model, device=cfg.device, sites=cfg.sites)
+    finder = ModuleFinder.from_run(cfg.run, settings=settings, model=cfg.model, device=cfg.device, sites=cfg.sites,
+                                   names=cfg.saes)
     concepts = list(cfg.concepts)
     accuracy = {}
     for kind in ("discovery", "evaluation"):
@@ -143,6 +146,7 @@ def run_build(cfg: BuildModulesConfig) -> dict[str, Any]:
     modules = finder.task_modules(task, concepts, relations)
     result = {"run": str(Path(cfg.run).resolve()), "task": cfg.task, "settings": settings.__dict__,
               "sites": {layer: finder.runner.sites[layer] for layer in finder.layers},
+              "saes": list(finder.names.values()),
               "concepts_used": concepts, "relations_used": relations,
               "accuracy": {k: {f"{c}|{r}": v for (c, r), v in a.items()} for k, a in accuracy.items()},
               **modules}
@@ -184,7 +188,7 @@ def run_evaluate(cfg: EvaluateModulesConfig) -> dict[str, Any]:
     if not cfg.amplification > 0:
         raise SaeforgeError(f"--amplification must be positive, got {cfg.amplification}", "pass e.g. 2")
     finder = ModuleFinder.from_run(data["run"], settings=ModuleSettings(**data["settings"]), device=cfg.device,
-                                   sites=tuple(data["sites"].values()))
+                                   names=tuple(data.get("saes") or ()), sites=tuple(data["sites"].values()))
     task = load_task(data["task"])
     result = evaluate_modules(finder, task, data, data["concepts_used"], data["relations_used"],
                               amplification=cfg.amplification, progress=cfg.progress)

@@ -1,5 +1,5 @@
 """A small trained run for the hierarchy commands: an HSAE, two single-level SAEs of the same widths, and a Matryoshka
-with the same groups, trained together on the tiny Llama's cache."""
+with the same groups, at layer 1 of the tiny Llama, and a TopK SAE at layer 2 (for modules), trained together."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def hierarchy_run(tiny_cache, tmp_path_factory):
             {"site": site, "name": "w64", "architecture": "hsae",
              "sae_options": json.dumps({"level_sizes": [64], "target_l0": [8]})},
             {"site": site, "name": "matryoshka", "architecture": "matryoshka", "k": 8, "d_sae": 80,
-             "sae_options": json.dumps({"group_sizes": [16, 64], "threshold_start_step": 2})})
+             "sae_options": json.dumps({"group_sizes": [16, 64], "threshold_start_step": 2})},
+            {"site": TRAIN_SITES[1], "name": "l2", "architecture": "topk", "k": 4, "d_sae": 64})
     train(TrainConfig(out=str(run), cache=str(tiny_cache.folder), tokens=256 * 24, batch_size=256, progress=False,
                       device="cpu", lr_warmup_steps=2, checkpoint_every=100, saes=saes))
     return run
