@@ -13,8 +13,8 @@ from simple_parsing.helpers import field
 from saeforge.errors import SaeforgeError
 from saeforge.utils.atomic import atomic_write_json
 
-__all__ = ["HIERARCHY_ACTIONS", "JudgeConfig", "LinkConfig", "MetricsConfig", "measure_trees", "open_tree",
-           "run_judge", "run_link", "run_metrics"]
+__all__ = ["HIERARCHY_ACTIONS", "AbsorptionConfig", "JudgeConfig", "LinkConfig", "MetricsConfig", "measure_trees", "open_tree",
+           "run_absorption", "run_judge", "run_link", "run_metrics"]
 
 
 # ---------------------------------------------------------------------------------------------------- link
@@ -230,9 +230,68 @@ def run_judge(cfg: JudgeConfig) -> dict[str, Any]:
     return result
 
 
+# ---------------------------------------------------------------------------------------------------- absorption
+@dataclass(frozen=True)
+class AbsorptionConfig:
+    """Feature absorption and splitting on the first-letter task (SAEBench's, adapted to the model's tokenizer) for
+    several SAEs of one site, on the same words and residual probes."""
+
+    saes: tuple[str, ...] = field(default=(), positional=True, nargs="*")
+    """SAE folders (e.g. RUN/saes/topk RUN/saes/hsae/levels/level_1), all reading one site of one model."""
+    names: tuple[str, ...] = ()
+    """A label per SAE for the table (default: the folder names)."""
+    words: int = 3000
+    """Single-token words sampled from the vocabulary (four fifths train the probes, one fifth tests them)."""
+    seed: int = 0
+    """Seed for the word sample and the train/test split."""
+    model: str = ""
+    """Model; empty: the one the SAEs were trained on."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    out: str = "absorption.json"
+    """Where to write the scores (per SAE and per letter)."""
+
+
+def run_absorption(cfg: AbsorptionConfig) -> dict[str, Any]:
+    from saeforge.hierarchy.absorption import absorption_table, first_letter_activations
+    from saeforge.hierarchy.data import folder_metadata
+    from saeforge.models.language_model import LanguageModel
+    from saeforge.runs import _read_folder
+
+    if not cfg.saes:
+        raise SaeforgeError("no SAE given", "saeforge hierarchy absorption RUN/saes/topk RUN/saes/matryoshka")
+    if cfg.names and len(cfg.names) != len(cfg.saes):
+        raise SaeforgeError(f"{len(cfg.names)} names for {len(cfg.saes)} SAEs", "give one --names entry per SAE")
+    if cfg.words < 200:
+        raise SaeforgeError(f"--words {cfg.words} is too few to train 26 probes", "pass --words 3000")
+    metas = [folder_metadata(f) for f in cfg.saes]
+    sites = {m.get("hook_name") for m in metas}
+    models = {m.get("model_fingerprint") or m.get("model_name") for m in metas}
+    if None in sites or len(sites) != 1 or len(models) != 1:
+        raise SaeforgeError(f"the SAEs read different sites or models ({sorted(map(str, sites | models))})",
+                            "compare SAEs of one site of one model")
+    saes = {name: _read_folder(Path(f))[0].eval()
+            for name, f in zip(cfg.names or [Path(f).name for f in cfg.saes], cfg.saes)}
+    model = cfg.model or metas[0].get("model_name")
+    if not model:
+        raise SaeforgeError("the SAEs' metadata does not name their model", "pass --model")
+    lm = LanguageModel.load(model, device=cfg.device)
+    site = sites.pop()
+    data = first_letter_activations(lm, site, n_words=cfg.words, seed=cfg.seed)
+    table = absorption_table(data, {k: v.to(lm.device) for k, v in saes.items()})
+    out = {"site": site, "model": model, "words": len(data.words), "saes": table}
+    atomic_write_json(cfg.out, out)
+    print("| SAE | letters | mean absorption | full absorption | latents per letter (splitting) |\n|---|---:|---:|---:|---:|")
+    for name, r in table.items():
+        print(f"| {name} | {r['letters']} | {r['mean_absorption']:.3f} | {r['mean_full_absorption']:.3f} | "
+              f"{r['mean_split']:.2f} |")
+    return out
+
+
 HIERARCHY_ACTIONS: dict[str, tuple[type, Callable, str]] = {
     "link": (LinkConfig, run_link, "build a tree from SAEs of growing widths (post-hoc) or a Matryoshka's groups"),
     "metrics": (MetricsConfig, run_metrics, "measure trees: P(parent|child), P(child|parent), Hamming, L0, FVE"),
     "judge": (JudgeConfig, run_judge, "LLM judge: is the child a sub-concept of the parent?"),
+    "absorption": (AbsorptionConfig, run_absorption, "first-letter absorption and splitting (SAEBench) of SAEs"),
 }
 

@@ -23,7 +23,10 @@ its level's reconstruction and C_{ℓ,i} the children of (ℓ, i):
   steps or more and to 20 / steps in shorter ones (the target is reached within the first fifth of the run); the EMA
   decay to 1 − 100 / steps within [0.8, 0.999]: a slow EMA makes the controller overshoot in short runs, and the
   latents an overshoot pushes below their thresholds die. Dead latents get Anthropic's pre-activation loss
-  (``pre_act_loss_coefficient``, see :mod:`saeforge.saes.jumprelu`) where the paper used ghost grads.
+  (``pre_act_loss_coefficient``, see :mod:`saeforge.saes.jumprelu`) where the paper used ghost grads. Each
+  threshold starts at the quantile of its latent's pre-activations on the initialisation sample where the level
+  fires ``initial_l0_factor`` (2) × its target L0 (saeforge's choice: a threshold moves by Adam steps of its
+  logarithm, and from a fixed guess it would need thousands of steps to reach its scale).
 
 Parameters: the levels' latents are the consecutive blocks of one ``W_enc [d_in, Σn]``, ``W_dec [Σn, d]`` (unit
 rows), ``b_enc`` and ``log_threshold``; the levels share ``b_dec``. Each level is exactly a JumpReLU SAE
@@ -94,10 +97,24 @@ class HSAEConfig(JumpReLUConfig):
     level_sizes: tuple[int, ...] = ()
     # Target L0 of each level (one value: every level). Empty: default_target_l0(width) per level.
     target_l0: tuple[float, ...] = ()
-    # Adapt each level's λ towards its target L0 (False: λ stays l0_coefficient).
+    # Adapt each level's λ towards its target L0 (False: λ keeps its starting value).
     adaptive_sparsity: bool = True
-    # Initial λ of every level (the JumpReLU L0 coefficient).
-    l0_coefficient: float = 0.03
+    # λ_ℓ starts at l0_coefficient × E||x||² / target_l0_ℓ (the initialisation sample's mean squared norm, so the
+    # penalty of the target L0 is a fixed fraction of the data's energy whatever the input scale); without an
+    # initialisation sample, at l0_coefficient.
+    l0_coefficient: float = 0.5
+    # The thresholds start where each latent fires on this multiple of target_l0 / width of the initialisation
+    # sample's tokens (0: at threshold_init): a threshold learns by Adam steps of its logarithm, far too slowly to
+    # travel from a guess to its scale in a run of a few hundred steps.
+    initial_l0_factor: float = 2.0
+    # The thresholds learn this many times faster than the other parameters (the parameter log_threshold holds
+    # log θ / threshold_lr_scale): the L0 penalty reaches the latents only through their thresholds, and at one
+    # learning rate for all the encoder outgrows them in short runs, so L0 rises however large λ gets.
+    threshold_lr_scale: float = 10.0
+    # Let the L0 penalty's pseudo-gradient reach the pre-activations (hence the encoder) too, as in Anthropic's 2025
+    # JumpReLU, not the thresholds alone: the encoder learns far faster than a threshold moves, and without this the
+    # reconstruction pushes L0 up however large λ grows.
+    l0_penalty_to_encoder: bool = True
     # ρ, weight of the parent-children structural loss (paper: 0.01).
     structure_coefficient: float = 0.01
     # r, probability that a parent with children is replaced by their sum in its level's reconstruction (paper: 5 %).
@@ -193,6 +210,12 @@ class HSAEConfig(JumpReLUConfig):
             ok = _is_number(v) and lo <= v and (v < hi if name in ("unassigned_fraction", "l0_ema_decay") else v <= hi)
             _require(ok, f"{a}: {name} must be a number in [{lo:g}, {hi:g}{')' if name in ('unassigned_fraction', 'l0_ema_decay') else ']'}, got {v!r}",
                      option_fix(self, name, default, "(the default)"))
+        _require(_is_number(self.initial_l0_factor) and self.initial_l0_factor >= 0,
+                 f"{a}: initial_l0_factor must be a non-negative number, got {self.initial_l0_factor!r}",
+                 option_fix(self, "initial_l0_factor", 2.0, "(0: start at threshold_init)"))
+        _require(_is_number(self.threshold_lr_scale) and self.threshold_lr_scale > 0,
+                 f"{a}: threshold_lr_scale must be a positive number, got {self.threshold_lr_scale!r}",
+                 option_fix(self, "threshold_lr_scale", 10.0, "(1: the thresholds learn at the common rate)"))
         _require(_is_int(self.tree_update_every) and self.tree_update_every >= 0,
                  f"{a}: tree_update_every must be a non-negative integer, got {self.tree_update_every!r}",
                  option_fix(self, "tree_update_every", 0, "(the default)"))
@@ -308,6 +331,25 @@ def structure_loss(f_parent: Tensor, f_child: Tensor, dec_parent: Tensor, dec_ch
     return (own - 2 * cross + children_sq).clamp_min(0).mean()  # rounding can take an exact 0 below it
 
 
+class StepThroughFunction(torch.autograd.Function):
+    """``H(z - θ)`` whose straight-through pseudo-derivative reaches z as well as θ: ∂H/∂z = (1/ε) K((z − θ)/ε) =
+    −∂H/∂θ (Anthropic's January 2025 JumpReLU update; the paper's rule gives z none)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = float(bandwidth)
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        from saeforge.saes.jumprelu import rectangle
+
+        z, theta = ctx.saved_tensors
+        g = (1.0 / ctx.bandwidth) * rectangle((z - theta) / ctx.bandwidth) * grad_out
+        return g, (-g).sum_to_size(theta.shape), None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # HSAE
 # --------------------------------------------------------------------------------------------------------------
@@ -320,6 +362,8 @@ class HSAE(JumpReLUSAE):
 
     def __init__(self, cfg: HSAEConfig):
         super().__init__(cfg)
+        with torch.no_grad():
+            self.log_threshold.div_(cfg.threshold_lr_scale)
         n = cfg.n_levels
         # Training state that a checkpoint must carry (buffers are in state_dict, parameters are not optimised):
         self.register_buffer("level_l0_coefficient", torch.full((n,), float(cfg.l0_coefficient), dtype=torch.float32))
@@ -332,6 +376,15 @@ class HSAE(JumpReLUSAE):
         self._layouts: dict[int, _TreeLayout] = {}
         self._layout_key: tuple | None = None
         self._step_level_l0: Tensor | None = None  # per-level L0 of the last training forward, read by after_step
+
+    @property
+    def threshold(self) -> Tensor:
+        return torch.exp(self.log_threshold * self.cfg.threshold_lr_scale)
+
+    @torch.no_grad()
+    def _scale_latents(self, factor: Tensor) -> None:
+        SAE._scale_latents(self, factor)
+        self.log_threshold.add_((torch.log(factor.to(torch.float64)) / self.cfg.threshold_lr_scale).to(self.dtype))
 
     # ---- levels ----
     @property
@@ -366,8 +419,28 @@ class HSAE(JumpReLUSAE):
         sae.b_enc.copy_(self.b_enc[sl])
         sae.W_dec.copy_(self.W_dec[sl])
         sae.b_dec.copy_(self.b_dec)
-        sae.log_threshold.copy_(self.log_threshold[sl])
+        sae.log_threshold.copy_(self.log_threshold[sl] * c.threshold_lr_scale)
         return sae
+
+    @torch.no_grad()
+    def init_from_data(self, x_sample: Tensor, target_sample: Tensor | None = None) -> None:
+        """``b_dec`` as for every SAE, each level's λ from the sample's mean squared norm, and each latent's threshold at
+        the quantile of its pre-activations on the sample where it fires on ``initial_l0_factor × target_l0 / width``
+        of the tokens (at most half of them)."""
+        super().init_from_data(x_sample, target_sample)
+        x, _ = _flatten(x_sample.to(self.device), self.cfg.d_in, "the init sample")
+        energy = float((target_sample if target_sample is not None else x).float().pow(2).sum(-1).mean())
+        targets = torch.tensor(self.cfg.target_l0, dtype=torch.float32, device=self.level_l0_coefficient.device)
+        self.level_l0_coefficient.copy_(self.cfg.l0_coefficient * energy / targets)
+        factor = self.cfg.initial_l0_factor
+        if factor <= 0:
+            return
+        pre = self._pre(x).float()
+        for sl, width, target in zip(self.cfg.level_slices, self.cfg.level_sizes, self.cfg.target_l0):
+            rate = min(0.5, factor * target / width)
+            k = min(pre.shape[0], max(1, int(math.ceil((1.0 - rate) * pre.shape[0]))))
+            theta = torch.kthvalue(pre[:, sl], k, dim=0).values.clamp_min(1e-6)  # (quantile() refuses big inputs)
+            self.log_threshold[sl] = (torch.log(theta) / self.cfg.threshold_lr_scale).to(self.dtype)
 
     # ---- inference: the average of the levels ----
     def decode(self, f: Tensor) -> Tensor:
@@ -396,7 +469,7 @@ class HSAE(JumpReLUSAE):
         pre = x @ self.W_enc + self.b_enc
         theta = self.threshold
         f = JumpReLUFunction.apply(pre, theta, c.bandwidth)
-        active = StepFunction.apply(pre, theta, c.bandwidth)
+        active = (StepThroughFunction if c.l0_penalty_to_encoder else StepFunction).apply(pre, theta, c.bandwidth)
         slices = c.level_slices
         layouts = self._tree_layouts() if int(self.tree_updates) > 0 else {}
         terms: dict[str, Tensor] = {}

@@ -64,7 +64,7 @@ def test_refusals(hierarchy_run, tiny_cache, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["hierarchy", "--help"], ["hierarchy", "metrics", "--help"],
-                                  ["modules", "build", "--help"]])
+                                  ["hierarchy", "absorption", "--help"], ["modules", "build", "--help"]])
 def test_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)

@@ -23,7 +23,8 @@ def _hsae(levels=(4, 8, 20), d_in=12, seed=0, **kw) -> HSAE:
     with torch.no_grad():
         sae.b_enc.copy_(0.2 * torch.randn(sae.cfg.d_sae, generator=g))
         sae.b_dec.copy_(0.3 * torch.randn(d_in, generator=g))
-        sae.log_threshold.copy_(torch.log(0.1 + 0.3 * torch.rand(sae.cfg.d_sae, generator=g)))
+        theta = 0.1 + 0.3 * torch.rand(sae.cfg.d_sae, generator=g)
+        sae.log_threshold.copy_(torch.log(theta) / sae.cfg.threshold_lr_scale)
     return sae
 
 
@@ -222,7 +223,35 @@ def test_adaptive_sparsity_moves_each_level_towards_its_target():
     assert torch.equal(fixed.level_l0_coefficient, torch.full((2,), fixed.cfg.l0_coefficient))
 
 
+def test_thresholds_start_where_each_level_fires_twice_its_target():
+    torch.manual_seed(0)
+    sae = make_sae(HSAEConfig(d_in=12, d_sae=72, level_sizes=(24, 48), target_l0=(3, 6)))
+    sample = _x(4000) + 1.0
+    sae.init_from_data(sample)
+    f = sae.encode(sample)
+    assert [float((sae.level_latents(f, lv) > 0).float().sum(1).mean()) for lv in (0, 1)] == \
+        pytest.approx([6.0, 12.0], rel=0.01)
+    assert bool(((f > 0).float().mean(0) > 0.2).all())  # every latent fires on its quarter of the tokens
+    plain = make_sae(HSAEConfig(d_in=12, d_sae=72, level_sizes=(24, 48), initial_l0_factor=0))
+    plain.init_from_data(sample)
+    assert torch.allclose(plain.threshold, torch.full((72,), plain.cfg.threshold_init))
+
+
 # ---------------------------------------------------------------------------------------------------- levels, saving
+def test_thresholds_are_stored_scaled_and_fold_with_the_input_scale():
+    sae = _hsae()
+    assert torch.allclose(sae.threshold, torch.exp(sae.log_threshold * 10))
+    assert float(sae.threshold.min()) >= 0.1 - 1e-6 and float(sae.threshold.max()) <= 0.4 + 1e-6
+    x = _x()
+    import copy
+
+    folded = copy.deepcopy(sae)
+    folded.fold_input_scale(2.5)
+    torch.testing.assert_close(folded(x), sae(x * 2.5) / 2.5, rtol=1e-5, atol=1e-5)
+    for lv in range(3):  # the folded levels too
+        torch.testing.assert_close(folded.level_sae(lv)(x), sae.level_sae(lv)(x * 2.5) / 2.5, rtol=1e-5, atol=1e-5)
+
+
 def test_each_level_is_an_ordinary_jumprelu_sae():
     sae = _hsae()
     x = _x()
