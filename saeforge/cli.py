@@ -134,6 +134,8 @@ def _commands() -> dict[str, tuple[type | dict, Callable | None, str]]:
     from saeforge.features.inspect import InspectConfig, run_inspect
     from saeforge.flow.cli import flow_commands
     from saeforge.formats.convert import ConvertConfig, run_convert
+    from saeforge.hierarchy.cli import HIERARCHY_ACTIONS
+    from saeforge.hierarchy.modules_cli import MODULES_ACTIONS
     from saeforge.interventions.compare import CompareSteeringConfig, run_compare_steering
     from saeforge.interventions.generate import SteerConfig, run_steer
     from saeforge.training import TrainConfig
@@ -166,6 +168,10 @@ def _commands() -> dict[str, tuple[type | dict, Callable | None, str]]:
         "diff": (DiffConfig, run_diff, "diff two models through a crosscoder: shared and exclusive features"),
         "flow": (flow_commands(), None, "feature flow across layers: SAE suites, matching, flow graphs, origin "
                  "groups, deactivation, multi-layer steering"),
+        "hierarchy": (HIERARCHY_ACTIONS, None,
+                      "feature trees: link SAEs after training, measure and judge trees, absorption and splitting"),
+        "modules": (MODULES_ACTIONS, None, "co-activation modules across adjacent layers' SAEs: build, test on a task, "
+                    "steer"),
     }
 
 

@@ -50,6 +50,7 @@ from saeforge.saes.crosscoder import (  # isort: skip
     TopKCrosscoder,
     TopKCrosscoderConfig,
 )
+from saeforge.saes.hsae import HSAE, HSAEConfig  # isort: skip
 from saeforge.saes.normalization import NORMALIZATION_METHODS, ActivationScaler, estimate_scale  # isort: skip
 from saeforge.saes.io import load_feature_stats, load_sae, read_sae_config, save_sae  # isort: skip
 
@@ -71,6 +72,8 @@ __all__ = [
     "GatedSAE",
     "JumpReLUCLT",
     "JumpReLUCLTConfig",
+    "HSAE",
+    "HSAEConfig",
     "JumpReLUConfig",
     "JumpReLUCrosscoder",
     "JumpReLUCrosscoderConfig",

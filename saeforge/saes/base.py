@@ -29,6 +29,7 @@ median live in their own modules; their names are importable from here too.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -286,6 +287,11 @@ class SAE(nn.Module):
     def export_warnings(self) -> list[str]:
         """Things to tell the user when this SAE is saved in the SAELens layout (e.g. a lossy view)."""
         return []
+
+    def write_extra_files(self, folder: Path, metadata: dict[str, Any],
+                          feature_stats: dict[str, Tensor] | None) -> None:
+        """Files an architecture saves beside its weights (an HSAE: its levels and tree). ``save_sae`` calls it
+        before writing cfg.json, so a folder with a cfg.json has them. Default: none."""
 
     def saelens_tensors(self) -> dict[str, Tensor]:
         """Inference weights under SAELens v6 names (exactly the keys SAELens' model expects)."""

@@ -125,6 +125,7 @@ def save_sae(sae: SAE, folder: str | Path, *, metadata: dict[str, Any] | None = 
         (folder / EXTRA_STATE_FILENAME).unlink(missing_ok=True)  # a stale one from an earlier save would mislead
     if stats:
         atomic_save_safetensors(folder / SPARSITY_FILENAME, stats)
+    sae.write_extra_files(folder, metadata, stats or None)
     atomic_write_json(folder / CFG_FILENAME, cfg_json)
     return folder
 

@@ -11,8 +11,16 @@ Choices: the weights w_i default to 1 (the paper's App. B code sums the per-pref
 averages them with w_i = 1/G, a difference of scale only); the bias-only "empty prefix" term of the Bussmann repo
 is not included. The full-dictionary term is named ``"mse"`` (the same quantity as every other architecture's);
 proper prefixes are ``"mse_prefix_<m_i>"``. Inference is BatchTopK's (a JumpReLU with the learned global threshold),
-and AuxK is applied to the residual of the full reconstruction. Random-prefix training (Nabeshima's variant,
-used for the toy model) is not implemented.
+and AuxK is applied to the residual of the full reconstruction.
+
+Random prefixes (``prefix_sampling="random"``, Nabeshima's variant, arXiv 2503.17547 App. C and
+github.com/noanabeshima/matryoshka-saes): every step draws ``random_prefixes - 1`` distinct prefix lengths m in
+[``min_prefix``, d_sae) with P(m) ∝ (m/d_sae)^p − ((m−1)/d_sae)^p (a truncated Pareto, p = ``pareto_power`` = 0.5,
+so short prefixes are drawn most), adds d_sae, and sums the squared errors of those prefixes as the fixed flavour
+sums its groups'; the term of the full dictionary stays ``"mse"``, the drawn ones are ``"mse_random_prefixes"``.
+(Nabeshima averages over the prefixes, a difference of scale; his latent re-sorting by activation frequency is not
+done.) The groups keep their meaning for analyses that read them as levels. The draws use the global torch RNG,
+which checkpoints carry, so a resumed run draws the same prefixes.
 
 Default groups (``group_sizes`` left out, :func:`default_group_sizes`): nested prefixes of d_sae/16, d_sae/8,
 d_sae/4, d_sae/2 and d_sae latents, i.e. groups of d_sae/16, /16, /8, /4, /2. From the second group on each group
@@ -28,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from saeforge.kernels import SparseLatents
@@ -36,7 +45,9 @@ from saeforge.saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saeforge.saes.registry import register_sae
 from saeforge.saes.topk import _fired_and_l0
 
-__all__ = ["MatryoshkaConfig", "MatryoshkaSAE", "default_group_sizes"]
+__all__ = ["PREFIX_SAMPLINGS", "MatryoshkaConfig", "MatryoshkaSAE", "default_group_sizes", "sample_prefixes"]
+
+PREFIX_SAMPLINGS = ("fixed", "random")
 
 DEFAULT_PREFIX_FRACTIONS = (16, 8, 4, 2, 1)  # prefix m_i = d_sae // fraction
 
@@ -56,6 +67,12 @@ class MatryoshkaConfig(BatchTopKConfig):
     group_sizes: tuple[int, ...] = ()
     # Weight of each prefix's squared error (same length as group_sizes); None -> all 1.
     group_weights: tuple[float, ...] | None = None
+    # "fixed": the prefixes that end each group; "random": prefixes drawn anew every step (Nabeshima's variant).
+    prefix_sampling: str = "fixed"
+    # Random prefixes per step, the full dictionary included; the shortest one allowed; the Pareto power.
+    random_prefixes: int = 10
+    min_prefix: int = 1
+    pareto_power: float = 0.5
 
     def __post_init__(self) -> None:
         if isinstance(self.group_sizes, list):
@@ -80,6 +97,23 @@ class MatryoshkaConfig(BatchTopKConfig):
         _require(isinstance(gw, tuple) and len(gw) == len(gs) and all(_is_number(w) and w >= 0 for w in gw),
                  f"{a}: group_weights must hold {len(gs)} non-negative numbers, got {gw!r}",
                  option_fix(self, "group_weights", [1.0] * len(gs), "(one per group), or leave it out (all 1)"))
+        _require(self.prefix_sampling in PREFIX_SAMPLINGS, f"{a}: unknown prefix_sampling {self.prefix_sampling!r}",
+                 option_fix(self, "prefix_sampling", "random", f"(one of {', '.join(PREFIX_SAMPLINGS)})"))
+        if self.prefix_sampling == "random":
+            self._check_random_prefixes()
+
+    def _check_random_prefixes(self) -> None:
+        a = self.architecture
+        _require(_is_int(self.min_prefix) and 1 <= self.min_prefix < self.d_sae,
+                 f"{a}: min_prefix must be an integer in [1, d_sae) = [1, {self.d_sae}), got {self.min_prefix!r}",
+                 option_fix(self, "min_prefix", 1))
+        _require(_is_int(self.random_prefixes) and 1 <= self.random_prefixes <= self.d_sae - self.min_prefix + 1,
+                 f"{a}: random_prefixes must be an integer in [1, {self.d_sae - self.min_prefix + 1}] (the full "
+                 f"dictionary and the distinct lengths from min_prefix on), got {self.random_prefixes!r}",
+                 option_fix(self, "random_prefixes", min(10, self.d_sae - self.min_prefix + 1)))
+        _require(_is_number(self.pareto_power) and self.pareto_power > 0,
+                 f"{a}: pareto_power must be a positive number, got {self.pareto_power!r}",
+                 option_fix(self, "pareto_power", 0.5, "(Nabeshima's)"))
 
     @property
     def prefix_sizes(self) -> tuple[int, ...]:
@@ -89,6 +123,15 @@ class MatryoshkaConfig(BatchTopKConfig):
             total += g
             out.append(total)
         return tuple(out)
+
+
+def sample_prefixes(d_sae: int, n: int, min_prefix: int = 1, power: float = 0.5,
+                    generator: torch.Generator | None = None) -> list[int]:
+    """``n - 1`` distinct prefix lengths in [min_prefix, d_sae) with P(m) ∝ (m/d)^p − ((m−1)/d)^p, and d_sae; sorted."""
+    lengths = torch.arange(min_prefix, d_sae, dtype=torch.float64)
+    weights = (lengths / d_sae).pow(power) - ((lengths - 1) / d_sae).pow(power)
+    drawn = torch.multinomial(weights, n - 1, replacement=False, generator=generator) if n > 1 else lengths[:0].long()
+    return sorted(int(lengths[i]) for i in drawn) + [d_sae]
 
 
 def _columns(lat: SparseLatents, start: int, stop: int) -> SparseLatents:
@@ -110,12 +153,22 @@ class MatryoshkaSAE(BatchTopKSAE):
         x_hat = self.b_dec.expand(x.shape[0], -1)
         terms: dict[str, Tensor] = {}
         start = 0
-        prefixes = self.cfg.prefix_sizes
-        for i, (stop, w) in enumerate(zip(prefixes, self.cfg.group_weights)):
+        if self.cfg.prefix_sampling == "random":
+            prefixes = sample_prefixes(self.cfg.d_sae, self.cfg.random_prefixes, self.cfg.min_prefix,
+                                       self.cfg.pareto_power)
+            weights = [1.0] * len(prefixes)
+            terms["mse_random_prefixes"] = x.new_zeros(())
+        else:
+            prefixes, weights = self.cfg.prefix_sizes, self.cfg.group_weights
+        for i, (stop, w) in enumerate(zip(prefixes, weights)):
             x_hat = x_hat + self._decode_sparse(_columns(lat, start, stop), self.W_dec[start:stop])
             err = self._squared_error(x_hat, target)
-            name = "mse" if i == len(prefixes) - 1 else f"mse_prefix_{stop}"
-            terms[name] = w * err
+            if i == len(prefixes) - 1:
+                terms["mse"] = w * err
+            elif self.cfg.prefix_sampling == "random":
+                terms["mse_random_prefixes"] = terms["mse_random_prefixes"] + w * err
+            else:
+                terms[f"mse_prefix_{stop}"] = w * err
             start = stop
         terms["auxk"] = self._auxk_term(aux, target, x_hat)
         fired, l0 = _fired_and_l0(lat)

@@ -115,3 +115,15 @@ def window_peak(e: dict) -> float | None:
     """The window's strongest activation when it clearly beats the sampled token's (else None)."""
     best = max(e["acts"], default=0.0)
     return best if best > STRONGER_PEAK * max(e["max_act"], 0.0) else None
+
+
+def finite_json(obj):
+    """``obj`` with NaN and ±Inf floats as None (JSON has neither; an overflowing perplexity or an undefined
+    conditional probability must not be a 500)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from saeforge.errors import SaeforgeError
 from saeforge.web.errors import WebError, check_text
 from saeforge.web.model import ModelRequest
+from saeforge.web.render import finite_json
 
 if TYPE_CHECKING:
     from saeforge.web.data import RunData
@@ -142,20 +143,9 @@ def steer(data: "RunData", prompts: list[str], edits: list[dict], *, positions: 
         for name in sorted({e.sae for e in parsed}):
             if name in in_store:
                 info[name] = st.brief_features(name, {e.feature for e in parsed if e.sae == name})
-    return _finite({
+    return finite_json({
         "prompts": run.prompts, "baseline": run.baseline, "steered": run.steered, "metrics": run.metrics,
         "edits": [{"sae": e.sae, "feature": e.feature, "mode": e.mode, "strength": e.strength, "unit": e.unit}
                   for e in parsed],
         "positions": positions, "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
         "feature_info": info, "limits": {"max_strength": MAX_STRENGTH}, "seconds": round(seconds, 3)})
-
-
-def _finite(obj):
-    """``obj`` with NaN and ±Inf floats as None (JSON has neither; an overflowing perplexity must not be a 500)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj

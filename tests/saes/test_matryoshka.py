@@ -83,3 +83,50 @@ def test_config_errors(kwargs, match):
     with pytest.raises(SaeforgeError, match=match) as err:
         MatryoshkaConfig(d_in=D_IN, d_sae=D_SAE, k=4, **kwargs)
     assert err.value.fix.startswith("pass --sae-options '{\"group_")  # a command line, not Python
+
+
+# ---- random prefixes (Nabeshima's variant) ----
+def test_random_prefixes_follow_the_truncated_pareto_law():
+    from saeforge.saes.matryoshka import sample_prefixes
+
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_prefixes(100, 4, min_prefix=5, power=0.5, generator=g) for _ in range(4000)]
+    assert all(d[-1] == 100 and len(set(d)) == 4 and d == sorted(d) and d[0] >= 5 for d in draws)
+    first = torch.tensor([m for d in draws for m in d[:-1]], dtype=torch.float64)
+    # P(m) ∝ sqrt(m) - sqrt(m - 1) decreases: short prefixes are drawn far more often than long ones
+    low, high = float((first < 25).double().mean()), float((first >= 75).double().mean())
+    w = torch.arange(5, 100, dtype=torch.float64)
+    p = (w / 100).sqrt() - ((w - 1) / 100).sqrt()
+    p_low, p_high = float(p[w < 25].sum() / p.sum()), float(p[w >= 75].sum() / p.sum())
+    assert high < low
+    # without replacement the shares are flattened a little; 12,000 draws: within a few points of the law
+    assert abs(low - p_low) < 0.05 and abs(high - p_high) < 0.05
+
+
+def test_random_prefix_training_loss_sums_the_drawn_prefixes():
+    sae = build("matryoshka", prefix_sampling="random", random_prefixes=3, min_prefix=2)
+    x = batch(48)
+    torch.manual_seed(5)
+    out = sae.training_loss(x, state=TrainState())
+    assert set(out.terms) == {"mse", "mse_random_prefixes", "auxk"}
+    from saeforge.saes.matryoshka import sample_prefixes
+
+    torch.manual_seed(5)
+    drawn = sample_prefixes(D_SAE, 3, 2, 0.5)
+    f = dense_code(sae, x)
+    expected = sum((f[:, :m] @ sae.W_dec[:m] + sae.b_dec - x).pow(2).sum(1).mean() for m in drawn[:-1])
+    assert torch.allclose(out.terms["mse_random_prefixes"], expected, rtol=1e-5)
+    assert torch.allclose(out.terms["mse"], (f @ sae.W_dec + sae.b_dec - x).pow(2).sum(1).mean(), rtol=1e-5)
+    # another draw, other prefixes
+    values = {round(num(sae.training_loss(x, state=TrainState()).terms["mse_random_prefixes"]), 3) for _ in range(6)}
+    assert len(values) > 1
+
+
+@pytest.mark.parametrize("kw, message", [({"prefix_sampling": "sometimes"}, "unknown prefix_sampling"),
+                                         ({"prefix_sampling": "random", "random_prefixes": 0}, "random_prefixes"),
+                                         ({"prefix_sampling": "random", "min_prefix": D_SAE}, "min_prefix"),
+                                         ({"prefix_sampling": "random", "pareto_power": 0}, "pareto_power")])
+def test_bad_random_prefix_settings(kw, message):
+    with pytest.raises(SaeforgeError, match=message) as err:
+        MatryoshkaConfig(d_in=D_IN, d_sae=D_SAE, k=4, **kw)
+    assert "--sae-options" in err.value.fix

@@ -22,7 +22,8 @@ from saeforge.saes import (
 )
 
 ALL = ["batchtopk", "batchtopk_clt", "batchtopk_crosscoder", "batchtopk_skip_transcoder", "batchtopk_transcoder",
-       "gated", "jumprelu", "jumprelu_clt", "jumprelu_crosscoder", "jumprelu_skip_transcoder", "jumprelu_transcoder",
+       "gated", "hsae", "jumprelu", "jumprelu_clt", "jumprelu_crosscoder", "jumprelu_skip_transcoder",
+       "jumprelu_transcoder",
        "matryoshka", "relu", "topk", "topk_clt", "topk_crosscoder", "topk_skip_transcoder", "topk_transcoder"]
 
 

@@ -32,7 +32,6 @@ if CHROMIUM is None:
 def suite_server(tiny_suite):
     from saeforge.features.harvest import HarvestConfig, harvest
     from saeforge.web.app import create_app
-    from saeforge.web.flow import register_flow_routes
     from saeforge.web.serve import BackgroundServer
 
     suite, corpus = tiny_suite
@@ -41,7 +40,6 @@ def suite_server(tiny_suite):
                               quantile_bins=2, examples_per_bin=1, random_examples=1, n_logits=3, n_neighbors=2,
                               device="cpu", progress=False))
     app = create_app(suite)
-    register_flow_routes(app)
     with BackgroundServer(app) as srv:
         yield srv
 

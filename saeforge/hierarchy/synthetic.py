@@ -1,0 +1,136 @@
+"""Synthetic hierarchical activations with a known feature tree, and how well a learned tree recovers it.
+
+A tree of unit directions in R^d: ``n_roots`` roots, each node of depth ℓ with ``branching[ℓ]`` children. A child's
+direction leans towards its parent's (``cos ≈ child_similarity``), as a sub-concept's does towards its concept.
+Per sample, every root is active independently (probabilities from a power law adding up to ``mean_active_roots``);
+an active node activates one of its children with probability ``child_probability`` (chosen uniformly; siblings
+exclude each other, as "dog" and "cat" under "animal"), so **a child fires only with its parent**. The sample is
+x = Σ_active m_node · dir_node with log-normal magnitudes m (median 1, σ ``magnitude_sigma``).
+
+:func:`edge_recovery` scores a learned tree against the truth: every true node is matched to the learned latent
+of the same depth whose firing agrees with the node's activity best (Jaccard index); a true edge (P → C) is
+recovered when the latent matched to C has the latent matched to P as its parent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from saeforge.errors import SaeforgeError
+from saeforge.evals.synthetic import _power_law_frequencies
+
+__all__ = ["HierarchicalFeatureModel", "edge_recovery", "jaccard_matches"]
+
+
+@dataclass
+class HierarchicalFeatureModel:
+    """The ground truth: directions and parents per depth, root frequencies. Draw samples with :meth:`sample`."""
+
+    directions: list[Tensor]   # per depth: [n_ℓ, d] unit rows
+    parents: list[Tensor]      # per depth from 1: [n_ℓ] index of the parent in depth ℓ-1
+    root_frequencies: Tensor   # [n_roots]
+    child_probability: float
+    magnitude_sigma: float = 0.3
+
+    @classmethod
+    def create(cls, d: int = 64, n_roots: int = 16, branching: Sequence[int] = (4,), *,
+               mean_active_roots: float = 2.0, child_probability: float = 0.8, child_similarity: float = 0.5,
+               frequency_exponent: float = 0.3, magnitude_sigma: float = 0.3, seed: int = 0
+               ) -> "HierarchicalFeatureModel":
+        if not (isinstance(d, int) and d > 0 and isinstance(n_roots, int) and n_roots > 0):
+            raise SaeforgeError(f"d and n_roots must be positive integers, got {d!r}, {n_roots!r}",
+                                "e.g. d=64, n_roots=16")
+        if not branching or not all(isinstance(b, int) and b > 0 for b in branching):
+            raise SaeforgeError(f"branching must list positive integers (children per node, per depth), got "
+                                f"{branching!r}", "e.g. branching=(4,) for roots with 4 children each")
+        if not 0 < mean_active_roots <= n_roots:
+            raise SaeforgeError(f"mean_active_roots must be in (0, n_roots={n_roots}], got {mean_active_roots!r}",
+                                "it is the expected number of active roots per sample")
+        for name, v in (("child_probability", child_probability), ("child_similarity", child_similarity)):
+            if not 0 <= v < 1 + (name == "child_probability"):
+                raise SaeforgeError(f"{name} must be in [0, 1], got {v!r}", f"pass e.g. {name}=0.5")
+        g = torch.Generator().manual_seed(int(seed))
+
+        def unit(n: int) -> Tensor:
+            v = torch.randn(n, d, generator=g, dtype=torch.float64)
+            return v / v.norm(dim=1, keepdim=True)
+
+        directions, parents = [unit(n_roots)], []
+        for b in branching:
+            above = directions[-1]
+            parent = torch.arange(above.shape[0]).repeat_interleave(b)
+            own = unit(parent.numel())
+            own = own - (own * above[parent]).sum(1, keepdim=True) * above[parent]  # orthogonal to the parent
+            own = own / own.norm(dim=1, keepdim=True)
+            a = float(child_similarity)
+            directions.append(a * above[parent] + (1 - a * a) ** 0.5 * own)
+            parents.append(parent)
+        freqs = _power_law_frequencies(n_roots, float(mean_active_roots), float(frequency_exponent)).float()
+        return cls([t.float() for t in directions], parents, freqs, float(child_probability), float(magnitude_sigma))
+
+    @property
+    def d(self) -> int:
+        return int(self.directions[0].shape[1])
+
+    @property
+    def widths(self) -> list[int]:
+        return [int(t.shape[0]) for t in self.directions]
+
+    def sample(self, n_samples: int, *, seed: int | None = None,
+               generator: torch.Generator | None = None) -> tuple[Tensor, list[Tensor]]:
+        """(data [n, d], activity per depth: bool [n, n_ℓ])."""
+        g = generator or torch.Generator().manual_seed(int(seed or 0))
+        n = int(n_samples)
+        active = [torch.rand(n, self.widths[0], generator=g) < self.root_frequencies]
+        for depth, parent in enumerate(self.parents, start=1):
+            above = active[-1]
+            b = parent.numel() // above.shape[1]
+            pick = torch.randint(0, b, (n, above.shape[1]), generator=g)
+            go = above & (torch.rand(n, above.shape[1], generator=g) < self.child_probability)
+            child = torch.zeros(n, parent.numel(), dtype=torch.bool)
+            rows, cols = torch.nonzero(go, as_tuple=True)
+            child[rows, cols * b + pick[rows, cols]] = True
+            active.append(child)
+        x = torch.zeros(n, self.d)
+        for act, dirs in zip(active, self.directions):
+            m = torch.exp(self.magnitude_sigma * torch.randn(n, act.shape[1], generator=g))
+            x += (act * m) @ dirs
+        return x, active
+
+
+def jaccard_matches(latents_active: Tensor, truth_active: Tensor) -> tuple[Tensor, Tensor]:
+    """For every true feature (column of ``truth_active [n, m]``), the latent (column of ``latents_active [n, k]``)
+    with the highest Jaccard index of their firing, and that index."""
+    a = latents_active.float()
+    t = truth_active.float()
+    inter = t.T @ a                                     # [m, k]
+    union = t.sum(0)[:, None] + a.sum(0)[None, :] - inter
+    jac = inter / union.clamp_min(1)
+    best, index = jac.max(dim=1)
+    return index, best
+
+
+def edge_recovery(tree, levels_active: list[Tensor], truth: HierarchicalFeatureModel,
+                  truth_active: list[Tensor]) -> dict[str, float]:
+    """Fraction of true edges (parent → child, every depth) that the learned ``tree`` recovers, with the mean
+    Jaccard index of the matches. ``levels_active``: the learned levels' firing ``[n, width]`` on the samples
+    whose true activity is ``truth_active`` (one per depth; the tree needs as many levels as the truth has depths)."""
+    if tree.n_levels != len(truth.directions):
+        raise SaeforgeError(f"the tree has {tree.n_levels} levels, the truth {len(truth.directions)} depths",
+                            "train one level per depth of the synthetic tree")
+    matches = [jaccard_matches(a, t) for a, t in zip(levels_active, truth_active)]
+    hits, total = 0, 0
+    for depth, parent in enumerate(truth.parents, start=1):
+        latent_of_child, _ = matches[depth]
+        latent_of_parent, _ = matches[depth - 1]
+        learned_parent = torch.as_tensor(tree.parents[depth - 1])[latent_of_child]
+        hits += int((learned_parent == latent_of_parent[parent]).sum())
+        total += parent.numel()
+    return {"edge_recovery": hits / max(total, 1),
+            "mean_jaccard": float(torch.cat([m[1] for m in matches]).mean()),
+            "true_edges": total}
+

@@ -1,0 +1,71 @@
+"""`saeforge hierarchy link | metrics` end to end on a small trained run, and their refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from saeforge.cli import main
+from saeforge.hierarchy import FeatureTree
+
+
+def test_link_posthoc_and_matryoshka(hierarchy_run, tmp_path, capsys):
+    saes = hierarchy_run / "saes"
+    assert main(["hierarchy", "link", str(saes / "w16"), str(saes / "w64"), "--out", str(tmp_path / "t.json")]) == 0
+    tree = FeatureTree.load(tmp_path / "t.json")
+    assert tree.kind == "posthoc" and tree.widths == [16, 64]
+    assert "posthoc tree, levels [16, 64]" in capsys.readouterr().out
+    assert main(["hierarchy", "link", "--matryoshka", str(saes / "matryoshka"), "--out",
+                 str(tmp_path / "m.json")]) == 0
+    assert FeatureTree.load(tmp_path / "m.json").widths == [16, 64]
+
+
+def test_metrics_of_three_trees_on_one_cache_and_on_text(hierarchy_run, tiny_cache, text_file, tmp_path, capsys):
+    saes = hierarchy_run / "saes"
+    main(["hierarchy", "link", str(saes / "w16"), str(saes / "w64"), "--out", str(tmp_path / "posthoc.json")])
+    main(["hierarchy", "link", "--matryoshka", str(saes / "matryoshka"), "--out", str(tmp_path / "m.json")])
+    capsys.readouterr()
+    code = main(["hierarchy", "metrics", str(saes / "hsae"), str(tmp_path / "posthoc.json"), str(tmp_path / "m.json"),
+                 "--names", "HSAE", "post-hoc", "Matryoshka", "--cache", str(tiny_cache.folder), "--tokens", "3000",
+                 "--out", str(tmp_path / "all.json"), "--progress", "false"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "| HSAE | 16 / 64 |" in table and "| post-hoc |" in table and "| Matryoshka |" in table
+    data = json.loads((tmp_path / "all.json").read_text())
+    assert set(data["trees"]) == {"HSAE", "post-hoc", "Matryoshka"}
+    for t in data["trees"].values():
+        assert t["tokens"] == 3000 and 0 <= t["p_parent_given_child"] <= 1 and t["hamming_per_1k"] >= 0
+    full = json.loads((saes / "hsae" / "tree.metrics.json").read_text())
+    assert len(full["per_pair"][0]["children"]) == 64 - int(0.2 * 64)
+    # held-out text through the model named in the SAEs' metadata
+    assert main(["hierarchy", "metrics", str(tmp_path / "posthoc.json"), "--corpus", str(text_file), "--tokens",
+                 "500", "--device", "cpu", "--progress", "false"]) == 0
+    assert json.loads((tmp_path / "posthoc.metrics.json").read_text())["tokens"] == 500
+
+
+def test_refusals(hierarchy_run, tiny_cache, tmp_path, capsys):
+    saes = hierarchy_run / "saes"
+    assert main(["hierarchy", "link", str(saes / "w64"), str(saes / "w16"), "--out", str(tmp_path / "t.json")]) == 2
+    assert "level widths must grow" in capsys.readouterr().err
+    assert main(["hierarchy", "link", str(saes / "w16"), "--matryoshka", str(saes / "matryoshka")]) == 2
+    assert "not both" in capsys.readouterr().err
+    # a tree whose SAEs changed since it was built
+    main(["hierarchy", "link", str(saes / "w16"), str(saes / "w64"), "--out", str(tmp_path / "t.json")])
+    data = json.loads((tmp_path / "t.json").read_text())
+    data["levels"][1]["fingerprint"] = "0" * 16
+    (tmp_path / "t.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["hierarchy", "metrics", str(tmp_path / "t.json"), "--cache", str(tiny_cache.folder)]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the weights" in err and "fix:" in err
+    assert main(["hierarchy", "metrics", str(tmp_path / "nothing.json")]) == 2
+    assert "no tree file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["hierarchy", "--help"], ["hierarchy", "metrics", "--help"],
+                                  ["hierarchy", "absorption", "--help"], ["modules", "build", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0 and "usage: saeforge" in capsys.readouterr().out
