@@ -50,6 +50,8 @@ class Inspector:
         self.saes: dict[str, BoundSAE] = dict(self.run.saes)
         store_path = self.path / STORE_FILE
         self.store_path = store_path if store_path.is_file() else None
+        if self.store_path is not None:
+            FeatureStore.ensure_current(self.store_path)  # an older store is migrated once, as the dashboard does
         self.max_tokens = min(MAX_PROMPT_TOKENS, lm.max_context or MAX_PROMPT_TOKENS)
         # the run's own token rules (BOS, which positions are SAE data), with the inspector's length limit
         self.prompts = PromptEncoder(lm, self.run.token_policy(), max_tokens=self.max_tokens)

@@ -130,3 +130,22 @@ def test_the_command_shows_top_tokens_or_the_explanation_from_the_store(tiny_run
         store.set_explanation(SITE, explained, "the word 'be'", 0.8, "test")
     run_inspect(InspectConfig(str(run), text, top=3))
     assert f"#{explained} " in (out := capsys.readouterr().out) and "(the word 'be')" in out
+
+
+def test_an_older_store_is_migrated_and_labels_the_features(tiny_run, tiny_llama, tmp_path):
+    import shutil
+    import sqlite3
+
+    from saeforge.features.store import SCHEMA_VERSION, FeatureStore
+    from tests.features.test_store import _v1_store
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    _v1_store(run / "features.sqlite")
+    with sqlite3.connect(run / "features.sqlite") as con:  # the version-1 store's first SAE, named as the run's
+        con.execute("UPDATE saes SET name = ? WHERE id = 1", (SITE,))
+    labels = Inspector(run, lm=tiny_llama).labels(SITE, range(10))
+    assert labels[0] == "explanation 0" and labels[7] == "explanation 7"  # explained in the old store
+    assert labels[1] == "top tokens ' w1'"
+    with FeatureStore(run / "features.sqlite", readonly=True) as store:
+        assert store.meta("schema_version") == SCHEMA_VERSION
