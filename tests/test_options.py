@@ -61,12 +61,14 @@ def test_the_commands_take_their_shared_options_from_the_groups(capsys):
 
     helps: dict[str, set[str]] = {}
     for command in ("cache", "train", "eval", "harvest", "inspect", "contrast", "steer", "compare-steering", "serve",
-                    "demo"):
+                    "demo", "explain"):
         cls = _command(command)[0]
         names = flat_field_names(cls)
         # contrast reads two files of short texts, not a corpus: its --text-field and --context-length are its own
+        # explain's --model is the explainer, not the model the SAEs read
         own = [n for n in SHARED if n in names and names[n][0] is None
-               and not (command == "contrast" and n in ("text_field", "context_length"))]
+               and not (command == "contrast" and n in ("text_field", "context_length"))
+               and not (command == "explain" and n in ("model", "progress"))]
         assert not own, f"{command} defines {own} itself"
         with pytest.raises(SystemExit):
             main([command, "--help"])
