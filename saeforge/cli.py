@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from simple_parsing import ArgumentParser, DashVariant
+from simple_parsing.help_formatter import SimpleHelpFormatter
 
 from saeforge.errors import SaeforgeError
 
@@ -119,95 +120,177 @@ def run_import(cfg) -> None:
           f"`saeforge train --cache {cache.folder} --sites {' '.join(m['sites'])} --out RUN_DIR`")
 
 
+# {name: (config class, function, help)} as "module:attribute" strings, so that `saeforge --help` and one command's
+# parser import only what they need (the modules of most commands import torch, ~2.5 s). A group of subcommands
+# (`saeforge flow match`) names a {subcommand: (config class, function, help)} mapping, or a function returning one,
+# and no function.
+COMMANDS: dict[str, tuple[str, str | None, str]] = {
+    "demo": ("saeforge.demo:DemoConfig", "saeforge.demo:run_demo",
+             "run the whole pipeline on the embedded model and corpus"),
+    "fetch": ("saeforge.cli:FetchConfig", "saeforge.cli:run_fetch",
+              "fetch the embedded model and corpus into $SAEFORGE_HOME"),
+    "sites": ("saeforge.cli:SitesConfig", "saeforge.cli:run_sites", "list a model's sites and their dimensions"),
+    "cache": ("saeforge.data.activation_cache:CacheConfig", "saeforge.cli:run_cache",
+              "cache activations at sites to disk (resumable)"),
+    "import-activations": ("saeforge.data.array_import:ImportConfig", "saeforge.cli:run_import",
+                           "write your own activations (.npy, .safetensors, .pt) as a cache to train on"),
+    "train": ("saeforge.training.config:TrainConfig", "saeforge.cli:run_train",
+              "train SAEs from the live model or a cache (resumable, exact)"),
+    "eval": ("saeforge.evals.evaluate:EvalConfig", "saeforge.evals.evaluate:run_eval",
+             "evaluate SAEs on held-out text: FVU, L0, dead latents, CE recovered, KL"),
+    "harvest": ("saeforge.features.harvest:HarvestConfig", "saeforge.features.harvest:run_harvest",
+                "fill the feature store: stats, top/quantile examples, logits"),
+    "explain": ("saeforge.features.autointerp:ExplainConfig", "saeforge.features.autointerp:run_explain",
+                "explain features with an LLM and score the explanations (detection, fuzzing)"),
+    "inspect": ("saeforge.features.inspect:InspectConfig", "saeforge.features.inspect:run_inspect",
+                "show the most active features of each token of a text"),
+    "contrast": ("saeforge.features.contrast:ContrastConfig", "saeforge.features.contrast:run_contrast",
+                 "find the features that fire on one set of texts, not another"),
+    "serve": ("saeforge.web.serve:ServeConfig", "saeforge.web.serve:run_serve",
+              "web dashboard of a run: metrics, plots, feature search, feature pages, prompt inspector"),
+    "steer": ("saeforge.interventions.generate:SteerConfig", "saeforge.interventions.generate:run_steer",
+              "generate with and without steering through features, side by side"),
+    "compare-steering": ("saeforge.interventions.compare:CompareSteeringConfig",
+                         "saeforge.interventions.compare:run_compare_steering",
+                         "compare CAA, STA and SAE-refined steering vectors on one behaviour"),
+    "convert": ("saeforge.formats.convert:ConvertConfig", "saeforge.formats.convert:run_convert",
+                "convert SAEs between formats (saeforge, SAELens, sparsify, Gemma Scope, circuit-tracer, "
+                "dictionary_learning)"),
+    "finetune": ("saeforge.diffing.finetune:FinetuneConfig", "saeforge.diffing.finetune:run_finetune",
+                 "fine-tune a copy of a model briefly on one text (a second model to diff against)"),
+    "diff": ("saeforge.diffing.diff:DiffConfig", "saeforge.diffing.diff:run_diff",
+             "diff two models through a crosscoder trained on both: shared and exclusive features"),
+    "flow": ("saeforge.flow.cli:flow_commands", None, "feature flow across layers: SAE suites, matching, flow graphs, "
+             "origin groups, deactivation, multi-layer steering"),
+    "hierarchy": ("saeforge.hierarchy.cli:HIERARCHY_ACTIONS", None,
+                  "feature trees: link SAEs after training, measure and judge trees, absorption and splitting"),
+    "modules": ("saeforge.hierarchy.modules_cli:MODULES_ACTIONS", None,
+                "co-activation modules across adjacent layers' SAEs: build, test on a task, steer"),
+}
+
+
+def _resolve(ref: str):
+    import importlib
+
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _command(name: str) -> tuple[type | dict, Callable | None, str]:
+    """One command's (config class, function, help), importing only its module; a group's mapping of subcommands."""
+    cfg_ref, fn_ref, help_text = COMMANDS[name]
+    target = _resolve(cfg_ref)
+    if fn_ref is None:
+        return (target if isinstance(target, dict) else target()), None, help_text
+    return target, _resolve(fn_ref), help_text
+
+
 def _commands() -> dict[str, tuple[type | dict, Callable | None, str]]:
-    """``{name: (config class, function, help)}``; a group of subcommands (``saeforge flow match``) has a dict of
-    those in place of the config class and no function."""
-    from saeforge.data.activation_cache import CacheConfig
-    from saeforge.data.array_import import ImportConfig
-    from saeforge.demo import DemoConfig, run_demo
-    from saeforge.diffing.diff import DiffConfig, run_diff
-    from saeforge.diffing.finetune import FinetuneConfig, run_finetune
-    from saeforge.evals.evaluate import EvalConfig, run_eval
-    from saeforge.features.autointerp import ExplainConfig, run_explain
-    from saeforge.features.contrast import ContrastConfig, run_contrast
-    from saeforge.features.harvest import HarvestConfig, run_harvest
-    from saeforge.features.inspect import InspectConfig, run_inspect
-    from saeforge.flow.cli import flow_commands
-    from saeforge.formats.convert import ConvertConfig, run_convert
-    from saeforge.hierarchy.cli import HIERARCHY_ACTIONS
-    from saeforge.hierarchy.modules_cli import MODULES_ACTIONS
-    from saeforge.interventions.compare import CompareSteeringConfig, run_compare_steering
-    from saeforge.interventions.generate import SteerConfig, run_steer
-    from saeforge.training import TrainConfig
-    from saeforge.web import ServeConfig, run_serve
-
-    return {
-        "demo": (DemoConfig, run_demo, "run the whole pipeline on the embedded model and corpus"),
-        "fetch": (FetchConfig, run_fetch, "fetch the embedded model and corpus into $SAEFORGE_HOME"),
-        "sites": (SitesConfig, run_sites, "list a model's sites and their dimensions"),
-        "cache": (CacheConfig, run_cache, "cache activations at sites to disk (resumable)"),
-        "import-activations": (ImportConfig, run_import,
-                               "write your own activations (.npy, .safetensors, .pt) as a cache to train on"),
-        "train": (TrainConfig, run_train, "train SAEs from the live model or a cache (resumable, exact)"),
-        "eval": (EvalConfig, run_eval, "evaluate SAEs on held-out text: FVU, L0, dead latents, CE recovered, KL"),
-        "harvest": (HarvestConfig, run_harvest, "fill the feature store: stats, top/quantile examples, logits"),
-        "explain": (ExplainConfig, run_explain,
-                    "explain features with an LLM and score the explanations (detection, fuzzing)"),
-        "inspect": (InspectConfig, run_inspect, "show the most active features of each token of a text"),
-        "contrast": (ContrastConfig, run_contrast, "find the features that fire on one set of texts, not another"),
-        "serve": (ServeConfig, run_serve,
-                  "web dashboard of a run: metrics, plots, feature search, feature pages, prompt inspector"),
-        "steer": (SteerConfig, run_steer, "generate with and without steering through features, side by side"),
-        "compare-steering": (CompareSteeringConfig, run_compare_steering,
-                             "compare CAA, STA and SAE-refined steering vectors on one behaviour"),
-        "convert": (ConvertConfig, run_convert,
-                    "convert SAEs between formats (saeforge, SAELens, sparsify, Gemma Scope, circuit-tracer, "
-                    "dictionary_learning)"),
-        "finetune": (FinetuneConfig, run_finetune,
-                     "fine-tune a copy of a model briefly on one text (a second model to diff against)"),
-        "diff": (DiffConfig, run_diff, "diff two models through a crosscoder: shared and exclusive features"),
-        "flow": (flow_commands(), None, "feature flow across layers: SAE suites, matching, flow graphs, origin "
-                 "groups, deactivation, multi-layer steering"),
-        "hierarchy": (HIERARCHY_ACTIONS, None,
-                      "feature trees: link SAEs after training, measure and judge trees, absorption and splitting"),
-        "modules": (MODULES_ACTIONS, None, "co-activation modules across adjacent layers' SAEs: build, test on a task, "
-                    "steer"),
-    }
+    """Every command, imported (slow: see :data:`COMMANDS`)."""
+    return {name: _command(name) for name in COMMANDS}
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
+class HelpFormatter(SimpleHelpFormatter):
+    """simple_parsing's formatter, with no "(default: )" for empty defaults and positionals, and sequences shown as
+    they are typed (``a b``, not ``('a', 'b')``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "%(default)" in text or default is argparse.SUPPRESS
+                or default is None or (isinstance(default, (str, tuple, list)) and len(default) == 0)):
+            return text
+        if isinstance(default, (tuple, list)):
+            default = " ".join(map(str, default))
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
+class CommandParser(ArgumentParser):
+    """An ``ArgumentParser`` whose help reads as a command's: the config's docstring once (as the description),
+    its fields under "options", each option group under "<group> options", positionals by name (PATH, TEXT)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("add_option_string_dash_variants", DashVariant.DASH)
+        super().__init__(*args, **kwargs)
+
+    def _preprocessing(self, *args, **kwargs) -> None:
+        done = self._preprocessing_done
+        super()._preprocessing(*args, **kwargs)  # simple_parsing adds a config's arguments here, on first use
+        if not done:
+            self._tidy_help()
+
+    def _tidy_help(self) -> None:
+        import re
+
+        for action in self._actions:
+            if not action.option_strings and not isinstance(action, argparse._SubParsersAction):
+                action.metavar = action.dest.rsplit(".", 1)[-1].upper()
+        for group in self._action_groups:
+            match = re.fullmatch(r"\S+ \['(cfg(?:\.\w+)*)'\]", group.title or "")
+            if match is None:
+                continue
+            dest = match[1]
+            if dest == "cfg":  # the config's own fields: its docstring is already the parser's description
+                group.title, group.description = "options", None
+                if self._help_action in self._optionals._group_actions:
+                    self._optionals._group_actions.remove(self._help_action)
+                    group._group_actions.insert(0, self._help_action)
+            else:
+                group.title = dest.rsplit(".", 1)[-1].replace("_", " ")
+
+
+def _description(cfg_cls: type) -> str:
+    import inspect
+
+    return inspect.cleandoc(cfg_cls.__doc__ or "")
+
+
+def build_parser(only: str | None = None) -> ArgumentParser:
+    """The ``saeforge`` parser. ``only``: add the arguments of that command alone (``""``: of none, enough for
+    ``saeforge --help``), so only its module is imported; ``None``: every command."""
+    parser = CommandParser(
         prog="saeforge",
         description="Sparse-autoencoder interpretability for language models. "
         "Cache: $SAEFORGE_HOME (default ~/.cache/saeforge).",
-        add_option_string_dash_variants=DashVariant.DASH,
     )
     from saeforge import __version__
 
     parser.add_argument("--version", action="version", version=f"saeforge {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    for name, (cfg_cls, _, help_text) in _commands().items():
-        if isinstance(cfg_cls, dict):  # a group: saeforge NAME SUBCOMMAND
+    for name, (_, fn_ref, help_text) in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text, description=help_text)
+            continue
+        cfg_cls = _command(name)[0]
+        if fn_ref is None:  # a group: saeforge NAME SUBCOMMAND
             group = sub.add_parser(name, help=help_text, description=help_text)
             inner = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", title="subcommands")
             for sub_name, (sub_cls, _, sub_help) in cfg_cls.items():
-                p = inner.add_parser(sub_name, help=sub_help, description=sub_cls.__doc__,
-                                     add_option_string_dash_variants=DashVariant.DASH)
+                p = inner.add_parser(sub_name, help=sub_help, description=_description(sub_cls))
                 p.add_arguments(sub_cls, dest="cfg")
             continue
-        p = sub.add_parser(name, help=help_text, description=cfg_cls.__doc__,
-                           add_option_string_dash_variants=DashVariant.DASH)
+        p = sub.add_parser(name, help=help_text, description=_description(cfg_cls))
         p.add_arguments(cfg_cls, dest="cfg")
     return parser
 
 
+def _chosen_command(argv: list[str]) -> str:
+    """The command named on the command line ("" when none is), the only one whose parser is then built."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else ""
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=_chosen_command(argv))
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 0
-    group, fn, _ = _commands()[args.command]
+    group, fn, _ = _command(args.command)
     if isinstance(group, dict):
         if not getattr(args, "subcommand", None):
             next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[
@@ -219,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         if fn is run_train:
             command_parser = next(a for a in parser._actions
                                   if isinstance(a, argparse._SubParsersAction)).choices[args.command]
-            fn(args.cfg, given_fields(list(sys.argv[1:] if argv is None else argv), option_fields(command_parser)))
+            fn(args.cfg, given_fields(argv, option_fields(command_parser)))
         else:
             fn(args.cfg)
     except SaeforgeError as err:

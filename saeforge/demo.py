@@ -7,9 +7,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from simple_parsing.helpers import field
+
 from saeforge.home import saeforge_home
+from saeforge.options import DeviceOptions, flat_options
 
 
+@flat_options
 @dataclass(frozen=True)
 class DemoConfig:
     """The whole pipeline on the embedded model: cache activations at a middle layer, train a TopK SAE, evaluate it on
@@ -39,8 +43,8 @@ class DemoConfig:
     steer: bool = True
     """Steer neutral prompts towards royalty with the feature that writes it (by output effect) and with the
     SAE-refined CAA vector from lines naming royalty, measured by the plain model on the generated text."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    device_options: DeviceOptions = field(default_factory=DeviceOptions)
+    """Where the model runs."""
 
 
 def run_demo(cfg: DemoConfig) -> dict:

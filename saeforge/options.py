@@ -3,16 +3,27 @@ nested fields (option groups).
 
 simple_parsing flattens nested dataclasses, so the flags stay flat (``--model``, ``--context-length``...) and each
 group gets its own section in ``--help`` (the nested field's docstring is the section's text, so a command can say
-how the group applies to it). A command with other defaults passes its own instance, e.g. an evaluation::
+how the group applies to it). The groups:
+
+- commands that read a model over text: :class:`ModelOptions`, :class:`TextOptions`, :class:`RuntimeOptions`
+  (``cache``, ``train``, ``flow suite``);
+- commands that work on trained SAEs, whose model and token rules come from the SAEs' metadata:
+  :class:`RunModelOptions` (or :class:`RunModelAndDtypeOptions`), :class:`HeldOutTextOptions` and
+  :class:`RuntimeOptions` (``eval``, ``harvest``), or :class:`RunModelOptions` and :class:`DeviceOptions`
+  (``inspect``, ``contrast``, ``steer``, ``compare-steering``, ``serve``; ``demo`` has :class:`DeviceOptions`).
+
+For example the evaluation::
 
     @flat_options
     @dataclass(frozen=True)
     class EvalConfig:
-        path: str = ""
-        model_options: ModelOptions = field(default_factory=lambda: ModelOptions(model=""))
-        \"\"\"The model; empty: the one the SAE was trained on.\"\"\"
-        text_options: TextOptions = field(default_factory=lambda: TextOptions(corpus="embedded:validation"))
+        path: str = field(default="", positional=True)
+        model_options: RunModelAndDtypeOptions = field(default_factory=RunModelAndDtypeOptions)
+        \"\"\"The model the SAEs are spliced into.\"\"\"
+        text_options: HeldOutTextOptions = field(default_factory=HeldOutTextOptions)
         runtime_options: RuntimeOptions = field(default_factory=RuntimeOptions)
+
+A command whose defaults differ passes its own instance (``field(default_factory=lambda: TextOptions(...))``).
 
 :func:`flat_options` keeps the config flat for everything that is not the parser: ``EvalConfig(model="gpt2",
 context_length=64)`` builds it, ``cfg.context_length`` reads through to the group, ``dataclasses.replace(cfg,
@@ -33,8 +44,9 @@ from simple_parsing.helpers import field
 
 from saeforge.errors import SaeforgeError
 
-__all__ = ["ModelOptions", "RuntimeOptions", "TextOptions", "flat_dict", "flat_field_names", "flat_options",
-           "from_flat_dict", "option_groups"]
+__all__ = ["DeviceOptions", "HeldOutTextOptions", "ModelOptions", "RunModelAndDtypeOptions", "RunModelOptions",
+           "RuntimeOptions", "TextOptions", "flat_dict", "flat_field_names", "flat_options", "from_flat_dict",
+           "option_groups"]
 
 MODEL_DTYPES = ("float32", "bfloat16")
 
@@ -71,16 +83,56 @@ class TextOptions:
 
 
 @dataclass(frozen=True)
-class RuntimeOptions:
-    """Where and how the work runs; none of these change what is computed."""
+class DeviceOptions:
+    """Where the model runs."""
 
     device: str = "auto"
     """auto, cpu or cuda (auto: cuda when available)."""
+
+
+@dataclass(frozen=True)
+class RuntimeOptions(DeviceOptions):
+    """Where and how the work runs; none of these change what is computed."""
+
     threads: int = 0
     """CPU threads for PyTorch; 0: automatic (the CPUs this process may use, fewer when other work keeps them busy;
     OMP_NUM_THREADS, when set, wins)."""
     progress: bool = True
     """Show a progress bar."""
+
+
+# Commands that work on trained SAEs (eval, harvest, inspect, steer...) read the model and the text the SAEs were
+# trained with, from their metadata, unless told otherwise.
+
+
+@dataclass(frozen=True)
+class RunModelOptions:
+    """The language model the SAEs read."""
+
+    model: str = ""
+    """Model; empty: the one the SAEs were trained on (their metadata). Else `embedded`, a hub id, a local Hugging
+    Face folder or a .gguf file."""
+
+
+@dataclass(frozen=True)
+class RunModelAndDtypeOptions(RunModelOptions):
+    """The language model the SAEs read, and its dtype."""
+
+    dtype: str = "float32"
+    """dtype the model runs in: float32 or bfloat16."""
+
+
+@dataclass(frozen=True)
+class HeldOutTextOptions:
+    """Held-out text the SAEs are measured on."""
+
+    corpus: str = "embedded:validation"
+    """Held-out text (not the training text): embedded:validation, a .txt file, a folder of .txt files, a .jsonl file,
+    or hf:NAME[:SPLIT]."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl files and hf: datasets."""
+    context_length: int = 0
+    """Tokens per context, BOS included; 0: the SAEs' training context length."""
 
 
 # ------------------------------------------------------------------------------------------------------------------

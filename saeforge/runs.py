@@ -389,6 +389,9 @@ def load_run(path: str | Path, *, model: str = "", device: str = "auto", dtype: 
         model_name = model or first.get("model_name")
         if not model_name:
             raise SaeforgeError("the SAE's metadata does not name its model", "pass --model")
+        from saeforge.models.sites import check_sites_before_loading
+
+        check_sites_before_loading(model_name, {s for b in bindings.values() for s in b.reads + b.writes})
         lm = LanguageModel.load(model_name, dtype=dtype, device=device)
     saes = {}
     for n, (sae, meta) in loaded.items():

@@ -17,13 +17,51 @@ def test_help_lists_every_command(capsys):
     assert all(c in out for c in COMMANDS)
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_has_help_from_its_config_docstrings(command, capsys):
+def _help(argv, capsys) -> str:
     with pytest.raises(SystemExit) as exit_:
-        main([command, "--help"])
+        main([*argv, "--help"])
     assert exit_.value.code == 0
-    out = capsys.readouterr().out
-    assert "(default:" in out
+    return capsys.readouterr().out
+
+
+def _leaf_commands():
+    from saeforge.cli import COMMANDS, _command
+
+    for name, (_, fn_ref, _) in COMMANDS.items():
+        if fn_ref is None:
+            yield from ([name, sub] for sub in _command(name)[0])
+        else:
+            yield [name]
+
+
+@pytest.mark.parametrize("argv", list(_leaf_commands()), ids=" ".join)
+def test_every_command_has_help_from_its_config_docstrings(argv, capsys):
+    from saeforge.cli import _command
+
+    out = _help(argv, capsys)
+    cfg_cls = _command(argv[0])[0]
+    cfg_cls = cfg_cls[argv[1]][0] if isinstance(cfg_cls, dict) else cfg_cls
+    first_line = cfg_cls.__doc__.strip().splitlines()[0]
+    assert out.count(first_line) == 1  # the description once, not again above the options
+    assert "(default: )" not in out and "['cfg" not in out and " str str" not in out
+    assert "(default: ()" not in out and "(default: None)" not in out
+
+
+def test_help_names_positionals_and_option_groups(capsys):
+    out = _help(["inspect"], capsys)
+    assert "PATH TEXT" in " ".join(out.split())
+    assert "model options:" in out and "device options:" in out
+    assert "(default: auto)" in out
+    out = _help(["cache"], capsys)
+    assert "(default: layers.5.resid_post)" in " ".join(out.split())
+
+
+def test_top_level_help_imports_no_command_module():
+    code = ("import sys; from saeforge.cli import main\n"
+            "try: main(['--help'])\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in ('torch', 'saeforge.training', 'saeforge.features') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
 
 
 def test_cache_help_documents_the_fields(capsys):

@@ -47,3 +47,48 @@ def test_shared_options_have_one_help_text(command, capsys):
                       ("--device str", "auto, cpu or cuda"), ("--threads int", "CPU threads for PyTorch"),
                       ("--dtype str, --model-dtype str", "dtype the model runs in")):
         assert flag in text and doc in text
+
+
+SHARED = ("model", "dtype", "model_dtype", "corpus", "text_field", "context_length", "device", "threads", "progress")
+
+
+def test_the_commands_take_their_shared_options_from_the_groups(capsys):
+    """Every command on a model or on trained SAEs gets model/dtype/corpus/context/device/progress options from an
+    option group, so each option has one help text everywhere (explain's and convert's `--model` mean something else:
+    the explainer, a metadata override)."""
+    from saeforge.cli import _command, main
+    from saeforge.options import flat_field_names
+
+    helps: dict[str, set[str]] = {}
+    for command in ("cache", "train", "eval", "harvest", "inspect", "contrast", "steer", "compare-steering", "serve",
+                    "demo", "explain"):
+        cls = _command(command)[0]
+        names = flat_field_names(cls)
+        # contrast reads two files of short texts, not a corpus: its --text-field and --context-length are its own
+        # explain's --model is the explainer, not the model the SAEs read
+        own = [n for n in SHARED if n in names and names[n][0] is None
+               and not (command == "contrast" and n in ("text_field", "context_length"))
+               and not (command == "explain" and n in ("model", "progress"))]
+        assert not own, f"{command} defines {own} itself"
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for flag in ("--device str", "--threads int", "--text-field str"):
+            if flag in text and not (command == "contrast" and flag == "--text-field str"):
+                helps.setdefault(flag, set()).add(text.rsplit(flag, 1)[1].split(" (default")[0].split(" --")[0].strip())
+    assert helps["--device str"] == {"auto, cpu or cuda (auto: cuda when available)."}
+    assert len(helps["--threads int"]) == 1 and len(helps["--text-field str"]) == 1
+
+
+def test_eval_config_is_flat_for_callers_and_in_eval_json():
+    from saeforge.evals.evaluate import EvalConfig
+    from saeforge.options import flat_dict
+
+    cfg = EvalConfig(path="run", model="gpt2", dtype="bfloat16", corpus="x.txt", context_length=64, device="cpu")
+    assert (cfg.model, cfg.dtype, cfg.corpus, cfg.context_length, cfg.device) == ("gpt2", "bfloat16", "x.txt", 64,
+                                                                                   "cpu")
+    assert cfg.model_options.model == "gpt2" and cfg.text_options.corpus == "x.txt"
+    saved = flat_dict(cfg)
+    assert {"path", "model", "dtype", "corpus", "text_field", "context_length", "device", "progress", "tokens",
+            "batch_size", "site", "plots", "allow_training_text"} <= set(saved)
+    assert saved["dtype"] == "bfloat16" and not any(isinstance(v, dict) for v in saved.values())

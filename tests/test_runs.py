@@ -112,3 +112,23 @@ def test_multi_site_kinds_and_forward_order():
     with pytest.raises(SaeforgeError, match="reads 3 and writes 2"):
         check_site_order(SiteBinding(clt.reads, clt.writes[:2]))
     check_site_order(SiteBinding.single("layers.1.resid_pre", "layers.1.resid_post"))  # residual -> residual
+
+
+def test_sites_the_model_lacks_are_refused_before_it_loads(tiny_run, tiny_llama_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from saeforge.models.language_model import LanguageModel
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg_path = next((run / "saes").iterdir()) / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["metadata"].update(reads=["layers.5.resid_post"], writes=["layers.5.resid_post"])
+    cfg_path.write_text(json.dumps(cfg))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before its sites were checked")
+
+    monkeypatch.setattr(LanguageModel, "load", no_model)
+    with pytest.raises(SaeforgeError, match="layer 5 does not exist, the model has 3 layers"):
+        load_run(run, model=str(tiny_llama_dir))

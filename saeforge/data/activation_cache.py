@@ -312,6 +312,11 @@ def build_cache(cfg: CacheConfig, lm=None, progress: bool | None = None) -> Acti
 
     The folder is locked for the whole run: a second writer on it is refused at once."""
     cfg.validate()
+    TextSource(cfg.corpus, cfg.text_field).check()
+    if lm is None:
+        from saeforge.models.sites import check_sites_before_loading
+
+        check_sites_before_loading(cfg.model, cfg.sites)
     folder = Path(cfg.out)
     _refuse_foreign_folder(folder)
     with exclusive_lock(folder, "saeforge cache"), thread_policy(cfg.threads):

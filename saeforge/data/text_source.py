@@ -18,6 +18,9 @@ from typing import Iterator
 from saeforge.errors import SaeforgeError
 
 
+SNIFF_BYTES = 1 << 16  # the start of each file that TextSource.check reads
+
+
 @dataclass(frozen=True)
 class TextSource:
     spec: str = "embedded:train"
@@ -33,6 +36,24 @@ class TextSource:
         if n_chars == 0:
             raise SaeforgeError(f"the text source {self.spec!r} is empty (no text in it)",
                                 "point --corpus at files that contain text")
+
+    def check(self) -> None:
+        """Cheap checks before any slow work (a model load): a local source exists and its files start as UTF-8
+        text, so random bytes are refused by name instead of being read as replacement characters."""
+        from saeforge.data.texts import decode_text
+
+        spec = self.spec
+        if spec == "embedded" or spec.startswith(("embedded:", "hf:")):
+            return
+        path = Path(spec).expanduser()
+        files = [path] if path.is_file() else sorted(path.rglob("*.txt")) if path.is_dir() else []
+        if not files:
+            next(iter(self._raw_documents()), None)  # raises the error that names what is missing
+        for f in files:
+            with open(f, "rb") as fh:
+                head = fh.read(SNIFF_BYTES + 1)
+            decode_text(head[:SNIFF_BYTES], f, complete=len(head) <= SNIFF_BYTES,
+                        fix="point --corpus at UTF-8 text: a .txt file, a folder of .txt files or a .jsonl file")
 
     def _raw_documents(self) -> Iterator[str]:
         spec = self.spec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from saeforge.errors import SaeforgeError
 from saeforge.evals.downstream import DownstreamStats, LogitReference, replace_at
 from saeforge.evals.reconstruction import ReconstructionStats
 from saeforge.models.sites import SITE_KINDS
+from saeforge.options import HeldOutTextOptions, RunModelAndDtypeOptions, RuntimeOptions, flat_dict, flat_options
 from saeforge.utils.atomic import atomic_write_json
 
 EVAL_SCHEMA = "saeforge-eval"
@@ -25,6 +26,7 @@ PREFIX_CACHE_BYTES = 1 << 30
 batches beyond it are read again."""
 
 
+@flat_options
 @dataclass(frozen=True)
 class EvalConfig:
     """Evaluate SAEs on held-out text: reconstruction, sparsity, and CE loss / KL with the SAE spliced into the model.
@@ -32,31 +34,23 @@ class EvalConfig:
 
     path: str = field(default="", positional=True)
     """A run directory (every SAE under saes/) or one SAE folder (cfg.json + weights)."""
-    model: str = ""
-    """Model; empty: the one the SAE was trained on (its metadata)."""
     site: str = ""
     """Site the SAE reads and replaces; empty: the sites its metadata names (for an SAE from elsewhere whose hook
     name is not a saeforge site, give the saeforge site name)."""
-    corpus: str = "embedded:validation"
-    """Held-out text (never the training text): embedded:validation, a .txt file or folder, .jsonl, hf:NAME."""
-    text_field: str = "text"
-    """Field holding the text in .jsonl files and hf: datasets."""
     tokens: int = 16_384
     """Token positions to evaluate (contexts × context length)."""
-    context_length: int = 0
-    """Tokens per context; 0: the SAE's training context length."""
     batch_size: int = 8
     """Contexts per forward pass."""
-    dtype: str = "float32"
-    """Model dtype."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    model_options: RunModelAndDtypeOptions = field(default_factory=RunModelAndDtypeOptions)
+    """The model the SAEs are spliced into."""
+    text_options: HeldOutTextOptions = field(default_factory=HeldOutTextOptions)
+    """The held-out text (evaluating on the training text is refused unless --allow-training-text)."""
     plots: bool = True
     """Write PNG plots (feature density, L0 per token, activation magnitudes) beside eval.json."""
     allow_training_text: bool = False
     """Allow evaluating on the SAE's training corpus (normally refused)."""
-    progress: bool = True
-    """Show a progress bar."""
+    runtime_options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    """Where and how the model runs."""
 
 
 @dataclass
@@ -159,18 +153,27 @@ class _Plan:
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the evaluation; returns the eval.json content."""
-    from tqdm.auto import tqdm
-
-    from saeforge.data.text_source import TextSource
-    from saeforge.data.token_stream import TokenStream
-    from saeforge.runs import load_run
+    from saeforge.utils.threads import thread_policy
 
     if not cfg.path:
         raise SaeforgeError("no run or SAE folder given", "saeforge eval RUN_DIR (or an SAE folder)")
     if cfg.tokens <= 0:
         raise SaeforgeError(f"--tokens {cfg.tokens} asks for no tokens; eval.json would be rewritten from a single "
                             "context", f"pass a positive count, e.g. saeforge eval {cfg.path} --tokens 16384")
-    path = Path(cfg.path)
+    from saeforge.data.text_source import TextSource
+
+    TextSource(cfg.corpus, cfg.text_field).check()
+    with thread_policy(cfg.threads):
+        return _evaluate(cfg, Path(cfg.path))
+
+
+def _evaluate(cfg: EvalConfig, path: Path) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from saeforge.data.text_source import TextSource
+    from saeforge.data.token_stream import TokenStream
+    from saeforge.runs import load_run
+
     run = load_run(path, model=cfg.model, device=cfg.device, dtype=cfg.dtype, site=cfg.site)
     lm, model_name = run.lm, cfg.model or run.meta.get("model_name")
     targets = _targets(cfg, run)
@@ -241,7 +244,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     report = {"schema": EVAL_SCHEMA, "schema_version": EVAL_SCHEMA_VERSION,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": model_name, "corpus": cfg.corpus,
               "context_length": ctx, "n_token_positions": n_tokens, "seconds": time.time() - t0,
-              "config": asdict(cfg), "saes": results}
+              "config": flat_dict(cfg), "saes": results}
     if n_tokens < MIN_MEANINGFUL_TOKENS:
         report["warning"] = (f"only {n_tokens} token positions were evaluated; below {MIN_MEANINGFUL_TOKENS} the "
                              "metrics are noisy (pass --tokens with more)")

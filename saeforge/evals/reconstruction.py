@@ -1,6 +1,7 @@
 """Reconstruction and sparsity metrics, accumulated over batches in float64 so the pooled numbers are exact.
 
-Definitions (methods.md §12), computed directly rather than through the algebraic shortcuts some peers ship:
+Definitions (as in SAEBench, arXiv 2503.09532), computed directly rather than through the algebraic shortcuts
+some peers ship:
 - FVU = Σ‖x − x̂‖² / Σ‖x − mean(x)‖², pooled over all evaluated tokens; explained variance = 1 − FVU.
   The denominator uses the dataset mean, accumulated as Σ‖x‖² − N‖mean‖² from float64 sums.
 - MSE = mean over tokens and dimensions of (x − x̂)²; ``mse_per_token`` sums over dimensions instead.

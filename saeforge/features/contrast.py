@@ -33,9 +33,11 @@ from simple_parsing.helpers import field
 
 from saeforge.data.texts import read_texts
 from saeforge.errors import SaeforgeError
+from saeforge.options import DeviceOptions, RunModelOptions, flat_options
 from saeforge.utils.atomic import atomic_write_json
 
 
+@flat_options
 @dataclass(frozen=True)
 class ContrastConfig:
     """Rank features by how specifically they fire on one set of texts versus another."""
@@ -69,10 +71,10 @@ class ContrastConfig:
     """Output effect: gradient (∂ log P(theme) through the later layers on neutral prompts, the best candidates then
     steered for real: theme shift and promoted tokens) or direct (the logit lens of the decoder direction: cheap,
     meaningful near the last layer only)."""
-    model: str = ""
-    """Model; empty: the one the SAE was trained on."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    model_options: RunModelOptions = field(default_factory=RunModelOptions)
+    """The model the SAEs read."""
+    device_options: DeviceOptions = field(default_factory=DeviceOptions)
+    """Where the model runs."""
 
 
 def average_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

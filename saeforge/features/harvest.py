@@ -32,26 +32,23 @@ from simple_parsing.helpers import field
 
 from saeforge.errors import SaeforgeError
 from saeforge.features.store import STORE_FILE, WRITER_LOCK, FeatureStore, install_store
+from saeforge.options import HeldOutTextOptions, RunModelAndDtypeOptions, RuntimeOptions, flat_options
 from saeforge.utils.atomic import TMP_PREFIX
 from saeforge.utils.locking import exclusive_lock
+from saeforge.utils.threads import thread_policy
 
 EXPLANATION_POLICIES = ("auto", "keep", "discard")
 
 
+@flat_options
 @dataclass(frozen=True)
 class HarvestConfig:
     """Stream held-out text through the model and SAEs and fill the feature store (features.sqlite)."""
 
     path: str = field(default="", positional=True)
     """A run directory (every SAE under saes/) or one SAE folder."""
-    corpus: str = "embedded:validation"
-    """Held-out text: embedded:validation, a .txt file or folder, .jsonl, or hf:NAME[:SPLIT]."""
-    text_field: str = "text"
-    """Field holding the text in .jsonl files and hf: datasets."""
     tokens: int = 65_536
     """Token positions to stream (contexts × context length)."""
-    context_length: int = 0
-    """Tokens per context; 0: the SAE's training context length."""
     batch_size: int = 16
     """Contexts per forward pass."""
     top_examples: int = 20
@@ -70,20 +67,18 @@ class HarvestConfig:
     """Promoted and suppressed tokens kept per feature."""
     n_neighbors: int = 10
     """Nearest features (decoder cosine) kept per feature."""
-    model: str = ""
-    """Model; empty: the one the SAE was trained on."""
-    dtype: str = "float32"
-    """Model dtype."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    model_options: RunModelAndDtypeOptions = field(default_factory=RunModelAndDtypeOptions)
+    """The model the SAEs read."""
+    text_options: HeldOutTextOptions = field(default_factory=HeldOutTextOptions)
+    """The held-out text streamed into the store."""
     seed: int = 0
     """Seed for the sampled examples."""
     explanations: str = "auto"
     """What happens to the explanations of an existing store: auto (carry them over for SAEs whose weights did not
     change; stop and ask when any would be lost), keep (carry them over by feature index even for changed SAEs) or
     discard (start without them)."""
-    progress: bool = True
-    """Show a progress bar."""
+    runtime_options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    """Where and how the model runs."""
 
 
 def _window(cfg: HarvestConfig, T: int, g: int) -> tuple[int, int, int]:
@@ -174,16 +169,19 @@ def check_config(cfg: HarvestConfig) -> None:
         if getattr(cfg, name) < 1:
             raise SaeforgeError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be at least 1",
                                 f"saeforge harvest {cfg.path} --{name.replace('_', '-')} "
-                                f"{HarvestConfig.__dataclass_fields__[name].default}")
+                                f"{getattr(HarvestConfig(), name)}")
     for name in ("examples_per_bin", "random_examples", "window_before", "window_after", "n_logits", "n_neighbors",
                  "context_length"):
         if getattr(cfg, name) < 0:
             raise SaeforgeError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is negative",
                                 f"pass 0 or more: saeforge harvest {cfg.path} --{name.replace('_', '-')} "
-                                f"{HarvestConfig.__dataclass_fields__[name].default}")
+                                f"{getattr(HarvestConfig(), name)}")
     if cfg.explanations not in EXPLANATION_POLICIES:
         raise SaeforgeError(f"unknown --explanations {cfg.explanations!r}",
                             f"use one of {', '.join(EXPLANATION_POLICIES)}")
+    from saeforge.data.text_source import TextSource
+
+    TextSource(cfg.corpus, cfg.text_field).check()
 
 
 def _previous_explanations(cfg: HarvestConfig, out: Path, hashes: dict[str, str]) -> dict:
@@ -232,7 +230,7 @@ def harvest(cfg: HarvestConfig) -> Path:
     root = Path(cfg.path)
     if not root.exists():
         raise SaeforgeError(f"{root} does not exist", "pass a run directory from `saeforge train` or an SAE folder")
-    with exclusive_lock(root, WRITER_LOCK):
+    with exclusive_lock(root, WRITER_LOCK), thread_policy(cfg.threads):
         return _harvest_locked(cfg, root)
 
 

@@ -14,11 +14,14 @@ from simple_parsing.helpers import field
 from saeforge.data.prompts import PromptEncoder
 from saeforge.errors import SaeforgeError
 from saeforge.features.store import STORE_FILE, FeatureStore
+from saeforge.options import DeviceOptions, RunModelOptions, flat_options
 from saeforge.runs import BoundSAE
 
 MAX_PROMPT_TOKENS = 1024
+TOP_TOKENS_SHOWN = 4  # per feature in `saeforge inspect`, when the store has no explanation
 
 
+@flat_options
 @dataclass(frozen=True)
 class InspectConfig:
     """Show, for each token of a text, the most active features and their explanations."""
@@ -29,10 +32,10 @@ class InspectConfig:
     """The text to inspect."""
     top: int = 5
     """Features shown per token."""
-    model: str = ""
-    """Model; empty: the one the SAE was trained on."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    model_options: RunModelOptions = field(default_factory=RunModelOptions)
+    """The model the SAEs read."""
+    device_options: DeviceOptions = field(default_factory=DeviceOptions)
+    """Where the model runs."""
 
 
 class Inspector:
@@ -47,6 +50,8 @@ class Inspector:
         self.saes: dict[str, BoundSAE] = dict(self.run.saes)
         store_path = self.path / STORE_FILE
         self.store_path = store_path if store_path.is_file() else None
+        if self.store_path is not None:
+            FeatureStore.ensure_current(self.store_path)  # an older store is migrated once, as the dashboard does
         self.max_tokens = min(MAX_PROMPT_TOKENS, lm.max_context or MAX_PROMPT_TOKENS)
         # the run's own token rules (BOS, which positions are SAE data), with the inspector's length limit
         self.prompts = PromptEncoder(lm, self.run.token_policy(), max_tokens=self.max_tokens)
@@ -61,8 +66,27 @@ class Inspector:
         return {name: {"kind": b.kind, "reads": [s.name for s in b.reads], "writes": [s.name for s in b.writes],
                        "description": b.describe()} for name, b in self.saes.items()}
 
+    def labels(self, name: str, idxs) -> dict[int, str]:
+        """What the store says of features ``idxs`` of dictionary ``name``: the explanation, else the tokens the
+        feature fires on most (``top tokens ' king' ' queen'``); empty without a store (or before a harvest)."""
+        if self.store_path is None:
+            return {}
+        with FeatureStore(self.store_path, readonly=True) as store:
+            try:
+                brief = store.brief_features(name, idxs)
+            except SaeforgeError:  # the store does not know this dictionary
+                return {}
+        out = {}
+        for i, b in brief.items():
+            if b["explanation"]:
+                out[i] = b["explanation"]
+            elif b["top_tokens"]:
+                out[i] = "top tokens " + " ".join(repr(t) for t, _ in b["top_tokens"][:TOP_TOKENS_SHOWN])
+        return out
+
     @torch.inference_mode()
     def inspect(self, text: str, top: int = 5) -> list[dict]:
+        check_top(top)
         batch = self.prompts.one(text)
         ids, keep = batch.input_ids, batch.keep[0]
         acts = self.lm.read(ids, self.sites)
@@ -100,16 +124,31 @@ def inspect_prompt(path: str | Path, text: str, *, top: int = 5, model: str = ""
     return Inspector(path, model=model, device=device, lm=lm).inspect(text, top)
 
 
+def check_top(top: int, fix: str = "pass --top 5") -> None:
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise SaeforgeError(f"--top {top}: the number of features shown per token must be at least 1", fix)
+
+
 def run_inspect(cfg: InspectConfig) -> None:
+    from saeforge.interventions.steering import loading_message
+
     if not cfg.path or not cfg.text:
         raise SaeforgeError("give a run directory and a text", 'saeforge inspect RUN_DIR "To be, or not to be"')
+    check_top(cfg.top, f"saeforge inspect {cfg.path} {cfg.text!r} --top 5")
+    print(loading_message(cfg.path, cfg.model), flush=True)
     inspector = Inspector(cfg.path, model=cfg.model, device=cfg.device)
     rows = inspector.inspect(cfg.text, cfg.top)
+    labels = {name: inspector.labels(name, {f[0] for row in rows for f in row["features"].get(name, [])})
+              for name in inspector.saes}
     for name, binding in inspector.bindings().items():
         print(f"{name}: {binding['description']}")
     for row in rows:
         if row["special"]:
             continue
         for name, feats in row["features"].items():
-            shown = "  ".join(f"#{i} {a:.2f}" + (f" ({e})" if e else "") for i, a, e in feats)
-            print(f"{row['token']!r:>16}  {name}: {shown}")
+            shown = "  ".join(f"#{i} {a:.2f}" + (f" ({labels[name][i]})" if i in labels[name] else "")
+                              for i, a, _ in feats)
+            print(f"{row['token']!r:>16}  {name}: {shown or '(no feature fires)'}")
+    if inspector.store_path is None:
+        print(f"no feature store in {cfg.path}: `saeforge harvest {cfg.path}` records each feature's top tokens "
+              f"(shown here), `saeforge explain {cfg.path}` explains them")

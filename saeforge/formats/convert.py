@@ -79,7 +79,9 @@ def check_encodings(a, b, *, n: int = 512, seed: int = 0) -> dict:
             "active_set_equal": bool(torch.equal(fa > 0, fb > 0)), "l0": float((fa > 0).sum(1).float().mean())}
 
 
-def _prepare_out(cfg: ConvertConfig, source: Path) -> Path:
+def _check_out(cfg: ConvertConfig, source: Path) -> tuple[Path, list[str]]:
+    """The output folder and the SAE files already in it, refused before anything is read: the source folder itself,
+    a folder holding an SAE (without --overwrite), or a non-empty folder holding something else."""
     if not cfg.out:
         raise SaeforgeError("no output folder given", "pass --out DIR")
     out = Path(cfg.out)
@@ -92,11 +94,20 @@ def _prepare_out(cfg: ConvertConfig, source: Path) -> Path:
     if present and not cfg.overwrite:
         raise SaeforgeError(f"{out} already holds SAE files ({', '.join(present)})",
                             "pass --overwrite to replace them, or choose another --out")
+    others = sorted(p.name for p in out.iterdir()) if out.is_dir() and not present else []
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise SaeforgeError(f"--out {out} is not empty and holds no SAE ({shown}); converting into it would mix the "
+                            "SAE with unrelated files",
+                            f"choose a new or empty folder: saeforge convert {cfg.source} --out {out / 'sae'}")
+    return out, present
+
+
+def _clear_out(out: Path, present: list[str]) -> None:
     if present:
         for name in present:
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return out
 
 
 def run_convert(cfg: ConvertConfig) -> None:
@@ -110,6 +121,7 @@ def run_convert(cfg: ConvertConfig) -> None:
         raise SaeforgeError(f"unknown input format {cfg.from_format!r}",
                             f"use --from-format auto | {' | '.join(FORMAT_NAMES)}")
     source = Path(cfg.source)
+    out, present = _check_out(cfg, source)
     src = read_any(source, fmt=cfg.from_format, d_in=cfg.d_in or None, architecture=cfg.architecture or None,
                    orientation=cfg.orientation or None, scaling_factor=cfg.scaling_factor or None)
     sae = src.sae
@@ -119,7 +131,7 @@ def run_convert(cfg: ConvertConfig) -> None:
           f"apply_b_dec_to_input={c.apply_b_dec_to_input})")
     for note in src.notes:
         print(f"  note: {note}")
-    out = _prepare_out(cfg, source)
+    _clear_out(out, present)
     meta = dict(src.metadata)
     if cfg.hook_name:
         meta["hook_name"] = cfg.hook_name

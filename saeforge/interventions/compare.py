@@ -18,9 +18,11 @@ import torch
 from simple_parsing.helpers import field
 
 from saeforge.errors import SaeforgeError
+from saeforge.options import DeviceOptions, RunModelOptions, flat_options
 from saeforge.utils.atomic import atomic_write_json
 
 
+@flat_options
 @dataclass(frozen=True)
 class CompareSteeringConfig:
     """Compare steering vectors (CAA, STA, SAE-refined CAA, single features) on one behaviour."""
@@ -50,10 +52,10 @@ class CompareSteeringConfig:
     """Sampling seed (the same for every method)."""
     out: str = ""
     """Folder for steering_comparison.json; empty: print only (the run folder is never written unless named)."""
-    model: str = ""
-    """Model; empty: the one the SAE was trained on."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    model_options: RunModelOptions = field(default_factory=RunModelOptions)
+    """The model the SAE reads and that generates."""
+    device_options: DeviceOptions = field(default_factory=DeviceOptions)
+    """Where the model runs."""
 
 
 def keyword_rate(texts: list[str], keywords) -> float:

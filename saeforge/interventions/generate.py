@@ -35,6 +35,7 @@ from saeforge.data.texts import read_texts
 from saeforge.errors import SaeforgeError
 from saeforge.interventions.selection import theme_hits
 from saeforge.interventions.steering import FeatureEdit, Steerer, parse_feature
+from saeforge.options import DeviceOptions, RunModelOptions, flat_dict, flat_options
 from saeforge.utils.atomic import atomic_write_json
 
 
@@ -302,6 +303,7 @@ DEFAULT_STRENGTH = {"norm": 0.25, "max": 2.0, "raw": 4.0}
 the generations within 3× the baseline for every feature and vector measured (docs/steering.md, "Strength")."""
 
 
+@flat_options
 @dataclass(frozen=True)
 class SteerConfig:
     """Generate with and without steering through SAE features, side by side, with the effect measured by the plain
@@ -340,10 +342,10 @@ class SteerConfig:
     out: str = ""
     """Folder for steering.json (and the sweep plot). Empty: a single run only prints; a sweep writes to a new
     folder ./steering-YYYYmmdd-HHMMSS. The run folder is never written unless named here."""
-    model: str = ""
-    """Model; empty: the one the SAE was trained on."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    model_options: RunModelOptions = field(default_factory=RunModelOptions)
+    """The model the SAEs read and that generates."""
+    device_options: DeviceOptions = field(default_factory=DeviceOptions)
+    """Where the model runs."""
 
 
 def _edits(cfg: SteerConfig, names: Sequence[str], strength: float) -> list[FeatureEdit]:
@@ -453,7 +455,7 @@ def run_steer(cfg: SteerConfig) -> dict:
 
     runs = steer_points(steerer, prompts, edit_sets, positions=cfg.positions, max_new_tokens=cfg.max_new_tokens,
                         temperature=cfg.temperature, seed=cfg.seed, theme_words=words, progress=True, on_point=show)
-    report: dict = {"config": dict(cfg.__dict__), "unit": cfg.unit, "features": list(cfg.feature),
+    report: dict = {"config": flat_dict(cfg), "unit": cfg.unit, "features": list(cfg.feature),
                     "mean_norms": {e.sae: steerer.mean_norm(e.sae)[0] for e in edit_sets[0]
                                    if cfg.unit == "norm" and cfg.mode != "scale"},
                     "runs": [{"strength": s, "prompts": r.prompts, "baseline": r.baseline, "steered": r.steered,

@@ -7,7 +7,7 @@ Two implementations of one API:
 - ``impl="fast"`` (default): two ``torch.autograd.Function``s whose only dense work is the encoder GEMM.
 
 Design of the fast path (timings: 2-core AVX-512 CPU, torch 2.13, N=4096, d_in=576, d_sae=4608, k=32, float32;
-see ``docs/perf-notes`` in the shared folder and ``benchmarks/train_step.py``):
+measured with ``benchmarks/train_step.py``):
 
 - Encoder forward: one ``addmm`` (the floor, ~105-125 ms) written into a reused per-thread workspace on CPU (a
   fresh 75 MB result costs ~15-25 ms of page faults every step; CUDA's caching allocator makes this moot), then the

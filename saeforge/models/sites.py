@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
 
 from saeforge.errors import SaeforgeError
 
@@ -127,3 +129,50 @@ def _layer_of(module_path: str, fam: ModelFamily | None) -> int | None:
 def _sample_modules(module_names: set[str]) -> str:
     picks = sorted((m for m in module_names if m), key=lambda m: (m.count("."), m))[:3]
     return ", ".join(picks) if picks else "(no modules)"
+
+
+def model_config_on_disk(model: str) -> dict | None:
+    """The text config (``config.json``, or its ``text_config``) of ``model`` when it can be read without loading
+    the model: the embedded model, a local folder, a hub model already in the cache; None otherwise (a .gguf file,
+    a hub model not downloaded yet)."""
+    import json
+
+    from saeforge.models.loading import resolve_model_source
+
+    source = resolve_model_source(model)
+    path = None
+    if source.kind in ("embedded", "folder"):
+        path = Path(source.location) / "config.json"
+    elif source.kind == "hub":
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(source.location, "config.json")
+            path = Path(found) if isinstance(found, str) else None
+        except Exception:  # noqa: BLE001 - no cache, no hub library: the loaded model's check still runs
+            path = None
+    if path is None or not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+
+
+def check_sites_before_loading(model: str, names: Iterable[str]) -> None:
+    """Refuse canonical site names ``model`` cannot have (a layer past its last, a model type without canonical
+    sites) from its config alone, before the slow model load. Raw module paths, and models whose config is not on
+    disk, are checked when the model has loaded."""
+    canonical = [n for n in names if CANONICAL_RE.match(n)]
+    if not canonical or not model:
+        return
+    cfg = model_config_on_disk(model)
+    if cfg is None:
+        return
+    n_layers = cfg.get("num_hidden_layers") or cfg.get("n_layer")
+    model_type = cfg.get("model_type")
+    if not isinstance(n_layers, int) or not isinstance(model_type, str) or family_for(model_type) is None:
+        return
+    for name in canonical:
+        resolve_site(name, model_type=model_type, n_layers=n_layers, d_model=0, module_names=set())

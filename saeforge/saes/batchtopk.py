@@ -1,4 +1,4 @@
-"""BatchTopK SAE (Bussmann, Leask, Nanda 2024; methods.md §2b).
+"""BatchTopK SAE (Bussmann, Leask, Nanda 2024, arXiv 2412.06410).
 
 Training: the N·k largest of ReLU(W_enc (x - b_dec) + b_enc) over the whole batch of N tokens are kept, so the
 per-token L0 varies while its batch mean is exactly k (when at least N·k pre-activations are positive). Loss as

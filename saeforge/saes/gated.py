@@ -1,4 +1,4 @@
-"""Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014; methods.md §3a).
+"""Gated SAE (Rajamanoharan et al. 2024, arXiv 2404.16014).
 
     x̃ = x - b_dec
     π_gate = x̃ W_gate + b_gate,   π_mag = x̃ W_mag + b_mag,   W_mag = W_gate · diag(exp(r_mag))   (r_mag sharing)

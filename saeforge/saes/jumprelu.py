@@ -1,4 +1,4 @@
-"""JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435; Gemma Scope; methods.md §3b).
+"""JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435; Gemma Scope, arXiv 2408.05147).
 
     π = W_enc x + b_enc            (x - b_dec when apply_b_dec_to_input; off by default, as in the released SAEs)
     f = JumpReLU_θ(π) = π · H(π - θ),   θ = exp(log_threshold) > 0 per latent

@@ -1,4 +1,4 @@
-"""Matryoshka BatchTopK SAE (Bussmann, Nabeshima, Karvonen, Nanda 2025; methods.md §4a), fixed-prefix flavour.
+"""Matryoshka BatchTopK SAE (Bussmann, Nabeshima, Karvonen, Nanda 2025, arXiv 2503.17547), fixed-prefix flavour.
 
 The latents are split into consecutive groups of sizes ``group_sizes`` (summing to d_sae); prefix i holds
 groups 0..i, i.e. the first m_i = sum(group_sizes[:i+1]) latents. The BatchTopK code f is computed **once** over

@@ -1,6 +1,6 @@
 """One constant input scale, estimated from a data sample, and folded into the SAE after training.
 
-Methods (methods.md §1b, §3b):
+Methods (docs/methods.md, "Input scaling"):
 - ``"expected_norm"``: scale so that E||x|| = sqrt(d) (Anthropic April update; SAELens "expected_average_only_in").
 - ``"unit_mean_squared"``: scale so that E||x||² = 1 (Gemma Scope).
 - ``"none"``: scale 1.

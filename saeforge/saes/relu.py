@@ -1,4 +1,5 @@
-"""ReLU SAE with an L1 penalty, in two variants (methods.md §1a/§1b).
+"""ReLU SAE with an L1 penalty, in two variants (Bricken et al. 2023 and Anthropic's April 2024 update;
+docs/methods.md).
 
 ``variant="april2024"`` (Anthropic, "Update on how we train SAEs", April 2024; SAELens "standard"):
     f = ReLU(W_enc x + b_enc)                      no b_dec subtraction before the encoder
@@ -150,7 +151,7 @@ class ReLUSAE(SAE):
     def resample_dead_latents(self, x_sample: Tensor, dead_mask: Tensor,
                               optimizer: torch.optim.Optimizer | None = None, *,
                               generator: torch.Generator | None = None) -> int:
-        """Towards Monosemanticity neuron resampling (methods.md §1a); returns how many latents were reset.
+        """Towards Monosemanticity neuron resampling (Bricken et al. 2023); returns how many latents were reset.
 
         ``dead_mask``: bool [d_sae], the latents the trainer found inactive (the paper: no activation in the last
         ``resample_every / 2`` steps). For each dead latent an input ``x_s`` is drawn from ``x_sample`` with

@@ -1,4 +1,4 @@
-"""TopK SAE with the AuxK dead-latent loss (Gao et al. 2024, OpenAI; methods.md §2a).
+"""TopK SAE with the AuxK dead-latent loss (Gao et al. 2024, arXiv 2406.04093; docs/methods.md).
 
     z = TopK_k(ReLU(W_enc (x - b_dec) + b_enc)),   x_hat = W_dec z + b_dec
     L = ||x - x_hat||^2 + auxk

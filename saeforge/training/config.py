@@ -165,6 +165,12 @@ class TrainConfig:
             need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
                  f"SAE {spec['name']!r}: learning rate must be positive, got {v!r}",
                  "give its `saes:` entry in the config file a positive `lr:` (or 0 for the architecture default)")
+        if not self.cache:  # the live model: what can be checked before it loads
+            from saeforge.data.text_source import TextSource
+            from saeforge.models.sites import check_sites_before_loading
+
+            TextSource(self.corpus, self.text_field).check()
+            check_sites_before_loading(self.model, self.needed_sites())
 
     def sae_option_dict(self) -> dict[str, Any]:
         return parse_sae_options(self.sae_options)

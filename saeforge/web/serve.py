@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from simple_parsing.helpers import field
 
 from saeforge.errors import SaeforgeError
+from saeforge.options import DeviceOptions, RunModelOptions, flat_options
 
 
+@flat_options
 @dataclass(frozen=True)
 class ServeConfig:
     """Serve a run's web dashboard: overview (metrics, plots), feature search, feature pages, prompt inspector,
@@ -25,11 +27,10 @@ class ServeConfig:
     """Address to listen on. The default serves this machine only; 0.0.0.0 exposes the dashboard to the network."""
     port: int = 8000
     """Port to listen on; 0 picks a free one."""
-    model: str = ""
-    """Model for the prompt inspector and the steering playground; empty: the one the SAEs were trained on (loaded on
-    first use)."""
-    device: str = "auto"
-    """Device for the inspector and the playground: auto, cpu or cuda."""
+    model_options: RunModelOptions = field(default_factory=RunModelOptions)
+    """The model of the prompt inspector and the steering playground (loaded on first use)."""
+    device_options: DeviceOptions = field(default_factory=DeviceOptions)
+    """Where the model of the inspector and the playground runs."""
     max_prompt_chars: int = 20_000
     """Longest prompt accepted, in characters (the token limit of the inspector applies as well)."""
     request_timeout: float = 120.0
@@ -68,6 +69,9 @@ def _uvicorn_server(app, log_level: str):
                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
 
 
+MAX_PORT = 65535
+
+
 def check_config(cfg: ServeConfig) -> None:
     if not cfg.path:
         raise SaeforgeError("no run directory given", "saeforge serve RUN_DIR")
@@ -80,6 +84,9 @@ def check_config(cfg: ServeConfig) -> None:
     if cfg.max_prompt_chars < 1:
         raise SaeforgeError(f"--max-prompt-chars {cfg.max_prompt_chars} must be at least 1",
                             f"saeforge serve {cfg.path} --max-prompt-chars 20000")
+    if not 0 <= cfg.port <= MAX_PORT:
+        raise SaeforgeError(f"--port {cfg.port} is not a TCP port (0 to {MAX_PORT})",
+                            f"saeforge serve {cfg.path} --port 8000 (or --port 0: any free port)")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -91,9 +98,9 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError as err:
+    except (OSError, OverflowError) as err:  # OverflowError: a port outside 0..65535
         sock.close()
-        raise SaeforgeError(f"cannot listen on {host}:{port}: {err.strerror}",
+        raise SaeforgeError(f"cannot listen on {host}:{port}: {getattr(err, 'strerror', None) or err}",
                             "pick another --port (0 picks a free one)") from err
     sock.listen(128)
     return sock

@@ -183,3 +183,25 @@ def test_a_second_cache_writer_on_one_folder_is_refused(tiny_llama_dir, text_fil
     # free again: the lock file alone does not make the folder "not a cache"
     cache = build_cache(_cfg(tiny_llama_dir, text_file, out, tokens=100), progress=False)
     assert cache.complete
+
+
+def test_random_bytes_and_impossible_sites_are_refused_before_the_model_loads(tiny_llama_dir, text_file, tmp_path,
+                                                                             monkeypatch, capsys):
+    import random
+
+    from saeforge.cli import main
+    from saeforge.models.language_model import LanguageModel
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(LanguageModel, "load", no_model)
+    junk = tmp_path / "junk.txt"
+    junk.write_bytes(random.Random(0).randbytes(4096))
+    base = ["cache", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "c"), "--device", "cpu"]
+    assert main([*base, "--corpus", str(junk), "--sites", "layers.1.resid_post"]) == 2
+    assert "junk.txt is not UTF-8 text" in capsys.readouterr().err
+    assert main([*base, "--corpus", str(text_file), "--sites", "layers.1.resid_post", "layers.7.mlp_out"]) == 2
+    err = capsys.readouterr().err
+    assert "layer 7 does not exist, the model has 3 layers" in err and "fix:" in err
+    assert not (tmp_path / "c").exists()

@@ -59,3 +59,27 @@ def test_embedded_split_is_by_work_and_disjoint(embedded_lm):
     assert val == set(VALIDATION_WORKS)
     assert not train & val and len(train) + len(val) == 42
     assert next(TextSource("embedded:validation").documents()).startswith("HAMLET")
+
+
+def test_check_refuses_random_bytes_and_accepts_text_cut_mid_character(tmp_path):
+    import random
+
+    from saeforge.data.text_source import SNIFF_BYTES
+
+    junk = tmp_path / "junk.txt"
+    junk.write_bytes(random.Random(0).randbytes(4096))
+    with pytest.raises(SaeforgeError, match=r"junk.txt is not UTF-8 text") as err:
+        TextSource(str(junk)).check()
+    assert "--corpus" in err.value.fix
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.txt").write_text("plain text\n")
+    (folder / "b.txt").write_bytes(b"text\x00\x00\x00\x00\x00 with NULs" * 10)
+    with pytest.raises(SaeforgeError, match=r"b.txt looks binary"):
+        TextSource(str(folder)).check()
+    long = tmp_path / "long.txt"
+    long.write_text("a" * (SNIFF_BYTES - 1) + "é" * 100)  # the sniffed start ends inside a two-byte character
+    TextSource(str(long)).check()
+    with pytest.raises(SaeforgeError, match="does not exist"):
+        TextSource(str(tmp_path / "missing.txt")).check()
+    TextSource("embedded:validation").check()

@@ -1,5 +1,5 @@
 """Shared pieces of the format tests: small saeforge SAEs with non-trivial parameters, random inputs, and the
-foreign tools' documented encode formulas (written from formats.md, never imported from the tools)."""
+foreign tools' documented encode formulas (written from their documentation, never imported from the tools)."""
 
 from __future__ import annotations
 

@@ -94,3 +94,17 @@ def test_a_clt_converts_to_gemma_scope_2_and_circuit_tracer(tmp_path, capsys):
     back = load_any(tmp_path / "ct")
     x = torch.randn(20, sae.cfg.d_in)
     assert torch.equal(back.encode(x), sae.encode(x))
+
+
+def test_an_out_folder_holding_something_else_is_refused_before_anything_is_written(tmp_path):
+    save_as(build("batchtopk"), tmp_path / "b", "saeforge")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(SaeforgeError, match=r"--out .* is not empty and holds no SAE \(notes.txt\)"):
+            run_convert(ConvertConfig(source=str(tmp_path / "b"), out=str(out), to="saelens", overwrite=overwrite))
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (tmp_path / "empty").mkdir()  # an empty folder is fine
+    run_convert(ConvertConfig(source=str(tmp_path / "b"), out=str(tmp_path / "empty"), to="saelens"))
+    assert load_any(tmp_path / "empty").architecture == "jumprelu"  # SAELens holds BatchTopK as its JumpReLU form

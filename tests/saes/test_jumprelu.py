@@ -1,4 +1,4 @@
-"""JumpReLU: the straight-through pseudo-gradients (methods.md §3b) on hand-checked numbers."""
+"""JumpReLU: the straight-through pseudo-gradients (arXiv 2407.14435) on hand-checked numbers."""
 
 from __future__ import annotations
 

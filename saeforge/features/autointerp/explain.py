@@ -33,11 +33,13 @@ from saeforge.features.autointerp import quality as Q
 from saeforge.features.autointerp import scoring as S
 from saeforge.features.autointerp.backends import Backend, make_backend
 from saeforge.features.store import STORE_FILE, WRITER_LOCK, FeatureStore
+from saeforge.options import DeviceOptions, flat_options
 from saeforge.utils.locking import exclusive_lock
 
 NO_EXPLANATION = "(the explainer gave no explanation)"
 
 
+@flat_options
 @dataclass(frozen=True)
 class ExplainConfig:
     """Explain SAE features with an LLM (explainer prompt from top and quantile examples) and score each explanation
@@ -55,8 +57,8 @@ class ExplainConfig:
     model: str = ""
     """Explainer/scorer model. local: empty means the embedded SmolLM2-135M-Instruct (weak), else a hub id or HF
     folder; openai: the served model name (required)."""
-    device: str = "auto"
-    """Device for the local back end: auto, cpu or cuda."""
+    device_options: DeviceOptions = field(default_factory=DeviceOptions)
+    """Where the local back end's model runs."""
     batch_size: int = 8
     """Prompts per generation batch (local) or concurrent requests (openai); also features per chunk written."""
     fuzzing: bool = False

@@ -4,7 +4,8 @@ the detection and fuzzing scorer prompts, and parsing of the answers.
 A prompt is a list of chat messages (``{"role": ..., "content": ...}``); back ends render it with the model's chat
 template, or as plain text when there is none.
 
-The wording is saeforge's own; the setup follows methods.md section 11:
+The wording is saeforge's own; the setup follows delphi (Paulo et al., arXiv 2410.13928) and OpenAI's explainer
+(Bills et al. 2023), see ``docs/autointerp.md``:
 
 - activating tokens are marked ``<<like this>>``, a run of consecutive activating tokens as one span (the delphi
   highlighting; OpenAI's explainer instead lists ``token<TAB>activation`` for every token, which costs many more
