@@ -17,6 +17,8 @@ ORDER_LABELS = {"relevance": "relevance (token search)", "density": "density, mo
 assert set(ORDER_LABELS) == set(ORDERS)
 MAX_LIST_LIMIT = 500
 MAX_LINKS = 8  # per link kind and direction on a feature page (a feature can be in the top-k of hundreds)
+# flow matches first, the main one (top-1) first; any other kind after them, by name
+LINK_KIND_ORDER = ("flow:top1", "flow:topk", "flow:permutation", "flow:pearson")
 TOP_ACTIVATIONS = 100  # harvest counts a feature's top tokens over its 100 strongest activations
 
 
@@ -100,4 +102,5 @@ def feature_links(st, sae: str, idx: int) -> list[dict]:
             info = brief[link["sae"]].get(link["idx"], {})
             link["explanation"], link["top_tokens"] = info.get("explanation"), info.get("top_tokens") or []
     return [{"kind": kind, "direction": direction, "links": links}
-            for (kind, direction), links in sorted(groups.items())]
+            for (kind, direction), links in sorted(groups.items(), key=lambda kv: (
+                LINK_KIND_ORDER.index(kv[0][0]) if kv[0][0] in LINK_KIND_ORDER else len(LINK_KIND_ORDER), kv[0]))]
