@@ -45,7 +45,8 @@ def test_compare_two_saes(small_suite, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["flow", "match", "{suite}", "--residual-threshold", "2"], "must lie in [0, 1]"),
-    (["flow", "match", "{suite}", "--layers", "5-6"], "lacks 3 site(s) the layer range needs: layers.6.resid_post, layers.6.mlp_out, layers.6.attn_out"),
+    (["flow", "match", "{suite}", "--layers", "5-6"],
+     "lacks 3 site(s) the layer range needs: layers.6.resid_post, layers.6.mlp_out, layers.6.attn_out"),
     (["flow", "match", "{suite}", "--methods", "cosine"], "unknown matching method"),
     (["flow", "graph", "{suite}", "--feature", "layers.5.resid_post:50"], "out of range"),
     (["flow", "graph", "{suite}", "--feature", "layers.5.resid_post:7", "--residual-threshold", "0.99",
