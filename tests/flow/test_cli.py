@@ -18,7 +18,7 @@ def small_suite(tmp_path_factory):
 def test_help_lists_the_flow_subcommands(capsys):
     assert main(["flow"]) == 0
     out = capsys.readouterr().out
-    for sub in ("suite", "assemble", "match", "graph", "groups", "deactivate", "steer"):
+    for sub in ("suite", "assemble", "match", "links", "graph", "groups", "deactivate", "steer"):
         assert sub in out
     with pytest.raises(SystemExit):
         main(["flow", "graph", "--help"])
