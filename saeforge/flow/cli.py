@@ -155,13 +155,16 @@ def run_match(cfg: MatchConfig) -> dict[str, Any]:
         atomic_write_json(Path(cfg.suite) / "flow" / "match_summary.json", summary)
     print(f"matched {len(layers)} layer(s) in {summary['seconds']:.1f} s; tables in {Path(cfg.suite) / 'flow/matches'}")
     if "store_links" in summary:
-        done = summary["store_links"]
-        print(f"feature store: {done['links']:,} links of {done['tables']} tables written into {store_path}"
-              + (f"; skipped {len(done['skipped'])} table(s) whose SAEs it does not hold" if done["skipped"] else ""))
+        _print_store_links(summary["store_links"], store_path)
     elif cfg.store_links:
         print(f"no feature store at {store_path}: the links go into it once it exists (saeforge harvest "
               f"{cfg.suite}, then saeforge flow match {cfg.suite} again)")
     return summary
+
+
+def _print_store_links(done: dict[str, Any], store_path: Path) -> None:
+    print(f"feature store: {done['links']:,} links of {done['tables']} tables written into {store_path}"
+          + (f"; skipped {len(done['skipped'])} table(s) whose SAEs it does not hold" if done["skipped"] else ""))
 
 
 def _random_baseline(suite, layer: int) -> float:
@@ -238,8 +241,7 @@ def run_links(cfg: LinksConfig) -> dict[str, Any]:
             raise SaeforgeError(f"no match tables in {cfg.suite}", f"saeforge flow match {cfg.suite}")
         with exclusive_lock(Path(cfg.suite), WRITER_LOCK):
             done = write_store_links(store_path, (load_matches(cfg.suite, t["a"], t["b"], t["method"]) for t in tables))
-        print(f"feature store: {done['links']:,} links of {done['tables']} tables written into {store_path}"
-              + (f"; skipped {len(done['skipped'])} table(s) whose SAEs it does not hold" if done["skipped"] else ""))
+        _print_store_links(done, store_path)
         return done
     if not cfg.feature:
         raise SaeforgeError("no feature given", f"saeforge flow links {cfg.suite} --feature layers.L.resid_post:INDEX "
