@@ -176,3 +176,27 @@ def test_flow_links_lists_predecessors_and_successors_and_syncs_the_store(plante
         assert main(["flow", "links", str(suite), *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and "fix:" in err
+
+
+def test_flow_match_migrates_a_store_from_before_the_links_table(planted, tmp_path):
+    import shutil
+    import sqlite3
+
+    from saeforge.features.store import SCHEMA_VERSION, STORE_FILE, FeatureStore
+    from saeforge.flow.cli import MatchConfig, run_match
+    from tests.features.test_store import V1_SCHEMA
+
+    suite = tmp_path / "suite"
+    shutil.copytree(planted, suite)
+    con = sqlite3.connect(suite / STORE_FILE)  # what saeforge wrote before schema 2: no links table
+    con.executescript(V1_SCHEMA)
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    con.executemany("INSERT INTO saes (name, site, d_sae, architecture, path) VALUES (?, ?, 40, 'topk', '')",
+                    [(s, s) for s in open_suite(suite).saes])
+    con.commit()
+    con.close()
+    run_match(MatchConfig(suite=str(suite), methods=("top1",), layers="3"))
+    with FeatureStore(suite / STORE_FILE, readonly=True) as store:
+        assert store.meta("schema_version") == SCHEMA_VERSION
+        assert {r["src_sae"]: r["n"] for r in store.link_summary()} == {
+            "layers.2.resid_post": 40, "layers.3.mlp_out": 40, "layers.3.attn_out": 40}
