@@ -12,11 +12,13 @@ multi-layer steering (:mod:`.steering`).
 """
 
 from saeforge.flow.graph import FlowGraph, build_flow_graph
-from saeforge.flow.links import link_rows, load_matches, predecessors, save_matches, successors
+from saeforge.flow.links import link_kind, link_rows, load_matches, predecessors, save_matches, successors, \
+    write_store_links
 from saeforge.flow.matching import Matches, blocked_topk, compare_saes, match_decoders, pearson_match, \
     predecessor_matches
 from saeforge.flow.suite import Suite, SuiteConfig, open_suite, suite_train_config, train_suite
 
 __all__ = ["FlowGraph", "Matches", "Suite", "SuiteConfig", "blocked_topk", "build_flow_graph", "compare_saes",
-           "link_rows", "load_matches", "match_decoders", "open_suite", "pearson_match", "predecessor_matches",
-           "predecessors", "save_matches", "successors", "suite_train_config", "train_suite"]
+           "link_kind", "link_rows", "load_matches", "match_decoders", "open_suite", "pearson_match",
+           "predecessor_matches", "predecessors", "save_matches", "successors", "suite_train_config", "train_suite",
+           "write_store_links"]

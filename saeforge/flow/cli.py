@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,10 @@ class MatchConfig:
     """auto, cpu or cuda."""
     threads: int = 0
     """CPU threads for PyTorch; 0: automatic (fewer when other work keeps the CPUs busy)."""
+    store_links: bool = True
+    """Also write the matches into the suite's feature store (SUITE/features.sqlite, made by saeforge harvest SUITE)
+    when it has one, as links of kind flow:METHOD, so the store's predecessors/successors and the dashboard's feature
+    pages show them; --nostore-links writes only the tables."""
 
 
 def _compare(cfg: MatchConfig) -> dict[str, Any]:
@@ -82,7 +87,8 @@ def _compare(cfg: MatchConfig) -> dict[str, Any]:
 
 @with_threads
 def run_match(cfg: MatchConfig) -> dict[str, Any]:
-    from saeforge.flow.links import save_matches
+    from saeforge.features.store import STORE_FILE, WRITER_LOCK, FeatureStore
+    from saeforge.flow.links import save_matches, write_store_links
     from saeforge.flow.matching import predecessor_matches
     from saeforge.utils.atomic import atomic_write_json
     from saeforge.utils.locking import exclusive_lock
@@ -106,11 +112,19 @@ def run_match(cfg: MatchConfig) -> dict[str, Any]:
     suite.require(layers)
     summary: dict[str, Any] = {"layers": {}, "methods": list(cfg.methods), "k": cfg.k,
                                "residual_threshold": cfg.residual_threshold, "module_threshold": cfg.module_threshold}
-    pearson_acts = _pearson_activations(cfg, suite, layers) if "pearson" in cfg.methods else None
-    with exclusive_lock(Path(cfg.suite) / "flow", "saeforge flow match"):
+    store_path = Path(cfg.suite) / STORE_FILE
+    with contextlib.ExitStack() as held:
+        held.enter_context(exclusive_lock(Path(cfg.suite) / "flow", "saeforge flow match"))
+        if cfg.store_links and store_path.is_file():
+            # the store's writers (harvest, explain) are refused for the run, and refuse it, before the slow work
+            held.enter_context(exclusive_lock(Path(cfg.suite), WRITER_LOCK))
+            FeatureStore.ensure_current(store_path)  # a damaged store fails here; an older one is migrated
+            summary["store_links"] = {"links": 0, "tables": 0, "skipped": []}
+        pearson_acts = _pearson_activations(cfg, suite, layers) if "pearson" in cfg.methods else None
         t0 = time.time()
         for L in layers:
             row: dict[str, Any] = {}
+            written = []
             for method in cfg.methods:
                 if method == "pearson":
                     target = site_name(L, "resid_post")
@@ -123,7 +137,13 @@ def run_match(cfg: MatchConfig) -> dict[str, Any]:
                     tables = predecessor_matches(suite, L, method, k=cfg.k)
                 for m in tables.values():
                     save_matches(cfg.suite, m)
+                written += tables.values()
                 row[method] = _layer_summary(tables, cfg.residual_threshold, cfg.module_threshold)
+            if "store_links" in summary:
+                done = write_store_links(store_path, written)
+                summary["store_links"]["links"] += done["links"]
+                summary["store_links"]["tables"] += done["tables"]
+                summary["store_links"]["skipped"] += done["skipped"]
             row["random_baseline_s"] = _random_baseline(suite, L)
             summary["layers"][str(L)] = row
             s = row[cfg.methods[0]]
@@ -134,7 +154,17 @@ def run_match(cfg: MatchConfig) -> dict[str, Any]:
         summary["seconds"] = time.time() - t0
         atomic_write_json(Path(cfg.suite) / "flow" / "match_summary.json", summary)
     print(f"matched {len(layers)} layer(s) in {summary['seconds']:.1f} s; tables in {Path(cfg.suite) / 'flow/matches'}")
+    if "store_links" in summary:
+        _print_store_links(summary["store_links"], store_path)
+    elif cfg.store_links:
+        print(f"no feature store at {store_path}: the links go into it once it exists (saeforge harvest "
+              f"{cfg.suite}, then saeforge flow match {cfg.suite} again)")
     return summary
+
+
+def _print_store_links(done: dict[str, Any], store_path: Path) -> None:
+    print(f"feature store: {done['links']:,} links of {done['tables']} tables written into {store_path}"
+          + (f"; skipped {len(done['skipped'])} table(s) whose SAEs it does not hold" if done["skipped"] else ""))
 
 
 def _random_baseline(suite, layer: int) -> float:
@@ -174,6 +204,81 @@ def _pearson_activations(cfg: MatchConfig, suite, layers: list[int]) -> dict:
     return {s: a[keep] for s, a in acts.items()}
 
 
+@dataclass(frozen=True)
+class LinksConfig:
+    """A feature's predecessors (the features of R_(L-1), M_L and A_L it was matched to) and successors (the features
+    of later sites matched to it), from the tables of saeforge flow match, with the explanations or top tokens of the
+    suite's feature store when there is one. With --sync: copy every stored table into the feature store (after
+    saeforge harvest made a new one, which starts without links)."""
+
+    suite: str = field(default="", positional=True)
+    """The suite."""
+    feature: str = ""
+    """The feature: layers.L.SITE:INDEX (e.g. layers.12.resid_post:2085)."""
+    method: str = "top1"
+    """Matching method whose tables to read: top1, topk, permutation or pearson."""
+    limit: int = 10
+    """Successors listed at most (the most similar first)."""
+    sync: bool = False
+    """Copy every stored match table into SUITE/features.sqlite instead."""
+
+
+def run_links(cfg: LinksConfig) -> dict[str, Any]:
+    from saeforge.features.store import STORE_FILE, WRITER_LOCK, FeatureStore
+    from saeforge.flow.graph import parse_feature
+    from saeforge.flow.links import load_matches, predecessors, stored_tables, successors, write_store_links
+    from saeforge.utils.locking import exclusive_lock
+
+    if not cfg.suite:
+        raise SaeforgeError("no suite given", "saeforge flow links SUITE_DIR --feature layers.L.resid_post:INDEX")
+    suite = open_suite(cfg.suite)
+    store_path = Path(cfg.suite) / STORE_FILE
+    tables = stored_tables(cfg.suite)
+    if cfg.sync:
+        if not store_path.is_file():
+            raise SaeforgeError(f"no feature store at {store_path}", f"saeforge harvest {cfg.suite}")
+        if not tables:
+            raise SaeforgeError(f"no match tables in {cfg.suite}", f"saeforge flow match {cfg.suite}")
+        with exclusive_lock(Path(cfg.suite), WRITER_LOCK):
+            done = write_store_links(store_path, (load_matches(cfg.suite, t["a"], t["b"], t["method"]) for t in tables))
+        _print_store_links(done, store_path)
+        return done
+    if not cfg.feature:
+        raise SaeforgeError("no feature given", f"saeforge flow links {cfg.suite} --feature layers.L.resid_post:INDEX "
+                            "(or --sync)")
+    if cfg.method not in METHODS:
+        raise SaeforgeError(f"unknown matching method {cfg.method!r}", f"use {', '.join(METHODS)}")
+    if cfg.limit < 1:
+        raise SaeforgeError(f"--limit must be at least 1, got {cfg.limit}", "pass e.g. --limit 10")
+    site, idx = parse_feature(cfg.feature)
+    suite.get(site).check_feature(idx)
+    if not any(t["method"] == cfg.method for t in tables):
+        raise SaeforgeError(f"no {cfg.method} match tables in {cfg.suite}",
+                            f"saeforge flow match {cfg.suite} --methods {cfg.method}")
+    result = {"feature": cfg.feature, "method": cfg.method,
+              "predecessors": predecessors(cfg.suite, site, idx, cfg.method),
+              "successors": successors(cfg.suite, site, idx, cfg.method)[:cfg.limit]}
+    notes: dict[tuple[str, int], str] = {}
+    if store_path.is_file():
+        with FeatureStore(store_path, readonly=True) as store:
+            held = {s["name"] for s in store.saes()}
+            wanted: dict[str, set[int]] = {}
+            for row in [{"sae": site, "idx": idx}, *result["predecessors"], *result["successors"]]:
+                if row["sae"] in held:
+                    wanted.setdefault(row["sae"], set()).add(row["idx"])
+            for name, idxs in wanted.items():
+                for i, info in store.brief_features(name, idxs).items():
+                    notes[(name, i)] = info.get("explanation") or ", ".join(
+                        repr(t[0] if isinstance(t, (list, tuple)) else t) for t in (info.get("top_tokens") or [])[:3])
+    print(f"{cfg.feature}  {notes.get((site, idx), '')}".rstrip())
+    for key in ("predecessors", "successors"):
+        print(f"  {key} ({cfg.method}):" + ("" if result[key] else " none stored"))
+        for row in result[key]:
+            name = f"{row['sae']}:{row['idx']}"
+            print(f"    {name:<28} {row['weight']:.3f}  {notes.get((row['sae'], row['idx']), '')}".rstrip())
+    return result
+
+
 def flow_commands() -> dict[str, tuple[type, Callable, str]]:
     from saeforge.flow.deactivate import DeactivateConfig, run_deactivate
     from saeforge.flow.graph import GraphConfig, run_graph
@@ -187,6 +292,8 @@ def flow_commands() -> dict[str, tuple[type, Callable, str]]:
         "assemble": (AssembleConfig, assemble_suite, "assemble a suite from SAEs trained elsewhere (Gemma Scope, "
                      "SAELens, sparsify...)"),
         "match": (MatchConfig, run_match, "match features across layers (s^(R), s^(M), s^(A)) or compare two SAEs"),
+        "links": (LinksConfig, run_links, "a feature's predecessors and successors across layers (or --sync them "
+                  "into the feature store)"),
         "graph": (GraphConfig, run_graph, "flow graph of a residual feature: JSON, DOT, SVG, PNG"),
         "groups": (GroupsConfig, run_groups, "origin groups on data: which matched predecessors are active"),
         "deactivate": (DeactivateConfig, run_deactivate, "deactivate features through their matched predecessors"),

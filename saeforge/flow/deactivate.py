@@ -222,6 +222,7 @@ def run_deactivate(cfg: DeactivateConfig) -> dict[str, Any]:
 
     from saeforge.flow.data import sample_tokens
     from saeforge.utils.atomic import atomic_write_json
+    from saeforge.utils.locking import exclusive_lock
 
     bad = [s for s in cfg.strategies if s not in STRATEGIES]
     if bad:
@@ -237,26 +238,27 @@ def run_deactivate(cfg: DeactivateConfig) -> dict[str, Any]:
                             "train a suite over a layer range: saeforge flow suite --layers 8-12")
     suite.require(layers)
     tables = {L: _tables(suite, L, cfg.strategies) for L in layers}
-    lm = suite.load_model(cfg.model, cfg.device)
-    bound = suite.bind(lm)
-    sample = sample_tokens(lm, cfg.corpus, contexts=cfg.contexts, context_length=cfg.context_length,
-                           per_context=cfg.tokens_per_context, seed=cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    t0 = time.time()
-    records: list[dict] = []
-    with tqdm(total=len(layers) * sample.positions.numel(), unit="token", desc="deactivating") as bar:
-        for L in layers:
-            records += deactivate_layer(lm, bound, L, sample.ids, sample.positions, tables[L],
-                                        strategies=cfg.strategies, r=cfg.r, max_features=cfg.max_features, gen=gen,
-                                        progress=bar)
-    summary = summarise(records, cfg.strategies)
-    if not summary:
-        raise SaeforgeError("no target feature had an active matched predecessor on the sampled tokens",
-                            "sample more text: --contexts 100")
-    result = {"layers": layers, "r": cfg.r, "summary": summary, "seconds": time.time() - t0,
-              "tokens": int(sample.positions.numel()), "records": records}
     out = Path(cfg.out) if cfg.out else Path(cfg.suite) / "flow"
-    atomic_write_json(out / "deactivate.json", result)
-    print(format_table(summary))
-    print(f"written: {out / 'deactivate.json'}")
-    return result
+    with exclusive_lock(out, "saeforge flow deactivate"):  # one writer per output folder, refused before the slow work
+        lm = suite.load_model(cfg.model, cfg.device)
+        bound = suite.bind(lm)
+        sample = sample_tokens(lm, cfg.corpus, contexts=cfg.contexts, context_length=cfg.context_length,
+                               per_context=cfg.tokens_per_context, seed=cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        t0 = time.time()
+        records: list[dict] = []
+        with tqdm(total=len(layers) * sample.positions.numel(), unit="token", desc="deactivating") as bar:
+            for L in layers:
+                records += deactivate_layer(lm, bound, L, sample.ids, sample.positions, tables[L],
+                                            strategies=cfg.strategies, r=cfg.r, max_features=cfg.max_features, gen=gen,
+                                            progress=bar)
+        summary = summarise(records, cfg.strategies)
+        if not summary:
+            raise SaeforgeError("no target feature had an active matched predecessor on the sampled tokens",
+                                "sample more text: --contexts 100")
+        result = {"layers": layers, "r": cfg.r, "summary": summary, "seconds": time.time() - t0,
+                  "tokens": int(sample.positions.numel()), "records": records}
+        atomic_write_json(out / "deactivate.json", result)
+        print(format_table(summary))
+        print(f"written: {out / 'deactivate.json'}")
+        return result

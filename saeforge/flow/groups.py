@@ -94,6 +94,7 @@ def count_groups(code: torch.Tensor) -> list[int]:
 def run_groups(cfg: GroupsConfig) -> dict[str, Any]:
     from saeforge.flow.data import encode_sites, sample_tokens
     from saeforge.utils.atomic import atomic_write_json
+    from saeforge.utils.locking import exclusive_lock
 
     suite = open_suite(cfg.suite)
     layers = parse_layers(cfg.layers) if cfg.layers else suite.analysable_layers()
@@ -102,34 +103,35 @@ def run_groups(cfg: GroupsConfig) -> dict[str, Any]:
                             "train a suite over a layer range: saeforge flow suite --layers 8-12")
     suite.require(layers)
     tables = top1_tables(suite, layers)  # before the model loads: cheap and may fail on its own
-    lm = suite.load_model(cfg.model, cfg.device)
-    bound = suite.bind(lm)
-    t0 = time.time()
-    sample = sample_tokens(lm, cfg.corpus, contexts=cfg.contexts, context_length=cfg.context_length,
-                           per_context=cfg.tokens_per_context, seed=cfg.seed)
-    sites = sorted({site_name(L, k) for L in layers for k in ("resid_post", "mlp_out", "attn_out")}
-                   | {site_name(L - 1, "resid_post") for L in layers})
-    acts = {s: a.reshape(-1, a.shape[-1]) for s, a in
-            encode_sites(lm, bound, sample.ids, sites, positions=sample.positions).items()}
-    result: dict[str, Any] = {"groups": list(GROUPS), "layers": {}, "tokens": int(sample.positions.numel()),
-                              "corpus": cfg.corpus}
-    for L in layers:
-        layer_acts = {"T": acts[site_name(L, "resid_post")], "R": acts[site_name(L - 1, "resid_post")],
-                      "M": acts[site_name(L, "mlp_out")], "A": acts[site_name(L, "attn_out")]}
-        _, code = group_codes(layer_acts, tables[L])
-        counts = count_groups(code)
-        total = max(sum(counts), 1)
-        result["layers"][str(L)] = {"active": sum(counts), "counts": dict(zip(GROUPS, counts)),
-                                    "shares": {g: c / total for g, c in zip(GROUPS, counts)}}
-        shares = result["layers"][str(L)]["shares"]
-        print(f"layer {L:>3}: {sum(counts):>6} active | " + ", ".join(
-            f"{g.removeprefix('From ')} {shares[g]:.1%}" for g in GROUPS), flush=True)
-    result["seconds"] = time.time() - t0
     out = Path(cfg.out) if cfg.out else Path(cfg.suite) / "flow"
-    atomic_write_json(out / "groups.json", result)
-    plot = plot_groups(result, out / "groups.png")
-    print(f"written: {out / 'groups.json'}" + (f", {plot}" if plot else ""))
-    return result
+    with exclusive_lock(out, "saeforge flow groups"):  # one writer per output folder, refused before the slow work
+        lm = suite.load_model(cfg.model, cfg.device)
+        bound = suite.bind(lm)
+        t0 = time.time()
+        sample = sample_tokens(lm, cfg.corpus, contexts=cfg.contexts, context_length=cfg.context_length,
+                               per_context=cfg.tokens_per_context, seed=cfg.seed)
+        sites = sorted({site_name(L, k) for L in layers for k in ("resid_post", "mlp_out", "attn_out")}
+                       | {site_name(L - 1, "resid_post") for L in layers})
+        acts = {s: a.reshape(-1, a.shape[-1]) for s, a in
+                encode_sites(lm, bound, sample.ids, sites, positions=sample.positions).items()}
+        result: dict[str, Any] = {"groups": list(GROUPS), "layers": {}, "tokens": int(sample.positions.numel()),
+                                  "corpus": cfg.corpus}
+        for L in layers:
+            layer_acts = {"T": acts[site_name(L, "resid_post")], "R": acts[site_name(L - 1, "resid_post")],
+                          "M": acts[site_name(L, "mlp_out")], "A": acts[site_name(L, "attn_out")]}
+            _, code = group_codes(layer_acts, tables[L])
+            counts = count_groups(code)
+            total = max(sum(counts), 1)
+            result["layers"][str(L)] = {"active": sum(counts), "counts": dict(zip(GROUPS, counts)),
+                                        "shares": {g: c / total for g, c in zip(GROUPS, counts)}}
+            shares = result["layers"][str(L)]["shares"]
+            print(f"layer {L:>3}: {sum(counts):>6} active | " + ", ".join(
+                f"{g.removeprefix('From ')} {shares[g]:.1%}" for g in GROUPS), flush=True)
+        result["seconds"] = time.time() - t0
+        atomic_write_json(out / "groups.json", result)
+        plot = plot_groups(result, out / "groups.png")
+        print(f"written: {out / 'groups.json'}" + (f", {plot}" if plot else ""))
+        return result
 
 
 def plot_groups(result: dict[str, Any], path: Path) -> Path | None:

@@ -7,16 +7,17 @@ table is only ever listed once it is complete.
 
 A match of feature i of SAE ``a`` to feature j of SAE ``b`` with similarity s is the link
 ``(kind="flow:<method>", src=(b, j), dst=(a, i), weight=s)``: ``b`` is the earlier site, so ``src`` is the
-predecessor. :func:`link_rows` gives the rows in that form for the feature store's generic links table
-(kind, src_sae, src_idx, dst_sae, dst_idx, weight, data); :func:`predecessors`/:func:`successors` answer "where does
-feature i come from / go to".
+predecessor. When the suite has a feature store (``saeforge harvest SUITE``), :func:`write_store_links` copies the
+tables into its links table (:meth:`~saeforge.features.store.FeatureStore.add_links`), one transaction per table, so
+``FeatureStore.predecessors``/``successors`` and the dashboard's feature pages see them; :func:`predecessors` and
+:func:`successors` here answer from the tables alone (no store needed).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -77,18 +78,54 @@ def stored_tables(suite_path: str | Path) -> list[dict]:
     return list(_index(matches_folder(suite_path)).values())
 
 
-def link_rows(matches: Matches) -> Iterator[tuple[str, str, int, str, int, float, str]]:
-    """Rows ``(kind, src_sae, src_idx, dst_sae, dst_idx, weight, data)`` of the feature store's links table."""
-    kind = f"flow:{matches.method}"
-    for i in range(matches.indices.shape[0]):
-        for rank in range(matches.k):
-            j = int(matches.indices[i, rank])
+def link_kind(method: str) -> str:
+    """The feature store's link kind of a matching method: ``flow:top1``, ``flow:topk``..."""
+    return f"flow:{method}"
+
+
+def link_rows(matches: Matches) -> Iterator[tuple[int, int, float, dict | None]]:
+    """Rows ``(src_idx, dst_idx, weight, data)`` of :meth:`FeatureStore.add_links` for the links of kind
+    ``link_kind(matches.method)`` from ``matches.b`` (the predecessor) to ``matches.a``; ``data`` holds the rank of a
+    match when the table keeps several per feature (None for one)."""
+    idx, scores = matches.indices.tolist(), matches.scores.tolist()
+    for i, (row, weights) in enumerate(zip(idx, scores)):
+        for rank, (j, w) in enumerate(zip(row, weights)):
             if j >= 0:
-                yield (kind, matches.b, j, matches.a, i, float(matches.scores[i, rank]), json.dumps({"rank": rank}))
+                yield j, i, w, ({"rank": rank} if matches.k > 1 else None)
+
+
+def _store_names(store) -> dict[str, str]:
+    """Site → the store's SAE name for it (a suite names its SAEs after their sites; else the one reading it)."""
+    rows = store.saes()
+    names = {r["name"]: r["name"] for r in rows}
+    by_site: dict[str, list[str]] = {}
+    for r in rows:
+        by_site.setdefault(r["site"], []).append(r["name"])
+    return {**{site: ns[0] for site, ns in by_site.items() if len(ns) == 1}, **names}
+
+
+def write_store_links(store_path: str | Path, tables: Iterable[Matches]) -> dict[str, Any]:
+    """Copy match tables into the feature store's links table, replacing earlier links of the same kind between the
+    same two SAEs (a re-run replaces its results). Each table is written in one transaction: a killed run leaves every
+    table either wholly old or wholly new. Tables whose SAEs the store does not hold are skipped and listed.
+    Returns ``{"links": n written, "tables": n tables, "skipped": [(a, b), ...]}``."""
+    from saeforge.features.store import FeatureStore
+
+    out: dict[str, Any] = {"links": 0, "tables": 0, "skipped": []}
+    with FeatureStore(store_path) as store:  # writable: an older store is migrated to the schema with links
+        names = _store_names(store)
+        for m in tables:
+            if m.a not in names or m.b not in names:
+                out["skipped"].append((m.a, m.b))
+                continue
+            out["links"] += store.replace_links(link_kind(m.method), names[m.b], names[m.a], link_rows(m))
+            out["tables"] += 1
+    return out
 
 
 def predecessors(suite_path: str | Path, sae: str, idx: int, method: str = "top1") -> list[dict]:
-    """Stored matches of feature ``idx`` of ``sae`` into earlier sites: ``[{sae, idx, weight, rank}]``."""
+    """Stored matches of feature ``idx`` of ``sae`` into earlier sites: ``[{sae, idx, weight, rank}]``, the most
+    similar first."""
     out = []
     for t in stored_tables(suite_path):
         if t["a"] == sae and t["method"] == method:
@@ -97,7 +134,7 @@ def predecessors(suite_path: str | Path, sae: str, idx: int, method: str = "top1
                 j = int(m.indices[idx, rank])
                 if j >= 0:
                     out.append({"sae": m.b, "idx": j, "weight": float(m.scores[idx, rank]), "rank": rank})
-    return out
+    return sorted(out, key=lambda d: -d["weight"])
 
 
 def successors(suite_path: str | Path, sae: str, idx: int, method: str = "top1") -> list[dict]:

@@ -274,6 +274,7 @@ def run_flow_steer(cfg: FlowSteerConfig) -> dict[str, Any]:
     from saeforge.flow.graph import build_flow_graph, empty_graph_message
     from saeforge.flow.suite import open_suite
     from saeforge.utils.atomic import atomic_write_json
+    from saeforge.utils.locking import exclusive_lock
 
     for name, values, allowed in (("mode", (cfg.mode,), MODES), ("scopes", cfg.scopes, SCOPES),
                                   ("schedules", cfg.schedules, SCHEDULES)):
@@ -295,49 +296,50 @@ def run_flow_steer(cfg: FlowSteerConfig) -> dict[str, Any]:
         from saeforge.features.autointerp.backends import make_backend
 
         backend = make_backend("openai", cfg.judge_model)
-    lm = suite.load_model(cfg.model, cfg.device)
-    bound = suite.bind(lm)
-    target = cfg.feature.rsplit(":", 1)
-    target = (target[0], int(target[1]))
-    sites = sorted({n.site for n in graph.nodes})
-    norms = site_mean_norms(lm, sites)
-    settings = _settings(cfg)
-    gen_kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-                  samples=cfg.samples)
-    rows = []
-    t0 = time.time()
-    with tqdm(total=len(settings) + 1, unit="setting", desc="steering") as bar:
-        ids, mask, new = generate(lm, cfg.prompts, **gen_kw)
-        base = {"scope": "none", "schedule": "-", "strength": 0.0, "features": 0,
-                **measure(lm, bound, ids, mask, new, target, cfg.keywords)}
-        rows.append(base)
-        bar.update(1)
-        for scope, sched, c in settings:
-            p = plan(graph, scope, sched, c, cfg.mode, with_modules=cfg.with_modules)
-            with lm.edit(plan_edits(lm, bound, p, norms)):
-                ids, mask, new = generate(lm, cfg.prompts, **gen_kw)
-            row = {"scope": scope, "schedule": sched, "strength": c, "features": len(p.items), "plan": p.describe(),
-                   **measure(lm, bound, ids, mask, new, target, cfg.keywords)}
-            rows.append(row)
-            bar.update(1)
-    for row in rows:
-        row["coherence"] = min(1.0, base["perplexity"] / row["perplexity"])
-        theme = row["keyword_rate"] if cfg.keywords else row["target_firing"]
-        row["score"] = (theme if cfg.mode == "activate" else 1.0 - theme) * row["coherence"]
-        if backend is not None:
-            row.update(judge(backend, row["texts"], cfg.theme or cfg.feature))
-            if cfg.mode == "deactivate":
-                row["judge_score"] = (1 - row["judge_behaviour"]) * row["judge_coherence"]
-    result = {"feature": cfg.feature, "mode": cfg.mode, "graph": graph.to_dict(), "site_norms": norms,
-              "keywords": list(cfg.keywords), "prompts": list(cfg.prompts), "samples": cfg.samples,
-              "rows": rows, "seconds": time.time() - t0}
     out = Path(cfg.out) if cfg.out else Path(cfg.suite) / "flow" / "steer"
-    stem = f"{cfg.feature.replace(':', '_')}_{cfg.mode}"
-    atomic_write_json(out / f"{stem}.json", result)
-    print(format_rows(rows, cfg.mode))
-    plot = plot_rows(rows, cfg.mode, out / f"{stem}.png", cfg.feature)
-    print(f"written: {out / stem}.json" + (f", {plot}" if plot else ""))
-    return result
+    with exclusive_lock(out, "saeforge flow steer"):  # one writer per output folder, refused before the slow work
+        lm = suite.load_model(cfg.model, cfg.device)
+        bound = suite.bind(lm)
+        target = cfg.feature.rsplit(":", 1)
+        target = (target[0], int(target[1]))
+        sites = sorted({n.site for n in graph.nodes})
+        norms = site_mean_norms(lm, sites)
+        settings = _settings(cfg)
+        gen_kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
+                      samples=cfg.samples)
+        rows = []
+        t0 = time.time()
+        with tqdm(total=len(settings) + 1, unit="setting", desc="steering") as bar:
+            ids, mask, new = generate(lm, cfg.prompts, **gen_kw)
+            base = {"scope": "none", "schedule": "-", "strength": 0.0, "features": 0,
+                    **measure(lm, bound, ids, mask, new, target, cfg.keywords)}
+            rows.append(base)
+            bar.update(1)
+            for scope, sched, c in settings:
+                p = plan(graph, scope, sched, c, cfg.mode, with_modules=cfg.with_modules)
+                with lm.edit(plan_edits(lm, bound, p, norms)):
+                    ids, mask, new = generate(lm, cfg.prompts, **gen_kw)
+                row = {"scope": scope, "schedule": sched, "strength": c, "features": len(p.items), "plan": p.describe(),
+                       **measure(lm, bound, ids, mask, new, target, cfg.keywords)}
+                rows.append(row)
+                bar.update(1)
+        for row in rows:
+            row["coherence"] = min(1.0, base["perplexity"] / row["perplexity"])
+            theme = row["keyword_rate"] if cfg.keywords else row["target_firing"]
+            row["score"] = (theme if cfg.mode == "activate" else 1.0 - theme) * row["coherence"]
+            if backend is not None:
+                row.update(judge(backend, row["texts"], cfg.theme or cfg.feature))
+                if cfg.mode == "deactivate":
+                    row["judge_score"] = (1 - row["judge_behaviour"]) * row["judge_coherence"]
+        result = {"feature": cfg.feature, "mode": cfg.mode, "graph": graph.to_dict(), "site_norms": norms,
+                  "keywords": list(cfg.keywords), "prompts": list(cfg.prompts), "samples": cfg.samples,
+                  "rows": rows, "seconds": time.time() - t0}
+        stem = f"{cfg.feature.replace(':', '_')}_{cfg.mode}"
+        atomic_write_json(out / f"{stem}.json", result)
+        print(format_rows(rows, cfg.mode))
+        plot = plot_rows(rows, cfg.mode, out / f"{stem}.png", cfg.feature)
+        print(f"written: {out / stem}.json" + (f", {plot}" if plot else ""))
+        return result
 
 
 def format_rows(rows: list[dict], mode: str) -> str:

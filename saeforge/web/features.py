@@ -16,6 +16,9 @@ ORDER_LABELS = {"relevance": "relevance (token search)", "density": "density, mo
                 "max_act": "max activation"}
 assert set(ORDER_LABELS) == set(ORDERS)
 MAX_LIST_LIMIT = 500
+MAX_LINKS = 8  # per link kind and direction on a feature page (a feature can be in the top-k of hundreds)
+# flow matches first, the main one (top-1) first; any other kind after them, by name
+LINK_KIND_ORDER = ("flow:top1", "flow:topk", "flow:permutation", "flow:pearson")
 TOP_ACTIVATIONS = 100  # harvest counts a feature's top tokens over its 100 strongest activations
 
 
@@ -75,4 +78,29 @@ def feature(data: "RunData", sae: str, idx: int) -> dict:
     rec["chance_sd"] = detail.get("chance_sd")
     det = detail.get("detection") or {}
     rec["scored_on"] = (det.get("n_pos"), det.get("n_neg")) if det else None
+    rec["links"] = feature_links(st, sae, idx)
     return rec
+
+
+def feature_links(st, sae: str, idx: int) -> list[dict]:
+    """The store's links of a feature (e.g. its matches across layers written by ``saeforge flow match``), grouped by
+    kind and direction: ``[{kind, direction ("in": predecessors, "out": successors), links: [{sae, idx, weight,
+    explanation, top_tokens}]}]``, the strongest ``MAX_LINKS`` of each group."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for direction, other in (("in", "src"), ("out", "dst")):
+        for link in st.links(sae, idx, direction=direction, limit=50 * MAX_LINKS):
+            group = groups.setdefault((link["kind"], direction), [])
+            if len(group) < MAX_LINKS:
+                group.append({"sae": link[f"{other}_sae"], "idx": link[f"{other}_idx"], "weight": link["weight"]})
+    by_sae: dict[str, set[int]] = {}
+    for group in groups.values():
+        for link in group:
+            by_sae.setdefault(link["sae"], set()).add(link["idx"])
+    brief = {name: st.brief_features(name, idxs) for name, idxs in by_sae.items()}
+    for group in groups.values():
+        for link in group:
+            info = brief[link["sae"]].get(link["idx"], {})
+            link["explanation"], link["top_tokens"] = info.get("explanation"), info.get("top_tokens") or []
+    return [{"kind": kind, "direction": direction, "links": links}
+            for (kind, direction), links in sorted(groups.items(), key=lambda kv: (
+                LINK_KIND_ORDER.index(kv[0][0]) if kv[0][0] in LINK_KIND_ORDER else len(LINK_KIND_ORDER), kv[0]))]

@@ -18,7 +18,7 @@ def small_suite(tmp_path_factory):
 def test_help_lists_the_flow_subcommands(capsys):
     assert main(["flow"]) == 0
     out = capsys.readouterr().out
-    for sub in ("suite", "assemble", "match", "graph", "groups", "deactivate", "steer"):
+    for sub in ("suite", "assemble", "match", "links", "graph", "groups", "deactivate", "steer"):
         assert sub in out
     with pytest.raises(SystemExit):
         main(["flow", "graph", "--help"])
@@ -45,7 +45,8 @@ def test_compare_two_saes(small_suite, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["flow", "match", "{suite}", "--residual-threshold", "2"], "must lie in [0, 1]"),
-    (["flow", "match", "{suite}", "--layers", "5-6"], "lacks 3 site(s) the layer range needs: layers.6.resid_post, layers.6.mlp_out, layers.6.attn_out"),
+    (["flow", "match", "{suite}", "--layers", "5-6"],
+     "lacks 3 site(s) the layer range needs: layers.6.resid_post, layers.6.mlp_out, layers.6.attn_out"),
     (["flow", "match", "{suite}", "--methods", "cosine"], "unknown matching method"),
     (["flow", "graph", "{suite}", "--feature", "layers.5.resid_post:50"], "out of range"),
     (["flow", "graph", "{suite}", "--feature", "layers.5.resid_post:7", "--residual-threshold", "0.99",
@@ -56,3 +57,29 @@ def test_bad_input_is_a_clear_error(small_suite, capsys, argv, message):
     assert main([a.replace("{suite}", str(small_suite)) for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "fix:" in err
+
+
+@pytest.mark.parametrize("command", ["groups", "deactivate", "steer"])
+def test_a_second_process_on_one_output_folder_is_refused_before_the_model_loads(tiny_suite, tmp_path, command,
+                                                                                 monkeypatch):
+    from saeforge.errors import SaeforgeError
+    from saeforge.flow.deactivate import DeactivateConfig, run_deactivate
+    from saeforge.flow.groups import GroupsConfig, run_groups
+    from saeforge.flow.steering import FlowSteerConfig, run_flow_steer
+    from saeforge.flow.suite import Suite
+    from saeforge.utils.locking import exclusive_lock
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded although the output folder is in use")
+
+    monkeypatch.setattr(Suite, "load_model", no_model)
+    suite = str(tiny_suite[0])
+    run, cfg = {"groups": (run_groups, GroupsConfig(suite=suite, out=str(tmp_path))),
+                "deactivate": (run_deactivate, DeactivateConfig(suite=suite, strategies=("top1", "random"),
+                                                                out=str(tmp_path))),
+                "steer": (run_flow_steer, FlowSteerConfig(suite=suite, feature="layers.2.resid_post:3",
+                                                          scopes=("target",), out=str(tmp_path)))}[command]
+    with exclusive_lock(tmp_path, "another saeforge flow"):
+        with pytest.raises(SaeforgeError, match="is in use"):
+            run(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".saeforge.lock"]  # nothing written
