@@ -187,11 +187,22 @@ def check_config(cfg: HarvestConfig) -> None:
 def _previous_explanations(cfg: HarvestConfig, out: Path, hashes: dict[str, str]) -> dict:
     """What the existing store's explanations become: ``{"keep": {sae: records}, "dropped": {sae: (n, reason)},
     "unreadable": reason or None}``. Raises (auto) when some would be dropped, before any slow work."""
-    plan: dict = {"keep": {}, "dropped": {}, "unreadable": None}
+    plan: dict = {"keep": {}, "dropped": {}, "unreadable": None, "links": [], "links_dropped": 0}
     if not out.is_file():
         return plan
     try:
         with FeatureStore(out) as old:  # writable: an older schema is migrated (this process holds the lock)
+            # links (flow matches, tree edges) come from the weights alone: they carry over between SAEs that are
+            # both still in the run, unchanged
+            unchanged = {s["name"] for s in old.saes()
+                         if s["name"] in hashes and s.get("weights_hash") == hashes[s["name"]]}
+            for group in old.link_summary():
+                if group["src_sae"] in unchanged and group["dst_sae"] in unchanged:
+                    rows = [(r["src_idx"], r["dst_idx"], r["weight"], r["data"])
+                            for r in old.links_between(group["kind"], group["src_sae"], group["dst_sae"])]
+                    plan["links"].append((group["kind"], group["src_sae"], group["dst_sae"], rows))
+                else:
+                    plan["links_dropped"] += int(group["n"])
             for s in old.saes():
                 records = old.explanation_records(s["name"])
                 if not records:
@@ -331,6 +342,10 @@ def _harvest_locked(cfg: HarvestConfig, root: Path) -> Path:
         store.set_meta("harvest_seconds", time.time() - t0)
         kept = {name: store.restore_explanations(name, records) for name, records in previous["keep"].items()}
         store.set_meta("explanations_kept", kept)
+        for kind, src, dst, rows in previous["links"]:
+            store.add_links(kind, src, dst, rows)
+        store.set_meta("links_kept", sum(len(rows) for *_, rows in previous["links"]))
+        store.set_meta("links_dropped", previous["links_dropped"])
         store.set_meta("explanations_dropped", {n: {"count": c, "reason": why}
                                                 for n, (c, why) in previous["dropped"].items()})
         if previous["unreadable"]:
@@ -412,6 +427,11 @@ def run_harvest(cfg: HarvestConfig) -> Path:
             print(f"  kept {n} explanation(s) of {name} from the previous store (same SAE weights)")
     for name, d in (m.get("explanations_dropped") or {}).items():
         print(f"  dropped {d['count']} explanation(s) of {name}: {d['reason']}")
+    if m.get("links_kept"):
+        print(f"  kept {m['links_kept']:,} link(s) between features (flow matches, tree edges) of unchanged SAEs")
+    if m.get("links_dropped"):
+        print(f"  dropped {m['links_dropped']:,} link(s) touching SAEs that changed or left the run; recompute them "
+              f"(e.g. saeforge flow match)")
     if m.get("previous_store_unreadable"):
         print(f"  the previous store could not be read, so no explanation was carried over: "
               f"{m['previous_store_unreadable']}")

@@ -336,3 +336,24 @@ def test_reharvest_over_a_damaged_store_replaces_it_and_a_newer_one_is_left_alon
     with pytest.raises(SaeforgeError, match="newer than this saeforge reads"):
         harvest(_cfg(run, text_file))
     assert path.read_bytes() == before
+
+
+def test_links_of_unchanged_saes_survive_a_reharvest(tiny_run, text_file, tmp_path, capsys):
+    from saeforge.features.harvest import run_harvest
+
+    run = _fresh_run(tiny_run, tmp_path)
+    path = harvest(_cfg(run, text_file))
+    rows = [(0, 1, 0.5, {"rank": 1}), (2, 3, -0.25, None), (7, 7, None, None)]
+    with FeatureStore(path) as s:
+        s.add_links("flow:top1", SITE, SITE, rows)
+        before = s.links_between("flow:top1", SITE, SITE)
+    capsys.readouterr()
+    run_harvest(_cfg(run, text_file))
+    assert "kept 3 link(s)" in capsys.readouterr().out
+    with FeatureStore(path, readonly=True) as s:
+        assert s.links_between("flow:top1", SITE, SITE) == before and s.meta("links_dropped") == 0
+    _change_weights(run)  # links come from the weights: a changed SAE loses them, and the summary says so
+    run_harvest(_cfg(run, text_file, explanations="discard"))
+    assert "dropped 3 link(s)" in capsys.readouterr().out
+    with FeatureStore(path, readonly=True) as s:
+        assert s.link_summary() == [] and s.meta("links_kept") == 0
