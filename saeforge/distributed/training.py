@@ -47,20 +47,12 @@ from saeforge.training.config import TrainConfig, resolve_config
 from saeforge.training.run_dir import open_run, record_data
 from saeforge.training.scaling import scaler_from_dict
 from saeforge.training.trainer import Trainee, Trainer
-from saeforge.utils.atomic import atomic_write_json
 from saeforge.utils.threads import thread_policy
 
 __all__ = ["DataParallelTrainer", "ModuleParallelTrainer", "data_parallel_problem", "train_distributed"]
 
 # Fields that may differ between ranks: they change neither what is computed nor what is written.
 RANK_FREE_FIELDS = ("threads", "progress")
-
-BIT_IDENTITY = ("Resumed on the same number of ranks with the same --parallel mode, a run continues bit-identically "
-                "to an uninterrupted one. Across numbers of ranks in data-parallel mode the gradient of each step is "
-                "summed in another order, so results agree to floating-point rounding, not bit for bit. "
-                "Module-parallel training is bit-identical to one process for SAEs that draw no random numbers "
-                "while training.")
-
 
 def data_parallel_problem(sae: SAE) -> str | None:
     """Why ``sae`` cannot be trained data-parallel with the result of one process, or None when it can."""
@@ -78,6 +70,7 @@ class _RankedTrainer(Trainer):
     def __init__(self, cfg: TrainConfig, run_dir: Path, run_info: dict[str, Any], ranks: Ranks):
         self.ranks = ranks
         self.writes_run_dir = ranks.is_main
+        self.world_size, self.parallel_mode = ranks.world_size, cfg.parallel
         super().__init__(cfg, run_dir, run_info)
 
     def _device(self) -> torch.device:
@@ -95,12 +88,6 @@ class _RankedTrainer(Trainer):
     def _read_checkpoint(self, path: Path) -> dict[str, Any] | None:
         # rank 0 reads it (on the CPU, so the tensors travel) and sends it to the others: no shared file system needed
         return on_main(lambda: read_checkpoint(path, torch.device("cpu")))
-
-    def _load_checkpoint(self) -> bool:
-        resumed = super()._load_checkpoint()
-        if self.writes_run_dir:
-            _record_segment(self.run_dir, self.run_info, self.step, self.cfg, self.ranks.world_size)
-        return resumed
 
     def _save_checkpoint(self) -> None:
         if self.writes_run_dir:
@@ -286,7 +273,7 @@ def balanced_owners(sizes: list[int], world_size: int) -> list[int]:
     return owner
 
 
-def _check_same_config(cfg: TrainConfig, rank: int) -> None:
+def _check_same_config(cfg: TrainConfig) -> None:
     mine = {k: v for k, v in cfg.to_dict().items() if k not in RANK_FREE_FIELDS}
     everyone = all_gather_object(mine)
     for r, theirs in enumerate(everyone):
@@ -309,17 +296,6 @@ def _check_batch_split(cfg: TrainConfig, world_size: int) -> None:
             "or start a number of ranks that divides it")
 
 
-def _record_segment(run_dir: Path, info: dict[str, Any], start_step: int, cfg: TrainConfig, world_size: int) -> None:
-    """run.json's ``distributed``: the statement of what is bit-identical, and each stretch of the run with the
-    number of ranks and the mode it ran with."""
-    record = info.setdefault("distributed", {"bit_identical": BIT_IDENTITY, "segments": []})
-    segment = {"from_step": start_step, "world_size": world_size, "parallel": cfg.parallel}
-    if not record["segments"] or {k: record["segments"][-1][k] for k in ("world_size", "parallel")} != {
-            k: segment[k] for k in ("world_size", "parallel")}:
-        record["segments"].append(segment)
-        atomic_write_json(run_dir / "run.json", info)
-
-
 def train_distributed(cfg: TrainConfig, given: list[str]) -> dict[str, Any]:
     """:func:`saeforge.training.train` on one rank of a torchrun launch; every rank calls it with the same options
     and gets the final metrics."""
@@ -331,7 +307,7 @@ def train_distributed(cfg: TrainConfig, given: list[str]) -> dict[str, Any]:
             return resolved
 
         resolved = together(check)
-        together(lambda: _check_same_config(resolved, ranks.rank))
+        _check_same_config(resolved)  # every rank sees every config: the same verdict everywhere
         with contextlib.ExitStack() as held:
             def open_on_main() -> tuple[TrainConfig, str, dict[str, Any]]:
                 run_cfg, run_dir, info = held.enter_context(open_run(resolved, given))  # rank 0 holds the lock

@@ -36,7 +36,7 @@ from saeforge.saes import SAE, ActivationScaler, DeadLatentTracker, TrainOutput,
 from saeforge.saes.registry import get_config_class
 from saeforge.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from saeforge.training.config import TrainConfig, non_default_fields, parse_sae_options, resolve_config
-from saeforge.training.run_dir import open_run, record_data
+from saeforge.training.run_dir import open_run, record_data, record_ranks
 from saeforge.training.scaling import SiteScaler
 from saeforge.training.schedules import lr_factor, sparsity_factor
 from saeforge.utils.atomic import atomic_write_json
@@ -78,6 +78,7 @@ class Trainer:
 
     # Under torchrun, saeforge.distributed's subclasses override the hooks marked "(a hook)": one process runs as is.
     writes_run_dir = True  # whether this process writes run.json, metrics, checkpoints and SAEs
+    world_size, parallel_mode = 1, None  # ranks and --parallel mode, recorded in run.json (run_dir.record_ranks)
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, run_info: dict[str, Any] | None = None):
         cfg.validate()
@@ -284,6 +285,8 @@ class Trainer:
         if self.step >= self.total_steps and (self.run_dir / "saes").is_dir() and self.run_info.get(
                 "status") == "complete":
             return self.run_info.get("final", {})
+        if self.writes_run_dir:
+            record_ranks(self.run_dir, self.run_info, self.step, self.world_size, self.parallel_mode)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="training",
                    disable=not (self.cfg.progress and self.writes_run_dir), dynamic_ncols=True)
         if resumed:

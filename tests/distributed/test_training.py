@@ -87,3 +87,87 @@ def test_two_ranks_train_what_one_process_trains(tiny_cache, tmp_path, arch, opt
     assert info["status"] == "complete"
     assert info["distributed"]["segments"] == [{"from_step": 0, "world_size": 2, "parallel": "data"}]
     assert "bit-identically" in info["distributed"]["bit_identical"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_cache, tmp_path_factory):
+    """The reference: one process, TopK with AuxK, 24 steps of 256."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    train(TrainConfig.from_dict(_cfg(tiny_cache, run)))
+    return run
+
+
+def _errors(proc: subprocess.CompletedProcess) -> list[str]:
+    """Each rank's SaeforgeError, in rank order (the worker prints it as the CLI would)."""
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if " error: " in line]
+    return [json.loads(line.split(" error: ", 1)[1]) for line in sorted(lines)]
+
+
+@pytest.mark.slow  # two launches, over 20 s
+def test_a_nan_on_one_rank_stops_both_and_the_run_resumes_on_one(tiny_cache, tmp_path, one_process_run):
+    """Rank 1's share of step 9 is NaN: both ranks stop with the same error naming rank 1 (no hang); the checkpoint
+    of step 6 resumes in one process and ends where the uninterrupted one-process run ends."""
+    run = tmp_path / "run"
+    errors = _errors(torchrun({"cfg": _cfg(tiny_cache, run), "nan": [1, 9]}))
+    assert len(errors) == 2 and errors[0] == errors[1]
+    assert "NaN or Inf in the activations" in errors[0] and "rank 1's share of the batch of step 9" in errors[0]
+    assert torch.load(run / "checkpoints" / "checkpoint.pt", weights_only=False)["step"] == 6
+    train(TrainConfig(resume=str(run), progress=False, threads=1))
+    _assert_same_run(one_process_run, run)
+    info = json.loads((run / "run.json").read_text())
+    assert info["distributed"]["segments"] == [{"from_step": 0, "world_size": 2, "parallel": "data"},
+                                               {"from_step": 6, "world_size": 1, "parallel": None}]
+
+
+@pytest.mark.slow  # two launches, over 20 s
+def test_a_one_process_run_resumes_on_two_ranks(tiny_cache, tmp_path, one_process_run, monkeypatch):
+    from saeforge.training.trainer import Trainer
+
+    run = tmp_path / "run"
+    plain = Trainer._batches
+
+    def stop_at_step_9(self):
+        for batch in plain(self):
+            if self.step == 9:
+                raise KeyboardInterrupt  # a kill between checkpoints
+            yield batch
+
+    monkeypatch.setattr(Trainer, "_batches", stop_at_step_9)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig.from_dict(_cfg(tiny_cache, run)))
+    monkeypatch.undo()
+    assert not (run / "saes").exists()
+    _ok(torchrun({"cfg": {"resume": str(run), "progress": False, "threads": 1}}))
+    _assert_same_run(one_process_run, run)
+    assert json.loads((run / "run.json").read_text())["distributed"]["segments"] == [
+        {"from_step": 0, "world_size": 1, "parallel": None}, {"from_step": 6, "world_size": 2, "parallel": "data"}]
+
+
+@pytest.mark.slow  # two launches, over 20 s
+def test_module_parallel_trains_the_same_saes_bit_for_bit(tiny_cache, tmp_path):
+    """Three SAEs (one BatchTopK, which data-parallel refuses) spread over 2 ranks, whole batches each."""
+    saes = [{"site": SITES[0], "name": "a"}, {"site": SITES[1], "name": "b", "k": 4, "d_sae": 64},
+            {"site": SITES[0], "name": "c", "architecture": "batchtopk"}]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(TrainConfig.from_dict(_cfg(tiny_cache, one, saes=saes)))
+    _ok(torchrun({"cfg": _cfg(tiny_cache, two, saes=saes, parallel="module")}))
+    _assert_same_run(one, two, exact=True)
+    assert torch.equal(torch.load(one / "checkpoints" / "checkpoint.pt", weights_only=False)["saes"]["b"]["model"]
+                       ["W_enc"],
+                       torch.load(two / "checkpoints" / "checkpoint.pt", weights_only=False)["saes"]["b"]["model"]
+                       ["W_enc"])
+
+
+@pytest.mark.parametrize("case, spec, message", [
+    ("batch split", {"batch_size": 255, "tokens": 255 * 4}, "--batch-size 255 does not split evenly over 2 ranks"),
+    ("configs differ", {"rank_cfg": {"1": {"k": 16}}}, "k: rank 0 8, rank 1 16"),
+    pytest.param("batch selection", {"architecture": "batchtopk"}, "cannot be trained data-parallel",
+                 marks=pytest.mark.slow),
+])
+def test_bad_launches_fail_on_every_rank_with_one_clear_error(tiny_cache, tmp_path, case, spec, message):
+    spec = dict(spec)
+    rank_cfg = spec.pop("rank_cfg", {})
+    errors = _errors(torchrun({"cfg": _cfg(tiny_cache, tmp_path / "run", **spec), "rank_cfg": rank_cfg}))
+    assert len(errors) == 2 and errors[0] == errors[1] and message in errors[0], errors
+    assert not (tmp_path / "run" / "run.json").exists() or case == "batch selection"

@@ -36,7 +36,7 @@ def main() -> None:
     try:
         final = train(cfg, non_default_fields(cfg))
     except SaeforgeError as err:
-        print(f"rank {rank} error: {err}", flush=True)
+        print(f"rank {rank} error: {json.dumps(str(err))}", flush=True)
         sys.exit(2)
     print("FINAL " + json.dumps(final), flush=True)
 
