@@ -30,6 +30,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from saeforge.data.activation_reader import read_activations
+from saeforge.data.activation_stream import LiveActivations
 from saeforge.distributed.batch import batch_sharded_over
 from saeforge.distributed.process_group import (
     Ranks,
@@ -117,6 +119,12 @@ class DataParallelTrainer(_RankedTrainer):
             if problem:
                 raise SaeforgeError(f"SAE {t.name!r} cannot be trained data-parallel: {problem}",
                                     "train it module-parallel (add --parallel module) or in one process")
+
+    def _make_source(self):
+        source = super()._make_source()
+        if isinstance(source, LiveActivations):  # the model's work on a fill is shared too
+            return SharedLiveActivations(source, self.ranks)
+        return source
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         lo = self.ranks.rank * self.local_batch
@@ -211,6 +219,48 @@ class DataParallelTrainer(_RankedTrainer):
     def fit(self) -> dict[str, Any]:
         with batch_sharded_over(self.ranks.world_size):
             return super().fit()
+
+
+class SharedLiveActivations(LiveActivations):
+    """The live model's fills, each rank running the model on its block of the fill's contexts and the blocks
+    all-gathered, so every rank holds the whole fill (the same rows, in the same order, as one process computes)."""
+
+    def __init__(self, source: LiveActivations, ranks: Ranks):
+        self.__dict__.update(source.__dict__)
+        self.ranks = ranks
+
+    def fill(self, index: int) -> dict[str, torch.Tensor] | None:
+        if self._last is not None and self._last[0] == index:
+            return self._last[1]
+        start = index * self.contexts_per_fill
+        if self.epochs is not None and start >= self.epochs * self.n_contexts:
+            return None
+        ids = self._contexts(start, self.contexts_per_fill)  # tokenizing: every rank, cheap
+        per_rank = -(-ids.shape[0] // self.ranks.world_size)
+        lo, hi = min(self.ranks.rank * per_rank, ids.shape[0]), min((self.ranks.rank + 1) * per_rank, ids.shape[0])
+        parts: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
+        for b in range(lo, hi, self.batch_contexts):
+            batch = read_activations(self.lm, self.tokens, ids[b:min(b + self.batch_contexts, hi)], self.site_objs,
+                                     dtype=self.dtype)
+            for s, act in batch.acts.items():
+                parts[s].append(act)
+        data = {s: _all_gather_rows(torch.cat(p) if p else None, self.dtype or self.lm.dtype, self.lm.device)
+                for s, p in parts.items()}
+        self._last = (index, data)
+        return data
+
+
+def _all_gather_rows(mine: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every rank's rows ``[n_r, d]``, in rank order (ranks may hold different numbers of rows, or none)."""
+    shapes = all_gather_object(None if mine is None else tuple(mine.shape))
+    d = next(shape[1] for shape in shapes if shape is not None)
+    counts = [0 if shape is None else shape[0] for shape in shapes]
+    padded = torch.zeros(max(counts), d, dtype=dtype, device=device)
+    if mine is not None:
+        padded[:mine.shape[0]] = mine
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
 class ModuleParallelTrainer(_RankedTrainer):

@@ -113,7 +113,7 @@ class Trainer:
         from saeforge.data.token_stream import TokenStream
         from saeforge.models.language_model import LanguageModel
 
-        self.lm = LanguageModel.load(cfg.model, dtype=cfg.model_dtype, device=cfg.device)
+        self.lm = LanguageModel.load(cfg.model, dtype=cfg.model_dtype, device=str(self.device))
         tokens = TokenStream.for_model(TextSource(cfg.corpus, cfg.text_field), self.lm,
                                        cfg.text_options.token_policy())
         self.data_info = {"model_name": cfg.model, "model_fingerprint": self.lm.fingerprint(),

@@ -18,7 +18,7 @@ TIMEOUT_S = 240  # a hang (a rank waiting in a collective for one that left) fai
 
 
 def _cfg(cache, out, **kw) -> dict:
-    base = dict(out=str(out), cache=str(cache.folder), sites=[SITES[0]], tokens=256 * 24, batch_size=256, d_sae=128,
+    base = dict(out=str(out), cache=str(cache.folder) if cache else "", sites=[SITES[0]], tokens=256 * 24, batch_size=256, d_sae=128,
                 k=8, checkpoint_every=6, log_every=4, progress=False, device="cpu", lr_warmup_steps=3,
                 dead_after_tokens=512, threads=1)
     base.update(kw)
@@ -171,3 +171,14 @@ def test_bad_launches_fail_on_every_rank_with_one_clear_error(tiny_cache, tmp_pa
     errors = _errors(torchrun({"cfg": _cfg(tiny_cache, tmp_path / "run", **spec), "rank_cfg": rank_cfg}))
     assert len(errors) == 2 and errors[0] == errors[1] and message in errors[0], errors
     assert not (tmp_path / "run" / "run.json").exists() or case == "batch selection"
+
+
+@pytest.mark.slow  # a model on each rank
+def test_data_parallel_from_the_live_model_shares_the_forward_passes(tiny_llama_dir, text_file, tmp_path):
+    """Each rank runs the model on half of each fill's contexts; the gathered fill is the one process's."""
+    live = dict(model=str(tiny_llama_dir), corpus=str(text_file), cache="", sites=["layers.1.mlp_out"],
+                context_length=32, buffer_tokens=1024, tokens=128 * 12, batch_size=128, d_sae=64, k=4)
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(TrainConfig.from_dict({**_cfg(None, one), **live}))
+    _ok(torchrun({"cfg": {**_cfg(None, two), **live}}))
+    _assert_same_run(one, two)
