@@ -77,13 +77,16 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cache = _make_cache(Path(tmp) / "cache", args.d_in, 8 * 16_384)
+        # one process is also given the threads of all ranks of the largest run: the same cores, one process
+        one_wide = [(1, args.threads * max(rank_counts))] if max(rank_counts) > 1 else []
+        runs = [(ranks, args.threads) for ranks in rank_counts]
         for parallel, n_saes in (("data", 1), ("module", args.saes)):
-            for ranks in rank_counts:
+            for ranks, threads in runs[:1] + one_wide + runs[1:]:
                 if parallel == "module" and ranks > n_saes:
                     continue
-                row = _run(cache, Path(tmp) / f"{parallel}-{ranks}", args, ranks, parallel, n_saes, args.threads)
+                row = _run(cache, Path(tmp) / f"{parallel}-{ranks}-{threads}", args, ranks, parallel, n_saes, threads)
                 rows.append(row)
-                print(f"{row['parallel']:>12} ranks {ranks} × {args.threads} threads, {n_saes} SAE(s): "
+                print(f"{row['parallel']:>12} ranks {ranks} × {threads} threads, {n_saes} SAE(s): "
                       f"{row['tokens_per_s']:,.0f} tokens/s", flush=True)
     result = {"machine": machine(), "shape": {k: getattr(args, k) for k in ("d_in", "d_sae", "k", "batch_size",
                                                                           "steps", "device")}, "rows": rows}
