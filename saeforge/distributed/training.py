@@ -201,14 +201,16 @@ class DataParallelTrainer(_RankedTrainer):
         return metrics
 
     def _after_step_input(self, t: Trainee, x: torch.Tensor) -> torch.Tensor:
-        if type(t.sae).after_step is SAE.after_step:
-            return x  # not read
+        # after_step is the SAE's own dead-latent handling: it reads the batch only when there are dead latents (the
+        # same on every rank), so the batch is gathered only then
+        if type(t.sae).after_step is SAE.after_step or not bool(t.tracker.dead_mask.any()):
+            return x
         parts = [torch.empty_like(x) for _ in range(self.ranks.world_size)]
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts)
 
     def _save_checkpoint(self) -> None:
-        digests = [hashlib.sha1(b"".join(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        digests = [hashlib.sha1(b"".join(v.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
                                          for v in t.sae.state_dict().values())).hexdigest() for t in self.trainees]
         if len(set(map(tuple, all_gather_object(digests)))) > 1:
             raise SaeforgeError(f"the ranks' copies of the SAEs differ at step {self.step}",
@@ -268,6 +270,11 @@ class ModuleParallelTrainer(_RankedTrainer):
 
     def _build_trainees(self) -> None:
         super()._build_trainees()
+        if len(self.trainees) < self.ranks.world_size:
+            raise SaeforgeError(f"module-parallel training of {len(self.trainees)} SAE(s) over {self.ranks.world_size} "
+                                "ranks would leave a rank idle",
+                                f"start at most {len(self.trainees)} ranks (`torchrun --nproc-per-node "
+                                f"{len(self.trainees)} ...`), or share each batch with --parallel data")
         self.owner = balanced_owners([sum(p.numel() for p in t.sae.parameters()) for t in self.trainees],
                                      self.ranks.world_size)
 

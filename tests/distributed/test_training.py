@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,18 +27,23 @@ def _cfg(cache, out, **kw) -> dict:
     return base
 
 
-def torchrun(spec: dict, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(spec: dict, nproc: int = 2) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """Run the worker on ``nproc`` ranks; the process and each rank's report, in rank order."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                           "-m", "tests.distributed.worker", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    with tempfile.TemporaryDirectory() as report:
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc-per-node={nproc}", "-m", "tests.distributed.worker",
+                               json.dumps({**spec, "report": report})],
+                              capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+        reports = [json.loads(p.read_text()) for p in sorted(Path(report).glob("rank*.json"))]
+    return proc, reports
 
 
-def _ok(proc: subprocess.CompletedProcess) -> dict:
+def _ok(run: tuple[subprocess.CompletedProcess, list[dict]]) -> dict:
+    proc, reports = run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    finals = [json.loads(line[6:]) for line in proc.stdout.splitlines() if line.startswith("FINAL ")]
-    assert len(finals) == 2 and finals[0] == finals[1]  # every rank returns the same final metrics
-    return finals[0]
+    assert len(reports) == 2 and reports[0] == reports[1]  # every rank returns the same final metrics
+    return reports[0]["final"]
 
 
 def _weights(run, name=SITES[0]) -> dict[str, torch.Tensor]:
@@ -97,11 +104,11 @@ def one_process_run(tiny_cache, tmp_path_factory):
     return run
 
 
-def _errors(proc: subprocess.CompletedProcess) -> list[str]:
-    """Each rank's SaeforgeError, in rank order (the worker prints it as the CLI would)."""
+def _errors(run: tuple[subprocess.CompletedProcess, list[dict]]) -> list[str]:
+    """Each rank's SaeforgeError, in rank order."""
+    proc, reports = run
     assert proc.returncode != 0, proc.stdout[-2000:]
-    lines = [line for line in proc.stdout.splitlines() if " error: " in line]
-    return [json.loads(line.split(" error: ", 1)[1]) for line in sorted(lines)]
+    return [r["error"] for r in reports if "error" in r]
 
 
 @pytest.mark.slow  # two launches, over 20 s

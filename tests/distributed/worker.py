@@ -1,8 +1,9 @@
 """One rank of a test launch: ``torchrun ... -m tests.distributed.worker SPEC_JSON``.
 
 SPEC: ``cfg`` (TrainConfig fields), ``rank_cfg`` ({rank: fields laid over cfg on that rank}), ``nan`` ([rank, step]:
-that rank's share of that step's batch becomes NaN). Prints the final metrics as JSON; a SaeforgeError exits 2 with
-its message, as the CLI does.
+that rank's share of that step's batch becomes NaN), ``report`` (a folder). Writes ``report/rank{R}.json``:
+``{"final": metrics}``, or ``{"error": message}`` for a SaeforgeError, which exits 2 as the CLI does (files, not
+stdout: the ranks' lines may interleave).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 from saeforge.errors import SaeforgeError
 from saeforge.training import TrainConfig, train
@@ -33,12 +35,13 @@ def main() -> None:
                 yield batch
 
         training.DataParallelTrainer._batches = poisoned
+    report = Path(spec["report"]) / f"rank{rank}.json"
     try:
         final = train(cfg, non_default_fields(cfg))
     except SaeforgeError as err:
-        print(f"rank {rank} error: {json.dumps(str(err))}", flush=True)
+        report.write_text(json.dumps({"error": str(err)}))
         sys.exit(2)
-    print("FINAL " + json.dumps(final), flush=True)
+    report.write_text(json.dumps({"final": final}))
 
 
 if __name__ == "__main__":
