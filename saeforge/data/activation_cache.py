@@ -310,7 +310,14 @@ def _refuse_foreign_folder(folder: Path, flag: str = "--out") -> None:
 def build_cache(cfg: CacheConfig, lm=None, progress: bool | None = None) -> ActivationCache:
     """Write (or resume) a cache. ``lm`` may be passed to reuse a loaded model; ``progress`` None: ``cfg.progress``.
 
-    The folder is locked for the whole run: a second writer on it is refused at once."""
+    The folder is locked for the whole run: a second writer on it is refused at once. Under torchrun the ranks
+    share the work (:mod:`saeforge.distributed.caching`)."""
+    from saeforge.distributed.process_group import launched_by_torchrun
+
+    if launched_by_torchrun():
+        from saeforge.distributed.caching import build_cache_distributed
+
+        return build_cache_distributed(cfg, progress)
     cfg.validate()
     TextSource(cfg.corpus, cfg.text_field).check()
     if lm is None:

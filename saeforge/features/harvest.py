@@ -241,18 +241,24 @@ def harvest(cfg: HarvestConfig) -> Path:
     root = Path(cfg.path)
     if not root.exists():
         raise SaeforgeError(f"{root} does not exist", "pass a run directory from `saeforge train` or an SAE folder")
-    with exclusive_lock(root, WRITER_LOCK), thread_policy(cfg.threads):
-        return _harvest_locked(cfg, root)
+    from saeforge.distributed.harvesting import BatchShare
+
+    share = BatchShare(cfg.device)  # under torchrun: each rank its share of the batches, rank 0 writes
+    try:
+        with share.main_only(exclusive_lock(root, WRITER_LOCK)), thread_policy(cfg.threads):
+            return _harvest_locked(cfg, root, share)
+    finally:
+        share.close()
 
 
-def _harvest_locked(cfg: HarvestConfig, root: Path) -> Path:
+def _harvest_locked(cfg: HarvestConfig, root: Path, share) -> Path:
     from tqdm.auto import tqdm
 
     from saeforge.data.text_source import TextSource
     from saeforge.data.token_stream import TokenStream
     from saeforge.runs import load_run
 
-    run = load_run(root, model=cfg.model, device=cfg.device, dtype=cfg.dtype)
+    run = load_run(root, model=cfg.model, device=share.device, dtype=cfg.dtype)
     lm, model_name = run.lm, cfg.model or run.meta.get("model_name")
     saes = {name: (r.sae, r.site, r.folder) for name, r in run.saes.items()}
     hashes = {name: sae_weights_hash(sae) for name, (sae, _, _) in saes.items()}
@@ -269,19 +275,20 @@ def _harvest_locked(cfg: HarvestConfig, root: Path) -> Path:
     t0 = time.time()
     bar = tqdm(total=n_target * T, unit="tok", unit_scale=True, desc="harvesting", disable=not cfg.progress,
                dynamic_ncols=True)
-    for _, ids in tokens.batches(cfg.batch_size):
+    for b, (_, ids) in enumerate(tokens.batches(cfg.batch_size)):
         ids = ids[: n_target - n_ctx]
         keep = tokens.keep_mask(ids)
-        acts = lm.read(ids, sites)
-        flat_index = (torch.arange(ids.numel()) + n_ctx * T).view(ids.shape)[keep]
-        keep_dev = keep.to(lm.device)
-        with torch.inference_mode():
-            for name, (sae, site, _) in saes.items():
-                f = sae.encode(acts[site.name][keep_dev].float())
-                rows, feats = (f != 0).nonzero(as_tuple=True)
-                entries[name][0].append(flat_index[rows.cpu()].numpy())
-                entries[name][1].append(feats.cpu().numpy().astype(np.int32))
-                entries[name][2].append(f[rows, feats].float().cpu().numpy())
+        if share.mine(b):
+            acts = lm.read(ids, sites)
+            flat_index = (torch.arange(ids.numel()) + n_ctx * T).view(ids.shape)[keep]
+            keep_dev = keep.to(lm.device)
+            with torch.inference_mode():
+                for name, (sae, site, _) in saes.items():
+                    f = sae.encode(acts[site.name][keep_dev].float())
+                    rows, feats = (f != 0).nonzero(as_tuple=True)
+                    entries[name][0].append(flat_index[rows.cpu()].numpy())
+                    entries[name][1].append(feats.cpu().numpy().astype(np.int32))
+                    entries[name][2].append(f[rows, feats].float().cpu().numpy())
         all_ids.append(ids.numpy().astype(np.int32))
         all_kept.append(keep.numpy())
         n_ctx += ids.shape[0]
@@ -289,6 +296,9 @@ def _harvest_locked(cfg: HarvestConfig, root: Path) -> Path:
         if n_ctx >= n_target:
             break
     bar.close()
+    entries = share.merge(entries)  # the triples are sorted below, so the ranks' order does not matter
+    if entries is None:
+        return root / STORE_FILE  # rank 0 writes it
     stream_seconds = time.time() - t0
     if n_ctx == 0:
         raise SaeforgeError(f"the corpus {cfg.corpus!r} gave no tokens", "use a larger corpus")

@@ -40,6 +40,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
+from saeforge.distributed.batch import auxk_normalisers
 from saeforge.errors import SaeforgeError
 from saeforge.kernels import SparseLatents, decode_sparse, encode_topk
 from saeforge.saes.base import DTYPES, SAE, SAEConfig, TrainOutput, TrainState, _flatten, _is_int, _require
@@ -377,12 +378,13 @@ class CrossLayerTranscoder(SAE):
         if e_hat is None:
             return zero
         e = (target - y_hat).detach()
-        denom = (e - e.mean(0)).pow(2).sum()
+        # over the global batch when ranks share it (saeforge.distributed.batch); this batch's in one process
+        denom, data_var, share = auxk_normalisers(e, target)
         if not bool(denom > 0):
             return zero
-        data_var = (target - target.mean(0)).pow(2).sum(-1).mean().detach()
         nmse = (e_hat - e).pow(2).sum() / denom
-        return torch.nan_to_num(self.cfg.auxk_coefficient * nmse * data_var, nan=0.0)
+        term = self.cfg.auxk_coefficient * nmse * data_var
+        return torch.nan_to_num(term if share == 1 else term * share, nan=0.0)
 
     @torch.no_grad()
     def _update_threshold(self, i: int, lat: SparseLatents, state: TrainState) -> None:

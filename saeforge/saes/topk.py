@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from saeforge.distributed.batch import auxk_normalisers
 from saeforge.errors import SaeforgeError
 from saeforge.kernels import SparseLatents, decode_sparse, encode_topk
 from saeforge.saes.base import (
@@ -169,12 +170,13 @@ class TopKSAE(SAE):
             return zero
         e = (target - x_hat).detach()
         e_hat = self._decode_sparse(aux)
-        denom = (e - e.mean(0)).pow(2).sum()
+        # over the global batch when ranks share it (saeforge.distributed.batch); this batch's in one process
+        denom, data_var, share = auxk_normalisers(e, target)
         if not bool(denom > 0):
             return zero
-        data_var = (target - target.mean(0)).pow(2).sum(-1).mean().detach()
         nmse = (e_hat - e).pow(2).sum() / denom
-        return torch.nan_to_num(self.cfg.auxk_coefficient * nmse * data_var, nan=0.0)
+        term = self.cfg.auxk_coefficient * nmse * data_var
+        return torch.nan_to_num(term if share == 1 else term * share, nan=0.0)
 
     def training_loss(self, x: Tensor, target: Tensor | None = None, *, state: TrainState) -> TrainOutput:
         x, target = self._check_batch(x, target)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -19,8 +19,8 @@ from saeforge.saes import SAE, ActivationScaler, DeadLatentTracker
 from saeforge.training.scaling import SiteScaler, scaler_from_dict
 from saeforge.utils.atomic import atomic_write
 
-__all__ = ["CHECKPOINT_FORMAT", "FORMAT_VERSION", "load_checkpoint", "rng_state", "save_checkpoint",
-           "set_rng_state"]
+__all__ = ["CHECKPOINT_FORMAT", "FORMAT_VERSION", "load_checkpoint", "read_checkpoint", "rng_state",
+           "save_checkpoint", "set_rng_state"]
 
 CHECKPOINT_FORMAT = "saeforge-checkpoint"
 FORMAT_VERSION = 1
@@ -70,10 +70,8 @@ def save_checkpoint(path: Path, *, run_id: str, step: int, stream_state: dict, m
     atomic_write(path, lambda p: torch.save(state, p))
 
 
-def load_checkpoint(path: Path, *, run_id: str, trainees: list[Checkpointed], metrics_path: Path,
-                    device: torch.device) -> tuple[int, dict] | None:
-    """Restore every trainee, the RNG states and ``metrics.jsonl`` from ``path``; return (step, stream state), or
-    None when there is no checkpoint yet."""
+def read_checkpoint(path: Path, device: torch.device) -> dict[str, Any] | None:
+    """The contents of the checkpoint at ``path`` (None when there is none yet), its format checked."""
     if not path.is_file():
         return None
     try:
@@ -85,6 +83,18 @@ def load_checkpoint(path: Path, *, run_id: str, trainees: list[Checkpointed], me
     if state.get("format") != CHECKPOINT_FORMAT or state.get("version", 99) > FORMAT_VERSION:
         raise SaeforgeError(f"{path} is not a saeforge checkpoint this version can read",
                             "start a new run with `saeforge train --out NEW_DIR`, or upgrade saeforge")
+    return state
+
+
+def load_checkpoint(path: Path, *, run_id: str, trainees: list[Checkpointed], metrics_path: Path | None,
+                    device: torch.device, read: Callable[[Path], dict[str, Any] | None] | None = None,
+                    ) -> tuple[int, dict] | None:
+    """Restore every trainee, the RNG states and ``metrics.jsonl`` (unless ``metrics_path`` is None) from ``path``;
+    return (step, stream state), or None when there is no checkpoint yet. ``read`` reads the file (default
+    :func:`read_checkpoint`; under torchrun one rank reads it and sends it to the others)."""
+    state = read(path) if read is not None else read_checkpoint(path, device)
+    if state is None:
+        return None
     if state["run_id"] != run_id:
         raise SaeforgeError(f"{path} belongs to another run ({state['run_id']}, this run is {run_id})",
                             "resume the run that wrote it (`saeforge train --resume ITS_DIR`), or start afresh")
@@ -100,7 +110,7 @@ def load_checkpoint(path: Path, *, run_id: str, trainees: list[Checkpointed], me
         t.tracker.tokens_since_fired.copy_(s["tokens_since_fired"])
         t.scaler = scaler_from_dict(s["scaler"])
     set_rng_state(state["rng"])
-    if metrics_path.exists():  # drop metrics recorded after the checkpoint; they will be recorded again
+    if metrics_path is not None and metrics_path.exists():  # drop metrics recorded after the checkpoint; they will be recorded again
         with open(metrics_path, "r+b") as fh:
             fh.truncate(state["metrics_bytes"])
     return state["step"], state["stream"]

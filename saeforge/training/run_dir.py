@@ -21,11 +21,18 @@ from saeforge.training.config import RESUME_FREE_FIELDS, TrainConfig
 from saeforge.utils.atomic import atomic_write_json, remove_stale_temporaries
 from saeforge.utils.locking import LOCK_FILE, exclusive_lock
 
-__all__ = ["RUN_FORMAT", "FORMAT_VERSION", "open_run", "read_run_info", "record_data"]
+__all__ = ["BIT_IDENTITY", "RUN_FORMAT", "FORMAT_VERSION", "open_run", "read_run_info", "record_data",
+           "record_ranks"]
 
 RUN_FORMAT = "saeforge-run"
 FORMAT_VERSION = 1
 LOCK_WHAT = "saeforge train"
+# run.json's statement, in runs that ever ran on several ranks (docs/distributed.md)
+BIT_IDENTITY = ("Resumed on the same number of ranks with the same --parallel mode, a run continues bit-identically "
+                "to an uninterrupted one. Across numbers of ranks in data-parallel mode the gradient of each step is "
+                "summed in another order, so results agree to floating-point rounding, not bit for bit. "
+                "Module-parallel training is bit-identical to one process for SAEs that draw no random numbers "
+                "while training.")
 
 
 def _versions() -> dict[str, str]:
@@ -119,4 +126,20 @@ def record_data(run_dir: Path, info: dict[str, Any], data: dict[str, Any]) -> No
         raise SaeforgeError(f"the training data changed since the run started (was {info['data']}, now {data})",
                             f"resume with the same model and cache: `saeforge train --resume {run_dir}` alone")
     info["data"] = data
+    atomic_write_json(run_dir / "run.json", info)
+
+
+def record_ranks(run_dir: Path, info: dict[str, Any], step: int, world_size: int, parallel: str | None) -> None:
+    """At the start (or resume) of a stretch of the run: run.json's ``distributed`` gets the statement of what is
+    bit-identical and the stretches (``from_step``, ``world_size``, ``parallel``: None in one process). Runs that
+    never ran on several ranks get nothing."""
+    if world_size == 1 and "distributed" not in info:
+        return
+    record = info.setdefault("distributed", {"bit_identical": BIT_IDENTITY, "segments": []})
+    segments = record["segments"]
+    if not segments and step > 0:
+        segments.append({"from_step": 0, "world_size": 1, "parallel": None})
+    if segments and (segments[-1]["world_size"], segments[-1]["parallel"]) == (world_size, parallel):
+        return
+    segments.append({"from_step": step, "world_size": world_size, "parallel": parallel})
     atomic_write_json(run_dir / "run.json", info)

@@ -24,7 +24,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -34,9 +34,9 @@ from saeforge.models.loading import resolve_device
 from saeforge.runs import SiteBinding
 from saeforge.saes import SAE, ActivationScaler, DeadLatentTracker, TrainOutput, TrainState, make_sae, save_sae
 from saeforge.saes.registry import get_config_class
-from saeforge.training.checkpoint import load_checkpoint, save_checkpoint
+from saeforge.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from saeforge.training.config import TrainConfig, non_default_fields, parse_sae_options, resolve_config
-from saeforge.training.run_dir import open_run, record_data
+from saeforge.training.run_dir import open_run, record_data, record_ranks
 from saeforge.training.scaling import SiteScaler
 from saeforge.training.schedules import lr_factor, sparsity_factor
 from saeforge.utils.atomic import atomic_write_json
@@ -76,11 +76,15 @@ class Trainer:
     """Build with :func:`train` (or ``Trainer(cfg, run_dir)``); :meth:`fit` runs to the end and returns the final
     metrics per SAE."""
 
+    # Under torchrun, saeforge.distributed's subclasses override the hooks marked "(a hook)": one process runs as is.
+    writes_run_dir = True  # whether this process writes run.json, metrics, checkpoints and SAEs
+    world_size, parallel_mode = 1, None  # ranks and --parallel mode, recorded in run.json (run_dir.record_ranks)
+
     def __init__(self, cfg: TrainConfig, run_dir: Path, run_info: dict[str, Any] | None = None):
         cfg.validate()
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.device = resolve_device(cfg.device)
+        self.device = self._device()
         self.total_steps = cfg.tokens // cfg.batch_size
         self.checkpoint_path = self.run_dir / "checkpoints" / "checkpoint.pt"
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -92,6 +96,10 @@ class Trainer:
         self.trainees: list[Trainee] = []
 
     # ------------------------------------------------------------------------------------------------ set-up
+    def _device(self) -> torch.device:
+        """(a hook) The device this process trains on."""
+        return resolve_device(self.cfg.device)
+
     def _make_source(self):
         cfg = self.cfg
         sites = cfg.needed_sites()
@@ -105,7 +113,7 @@ class Trainer:
         from saeforge.data.token_stream import TokenStream
         from saeforge.models.language_model import LanguageModel
 
-        self.lm = LanguageModel.load(cfg.model, dtype=cfg.model_dtype, device=cfg.device)
+        self.lm = LanguageModel.load(cfg.model, dtype=cfg.model_dtype, device=str(self.device))
         tokens = TokenStream.for_model(TextSource(cfg.corpus, cfg.text_field), self.lm,
                                        cfg.text_options.token_policy())
         self.data_info = {"model_name": cfg.model, "model_fingerprint": self.lm.fingerprint(),
@@ -175,12 +183,17 @@ class Trainer:
 
     def _load_checkpoint(self) -> bool:
         loaded = load_checkpoint(self.checkpoint_path, run_id=self.run_info["run_id"], trainees=self.trainees,
-                                 metrics_path=self.metrics_path, device=self.device)
+                                 metrics_path=self.metrics_path if self.writes_run_dir else None,
+                                 device=self.device, read=self._read_checkpoint)
         if loaded is None:
             return False
         self.step, stream_state = loaded
         self.stream.load_state_dict(stream_state)
         return True
+
+    def _read_checkpoint(self, path: Path) -> dict[str, Any] | None:
+        """(a hook) The checkpoint's contents, None when there is none yet."""
+        return read_checkpoint(path, self.device)
 
     # ------------------------------------------------------------------------------------------------ loop
     def _check_finite(self, x: torch.Tensor, site: str, what: str) -> None:
@@ -190,13 +203,38 @@ class Trainer:
                 f"check the activation source; the last good checkpoint ({self.checkpoint_path}) is intact and "
                 f"`saeforge train --resume {self.run_dir}` continues from it")
 
+    def _check_input(self, x: torch.Tensor, t: Trainee) -> None:
+        """(a hook) Refuse a batch with NaN or Inf."""
+        self._check_finite(x, ", ".join(t.binding.reads), f"the batch of step {self.step}")
+
+    def _backward(self, t: Trainee, out: TrainOutput, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(a hook) Check the loss, back-propagate it; return the latents that fired and the tokens seen."""
+        if not torch.isfinite(out.loss):
+            raise SaeforgeError(
+                f"the loss of SAE {t.name!r} became {out.loss.item()} at step {self.step}",
+                f"lower the learning rate (--lr); the last good checkpoint ({self.checkpoint_path}) is intact")
+        out.loss.backward()
+        return out.fired, x.shape[0]
+
+    def _step_metrics(self, t: Trainee, out: TrainOutput, reference: torch.Tensor) -> dict[str, Any]:
+        """(a hook) The metrics of one logged step."""
+        return _step_metrics(out, reference, getattr(t.scaler, "widths_out", ()))
+
+    def _after_step_input(self, t: Trainee, x: torch.Tensor) -> torch.Tensor:
+        """(a hook) The batch an SAE's own dead-latent handling (after_step) sees."""
+        return x
+
+    def _trained_here(self) -> list[Trainee]:
+        """(a hook) The trainees this process trains."""
+        return self.trainees
+
     def _train_step(self, batch: dict[str, torch.Tensor]) -> None:
         cfg = self.cfg
         warm = int(cfg.sparsity_warmup_fraction * self.total_steps)
         logging = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total_steps
-        for t in self.trainees:
+        for t in self._trained_here():
             x = _joined(batch, t.binding.reads).to(self.device, torch.float32, non_blocking=True)
-            self._check_finite(x, ", ".join(t.binding.reads), f"the batch of step {self.step}")
+            self._check_input(x, t)
             x = t.scaler.scale_input(x)
             target = None
             if t.has_target:
@@ -205,11 +243,7 @@ class Trainer:
                                sparsity_scale=sparsity_factor(self.step, warm),
                                dead_mask=t.tracker.dead_mask)
             out = t.sae.training_loss(x, target, state=state)
-            if not torch.isfinite(out.loss):
-                raise SaeforgeError(
-                    f"the loss of SAE {t.name!r} became {out.loss.item()} at step {self.step}",
-                    f"lower the learning rate (--lr); the last good checkpoint ({self.checkpoint_path}) is intact")
-            out.loss.backward()
+            fired, n_tokens = self._backward(t, out, x)
             t.sae.before_optimizer_step()
             if cfg.grad_clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(t.sae.parameters(), cfg.grad_clip_norm)
@@ -217,23 +251,31 @@ class Trainer:
             t.sae.after_optimizer_step()
             t.optimizer.zero_grad(set_to_none=True)
             t.scheduler.step()
-            t.tracker.update(out.fired, x.shape[0])
+            t.tracker.update(fired, n_tokens)
             if logging:  # before after_step, which may change the SAE: the metrics describe this forward
-                widths = getattr(t.scaler, "widths_out", ())
-                t.metrics = _step_metrics(out, x if target is None else target, widths)
-            t.sae.after_step(self.step, self.total_steps, t.tracker.dead_mask, x, t.optimizer)
+                t.metrics = self._step_metrics(t, out, x if target is None else target)
+            t.sae.after_step(self.step, self.total_steps, t.tracker.dead_mask, self._after_step_input(t, x),
+                             t.optimizer)
 
     def _log(self, t0: float, tokens_at_start: int) -> dict[str, Any]:
         elapsed = time.time() - t0
         tokens = self.step * self.cfg.batch_size
         record: dict[str, Any] = {"step": self.step, "tokens": tokens,
-                                  "tokens_per_s": (tokens - tokens_at_start) / max(elapsed, 1e-9), "saes": {}}
-        for t in self.trainees:
-            record["saes"][t.name] = {**(t.metrics or {}), "dead_fraction": float(t.tracker.dead_mask.float().mean()),
-                                      "lr": t.scheduler.get_last_lr()[0]}
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+                                  "tokens_per_s": (tokens - tokens_at_start) / max(elapsed, 1e-9),
+                                  "saes": self._sae_records()}
+        if self.writes_run_dir:
+            with open(self.metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
         return record
+
+    def _sae_records(self) -> dict[str, dict[str, Any]]:
+        """(a hook) The metrics of the last logged step, the dead fraction and the learning rate, per SAE."""
+        return {t.name: {**(t.metrics or {}), "dead_fraction": float(t.tracker.dead_mask.float().mean()),
+                         "lr": t.scheduler.get_last_lr()[0]} for t in self.trainees}
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """(a hook) The batches this process trains on, in order."""
+        return iter(self.stream)
 
     def fit(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
@@ -243,13 +285,15 @@ class Trainer:
         if self.step >= self.total_steps and (self.run_dir / "saes").is_dir() and self.run_info.get(
                 "status") == "complete":
             return self.run_info.get("final", {})
+        if self.writes_run_dir:
+            record_ranks(self.run_dir, self.run_info, self.step, self.world_size, self.parallel_mode)
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="training",
-                   disable=not self.cfg.progress, dynamic_ncols=True)
+                   disable=not (self.cfg.progress and self.writes_run_dir), dynamic_ncols=True)
         if resumed:
             bar.write(f"resumed {self.run_dir} at step {self.step}")
         t0, tokens_at_start = time.time(), self.step * self.cfg.batch_size
         last: dict[str, Any] | None = None
-        batches = iter(self.stream)
+        batches = self._batches()
         try:
             while self.step < self.total_steps:
                 try:
@@ -334,6 +378,12 @@ def train(cfg: TrainConfig, given: list[str] | None = None) -> dict[str, Any]:
     The run directory is locked for the whole run: a second ``saeforge train`` on it is refused.
     """
     given = non_default_fields(cfg) if given is None else given
+    from saeforge.distributed.process_group import launched_by_torchrun
+
+    if launched_by_torchrun():  # one of several ranks (torchrun): saeforge.distributed runs the same loop
+        from saeforge.distributed.training import train_distributed
+
+        return train_distributed(cfg, given)
     cfg = resolve_config(cfg, given)
     with open_run(cfg, given) as (cfg, run_dir, info), thread_policy(cfg.threads):
         trainer = Trainer(cfg, run_dir, info)
