@@ -3,10 +3,16 @@
 - **CAA** (contrastive activation addition): v = mean over positive texts − mean over negative texts of the site's
   activation, each text averaged over its SAE-data positions (the run's token policy: no BOS or special tokens).
 - **STA** (steering target atoms, Wang et al. 2025; arXiv 2505.20322): per SAE latent j, Δa_j = mean activation on
-  positives − on negatives and Δf_j = #positive texts it fires on − #negative texts. Both are min–max normalised by
-  absolute value keeping the sign; latents whose Δa and Δf agree in sign are kept if both |normalised Δf| and
-  |normalised Δa| lie in the top ``trim`` fraction (among the sign-consistent latents); v = Δa_kept · W_dec, rescaled
-  to the CAA vector's norm.
+  positives − on negatives and Δf_j = the share of positive texts it fires on − the share of negative texts (the
+  paper counts texts, which its paired sets make equal in number; with sets of different sizes counts would favour the
+  larger set, and since the normalisation below is scale-free, rates give the paper's selection whenever the sizes
+  agree). Both are min–max normalised by absolute value keeping the sign; latents whose Δa and Δf agree in sign are
+  kept if both |normalised Δf| and |normalised Δa| lie in the top ``trim`` fraction (among the sign-consistent
+  latents); v = Δa_kept · W_dec, rescaled to the CAA vector's norm.
+
+Each text's activation is its mean over its SAE-data positions; given prompts (:func:`collect` with ``prompts``), a
+text is the *answer* to its prompt and only the answer's tokens are averaged, as STA does with its (question, safe
+answer, unsafe answer) triples.
 - **SAE-refined CAA** (in the spirit of SAE-RSV, whose exact recipe is not public): keep the CAA
   vector's components on the *relevant* features and drop the rest as noise. Relevant = latents that fire
   significantly more on the positives (one-sided Mann–Whitney on per-text activations, Benjamini–Hochberg FDR
@@ -34,18 +40,56 @@ class TextActivations:
 TEXTS_PER_BATCH = 16
 
 
+def _answer_batch(encoder: PromptEncoder, prompts: list[str], answers: list[str]):
+    """(ids, attention mask, keep) of prompt + answer rows padded on the right, keep only at answer positions.
+
+    Prompt and answer are tokenized apart and joined as ids, so the answer's tokens are exactly those of the answer
+    text (give it with its leading space, e.g. " I cannot help with that.")."""
+    rows, starts = [], []
+    for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True), 1):
+        head = encoder.ids(prompt, which=f"prompt {i}")
+        if not answer.strip():
+            raise SaeforgeError(f"the answer to prompt {i} is empty", "give every prompt a non-empty answer")
+        tail = [int(t) for t in encoder.lm.tokenizer(answer, add_special_tokens=False)["input_ids"]]
+        row = (head + tail)[:encoder.max_tokens]
+        if len(row) <= len(head):
+            raise SaeforgeError(f"prompt {i} fills the context ({encoder.max_tokens} tokens): no room for its answer",
+                                "shorten the prompt")
+        rows.append(row)
+        starts.append(len(head))
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), encoder.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    keep = encoder.keep_mask(ids, mask) & (torch.arange(width)[None, :] >= torch.tensor(starts)[:, None])
+    return ids, mask, keep
+
+
 @torch.inference_mode()
-def collect(lm, sae, site: str, texts: list[str], policy: TokenPolicy | None = None) -> TextActivations:
+def collect(lm, sae, site: str, texts: list[str], policy: TokenPolicy | None = None,
+            prompts: list[str] | None = None) -> TextActivations:
     """Mean activation and mean SAE latents of each text over its SAE-data positions, the texts tokenized under the
-    run's ``policy`` (default :class:`TokenPolicy`) and cut at its context length."""
+    run's ``policy`` (default :class:`TokenPolicy`) and cut at its context length.
+
+    With ``prompts`` (one per text) each text is the answer to its prompt: the model reads prompt + answer and only
+    the answer's positions are averaged."""
     policy = policy or TokenPolicy()
-    prompts = PromptEncoder(lm, policy, max_tokens=policy.context_length)
+    encoder = PromptEncoder(lm, policy, max_tokens=policy.context_length)
+    if prompts is not None and len(prompts) != len(texts):
+        raise SaeforgeError(f"{len(prompts)} prompts for {len(texts)} answers", "give one prompt per answer")
     acts, feats = [], []
     for start in range(0, len(texts), TEXTS_PER_BATCH):
-        batch = prompts.batch(texts[start:start + TEXTS_PER_BATCH], truncate=True)
-        x_all = lm.read(batch.input_ids, [site], attention_mask=batch.attention_mask)[site]
-        for row in range(len(batch)):
-            keep = batch.keep[row].to(x_all.device)
+        chunk = texts[start:start + TEXTS_PER_BATCH]
+        if prompts is None:
+            batch = encoder.batch(chunk, truncate=True)
+            ids, mask, keep_all = batch.input_ids, batch.attention_mask, batch.keep
+        else:
+            ids, mask, keep_all = _answer_batch(encoder, prompts[start:start + TEXTS_PER_BATCH], chunk)
+        x_all = lm.read(ids, [site], attention_mask=mask)[site]
+        for row in range(len(ids)):
+            keep = keep_all[row].to(x_all.device)
             if not bool(keep.any()):
                 continue
             x = x_all[row][keep].float()
@@ -72,7 +116,7 @@ def sta_vector(sae, pos: TextActivations, neg: TextActivations, caa: torch.Tenso
     if not 0 < trim <= 1:
         raise SaeforgeError(f"trim must lie in (0, 1], got {trim}", "use e.g. 0.35 (the paper's value)")
     da = pos.feats.mean(0) - neg.feats.mean(0)
-    df = (pos.feats > 0).float().sum(0) - (neg.feats > 0).float().sum(0)
+    df = (pos.feats > 0).float().mean(0) - (neg.feats > 0).float().mean(0)  # firing rates: sets may differ in size
     na, nf = _signed_minmax(da), _signed_minmax(df)
     consistent = (torch.sign(na) == torch.sign(nf)) & (na != 0)
     if not bool(consistent.any()):

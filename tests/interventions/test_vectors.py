@@ -46,6 +46,24 @@ def test_sta_by_hand():
         sta_vector(SimpleNamespace(W_dec=W4), same, same, caa)
 
 
+def test_sta_uses_firing_rates_when_the_sets_differ_in_size():
+    # three positive texts, one negative. Latent 0 fires on 2 of 3 positives (rate 2/3) and on the negative (rate 1):
+    # counts would say +1 (consistent with Δa = +1.5), rates say −1/3 (inconsistent), so STA drops it.
+    pos = _acts([[0.0] * 3] * 3, [[3, 1, 0, 0], [3, 1, 0, 0], [0, 1, 0, 0]])
+    neg = _acts([[0.0] * 3], [[0.5, 0, 1, 0]])
+    caa = torch.tensor([0.0, 3.0, 4.0])  # norm 5
+    # Δa = [1.5, 1, −1, 0] → signed min–max [1, 2/3, −2/3, 0]; Δf = [−1/3, 1, −1, 0] → [−1/3, 1, −1, 0]
+    # consistent: latents 1 (+, +) and 2 (−, −); trim 1 keeps both: v = W[1] − W[2] = (0, 2, −1), rescaled to 5
+    v, atoms = sta_vector(SimpleNamespace(W_dec=W4), pos, neg, caa, trim=1.0)
+    assert atoms.tolist() == [1, 2]
+    torch.testing.assert_close(v, torch.tensor([0.0, 2.0, -1.0]) * 5 / math.sqrt(5))
+    # the same texts with the negative repeated three times: equal sizes, rates = counts / 3, the same selection
+    v3, atoms3 = sta_vector(SimpleNamespace(W_dec=W4), pos, _acts([[0.0] * 3] * 3, [[0.5, 0, 1, 0]] * 3), caa,
+                            trim=1.0)
+    assert atoms3.tolist() == [1, 2]
+    torch.testing.assert_close(v3, v)
+
+
 def _sets(n=12):
     """Latent 0 and 1 higher on every positive text, latent 2 the same on both, latent 3 higher on the negatives."""
     pos_feats = [[2.0 + i, 1.0 + 0.1 * i, 0.5 if i % 2 else 0.0, 0.0] for i in range(n)]
@@ -103,3 +121,28 @@ def test_collect_means_over_the_sae_data_positions(tiny_llama):
             torch.testing.assert_close(got.feats[i], sae.encode(x).mean(0), rtol=1e-5, atol=1e-6)
     with pytest.raises(SaeforgeError, match="fewer than 2 usable texts"):
         collect(tiny_llama, sae, site, texts[:1])
+
+
+def test_collect_with_prompts_averages_the_answer_tokens_only(tiny_llama):
+    from saeforge.saes import TopKConfig, make_sae
+
+    torch.manual_seed(0)
+    sae = make_sae(TopKConfig(d_in=32, d_sae=16, k=4)).eval()
+    site = "layers.1.resid_post"
+    prompts = ["Question: what is the weather?", "Tell me a story"]
+    answers = [" It rains all day", " Once upon a time there was a king who ruled the land"]
+    got = collect(tiny_llama, sae, site, answers, prompts=prompts)
+    tok = tiny_llama.tokenizer
+    for i, (q, a) in enumerate(zip(prompts, answers)):
+        head = [tiny_llama.bos_token_id()] + tok(q, add_special_tokens=False)["input_ids"]
+        tail = tok(a, add_special_tokens=False)["input_ids"]
+        x = tiny_llama.read(torch.tensor([head + tail]), [site])[site][0, len(head):]  # the answer's positions
+        torch.testing.assert_close(got.acts[i], x.mean(0), rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            torch.testing.assert_close(got.feats[i], sae.encode(x).mean(0), rtol=1e-5, atol=1e-6)
+    whole = collect(tiny_llama, sae, site, [q + a for q, a in zip(prompts, answers)])
+    assert not torch.allclose(whole.acts, got.acts, atol=1e-3)  # the prompt's tokens really are left out
+    with pytest.raises(SaeforgeError, match="1 prompts for 2 answers"):
+        collect(tiny_llama, sae, site, answers, prompts=prompts[:1])
+    with pytest.raises(SaeforgeError, match="the answer to prompt 2 is empty"):
+        collect(tiny_llama, sae, site, [answers[0], "  "], prompts=prompts)
