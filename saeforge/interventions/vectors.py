@@ -16,12 +16,23 @@ answer, unsafe answer) triples.
 - **SAE-refined CAA** (in the spirit of SAE-RSV, whose exact recipe is not public): keep the CAA
   vector's components on the *relevant* features and drop the rest as noise. Relevant = latents that fire
   significantly more on the positives (one-sided Mann–Whitney on per-text activations, Benjamini–Hochberg FDR
-  ``fdr``); v = the least-squares projection of v_CAA onto the span of their decoder directions.
+  ``fdr``); v = the least-squares projection of v_CAA onto the span of their decoder directions. This is the
+  statistical selection stage of SAE-RSV.
+- **SAE-RSV** (Wang et al. 2025, arXiv 2509.23799; no official code): v' = α1·v_CAA − α2·v_noise + α3·v_useful on top
+  of that selection, each stage switchable. *Denoise*: the latents most active on the positive texts that are not
+  relevant to the behaviour (not significant by the test above, or judged irrelevant by their meaning when a judge is
+  given) are noise; v_noise = Σ w_j d̂_j with w = their mean activations on the positives normalised to sum 1.
+  *Augment*: latents that never fire on the small positive set but whose decoder directions are closest (cosine) to
+  the relevant latents' are the task-relevant features the data missed; v_useful = the mean of their d̂_j. d̂ are
+  unit decoder rows and both terms are scaled by ‖v_CAA‖, so α2 and α3 are fractions of the CAA vector's length
+  (the paper's absolute scale and α values are not published; α = (1, 0.5, 0.5) follows a public
+  re-implementation).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -128,9 +139,9 @@ def sta_vector(sae, pos: TextActivations, neg: TextActivations, caa: torch.Tenso
     return v * (caa.norm() / v.norm().clamp_min(1e-12)), keep.nonzero().squeeze(1)
 
 
-def refined_caa_vector(sae, pos: TextActivations, neg: TextActivations, caa: torch.Tensor, fdr: float = 0.05
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(v_CAA projected onto the decoder directions of the relevant features, their indices)."""
+def relevant_latents(pos: TextActivations, neg: TextActivations, fdr: float = 0.05) -> torch.Tensor:
+    """Latents that fire significantly more on the positive texts: one-sided Mann–Whitney on the per-text
+    activations, Benjamini–Hochberg at ``fdr``, and a positive mean difference."""
     from saeforge.features.contrast import benjamini_hochberg, mann_whitney
 
     _, p = mann_whitney(pos.feats.numpy(), neg.feats.numpy())
@@ -140,6 +151,58 @@ def refined_caa_vector(sae, pos: TextActivations, neg: TextActivations, caa: tor
     if relevant.numel() == 0:
         raise SaeforgeError(f"no feature fires significantly more on the positive texts (FDR {fdr})",
                             "use more or clearer texts, or a higher --fdr")
+    return relevant
+
+
+def refined_caa_vector(sae, pos: TextActivations, neg: TextActivations, caa: torch.Tensor, fdr: float = 0.05
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v_CAA projected onto the decoder directions of the relevant features, their indices)."""
+    relevant = relevant_latents(pos, neg, fdr)
     D = sae.W_dec.detach().float().cpu()[relevant]  # [r, d]
     coef = torch.linalg.lstsq(D.T, caa[:, None]).solution  # min ‖Dᵀc − v‖
     return (D.T @ coef).squeeze(1), relevant
+
+
+def sae_rsv_vector(sae, pos: TextActivations, neg: TextActivations, caa: torch.Tensor, *, fdr: float = 0.05,
+                   denoise: bool = True, augment: bool = True, candidates: int = 32, n_augment: int = 8,
+                   alphas: tuple[float, float, float] = (1.0, 0.5, 0.5),
+                   irrelevant: Callable[[list[int]], list[bool]] | None = None) -> tuple[torch.Tensor, dict]:
+    """(v' = α1·v_CAA − α2·‖v_CAA‖·v_noise + α3·‖v_CAA‖·v_useful, {"relevant", "noise", "useful": latent indices}).
+
+    ``candidates``: the latents most active on the positives that denoising considers; ``n_augment``: latents added
+    by augmentation; ``irrelevant(indices)`` (optional, e.g. an LLM judging each latent's description): True for a
+    latent whose meaning has nothing to do with the behaviour, which then counts as noise (and is never added)."""
+    if candidates < 1 or n_augment < 1:
+        raise SaeforgeError("SAE-RSV needs at least one candidate and one augmented latent",
+                            "use --rsv-candidates ≥ 1 and --rsv-augment ≥ 1")
+    a1, a2, a3 = alphas
+    relevant = relevant_latents(pos, neg, fdr)
+    mean_pos = pos.feats.mean(0)
+    D = sae.W_dec.detach().float().cpu()
+    unit = D / D.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    scale = caa.norm()
+    v = a1 * caa
+    info: dict = {"relevant": relevant.tolist(), "noise": [], "useful": []}
+    if denoise:
+        order = torch.argsort(mean_pos, descending=True)[:candidates]
+        active = [int(j) for j in order if mean_pos[j] > 0]
+        keep = set(relevant.tolist())
+        judged = dict(zip(active, irrelevant(active))) if irrelevant and active else {}
+        noise = [j for j in active if j not in keep or judged.get(j, False)]
+        if noise:
+            w = mean_pos[noise] / mean_pos[noise].sum()
+            v = v - a2 * scale * (w @ unit[noise])
+        info["noise"] = noise
+    if augment:
+        unseen = (pos.feats > 0).sum(0) == 0  # never fired on the (small) positive set
+        closeness = (unit @ unit[relevant].T).max(1).values
+        closeness[~unseen] = -float("inf")
+        order = [int(j) for j in torch.argsort(closeness, descending=True) if closeness[j] > -float("inf")]
+        if irrelevant and order:
+            verdict = irrelevant(order[:4 * n_augment])
+            order = [j for j, bad in zip(order[:4 * n_augment], verdict) if not bad]
+        useful = order[:n_augment]
+        if useful:
+            v = v + a3 * scale * unit[useful].mean(0)
+        info["useful"] = useful
+    return v, info

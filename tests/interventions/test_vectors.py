@@ -146,3 +146,48 @@ def test_collect_with_prompts_averages_the_answer_tokens_only(tiny_llama):
         collect(tiny_llama, sae, site, answers, prompts=prompts[:1])
     with pytest.raises(SaeforgeError, match="the answer to prompt 2 is empty"):
         collect(tiny_llama, sae, site, [answers[0], "  "], prompts=prompts)
+
+
+W6 = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [3.0, 4.0, 0.0], [0.0, 0.0, 1.0],
+                   [1.0, 0.0, 1.0]])
+U6 = W6 / W6.norm(dim=1, keepdim=True)
+
+
+def _rsv_sets(n=12):
+    """Latent 0 relevant (higher on every positive), latent 1 equally active on both sets (noise), latent 2 only on
+    the negatives, latents 3–5 never fire; v_CAA = (3, 4, 0)."""
+    pos = _acts([[3.0, 4.0, 0.0]] * n, [[2.0 + i, 1.0 + i % 2, 0, 0, 0, 0] for i in range(n)])
+    neg = _acts([[0.0, 0.0, 0.0]] * n, [[0.1 * i, 1.0 + i % 2, 1.0 + i, 0, 0, 0] for i in range(n)])
+    return pos, neg
+
+
+def test_sae_rsv_stages_by_hand():
+    from saeforge.interventions.vectors import sae_rsv_vector
+
+    pos, neg = _rsv_sets()
+    caa = caa_vector(pos, neg)
+    sae = SimpleNamespace(W_dec=W6)
+    # relevant: {0}. Denoise: latents active on the positives are 0 (mean 7.5) and 1 (mean 1.5); 1 is not relevant,
+    # so v_noise = d̂_1 = (0, 1, 0). Augment: latents never firing on the positives are 2–5; closest to d̂_0 = (1,0,0)
+    # by cosine: 5 (1/√2), then 3 (0.6) → v_useful = (d̂_5 + d̂_3)/2. ‖v_CAA‖ = 5, α = (1, 0.5, 0.5).
+    v_noise, v_useful = U6[1], (U6[5] + U6[3]) / 2
+    v, info = sae_rsv_vector(sae, pos, neg, caa, n_augment=2)
+    assert info == {"relevant": [0], "noise": [1], "useful": [5, 3]}
+    torch.testing.assert_close(v, caa - 2.5 * v_noise + 2.5 * v_useful)
+    v, info = sae_rsv_vector(sae, pos, neg, caa, augment=False)
+    assert info["useful"] == []
+    torch.testing.assert_close(v, torch.tensor([3.0, 1.5, 0.0]))
+    v, info = sae_rsv_vector(sae, pos, neg, caa, denoise=False, n_augment=2)
+    assert info["noise"] == []
+    torch.testing.assert_close(v, caa + 2.5 * v_useful)
+    v, _ = sae_rsv_vector(sae, pos, neg, caa, denoise=False, augment=False, alphas=(2.0, 0.5, 0.5))
+    torch.testing.assert_close(v, 2 * caa)
+    # a judge that calls latents 0 and 5 irrelevant: 0 joins the noise (weights 7.5 : 1.5), 5 is never added
+    judge = lambda idx: [j in (0, 5) for j in idx]  # noqa: E731
+    v, info = sae_rsv_vector(sae, pos, neg, caa, n_augment=1, irrelevant=judge)
+    assert info == {"relevant": [0], "noise": [0, 1], "useful": [3]}
+    torch.testing.assert_close(v, caa - 2.5 * (7.5 * U6[0] + 1.5 * U6[1]) / 9 + 2.5 * U6[3])
+    with pytest.raises(SaeforgeError, match="at least one candidate"):
+        sae_rsv_vector(sae, pos, neg, caa, candidates=0)
+    with pytest.raises(SaeforgeError, match="no feature fires significantly more"):
+        sae_rsv_vector(sae, neg, neg, caa)
