@@ -136,6 +136,7 @@ def _commands() -> dict[str, tuple[type | dict, Callable | None, str]]:
     from saeforge.formats.convert import ConvertConfig, run_convert
     from saeforge.hierarchy.cli import HIERARCHY_ACTIONS
     from saeforge.hierarchy.modules_cli import MODULES_ACTIONS
+    from saeforge.interventions.bench import BenchSteeringConfig, run_bench_steering
     from saeforge.interventions.compare import CompareSteeringConfig, run_compare_steering
     from saeforge.interventions.generate import SteerConfig, run_steer
     from saeforge.training import TrainConfig
@@ -160,6 +161,8 @@ def _commands() -> dict[str, tuple[type | dict, Callable | None, str]]:
         "steer": (SteerConfig, run_steer, "generate with and without steering through features, side by side"),
         "compare-steering": (CompareSteeringConfig, run_compare_steering,
                              "compare CAA, STA and SAE-refined steering vectors on one behaviour"),
+        "bench-steering": (BenchSteeringConfig, run_bench_steering, "judge steering methods against baselines on "
+                           "one behaviour: strength sweep, behaviour × coherence, table and plot"),
         "convert": (ConvertConfig, run_convert,
                     "convert SAEs between formats (saeforge, SAELens, sparsify, Gemma Scope, circuit-tracer, "
                     "dictionary_learning)"),
