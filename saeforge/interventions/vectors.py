@@ -55,12 +55,15 @@ def _answer_batch(encoder: PromptEncoder, prompts: list[str], answers: list[str]
     """(ids, attention mask, keep) of prompt + answer rows padded on the right, keep only at answer positions.
 
     Prompt and answer are tokenized apart and joined as ids, so the answer's tokens are exactly those of the answer
-    text (give it with its leading space, e.g. " I cannot help with that.")."""
+    text; an answer is read with a leading space unless it or the prompt has one at the seam (text files strip
+    lines, and "Answer: 43" is what the model reads)."""
     rows, starts = [], []
     for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True), 1):
         head = encoder.ids(prompt, which=f"prompt {i}")
         if not answer.strip():
             raise SaeforgeError(f"the answer to prompt {i} is empty", "give every prompt a non-empty answer")
+        if not answer[:1].isspace() and not prompt[-1:].isspace():
+            answer = " " + answer
         tail = [int(t) for t in encoder.lm.tokenizer(answer, add_special_tokens=False)["input_ids"]]
         row = (head + tail)[:encoder.max_tokens]
         if len(row) <= len(head):

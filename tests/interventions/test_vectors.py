@@ -140,6 +140,8 @@ def test_collect_with_prompts_averages_the_answer_tokens_only(tiny_llama):
         torch.testing.assert_close(got.acts[i], x.mean(0), rtol=1e-5, atol=1e-6)
         with torch.no_grad():
             torch.testing.assert_close(got.feats[i], sae.encode(x).mean(0), rtol=1e-5, atol=1e-6)
+    stripped = collect(tiny_llama, sae, site, [a.strip() for a in answers], prompts=prompts)  # read with the space
+    torch.testing.assert_close(stripped.acts, got.acts)
     whole = collect(tiny_llama, sae, site, [q + a for q, a in zip(prompts, answers)])
     assert not torch.allclose(whole.acts, got.acts, atol=1e-3)  # the prompt's tokens really are left out
     with pytest.raises(SaeforgeError, match="1 prompts for 2 answers"):
