@@ -15,7 +15,11 @@ A **method** returns an :class:`Intervention`: a direction added at the SAE's si
 norm α × ‖v_CAA‖ for each α of the strength sweep (all methods at equal norm), or a prompt prefix (prompting, no
 strength). Methods: ``caa``, ``sta`` (arXiv 2505.20322), ``refined_caa`` (SAE-RSV's statistical selection),
 ``sae_rsv_denoise``, ``sae_rsv_augment``, ``sae_rsv`` (both stages; arXiv 2509.23799), and the baselines ``random``
-(a random direction at the same norm) and ``prompting`` (the instruction written before each prompt).
+(a random direction at the same norm) and ``prompting`` (the instruction written before each prompt); on request
+``srps`` (role-play steering, arXiv 2506.07335: the latents a role prompt switches on, injected as a rotation at the
+last prompt position during prefill; :mod:`saeforge.interventions.roleplay`) with its controls ``srps_diffmeans``
+(the role/plain mean difference, injected the same way) and ``roleplay_prompting`` (the role written before each
+prompt). SRPS's contrast questions are the pair prompts when given, else the prompts to steer.
 
 Every generation is sampled with the same seed and read back by the plain model. Scores per row: **behaviour** (mean
 of the scorer), **perplexity** of the continuations under the plain model (pooled), **coherence** = min(1, baseline
@@ -39,8 +43,9 @@ from simple_parsing.helpers import field
 from saeforge.errors import SaeforgeError
 
 SCORERS = ("keyword", "accuracy", "judge")
-METHODS = ("caa", "sta", "refined_caa", "sae_rsv_denoise", "sae_rsv_augment", "sae_rsv", "random", "prompting")
-DEFAULT_METHODS = METHODS
+METHODS = ("caa", "sta", "refined_caa", "sae_rsv_denoise", "sae_rsv_augment", "sae_rsv", "random", "prompting",
+           "srps", "srps_diffmeans", "roleplay_prompting")
+DEFAULT_METHODS = METHODS[:8]
 RESULT_FILE = "bench_steering.json"
 PLOT_FILE = "bench_steering.png"
 
@@ -147,6 +152,8 @@ class Intervention:
     vector: torch.Tensor | None = None
     prefix: str = ""
     info: dict = dc_field(default_factory=dict)
+    where: str = "all"
+    """``all`` non-special positions, or ``last_prompt`` (the last prompt position during prefill, norm kept)."""
 
 
 @dataclass
@@ -164,6 +171,28 @@ class BenchInputs:
     rsv_augment: int = 8
     rsv_alphas: tuple[float, float, float] = (1.0, 0.5, 0.5)
     seed: int = 0
+    lm: object = None
+    site: str = ""
+    policy: object = None
+    questions: list[str] = dc_field(default_factory=list)
+    roles: tuple[str, ...] = ()
+    srps_k: int = 15
+    srps_beta: float = 3.0
+    srps_tau: float = 0.2
+    _role_acts: tuple | None = None
+
+    def role_contrast(self):
+        """(with role, without) :class:`TextActivations` of the SRPS questions, read once."""
+        if self._role_acts is None:
+            from saeforge.interventions.roleplay import role_prompts
+            from saeforge.interventions.vectors import collect
+
+            if len(self.questions) < 2:
+                raise SaeforgeError("SRPS needs at least 2 questions to contrast", "give --pair-prompts FILE")
+            self._role_acts = (collect(self.lm, self.sae, self.site, role_prompts(self.questions, self.roles),
+                                       self.policy),
+                               collect(self.lm, self.sae, self.site, self.questions, self.policy))
+        return self._role_acts
 
 
 def _caa(x: BenchInputs) -> Intervention:
@@ -206,9 +235,28 @@ def _prompting(x: BenchInputs) -> Intervention:
     return Intervention(prefix=x.instruction)
 
 
+def _srps(x: BenchInputs) -> Intervention:
+    from saeforge.interventions.roleplay import srps_vector
+
+    with_role, without = x.role_contrast()
+    v, top = srps_vector(x.sae, with_role.feats, without.feats, k=x.srps_k, beta=x.srps_beta, tau=x.srps_tau)
+    return Intervention(v, info={"latents": top.tolist()}, where="last_prompt")
+
+
+def _srps_diffmeans(x: BenchInputs) -> Intervention:
+    with_role, without = x.role_contrast()
+    return Intervention(with_role.acts.mean(0) - without.acts.mean(0), where="last_prompt")
+
+
+def _roleplay_prompting(x: BenchInputs) -> Intervention:
+    return Intervention(prefix=x.roles[0])
+
+
 BUILDERS: dict[str, Callable[[BenchInputs], Intervention]] = {
     "caa": _caa, "sta": _sta, "refined_caa": _refined, "sae_rsv_denoise": _rsv(True, False),
-    "sae_rsv_augment": _rsv(False, True), "sae_rsv": _rsv(True, True), "random": _random, "prompting": _prompting}
+    "sae_rsv_augment": _rsv(False, True), "sae_rsv": _rsv(True, True), "random": _random, "prompting": _prompting,
+    "srps": _srps, "srps_diffmeans": _srps_diffmeans, "roleplay_prompting": _roleplay_prompting}
+PREFIX_METHODS = ("prompting", "roleplay_prompting")
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -248,7 +296,8 @@ class BenchSteeringConfig:
     """The prompting baseline's instruction, written before each prompt (e.g. 'Write about love.'); empty: no
     prompting row."""
     methods: tuple[str, ...] = DEFAULT_METHODS
-    """Methods to bench: caa, sta, refined_caa, sae_rsv_denoise, sae_rsv_augment, sae_rsv, random, prompting."""
+    """Methods to bench: caa, sta, refined_caa, sae_rsv_denoise, sae_rsv_augment, sae_rsv, random, prompting; and on
+    request srps, srps_diffmeans, roleplay_prompting (role-play steering and its controls)."""
     multipliers: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     """The strength sweep: vector norms as multiples of ‖v_CAA‖ (every vector method at each)."""
     trim: float = 0.35
@@ -261,6 +310,14 @@ class BenchSteeringConfig:
     """SAE-RSV augmentation: latents added (unseen in the positives, closest to the relevant ones)."""
     rsv_alphas: tuple[float, float, float] = (1.0, 0.5, 0.5)
     """SAE-RSV: α1 (CAA), α2 (noise removed), α3 (features added), the last two as fractions of ‖v_CAA‖."""
+    roles: tuple[str, ...] = ()
+    """SRPS: the role prompts (taken in turn); empty: five mathematics-teacher roles."""
+    srps_k: int = 15
+    """SRPS: latents kept (top k by sensitivity)."""
+    srps_beta: float = 3.0
+    """SRPS: weight β of the firing-rate difference in the sensitivity score."""
+    srps_tau: float = 0.2
+    """SRPS: activation above which a latent counts as firing."""
     max_new_tokens: int = 32
     """Tokens generated per prompt."""
     temperature: float = 0.7
@@ -314,7 +371,7 @@ def check_sweep(methods: Sequence[str], multipliers: Sequence[float]) -> None:
         raise SaeforgeError(f"unknown method(s) {', '.join(unknown)}", f"use any of {' '.join(METHODS)}")
     if not methods:
         raise SaeforgeError("no method to bench", f"give --methods, any of {' '.join(METHODS)}")
-    if any(m != "prompting" for m in methods) and not multipliers:
+    if any(m not in PREFIX_METHODS for m in methods) and not multipliers:
         raise SaeforgeError("the strength sweep is empty", "give --multipliers, e.g. --multipliers 1 2 4 8")
     bad = [m for m in multipliers if not (math.isfinite(m) and 0 < m <= 1000)]
     if bad:
@@ -367,7 +424,12 @@ def run_bench(steerer, behaviour: Behaviour, methods: Sequence[str], multipliers
     neg = collect(lm, sae, site.name, behaviour.negatives, steerer.policy, prompts=pairs)
     caa = caa_vector(pos, neg)
     norm = float(caa.norm())
-    x = BenchInputs(sae, pos, neg, caa, seed=seed, **inputs)
+    from saeforge.interventions.roleplay import ARITHMETIC_ROLES
+
+    inputs.setdefault("roles", ARITHMETIC_ROLES)
+    inputs["roles"] = tuple(inputs["roles"]) or ARITHMETIC_ROLES
+    x = BenchInputs(sae, pos, neg, caa, seed=seed, lm=lm, site=site.name, policy=steerer.policy,
+                    questions=list(pairs or behaviour.prompts), **inputs)
     built: dict[str, Intervention] = {}
     errors: dict[str, str] = {}
     for m in methods:
@@ -396,9 +458,8 @@ def run_bench(steerer, behaviour: Behaviour, methods: Sequence[str], multipliers
             row["fluency"] = sum(fl) / len(fl) if fl else float("nan")
         return row
 
-    points = [("none", 0.0)] + [(m, float(a)) for m in methods if m in built and m != "prompting"
-                                for a in multipliers] + [("prompting", 0.0) for m in methods
-                                                         if m == "prompting" and m in built]
+    points = [("none", 0.0)] + [(m, float(a)) for m in methods if m in built and m not in PREFIX_METHODS
+                                for a in multipliers] + [(m, 0.0) for m in methods if m in PREFIX_METHODS and m in built]
     gen = Continuations(steerer, behaviour.prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                         seed=seed)
     bar = tqdm(points, desc="bench", unit="row", disable=not progress, leave=False)
@@ -407,7 +468,7 @@ def run_bench(steerer, behaviour: Behaviour, methods: Sequence[str], multipliers
             bar.set_postfix_str(f"{method} {alpha:g}")
             if (method, alpha) in done:
                 row = done[(method, alpha)]
-            elif method == "prompting":
+            elif method in PREFIX_METHODS:
                 prefixed = [f"{built[method].prefix.strip()} {p}" for p in behaviour.prompts]
                 pgen = Continuations(steerer, prefixed, max_new_tokens=max_new_tokens, temperature=temperature,
                                      seed=seed)
@@ -417,8 +478,15 @@ def run_bench(steerer, behaviour: Behaviour, methods: Sequence[str], multipliers
                     new = gen.sample()
                 else:
                     v = built[method].vector
-                    with steerer.steering(vectors={site.name: v * (alpha * norm / v.norm().clamp_min(1e-12))}):
-                        new = gen.sample()
+                    v = v * (alpha * norm / v.norm().clamp_min(1e-12))
+                    if built[method].where == "last_prompt":
+                        from saeforge.interventions.roleplay import last_prompt_rotation
+
+                        with last_prompt_rotation(lm, site.name, v):
+                            new = gen.sample()
+                    else:
+                        with steerer.steering(vectors={site.name: v}):
+                            new = gen.sample()
                 row = {"method": method, "multiplier": alpha, **measure(gen, new, behaviour.prompts)}
             report["rows"].append(row)
             _score_rows(report["rows"])
@@ -482,7 +550,7 @@ def format_bench(report: dict) -> str:
               (" judge fluency |" if fluency else ""),
               "|---|---|---|---|---|---|" + ("---|" if fluency else "")]
     for r in report["rows"]:
-        alpha = f"{r['multiplier']:g}" if r["method"] not in ("none", "prompting") else "—"
+        alpha = f"{r['multiplier']:g}" if r["method"] != "none" and r["method"] not in PREFIX_METHODS else "—"
         lines.append(f"| {r['method']} | {alpha} | {_pct(r['behaviour'])} | {r['perplexity']:.1f} | "
                      f"{r['coherence']:.2f} | {r['behaviour_x_coherence']:.3f} |" +
                      (f" {_pct(r.get('fluency', float('nan')))} |" if fluency else ""))
@@ -513,7 +581,7 @@ def bench_plot(report: dict, path: Path) -> Path | None:
         by_method.setdefault(r["method"], []).append(r)
     for method, rows in by_method.items():
         xs, ys = [r["perplexity"] for r in rows], [100 * r["behaviour"] for r in rows]
-        if method in ("none", "prompting"):
+        if method == "none" or method in PREFIX_METHODS:
             ax.scatter(xs, ys, marker="*" if method == "none" else "D", s=90, label=method, zorder=3,
                        color="black" if method == "none" else "#55a868")
             continue
@@ -564,7 +632,8 @@ def bench_steering(cfg: BenchSteeringConfig, steerer=None) -> dict:
                             "--prompts-file)")
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "judge_retries", "judge_timeout")}
     inputs = dict(instruction=cfg.instruction, trim=cfg.trim, fdr=cfg.fdr, rsv_candidates=cfg.rsv_candidates,
-                  rsv_augment=cfg.rsv_augment, rsv_alphas=tuple(cfg.rsv_alphas))
+                  rsv_augment=cfg.rsv_augment, rsv_alphas=tuple(cfg.rsv_alphas), roles=tuple(cfg.roles),
+                  srps_k=cfg.srps_k, srps_beta=cfg.srps_beta, srps_tau=cfg.srps_tau)
     steerer = steerer or Steerer.from_run(cfg.path, model=cfg.model, device=cfg.device)
     run = lambda: run_bench(steerer, behaviour, cfg.methods, cfg.multipliers, inputs=inputs,  # noqa: E731
                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,

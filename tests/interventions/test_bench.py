@@ -229,3 +229,32 @@ def test_the_random_baseline_is_seeded_and_of_the_caa_size():
     other = B.BUILDERS["random"](B.BenchInputs(None, None, None, x.caa, seed=6)).vector
     assert not torch.allclose(a, other)
     assert B.BUILDERS["caa"](x).vector.tolist() == [3.0, 4.0, 0.0, 0.0]
+
+
+def test_srps_and_its_controls_inject_at_the_last_prompt_position(steerer, monkeypatch):
+    from saeforge.interventions import roleplay
+
+    injected = []
+    original = roleplay.last_prompt_rotation
+
+    @contextlib.contextmanager
+    def recording(lm, site, v):
+        injected.append((site, float(v.norm())))
+        with original(lm, site, v):
+            yield
+
+    monkeypatch.setattr(roleplay, "last_prompt_rotation", recording)
+    seen = _spy(monkeypatch, steerer)
+    questions = [f"Question: What is {a} plus {b}? Answer:" for a, b in [(2, 3), (4, 5), (7, 1), (6, 6), (9, 2)]]
+    behaviour = B.Behaviour([" 5", " 9", " 8", " 12", " 11"], [" 6", " 8", " 9", " 13", " 10"], questions[:2],
+                            B.AccuracyScorer(["5", "9"]), pair_prompts=questions)
+    report = B.run_bench(steerer, behaviour, ["srps", "srps_diffmeans", "roleplay_prompting"], [2.0],
+                         inputs={"roles": ("You are a mathematics teacher.",), "srps_k": 3}, max_new_tokens=3,
+                         progress=False)
+    assert report["method_errors"] == {}
+    assert [(r["method"], r["multiplier"]) for r in report["rows"]] == [
+        ("none", 0.0), ("srps", 2.0), ("srps_diffmeans", 2.0), ("roleplay_prompting", 0.0)]
+    assert len(report["methods"]["srps"]["info"]["latents"]) == 3
+    assert [s for s, _ in injected] == ["layers.1.resid_post"] * 2
+    assert [n for _, n in injected] == pytest.approx([2.0 * report["caa_norm"]] * 2, rel=1e-5)
+    assert not any(seen)  # nothing was added at every position
