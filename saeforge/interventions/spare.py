@@ -53,16 +53,22 @@ class Fact:
     substitute: str
 
     def closed_book(self) -> str:
-        return f"Question: What is the capital of {self.country}?\nAnswer:"
+        # the answer's lead-in is part of the prompt: a 135M model then names a city at once (12 of the first 12
+        # capitals, against 9 for a bare "Answer:")
+        return f"Q: What is the capital city of {self.country}?\nA: The capital city of {self.country} is"
 
     def conflict(self) -> str:
-        return f"Context: The capital of {self.country} is {self.substitute}.\n{self.closed_book()}"
+        return f"Context: The capital city of {self.country} is {self.substitute}.\n{self.closed_book()}"
 
 
-def conflict_set() -> list[Fact]:
-    """Every capital with a substitute: the capital of the country two places on (a real capital, never its own)."""
+SUBSTITUTE_OFFSETS = (2, 7, 13)
+
+
+def conflict_set(offsets: Sequence[int] = SUBSTITUTE_OFFSETS) -> list[Fact]:
+    """Every capital with one substitute per offset: the capital of the country that many places on in the list (a
+    real capital, never its own), so each fact is contradicted several ways."""
     items = list(CAPITALS.items())
-    return [Fact(c, cap, items[(i + 2) % len(items)][1]) for i, (c, cap) in enumerate(items)]
+    return [Fact(c, cap, items[(i + k) % len(items)][1]) for k in offsets for i, (c, cap) in enumerate(items)]
 
 
 def answer_of(generation: str, fact: Fact) -> str:
@@ -73,9 +79,10 @@ def answer_of(generation: str, fact: Fact) -> str:
     return min(hits, key=hits.get) if hits else "other"
 
 
-def mutual_information(z: np.ndarray, labels: np.ndarray, bins: int = 8) -> np.ndarray:
+def mutual_information(z: np.ndarray, labels: np.ndarray, bins: int = 2) -> np.ndarray:
     """Plug-in MI (nats) between each column of ``z`` [n, d] and binary ``labels`` [n]: zero is its own bin, the
-    non-zero values fall into ``bins`` equal-frequency bins."""
+    non-zero values fall into ``bins`` equal-frequency bins (few bins: the plug-in estimate is biased upwards by
+    about (bins)/(2n) nats, which on a few dozen prompts would favour latents with many distinct values)."""
     labels = np.asarray(labels).astype(int)
     if set(np.unique(labels)) - {0, 1}:
         raise SaeforgeError("labels must be 0 or 1", "label each example 1 (context) or 0 (memory)")
@@ -108,7 +115,7 @@ class SpareSelection:
 
 
 def select(z: torch.Tensor, labels: Sequence[int], *, proportion: float = 0.07, degree: float = 2.0,
-           bins: int = 8) -> SpareSelection:
+           bins: int = 2) -> SpareSelection:
     """C and P by mutual information (the smallest top set holding ``proportion`` of the total), split by the sign
     of the mean difference (context − memory), and their functional vectors."""
     y = np.asarray(labels).astype(int)
@@ -187,7 +194,7 @@ def _rates(labels: Sequence[str]) -> dict[str, float]:
 
 
 def run_spare(steerer, facts: Sequence[Fact] | None = None, *, proportion: float = 0.07, degree: float = 2.0,
-              max_new_tokens: int = 6) -> dict:
+              bins: int = 2, max_new_tokens: int = 6) -> dict:
     """Base rates (closed-book accuracy; context/memory/other under conflict, on the facts the model knows), then
     SpARE selected on half of the known facts and applied to the other half in both directions."""
     if len(steerer.bound) != 1:
@@ -195,21 +202,26 @@ def run_spare(steerer, facts: Sequence[Fact] | None = None, *, proportion: float
     bound = next(iter(steerer.bound.values()))
     sae, site, lm = bound.sae, bound.write_site.name, steerer.lm
     facts = list(facts or conflict_set())
-    closed = [answer_of(g, f) for g, f in zip(_answers(steerer, [f.closed_book() for f in facts], max_new_tokens),
-                                               facts)]
-    known = [f for f, a in zip(facts, closed) if a == "memory"]
-    if len(known) < 8:
-        raise SaeforgeError(f"the model knows only {len(known)} of the {len(facts)} facts",
+    countries = list(dict.fromkeys(f.country for f in facts))
+    first = {f.country: f for f in reversed(facts)}
+    closed = {c: answer_of(g, first[c]) for c, g in
+              zip(countries, _answers(steerer, [first[c].closed_book() for c in countries], max_new_tokens))}
+    known_countries = [c for c in countries if closed[c] == "memory"]
+    if len(known_countries) < 8:
+        raise SaeforgeError(f"the model knows only {len(known_countries)} of the {len(countries)} facts",
                             "use facts the model answers correctly without context")
+    known = [f for f in facts if closed[f.country] == "memory"]
     conflict = [answer_of(g, f) for g, f in zip(_answers(steerer, [f.conflict() for f in known], max_new_tokens),
                                                  known)]
-    report = {"n_facts": len(facts), "closed_book_accuracy": len(known) / len(facts), "n_known": len(known),
-              "conflict_rates": _rates(conflict)}
-    train = [i for i in range(len(known)) if i % 2 == 0]
-    test = [i for i in range(len(known)) if i % 2 == 1]
+    report = {"n_facts": len(countries), "closed_book_accuracy": len(known_countries) / len(countries),
+              "n_known": len(known_countries), "n_conflicts": len(known), "conflict_rates": _rates(conflict)}
+    held_out = set(known_countries[1::2])  # split by country: no fact is seen on both sides
+    train = [i for i, f in enumerate(known) if f.country not in held_out]
+    test = [i for i, f in enumerate(known) if f.country in held_out]
     labelled = [i for i in train if conflict[i] != "other"]
     z = last_latents(lm, sae, site, [known[i].conflict() for i in labelled], steerer.policy)
-    sel = select(z, [int(conflict[i] == "context") for i in labelled], proportion=proportion, degree=degree)
+    sel = select(z, [int(conflict[i] == "context") for i in labelled], proportion=proportion, degree=degree,
+                 bins=bins)
     report.update(n_train=len(labelled), n_test=len(test), context_latents=sel.context.tolist(),
                   memory_latents=sel.memory.tolist())
     test_prompts = [known[i].conflict() for i in test]
@@ -227,11 +239,21 @@ def format_spare(report: dict) -> str:
     pct = lambda v: f"{100 * v:.0f}%"  # noqa: E731
     r = report["conflict_rates"]
     lines = [f"closed-book accuracy {pct(report['closed_book_accuracy'])} ({report['n_known']} of "
-             f"{report['n_facts']} facts known); under a conflicting context: context {pct(r['context'])}, memory "
-             f"{pct(r['memory'])}, other {pct(r['other'])}",
+             f"{report['n_facts']} capitals known); {report['n_conflicts']} conflicts on them: context "
+             f"{pct(r['context'])}, memory {pct(r['memory'])}, other {pct(r['other'])}",
              f"selected on {report['n_train']} labelled prompts: {len(report['context_latents'])} context latents, "
              f"{len(report['memory_latents'])} memory latents; tested on {report['n_test']} held-out prompts",
              "| edit | context answer | memory answer | other |", "|---|---|---|---|"]
     for name, rates in report["test_rates"].items():
         lines.append(f"| {name} | {pct(rates['context'])} | {pct(rates['memory'])} | {pct(rates['other'])} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from saeforge.interventions.steering import Steerer
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m saeforge.interventions.spare SAE_FOLDER")
+    print(format_spare(run_spare(Steerer.from_run(sys.argv[1]))))

@@ -68,10 +68,18 @@ def test_the_edit_in_both_directions_by_hand():
 
 def test_conflict_set_and_answer_labels():
     facts = conflict_set()
-    assert len(facts) >= 30 and all(f.substitute != f.memory for f in facts)
+    assert len(facts) == 3 * len({f.country for f in facts}) >= 90 and all(f.substitute != f.memory for f in facts)
     f = Fact("France", "Paris", "Tokyo")
-    assert "The capital of France is Tokyo." in f.conflict() and f.conflict().endswith(f.closed_book())
+    assert "The capital city of France is Tokyo." in f.conflict() and f.conflict().endswith(f.closed_book())
     assert answer_of(" Tokyo, of course", f) == "context"
     assert answer_of(" Paris.\nQuestion: Tokyo", f) == "memory"  # the first line only
     assert answer_of(" Paris, not Tokyo", f) == "memory"  # the first named
     assert answer_of(" Lyon", f) == "other"
+
+
+def test_run_spare_refuses_a_model_that_knows_no_fact(tiny_run, tiny_llama):
+    from saeforge.interventions.spare import run_spare
+    from saeforge.interventions.steering import Steerer
+
+    with pytest.raises(SaeforgeError, match=r"the model knows only \d of the 39 facts"):
+        run_spare(Steerer.from_run(tiny_run, lm=tiny_llama), max_new_tokens=2)
