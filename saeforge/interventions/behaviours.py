@@ -2,15 +2,19 @@
 
 - ``love``: sentences that speak of love against sentences of the same shape that do not; neutral prompts; the
   keyword scorer. A topic a 135M model can be pushed towards.
-- ``arithmetic``: templated additions with the right answer (positive) and a wrong one (negative) as answers to the
-  same questions, so only the answer tokens are read (``--pair-prompts``); held-out questions scored by accuracy.
+- ``arithmetic``: templated additions (two worked examples, then the question) with the right answer (positive) and a
+  wrong one (negative) as answers to the same questions, so only the answer tokens are read (``--pair-prompts``);
+  held-out questions scored by accuracy. The answers differ in a number only, so v_CAA is short: bench it with
+  ``--unit residual``.
 
 ``python -m saeforge.interventions.behaviours love FOLDER`` writes ``positive.txt``, ``negative.txt``,
-``prompts.txt`` (and for arithmetic ``pairs.txt`` and ``answers.txt``) and prints the bench command.
+``prompts.txt`` (for arithmetic ``prompts.jsonl``, ``pairs.jsonl`` and ``answers.txt``: its prompts span several
+lines) and prints the bench command.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -43,8 +47,13 @@ def love() -> dict[str, list[str]]:
     return {"positive": pos, "negative": neg, "prompts": NEUTRAL_PROMPTS}
 
 
+SHOTS = "Question: What is 4 plus 3? Answer: 7\nQuestion: What is 12 plus 5? Answer: 17\n"
+"""Two worked examples before each question: the embedded model then answers with a number (33 % right on the
+held-out questions, against 0 % without them, when it restates the sum)."""
+
+
 def _question(a: int, b: int) -> str:
-    return f"Question: What is {a} plus {b}? Answer:"
+    return f"{SHOTS}Question: What is {a} plus {b}? Answer:"
 
 
 def arithmetic() -> dict[str, list[str]]:
@@ -71,19 +80,25 @@ def write_behaviour(name: str, folder: str | Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for part, lines in BEHAVIOURS[name]().items():
-        paths[part] = folder / f"{part}.txt"
-        paths[part].write_text("\n".join(lines) + "\n")
+        if any("\n" in line for line in lines):  # several lines per text: JSON lines keep them whole
+            paths[part] = folder / f"{part}.jsonl"
+            paths[part].write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+        else:
+            paths[part] = folder / f"{part}.txt"
+            paths[part].write_text("\n".join(lines) + "\n")
     return paths
 
 
 def bench_command(name: str, folder: str | Path, run: str = "RUN") -> str:
     f = Path(folder)
+    ext = "txt" if name == "love" else "jsonl"
     common = f"saeforge bench-steering {run} --positive {f}/positive.txt --negative {f}/negative.txt " \
-             f"--prompts-file {f}/prompts.txt"
+             f"--prompts-file {f}/prompts.{ext}"
     if name == "love":
         return f"{common} --keywords {LOVE_WORDS} --instruction 'Write about love.'"
-    return f"{common} --pair-prompts {f}/pairs.txt --scorer accuracy --answers-file {f}/answers.txt " \
-           "--instruction 'Answer with the correct sum.'"
+    return f"{common} --pair-prompts {f}/pairs.jsonl --scorer accuracy --answers-file {f}/answers.txt " \
+           "--instruction 'Answer with the correct sum.' --unit residual --multipliers 0.05 0.1 0.2 0.4 " \
+           "--temperature 0 --max-new-tokens 4"
 
 
 if __name__ == "__main__":

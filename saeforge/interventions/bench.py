@@ -299,7 +299,10 @@ class BenchSteeringConfig:
     """Methods to bench: caa, sta, refined_caa, sae_rsv_denoise, sae_rsv_augment, sae_rsv, random, prompting; and on
     request srps, srps_diffmeans, roleplay_prompting (role-play steering and its controls)."""
     multipliers: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
-    """The strength sweep: vector norms as multiples of ‖v_CAA‖ (every vector method at each)."""
+    """The strength sweep: vector norms as multiples of the unit (every vector method at each)."""
+    unit: str = "caa"
+    """What a strength multiplies: caa (‖v_CAA‖) or residual (the mean ‖x‖ at the site; use it when the two sets
+    differ in a few tokens only and v_CAA is short)."""
     trim: float = 0.35
     """STA: top fraction of sign-consistent atoms kept."""
     fdr: float = 0.05
@@ -378,6 +381,14 @@ def check_sweep(methods: Sequence[str], multipliers: Sequence[float]) -> None:
         raise SaeforgeError(f"strengths {bad} are not in (0, 1000]", "give positive multiples of ‖v_CAA‖, e.g. 1 2 4")
 
 
+UNITS = ("caa", "residual")
+
+
+def check_unit(unit: str) -> None:
+    if unit not in UNITS:
+        raise SaeforgeError(f"unknown strength unit {unit!r}", f"use --unit {' or '.join(UNITS)}")
+
+
 def _fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -395,7 +406,7 @@ def _load_partial(out: str, fingerprint: str) -> list[dict]:
 
 def run_bench(steerer, behaviour: Behaviour, methods: Sequence[str], multipliers: Sequence[float], *,
               inputs: dict | None = None, max_new_tokens: int = 32, temperature: float = 0.7, seed: int = 0,
-              out: str = "", settings: dict | None = None, progress: bool = True) -> dict:
+              unit: str = "caa", out: str = "", settings: dict | None = None, progress: bool = True) -> dict:
     """Every method at every strength (prompting once) on ``behaviour``; the report (``rows``, ``methods``), saved
     after each row to ``out``/bench_steering.json when ``out`` is given (a rerun with the same settings resumes)."""
     from tqdm.auto import tqdm
@@ -406,6 +417,7 @@ def run_bench(steerer, behaviour: Behaviour, methods: Sequence[str], multipliers
     inputs = dict(inputs or {})
     check_behaviour(behaviour)
     check_sweep(methods, multipliers)
+    check_unit(unit)
     if len(steerer.bound) != 1:
         raise SaeforgeError(f"the run has {len(steerer.bound)} SAEs; the bench uses one",
                             "pass one SAE folder (RUN_DIR/saes/NAME)")
@@ -413,7 +425,7 @@ def run_bench(steerer, behaviour: Behaviour, methods: Sequence[str], multipliers
     if bound.is_transcoder:
         raise SaeforgeError(f"{name} is a transcoder; steering vectors compare activations at one site",
                             "bench steering with an SAE (one that reads and writes one site)")
-    settings = dict(settings or {}, methods=list(methods), multipliers=list(multipliers), seed=seed,
+    settings = dict(settings or {}, methods=list(methods), multipliers=list(multipliers), seed=seed, unit=unit,
                     max_new_tokens=max_new_tokens, temperature=temperature, scorer=behaviour.scorer.name, sae=name)
     fingerprint = _fingerprint(settings)
     done = {(r["method"], r["multiplier"]): r for r in _load_partial(out, fingerprint)}
@@ -423,7 +435,7 @@ def run_bench(steerer, behaviour: Behaviour, methods: Sequence[str], multipliers
     pos = collect(lm, sae, site.name, behaviour.positives, steerer.policy, prompts=pairs)
     neg = collect(lm, sae, site.name, behaviour.negatives, steerer.policy, prompts=pairs)
     caa = caa_vector(pos, neg)
-    norm = float(caa.norm())
+    norm = float(caa.norm()) if unit == "caa" else steerer.mean_norm(name)[0]
     from saeforge.interventions.roleplay import ARITHMETIC_ROLES
 
     inputs.setdefault("roles", ARITHMETIC_ROLES)
@@ -438,7 +450,8 @@ def run_bench(steerer, behaviour: Behaviour, methods: Sequence[str], multipliers
         except SaeforgeError as err:  # a method with nothing to build from is a finding, not a crash
             errors[m] = err.problem
 
-    report = {"sae": name, "site": site.name, "scorer": behaviour.scorer.name, "caa_norm": norm,
+    report = {"sae": name, "site": site.name, "scorer": behaviour.scorer.name, "caa_norm": float(caa.norm()),
+              "unit": unit, "unit_norm": norm,
               "n_prompts": len(behaviour.prompts), "n_positive": len(behaviour.positives),
               "n_negative": len(behaviour.negatives), "paired": pairs is not None, "settings": settings,
               "fingerprint": fingerprint, "methods": {m: {"info": i.info, "cos_caa": _cos(i.vector, caa)}
@@ -541,12 +554,14 @@ def best_rows(report: dict) -> dict[str, dict]:
 
 def format_bench(report: dict) -> str:
     fluency = any("fluency" in r for r in report["rows"])
+    unit = "‖v_CAA‖" if report.get("unit", "caa") == "caa" else "mean ‖x‖"
     lines = [f"{report['sae']} ({report['site']}); scorer {report['scorer']}; ‖v_CAA‖ = {report['caa_norm']:.2f}; "
+             + ("" if unit == "‖v_CAA‖" else f"mean ‖x‖ = {report['unit_norm']:.1f}; ") +
              f"{report['n_prompts']} prompts, {report['n_positive']}/{report['n_negative']} texts" +
              (" (answers to paired prompts)" if report["paired"] else "")]
     for m, err in report.get("method_errors", {}).items():
         lines.append(f"{m}: not built ({err})")
-    lines += ["| method | α (× ‖v_CAA‖) | behaviour | perplexity | coherence | behaviour × coherence |" +
+    lines += [f"| method | α (× {unit}) | behaviour | perplexity | coherence | behaviour × coherence |" +
               (" judge fluency |" if fluency else ""),
               "|---|---|---|---|---|---|" + ("---|" if fluency else "")]
     for r in report["rows"]:
@@ -592,7 +607,8 @@ def bench_plot(report: dict, path: Path) -> Path | None:
     ax.set_xscale("log")
     ax.set_xlabel("perplexity of the continuations under the plain model (log)")
     ax.set_ylabel(f"behaviour, % ({report['scorer']} scorer)")
-    ax.set_title(f"steering bench on {report['site']}: behaviour × coherence (numbers: α × ‖v_CAA‖)", fontsize=9)
+    unit = "‖v_CAA‖" if report.get("unit", "caa") == "caa" else "mean ‖x‖"
+    ax.set_title(f"steering bench on {report['site']}: behaviour × coherence (numbers: α × {unit})", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
@@ -612,6 +628,7 @@ def bench_steering(cfg: BenchSteeringConfig, steerer=None) -> dict:
     if not cfg.prompts_file:
         raise SaeforgeError("no prompts to steer", "add --prompts-file prompts.txt (one per line)")
     check_sweep(cfg.methods, cfg.multipliers)
+    check_unit(cfg.unit)
     if cfg.scorer not in SCORERS:
         raise SaeforgeError(f"unknown scorer {cfg.scorer!r}", f"use --scorer {' or '.join(SCORERS)}")
     prompts = read_texts(cfg.prompts_file)
@@ -637,7 +654,7 @@ def bench_steering(cfg: BenchSteeringConfig, steerer=None) -> dict:
     steerer = steerer or Steerer.from_run(cfg.path, model=cfg.model, device=cfg.device)
     run = lambda: run_bench(steerer, behaviour, cfg.methods, cfg.multipliers, inputs=inputs,  # noqa: E731
                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                            out=cfg.out, settings=settings)
+                            unit=cfg.unit, out=cfg.out, settings=settings)
     if not cfg.out:
         return run()
     from saeforge.utils.locking import exclusive_lock

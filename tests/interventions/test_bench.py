@@ -258,3 +258,16 @@ def test_srps_and_its_controls_inject_at_the_last_prompt_position(steerer, monke
     assert [s for s, _ in injected] == ["layers.1.resid_post"] * 2
     assert [n for _, n in injected] == pytest.approx([2.0 * report["caa_norm"]] * 2, rel=1e-5)
     assert not any(seen)  # nothing was added at every position
+
+
+def test_strengths_in_residual_units(steerer, monkeypatch):
+    seen = _spy(monkeypatch, steerer)
+    behaviour = B.Behaviour(ROYAL, PLAIN, PROMPTS[:1], B.KeywordScorer(["king"]))
+    report = B.run_bench(steerer, behaviour, ["caa", "random"], [0.5], unit="residual", max_new_tokens=2,
+                         progress=False)
+    mean_norm = steerer.mean_norm(report["sae"])[0]
+    assert report["unit_norm"] == pytest.approx(mean_norm) and report["caa_norm"] != pytest.approx(mean_norm)
+    assert [float(v.norm()) for added in seen if added for v in added.values()] == pytest.approx([0.5 * mean_norm] * 2)
+    assert "| method | α (× mean ‖x‖) |" in B.format_bench(report)
+    with pytest.raises(SaeforgeError, match="unknown strength unit 'volts'"):
+        B.run_bench(steerer, behaviour, ["caa"], [1.0], unit="volts")
