@@ -471,8 +471,9 @@ def run_bench(steerer, behaviour: Behaviour, methods: Sequence[str], multipliers
             row["fluency"] = sum(fl) / len(fl) if fl else float("nan")
         return row
 
-    points = [("none", 0.0)] + [(m, float(a)) for m in methods if m in built and m not in PREFIX_METHODS
-                                for a in multipliers] + [(m, 0.0) for m in methods if m in PREFIX_METHODS and m in built]
+    steered = [m for m in methods if m in built and m not in PREFIX_METHODS]
+    by_prefix = [m for m in methods if m in built and m in PREFIX_METHODS]
+    points = [("none", 0.0)] + [(m, float(a)) for m in steered for a in multipliers] + [(m, 0.0) for m in by_prefix]
     gen = Continuations(steerer, behaviour.prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                         seed=seed)
     bar = tqdm(points, desc="bench", unit="row", disable=not progress, leave=False)
