@@ -412,6 +412,7 @@ def run_bench(steerer, behaviour: Behaviour, methods: Sequence[str], multipliers
     from tqdm.auto import tqdm
 
     from saeforge.interventions.generate import Continuations, pooled_perplexity
+    from saeforge.interventions.roleplay import ARITHMETIC_ROLES
     from saeforge.interventions.vectors import caa_vector, collect
 
     inputs = dict(inputs or {})
@@ -436,8 +437,6 @@ def run_bench(steerer, behaviour: Behaviour, methods: Sequence[str], multipliers
     neg = collect(lm, sae, site.name, behaviour.negatives, steerer.policy, prompts=pairs)
     caa = caa_vector(pos, neg)
     norm = float(caa.norm()) if unit == "caa" else steerer.mean_norm(name)[0]
-    from saeforge.interventions.roleplay import ARITHMETIC_ROLES
-
     inputs.setdefault("roles", ARITHMETIC_ROLES)
     inputs["roles"] = tuple(inputs["roles"]) or ARITHMETIC_ROLES
     x = BenchInputs(sae, pos, neg, caa, seed=seed, lm=lm, site=site.name, policy=steerer.policy,
