@@ -23,8 +23,8 @@ prompt). SRPS's contrast questions are the pair prompts when given, else the pro
 
 Every generation is sampled with the same seed and read back by the plain model. Scores per row: **behaviour** (mean
 of the scorer), **perplexity** of the continuations under the plain model (pooled), **coherence** = min(1, baseline
-perplexity / perplexity), and **behaviour × coherence**, the product the steering papers report to penalise a
-method that buys the behaviour with gibberish (AxBench-style aggregate; arXiv 2501.17148).
+perplexity / perplexity), and **behaviour × coherence**, which penalises a method that buys the behaviour with
+gibberish (in the spirit of AxBench's aggregate of concept and fluency scores, arXiv 2501.17148).
 """
 
 from __future__ import annotations
