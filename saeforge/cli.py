@@ -153,6 +153,10 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "compare-steering": ("saeforge.interventions.compare:CompareSteeringConfig",
                          "saeforge.interventions.compare:run_compare_steering",
                          "compare CAA, STA and SAE-refined steering vectors on one behaviour"),
+    "bench-steering": ("saeforge.interventions.bench:BenchSteeringConfig",
+                       "saeforge.interventions.bench:run_bench_steering",
+                       "judge steering methods against baselines on one behaviour: strength sweep, behaviour × "
+                       "coherence, table and plot"),
     "convert": ("saeforge.formats.convert:ConvertConfig", "saeforge.formats.convert:run_convert",
                 "convert SAEs between formats (saeforge, SAELens, sparsify, Gemma Scope, circuit-tracer, "
                 "dictionary_learning)"),
