@@ -67,7 +67,9 @@ def circuit_saes(lm, saes: Mapping[str, Any]) -> list[CircuitSAE]:
             raise SaeforgeError(f"the SAE for {site} has width {sae.cfg.d_in} but the site has width {resolved.d} on "
                                 f"{lm.name}: it belongs to another model", "use SAEs trained on this model")
         fingerprint = meta.get("model_fingerprint")
-        if fingerprint and fingerprint != lm.fingerprint():
+        # the fingerprint hashes the weights in the dtype they were loaded in (a bfloat16 run differs from a float32
+        # one), so a different fingerprint under the same model name is the same model
+        if fingerprint and fingerprint != lm.fingerprint() and meta.get("model_name") != lm.name:
             raise SaeforgeError(f"the SAE for {site} was trained on model {meta.get('model_name')!r} (fingerprint "
                                 f"{fingerprint}), not on {lm.name} ({lm.fingerprint()})",
                                 f"load the model the SAEs were trained on (--model {meta.get('model_name')})")
