@@ -122,6 +122,7 @@ def run_import(cfg) -> None:
 def _commands() -> dict[str, tuple[type | dict, Callable | None, str]]:
     """``{name: (config class, function, help)}``; a group of subcommands (``saeforge flow match``) has a dict of
     those in place of the config class and no function."""
+    from saeforge.circuits.cli import circuit_commands
     from saeforge.data.activation_cache import CacheConfig
     from saeforge.data.array_import import ImportConfig
     from saeforge.demo import DemoConfig, run_demo
@@ -170,6 +171,8 @@ def _commands() -> dict[str, tuple[type | dict, Callable | None, str]]:
                  "groups, deactivation, multi-layer steering"),
         "hierarchy": (HIERARCHY_ACTIONS, None,
                       "feature trees: link SAEs after training, measure and judge trees, absorption and splitting"),
+        "circuit": (circuit_commands(), None,
+                    "sparse feature circuits: tasks, node and edge attribution, faithfulness"),
         "modules": (MODULES_ACTIONS, None, "co-activation modules across adjacent layers' SAEs: build, test on a task, "
                     "steer"),
     }

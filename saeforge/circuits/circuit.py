@@ -333,12 +333,14 @@ def plot_curve(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str = ""
     return path
 
 
-def write_circuit(circuit: Circuit, folder: Path) -> dict[str, Path]:
-    """``circuit.json`` and ``circuit.dot`` in ``folder`` (written atomically)."""
+def write_circuit(circuit: Circuit, folder: Path, *,
+                  explanations: Mapping[tuple[str, int], str] | None = None) -> dict[str, Path]:
+    """``circuit.json`` and ``circuit.dot`` (features labelled with their ``explanations``) in ``folder``, written
+    atomically."""
     from saeforge.utils.atomic import atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / "circuit.json", "dot": folder / "circuit.dot"}
     atomic_write_text(paths["json"], json.dumps(circuit.to_json(), indent=1) + "\n")
-    atomic_write_text(paths["dot"], circuit.to_dot())
+    atomic_write_text(paths["dot"], circuit.to_dot(explanations=explanations))
     return paths
