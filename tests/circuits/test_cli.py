@@ -57,13 +57,27 @@ def test_cli_bad_input_is_a_clear_error(tiny_run, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"name": "x", "pairs": [{"clean": "a"}]}))
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    for args, words in (([str(tiny_run), "--task", str(bad)], "pair 0 has no 'corrupt'"),
-                        ([str(tiny_run), "--method", "exact"], "unknown method"),
-                        ([str(tiny_run), "--layers", "3-1"], "runs backwards")):
-        proc = subprocess.run([sys.executable, "-m", "saeforge", "circuit", "find", *args, "--device", "cpu"],
-                              capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 2, proc.stderr
-        assert words in proc.stderr and "fix:" in proc.stderr
-    help_text = subprocess.run([sys.executable, "-m", "saeforge", "circuit", "find", "--help"], capture_output=True,
-                               text=True, env=env, timeout=300).stdout
-    assert "--node-threshold" in help_text and "integrated gradients" in help_text
+    proc = subprocess.run([sys.executable, "-m", "saeforge", "circuit", "find", str(tiny_run), "--task", str(bad),
+                           "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "pair 0 has no 'corrupt'" in proc.stderr and "fix:" in proc.stderr
+
+
+@pytest.mark.parametrize("changes, words", [({"method": "exact"}, "unknown method"),
+                                            ({"layers": "3-1"}, "runs backwards"),
+                                            ({"layers": "x"}, "not a layer range"),
+                                            ({"steps": 0}, "must be ≥ 1"),
+                                            ({"run": ""}, "no run given")])
+def test_options_are_checked_before_any_work(changes, words, tmp_path):
+    cfg = FindConfig(**({"run": str(tmp_path / "nothing-here")} | changes))
+    with pytest.raises(SaeforgeError, match=words):
+        run_find(cfg)
+
+
+def test_help(capsys):
+    from saeforge.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["circuit", "find", "--help"])
+    text = capsys.readouterr().out
+    assert "--node-threshold" in text and "integrated gradients" in text
