@@ -16,6 +16,7 @@ circuits with as many features at each site, drawn among the features active on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,9 +184,13 @@ def node_means(lm, enc: EncodedTask, saes: Sequence[CircuitSAE], *, batch_size: 
 
 @torch.no_grad()
 def ablated_metric(lm, enc: EncodedTask, saes: Sequence[CircuitSAE], keep_nodes: Mapping[str, torch.Tensor],
-                   means: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, batch_size: int = 32) -> float:
+                   means: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *, batch_size: int = 32,
+                   blocks: Mapping[int, Any] | None = None) -> float:
     """Mean metric on the clean prompts with every node outside ``keep_nodes`` (``{site: [d_sae + 1] bool}``)
-    mean-ablated and the nodes inside computed live."""
+    mean-ablated and the nodes inside computed live. ``blocks`` (``{first row: BlockInput}`` of each batch, from
+    :func:`clean_block_inputs`) skips the blocks before the first site."""
+    from saeforge.models.suffix import skipping_blocks
+
     total = 0.0
     for start in range(0, len(enc), batch_size):
         part = enc.rows(slice(start, start + batch_size))
@@ -204,10 +209,27 @@ def ablated_metric(lm, enc: EncodedTask, saes: Sequence[CircuitSAE], keep_nodes:
 
             return edit
 
-        with lm.edit({c.site: edit_for(c) for c in saes}):
+        skip = skipping_blocks(lm, blocks[start]) if blocks else contextlib.nullcontext()
+        with skip, lm.edit({c.site: edit_for(c) for c in saes}):
             logits = lm.logits(part.clean_ids.to(lm.device), part.attention_mask.to(lm.device))
         total += float(part.metric(logits).double().sum())
     return total / len(enc)
+
+
+@torch.no_grad()
+def clean_block_inputs(lm, enc: EncodedTask, saes: Sequence[CircuitSAE], *, batch_size: int = 32) -> dict[int, Any]:
+    """``{first row: BlockInput}``: the hidden states entering the first block any site needs, per batch of clean
+    prompts, so that repeated ablation forwards run only the blocks from there on (saeforge.models.suffix)."""
+    from saeforge.models.suffix import first_block, read_block_inputs
+
+    start = first_block(lm, [c.site for c in saes])
+    out = {}
+    for row in range(0, len(enc), batch_size):
+        part = enc.rows(slice(row, row + batch_size))
+        inputs, _ = read_block_inputs(lm, part.clean_ids.to(lm.device), [start],
+                                      attention_mask=part.attention_mask.to(lm.device))
+        out[row] = inputs[start]
+    return out
 
 
 @dataclass
@@ -221,6 +243,7 @@ class Evaluator:
 
     def __post_init__(self) -> None:
         self.means = node_means(self.lm, self.enc, self.saes, batch_size=self.batch_size)
+        self.blocks = clean_block_inputs(self.lm, self.enc, self.saes, batch_size=self.batch_size)
         every = {c.site: torch.ones(c.d_sae + 1, dtype=torch.bool) for c in self.saes}
         none = {c.site: torch.zeros(c.d_sae + 1, dtype=torch.bool) for c in self.saes}
         self.m_model = self.metric(every)
@@ -232,7 +255,8 @@ class Evaluator:
         self.active = self._active()
 
     def metric(self, keep_nodes: Mapping[str, torch.Tensor]) -> float:
-        return ablated_metric(self.lm, self.enc, self.saes, keep_nodes, self.means, batch_size=self.batch_size)
+        return ablated_metric(self.lm, self.enc, self.saes, keep_nodes, self.means, batch_size=self.batch_size,
+                              blocks=self.blocks)
 
     def faithfulness(self, nodes: Mapping[str, Sequence[int]], *, complement: bool = False) -> float:
         masks = {}

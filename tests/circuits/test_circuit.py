@@ -64,6 +64,8 @@ def test_ablating_one_feature_is_replacing_it_by_its_mean(setup):
     with lm.edit({c.site: by_hand}):
         want = float(enc.metric(lm.logits(enc.clean_ids, enc.attention_mask)).mean())
     assert ablated_metric(lm, enc, saes, masks, ev.means) == pytest.approx(want, rel=1e-9)
+    # the same, running only the blocks after the cached input of the first site's block
+    assert ev.metric(masks) == pytest.approx(want, rel=1e-9)
     assert want != pytest.approx(ev.m_model, rel=1e-6)
 
 
@@ -134,3 +136,14 @@ def test_means_cover_ragged_prompts(setup):
     values = read_nodes(lm, ragged.corrupt_ids[1:], ragged.attention_mask[1:], saes).values
     f = values[SITES[0]][0]
     assert torch.allclose(means[SITES[0]][0][-1].double(), f[:, -1].mean(0).double(), atol=1e-6)
+
+
+def test_skipping_the_blocks_before_the_first_site_changes_nothing(setup):
+    lm, saes, enc, _ = setup
+    later = saes[1:]  # layers.1.resid_post first: blocks 0 and 1 are skipped
+    ev = Evaluator(lm, enc, later, batch_size=4)
+    assert all(b.start == 2 for b in ev.blocks.values())
+    clean = enc.metric(lm.logits(enc.clean_ids, enc.attention_mask))
+    assert ev.m_model == pytest.approx(float(clean.mean()), rel=1e-9)
+    masks = {c.site: torch.rand(c.d_sae + 1, generator=torch.Generator().manual_seed(3)) > 0.5 for c in later}
+    assert ev.metric(masks) == pytest.approx(ablated_metric(lm, enc, later, masks, ev.means, batch_size=4), rel=1e-9)
