@@ -142,7 +142,8 @@ def parse_layers(text: str) -> tuple[int, int]:
 
 
 def explanations(run_dir: Path, circuit) -> dict[tuple[str, int], str]:
-    """The feature store's explanations of the circuit's features (none when the run has no store)."""
+    """Labels of the circuit's features from the run's feature store: the explanation, else the tokens the feature
+    fires on most (none when the run has no store)."""
     from saeforge.features.store import FeatureStore
 
     path = run_dir / "features.sqlite"
@@ -156,7 +157,9 @@ def explanations(run_dir: Path, circuit) -> dict[tuple[str, int], str]:
                 for i in idxs:
                     if i == circuit.d_sae[site] or site not in names:
                         continue
-                    text = store.feature(names[site], i, with_examples=False).get("explanation")
+                    row = store.feature(names[site], i, with_examples=False)
+                    top = ", ".join(str(t).strip() for t, _ in (row.get("top_tokens") or [])[:3])
+                    text = row.get("explanation") or (f"top: {top}" if top else "")
                     if text:
                         out[(site, i)] = text
     except SaeforgeError:
