@@ -60,7 +60,8 @@ def circuit_saes(lm, saes: Mapping[str, Any]) -> list[CircuitSAE]:
         if hasattr(value, "write_site"):  # a BoundSAE
             if value.is_transcoder or len(value.reads) != 1:
                 raise SaeforgeError(f"{value.describe()}: circuits use SAEs (one site read and written)",
-                                    "leave transcoders and crosscoders out (--saes NAME ...)")
+                                    "point saeforge circuit find at a folder of SAEs only (move transcoders and "
+                                    "crosscoders to another folder)")
             sae, site, meta = value.sae, value.read_site.name, value.meta or {}
         resolved = lm.site(site)
         if int(sae.cfg.d_in) != resolved.d or int(getattr(sae.cfg, "d_output", None) or sae.cfg.d_in) != resolved.d:
