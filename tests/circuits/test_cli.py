@@ -81,3 +81,20 @@ def test_help(capsys):
         main(["circuit", "find", "--help"])
     text = capsys.readouterr().out
     assert "--node-threshold" in text and "integrated gradients" in text
+
+
+def test_lasso_writes_its_circuit_and_the_comparison(task_file, tiny_run, tmp_path):
+    from saeforge.circuits.cli import LassoConfig, run_lasso
+
+    out = tmp_path / "lasso"
+    result = run_lasso(LassoConfig(run=str(tiny_run), task=str(task_file), min_accuracy=0.0, lam=0.01,
+                                   random_draws=2, out=str(out), device="cpu"))
+    written = json.loads((out / "lasso.json").read_text())
+    assert written["nodes"] == result["nodes"] and written["sites"] == ["layers.1.resid_post"]
+    n = sum(len(v) for v in written["nodes"].values())
+    assert n == len(written["to_metric"])  # one site: the features chosen for the metric
+    comparison = written["comparison"]
+    assert comparison["overlap"]["a"] == n == comparison["overlap"]["b"]
+    assert {"faithfulness", "completeness"} <= set(comparison["lasso"]) and "faithfulness" in comparison["attribution"]
+    with pytest.raises(SaeforgeError, match="--lam must be"):
+        run_lasso(LassoConfig(run=str(tiny_run), lam=-1.0))
