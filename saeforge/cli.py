@@ -166,6 +166,8 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
              "diff two models through a crosscoder trained on both: shared and exclusive features"),
     "flow": ("saeforge.flow.cli:flow_commands", None, "feature flow across layers: SAE suites, matching, flow graphs, "
              "origin groups, deactivation, multi-layer steering"),
+    "circuit": ("saeforge.circuits.cli:circuit_commands", None,
+                "sparse feature circuits: tasks, attribution over SAE features and error nodes, CircuitLasso"),
     "hierarchy": ("saeforge.hierarchy.cli:HIERARCHY_ACTIONS", None,
                   "feature trees: link SAEs after training, measure and judge trees, absorption and splitting"),
     "modules": ("saeforge.hierarchy.modules_cli:MODULES_ACTIONS", None,
