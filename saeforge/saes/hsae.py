@@ -431,7 +431,11 @@ class HSAE(JumpReLUSAE):
         of the tokens (at most half of them)."""
         super().init_from_data(x_sample, target_sample)
         x, _ = _flatten(x_sample.to(self.device), self.cfg.d_in, "the init sample")
-        energy = float((target_sample if target_sample is not None else x).float().pow(2).sum(-1).mean())
+        # The median, not the mean, of ||x − b_dec||²: a residual stream's few massive-activation tokens (norms
+        # 100× the typical one at SmolLM2's layer 15) make the mean a poor scale for a typical token's energy, and a
+        # λ from it is large enough to silence every latent within a few steps (measured, docs/hierarchy.md).
+        y = (target_sample if target_sample is not None else x).float()
+        energy = float((y - self.b_dec.float()).pow(2).sum(-1).median())
         targets = torch.tensor(self.cfg.target_l0, dtype=torch.float32, device=self.level_l0_coefficient.device)
         self.level_l0_coefficient.copy_(self.cfg.l0_coefficient * energy / targets)
         factor = self.cfg.initial_l0_factor
