@@ -321,6 +321,7 @@ HIERARCHY_ACTIONS: dict[str, tuple[type, Callable, str]] = {
     "metrics": (MetricsConfig, run_metrics, "measure trees: P(parent|child), P(child|parent), Hamming, L0, FVE"),
     "judge": (JudgeConfig, run_judge, "LLM judge: is the child a sub-concept of the parent?"),
     "absorption": (AbsorptionConfig, run_absorption, "first-letter absorption and splitting (SAEBench) of SAEs"),
-    "store-links": (StoreLinksConfig, run_store_links, "write a tree's parent → child pairs into a feature store"),
+    "store-links": (StoreLinksConfig, run_store_links,
+                    "write a tree's parent → child pairs into a feature store"),
 }
 

@@ -1,5 +1,5 @@
-"""A feature tree's parent → child pairs in the feature store's ``links`` table (schema 2, :mod:`saeforge.features.store`),
-so that whatever reads the store (the feature pages, the API) finds a feature's parent and children without the tree
+"""A feature tree's parent → child pairs in the feature store's ``links`` table (schema 2,
+:mod:`saeforge.features.store`), so that whatever reads the store (the feature pages, the API) finds a feature's parent and children without the tree
 file: ``store.successors(sae, i, kind="parent")`` are the children of latent ``i``, ``store.predecessors(...)`` its
 parent. One link per assigned pair, from the parent's SAE and index to the child's (indices in the whole SAE, not
 within the level), weighted by the pair's similarity; ``data`` holds the tree's kind and the parent's level.

@@ -99,8 +99,8 @@ class HSAEConfig(JumpReLUConfig):
     target_l0: tuple[float, ...] = ()
     # Adapt each level's λ towards its target L0 (False: λ keeps its starting value).
     adaptive_sparsity: bool = True
-    # λ_ℓ starts at l0_coefficient × E||x||² / target_l0_ℓ (the initialisation sample's mean squared norm, so the
-    # penalty of the target L0 is a fixed fraction of the data's energy whatever the input scale); without an
+    # λ_ℓ starts at l0_coefficient × median ||x − b_dec||² / target_l0_ℓ (over the initialisation sample, so the
+    # penalty of the target L0 is a fixed fraction of a typical token's energy whatever the input scale); without an
     # initialisation sample, at l0_coefficient.
     l0_coefficient: float = 0.5
     # The thresholds start where each latent fires on this multiple of target_l0 / width of the initialisation
@@ -426,9 +426,9 @@ class HSAE(JumpReLUSAE):
 
     @torch.no_grad()
     def init_from_data(self, x_sample: Tensor, target_sample: Tensor | None = None) -> None:
-        """``b_dec`` as for every SAE, each level's λ from the sample's mean squared norm, and each latent's threshold at
-        the quantile of its pre-activations on the sample where it fires on ``initial_l0_factor × target_l0 / width``
-        of the tokens (at most half of them)."""
+        """``b_dec`` as for every SAE, each level's λ from the sample's median squared norm about b_dec, and each
+        latent's threshold at the quantile of its pre-activations on the sample where it fires on
+        ``initial_l0_factor × target_l0 / width`` of the tokens (at most half of them)."""
         super().init_from_data(x_sample, target_sample)
         x, _ = _flatten(x_sample.to(self.device), self.cfg.d_in, "the init sample")
         # The median, not the mean, of ||x − b_dec||²: a residual stream's few massive-activation tokens (norms
