@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import random
-import shutil
-
 import pytest
 
 from saeforge.cli import main
@@ -12,24 +9,13 @@ from saeforge.errors import SaeforgeError
 from saeforge.features.store import FeatureStore
 from saeforge.hierarchy import FeatureTree
 from saeforge.hierarchy.judge import JUDGE_SYSTEM, judge_tree
-from tests.conftest import TEXT
+
+from .helpers import harvested_copy
 
 
 @pytest.fixture(scope="module")
 def harvested(hierarchy_run, tmp_path_factory):
-    from saeforge.features.harvest import HarvestConfig, harvest
-
-    folder = tmp_path_factory.mktemp("judge")
-    run = folder / "run"
-    shutil.copytree(hierarchy_run, run, ignore=shutil.ignore_patterns("checkpoints"))
-    words = TEXT.split()
-    rng = random.Random(5)
-    text = folder / "heldout.txt"
-    text.write_text(" ".join(rng.choice(words) for _ in range(2500)))
-    harvest(HarvestConfig(path=str(run), corpus=str(text), tokens=64 * 16, batch_size=8, top_examples=5,
-                          quantile_bins=4, examples_per_bin=2, random_examples=3, window_before=8, window_after=3,
-                          n_logits=5, n_neighbors=4, device="cpu", progress=False))
-    return run
+    return harvested_copy(hierarchy_run, tmp_path_factory.mktemp("judge"), seed=5)
 
 
 class ScriptedJudge:
