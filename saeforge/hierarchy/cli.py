@@ -13,8 +13,9 @@ from simple_parsing.helpers import field
 from saeforge.errors import SaeforgeError
 from saeforge.utils.atomic import atomic_write_json
 
-__all__ = ["HIERARCHY_ACTIONS", "AbsorptionConfig", "JudgeConfig", "LinkConfig", "MetricsConfig", "measure_trees", "open_tree",
-           "run_absorption", "run_judge", "run_link", "run_metrics"]
+__all__ = ["HIERARCHY_ACTIONS", "AbsorptionConfig", "JudgeConfig", "LinkConfig", "MetricsConfig",
+           "StoreLinksConfig", "measure_trees", "open_tree", "run_absorption", "run_judge", "run_link", "run_metrics",
+           "run_store_links"]
 
 
 # ---------------------------------------------------------------------------------------------------- link
@@ -230,6 +231,33 @@ def run_judge(cfg: JudgeConfig) -> dict[str, Any]:
     return result
 
 
+# ---------------------------------------------------------------------------------------------------- store links
+@dataclass(frozen=True)
+class StoreLinksConfig:
+    """Write a tree's parent → child pairs into a feature store's links table (kind "parent"), so the store answers
+    "what are this feature's parent and children" without the tree file; a rebuilt tree replaces the old links."""
+
+    tree: str = field(default="", positional=True)
+    """A tree.json (or a folder holding one, e.g. an HSAE's SAE folder)."""
+    store: str = field(default="", positional=True)
+    """The feature store (features.sqlite) of a harvest that covers every level's SAE."""
+
+
+def run_store_links(cfg: StoreLinksConfig) -> int:
+    from saeforge.features.store import FeatureStore
+    from saeforge.hierarchy.links import write_tree_links
+
+    if not cfg.tree or not cfg.store:
+        raise SaeforgeError("give a tree and a feature store",
+                            "saeforge hierarchy store-links RUN/saes/hsae RUN/features.sqlite")
+    tree, path = open_tree(cfg.tree)
+    tree.load_levels()  # the tree must match the SAEs' weights before it is written anywhere
+    with FeatureStore(cfg.store) as store:
+        n = write_tree_links(tree, store)
+    print(f"{n} parent → child links of {path} → {cfg.store}")
+    return n
+
+
 # ---------------------------------------------------------------------------------------------------- absorption
 @dataclass(frozen=True)
 class AbsorptionConfig:
@@ -293,5 +321,7 @@ HIERARCHY_ACTIONS: dict[str, tuple[type, Callable, str]] = {
     "metrics": (MetricsConfig, run_metrics, "measure trees: P(parent|child), P(child|parent), Hamming, L0, FVE"),
     "judge": (JudgeConfig, run_judge, "LLM judge: is the child a sub-concept of the parent?"),
     "absorption": (AbsorptionConfig, run_absorption, "first-letter absorption and splitting (SAEBench) of SAEs"),
+    "store-links": (StoreLinksConfig, run_store_links,
+                    "write a tree's parent → child pairs into a feature store"),
 }
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from saeforge.errors import SaeforgeError
+from saeforge.hierarchy.links import store_names
 from saeforge.hierarchy.tree import FeatureTree
 
 __all__ = ["JUDGE_SYSTEM", "judge_prompt", "judge_tree", "store_names"]
@@ -43,20 +43,6 @@ def judge_prompt(parent_examples: list[dict], child_examples: list[dict], limit:
             f"Feature B is active in these excerpts:\n{_excerpts(child_examples, limit)}\n\n"
             "Is feature B a sub-concept (a more specific case) of feature A? Answer Yes or No.")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
-
-
-def store_names(tree: FeatureTree, store) -> list[tuple[str, int]]:
-    """(store SAE name, index offset) of every level: the store SAE whose folder is the level's SAE folder."""
-    by_path = {str(Path(s["path"]).resolve()): s["name"] for s in store.saes() if s.get("path")}
-    out = []
-    for lv in range(tree.n_levels):
-        folder = str(tree.sae_folder(lv).resolve())
-        if folder not in by_path:
-            raise SaeforgeError(f"the feature store has no SAE for level {lv} ({folder}); it holds "
-                                f"{', '.join(s['name'] for s in store.saes())}",
-                                f"harvest that SAE first: saeforge harvest {folder}")
-        out.append((by_path[folder], tree.levels[lv].latents[0]))
-    return out
 
 
 @dataclass

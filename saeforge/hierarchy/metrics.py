@@ -82,8 +82,12 @@ class PairStats:
         i = np.flatnonzero(self.children == child)
         if not i.size:
             return {}
-        return {"p_parent_given_child": float(self.p_parent_given_child[i[0]]),
-                "p_child_given_parent": float(self.p_child_given_parent[i[0]])}
+        def value(a: np.ndarray) -> float | None:  # None where the child (parent) never fired
+            v = float(a[i[0]])
+            return v if math.isfinite(v) else None
+
+        return {"p_parent_given_child": value(self.p_parent_given_child),
+                "p_child_given_parent": value(self.p_child_given_parent)}
 
     def for_parent(self, parent: int) -> float | None:
         i = np.flatnonzero(self.hamming_parents == parent)

@@ -405,14 +405,19 @@ def _answer_logprob(finder: ModuleFinder, prompts: list[str], token: int, edits=
 
 
 def best_single_feature(finder: ModuleFinder, task: Task, module: Sequence[Feature],
-                        pairs: Sequence[tuple[str, str]]) -> Feature | None:
+                        pairs: Sequence[tuple[str, str]], candidates: int = 0) -> Feature | None:
     """The feature of ``module`` whose ablation lowers the answers' log-probability most on the discovery prompts
-    of ``pairs`` (concept, relation)."""
+    of ``pairs`` (concept, relation). ``candidates`` > 0: only the module's features with the largest activation on
+    those prompts are tried (a forward pass per feature and prompt set: a module of 100+ features is slow on a
+    CPU)."""
     if not module:
         return None
     tok = finder.runner.lm.tokenizer
     sets = [(task.prompts(c, r, "discovery"), answer_token(tok, task.answer(c, r))) for c, r in pairs
             if task.answer(c, r)]
+    if 0 < candidates < len(module):
+        peak = finder.max_activations([p for prompts, _ in sets for p in prompts], module)
+        module = sorted(module, key=lambda f: -peak[tuple(f)])[:candidates]
     base = [_answer_logprob(finder, p, t) for p, t in sets]
     best, best_drop = None, -np.inf
     for feat in module:
@@ -455,8 +460,8 @@ def swap_success(finder: ModuleFinder, prompts: list[str], source: Sequence[Feat
 
 
 def evaluate_modules(finder: ModuleFinder, task: Task, modules: dict[str, Any], concepts: Sequence[str],
-                     relations: Sequence[str], *, amplification: float = 2.0, progress: bool = False
-                     ) -> dict[str, Any]:
+                     relations: Sequence[str], *, amplification: float = 2.0, single_candidates: int = 0,
+                     progress: bool = False) -> dict[str, Any]:
     """Success rates of ablating and of swapping whole modules against their best single features."""
     from tqdm.auto import tqdm
 
@@ -466,13 +471,13 @@ def evaluate_modules(finder: ModuleFinder, task: Task, modules: dict[str, Any], 
     bar = tqdm(total=len(concepts) + len(relations), desc="best single features", disable=not progress)
     single_c, single_r = {}, {}
     for c in concepts:
-        single_c[c] = best_single_feature(finder, task, cmod[c], [(c, r) for r in relations])
+        single_c[c] = best_single_feature(finder, task, cmod[c], [(c, r) for r in relations], single_candidates)
         bar.update(1)
     for r in relations:
-        single_r[r] = best_single_feature(finder, task, rmod[r], [(c, r) for c in concepts])
+        single_r[r] = best_single_feature(finder, task, rmod[r], [(c, r) for c in concepts], single_candidates)
         bar.update(1)
     bar.close()
-    out: dict[str, Any] = {"amplification": amplification, "rows": {}}
+    out: dict[str, Any] = {"amplification": amplification, "single_candidates": single_candidates, "rows": {}}
 
     def add(name: str, module_hits: int, single_hits: int, trials: int) -> None:
         row = out["rows"].setdefault(name, {"module": 0, "single": 0, "trials": 0})

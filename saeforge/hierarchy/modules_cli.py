@@ -170,6 +170,9 @@ class EvaluateModulesConfig:
     """A modules.json from `saeforge modules build`."""
     amplification: float = 2.0
     """Swapped-in latents are set to this multiple of their largest activation on their own prompts."""
+    single_candidates: int = 0
+    """Look for a module's best single feature among only its this many most active features (0: all of them; a
+    large module costs one forward pass per feature and prompt set)."""
     device: str = "auto"
     """auto, cpu or cuda."""
     out: str = ""
@@ -187,11 +190,15 @@ def run_evaluate(cfg: EvaluateModulesConfig) -> dict[str, Any]:
     data = json.loads(path.read_text())
     if not cfg.amplification > 0:
         raise SaeforgeError(f"--amplification must be positive, got {cfg.amplification}", "pass e.g. 2")
+    if cfg.single_candidates < 0:
+        raise SaeforgeError(f"--single-candidates must be 0 (all) or positive, got {cfg.single_candidates}",
+                            "pass e.g. --single-candidates 16")
     finder = ModuleFinder.from_run(data["run"], settings=ModuleSettings(**data["settings"]), device=cfg.device,
                                    names=tuple(data.get("saes") or ()), sites=tuple(data["sites"].values()))
     task = load_task(data["task"])
     result = evaluate_modules(finder, task, data, data["concepts_used"], data["relations_used"],
-                              amplification=cfg.amplification, progress=cfg.progress)
+                              amplification=cfg.amplification, single_candidates=cfg.single_candidates,
+                              progress=cfg.progress)
     atomic_write_json(cfg.out or path.with_name(path.stem + ".eval.json"), result)
     print("| intervention | trials | whole module | best single feature |\n|---|---:|---:|---:|")
     for name, row in result["rows"].items():

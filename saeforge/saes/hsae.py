@@ -55,6 +55,7 @@ __all__ = ["HSAE", "HSAEConfig", "TREE_SIMILARITIES", "assign_parents", "default
            "default_tree_update_every", "structure_loss"]
 
 TREE_SIMILARITIES = ("encoder", "decoder")
+L0_ENERGIES = ("mean", "median")
 PAPER_TARGET_L0 = 50  # the paper's target L0 per level (Gemma-2-2B)
 # Sibling groups up to this size enter the structural loss through one sparse Gram product; larger ones (a parent
 # that collected many children) through a dense product each, so the cost stays linear in the number of children.
@@ -99,10 +100,13 @@ class HSAEConfig(JumpReLUConfig):
     target_l0: tuple[float, ...] = ()
     # Adapt each level's λ towards its target L0 (False: λ keeps its starting value).
     adaptive_sparsity: bool = True
-    # λ_ℓ starts at l0_coefficient × E||x||² / target_l0_ℓ (the initialisation sample's mean squared norm, so the
-    # penalty of the target L0 is a fixed fraction of the data's energy whatever the input scale); without an
+    # λ_ℓ starts at l0_coefficient × E / target_l0_ℓ, E the initialisation sample's energy (see l0_energy), so the
+    # penalty of the target L0 is a fixed fraction of the data's energy whatever the input scale; without an
     # initialisation sample, at l0_coefficient.
     l0_coefficient: float = 0.5
+    # E: "mean" of ||x||², or "median" of ||x − b_dec||², the scale of a typical token where a few massive-activation
+    # tokens dominate the mean (SmolLM2's residual at layer 15: norms up to 150× the mean; docs/hierarchy.md).
+    l0_energy: str = "mean"
     # The thresholds start where each latent fires on this multiple of target_l0 / width of the initialisation
     # sample's tokens (0: at threshold_init): a threshold learns by Adam steps of its logarithm, far too slowly to
     # travel from a guess to its scale in a run of a few hundred steps.
@@ -199,6 +203,8 @@ class HSAEConfig(JumpReLUConfig):
                      option_fix(self, "target_l0", [min(float(t), default_target_l0(s)) for t, s in zip(targets, sizes)],
                                 "(each below its level's width)"))
         self._set("target_l0", tuple(float(t) for t in targets))
+        _require(self.l0_energy in L0_ENERGIES, f"{a}: l0_energy must be one of {', '.join(L0_ENERGIES)}, got "
+                                                 f"{self.l0_energy!r}", option_fix(self, "l0_energy", "median"))
         _require(isinstance(self.adaptive_sparsity, bool),
                  f"{a}: adaptive_sparsity must be true or false, got {self.adaptive_sparsity!r}",
                  option_fix(self, "adaptive_sparsity", True))
@@ -426,12 +432,16 @@ class HSAE(JumpReLUSAE):
 
     @torch.no_grad()
     def init_from_data(self, x_sample: Tensor, target_sample: Tensor | None = None) -> None:
-        """``b_dec`` as for every SAE, each level's λ from the sample's mean squared norm, and each latent's threshold at
-        the quantile of its pre-activations on the sample where it fires on ``initial_l0_factor × target_l0 / width``
-        of the tokens (at most half of them)."""
+        """``b_dec`` as for every SAE, each level's λ from the sample's energy (``l0_energy``), and each
+        latent's threshold at the quantile of its pre-activations on the sample where it fires on
+        ``initial_l0_factor × target_l0 / width`` of the tokens (at most half of them)."""
         super().init_from_data(x_sample, target_sample)
         x, _ = _flatten(x_sample.to(self.device), self.cfg.d_in, "the init sample")
-        energy = float((target_sample if target_sample is not None else x).float().pow(2).sum(-1).mean())
+        y = (target_sample if target_sample is not None else x).float()
+        if self.cfg.l0_energy == "median":
+            energy = float((y - self.b_dec.float()).pow(2).sum(-1).median())
+        else:
+            energy = float(y.pow(2).sum(-1).mean())
         targets = torch.tensor(self.cfg.target_l0, dtype=torch.float32, device=self.level_l0_coefficient.device)
         self.level_l0_coefficient.copy_(self.cfg.l0_coefficient * energy / targets)
         factor = self.cfg.initial_l0_factor

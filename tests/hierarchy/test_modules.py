@@ -84,23 +84,30 @@ def test_ablation_edit_removes_exactly_the_module_latents(layered_run):
     assert torch.equal(edited[site][~b.keep], x[~b.keep])  # BOS untouched
 
 
-def test_success_counts_on_answers_the_model_gives(layered_run):
+def _echo_task(finder) -> Task:
+    """A task whose answers are what the model already says (answers that are a space and a word)."""
     from saeforge.hierarchy.modules import answer_token
     from tests.conftest import TEXT
 
-    finder = ModuleFinder.from_run(layered_run, device="cpu")
     tok = finder.runner.lm.tokenizer
     words = TEXT.split()
     candidates = sorted({" ".join(words[i:i + n]) for n in (3, 4, 5, 6, 7) for i in range(len(words) - n)})
     top = finder.runner.last_logits(candidates).argmax(-1).tolist()
-    # a task whose answers are what the model already says (answers that are a space and a word)
     answers = {}
     for prompt, t in zip(candidates, top):
         text = tok.decode([t])
         if text.startswith(" ") and text.strip() and answer_token(tok, text.strip()) == t:
             answers[prompt] = {"r": text.strip()}
     assert len(answers) >= 2
-    task = Task("t", {"r": {"discovery": ["{concept}"], "evaluation": ["{concept}"]}}, answers)
+    return Task("t", {"r": {"discovery": ["{concept}"], "evaluation": ["{concept}"]}}, answers)
+
+
+def test_success_counts_on_answers_the_model_gives(layered_run):
+    from saeforge.hierarchy.modules import answer_token
+
+    finder = ModuleFinder.from_run(layered_run, device="cpu")
+    tok = finder.runner.lm.tokenizer
+    task = _echo_task(finder)
     pairs = [(c, "r") for c in task.concepts]
     assert ablation_success(finder, task, [], pairs) == (0, len(pairs))  # nothing ablated, nothing changes
     every = [(layer, i) for layer in (1, 2) for i in range(64)]
@@ -137,3 +144,27 @@ def test_bad_tasks_and_settings_are_refused():
         ModuleSettings(min_correlation=1.5).check()
     with pytest.raises(SaeforgeError, match="density"):
         ModuleSettings(max_density=0).check()
+
+
+def test_best_single_feature_is_the_one_whose_ablation_costs_the_answers_most(layered_run):
+    from saeforge.hierarchy.modules import _answer_logprob, answer_token, best_single_feature
+
+    finder = ModuleFinder.from_run(layered_run, device="cpu")
+    task = _echo_task(finder)
+    tok = finder.runner.lm.tokenizer
+    pairs = [(c, "r") for c in list(task.concepts)[:3]]
+    module = [(layer, i) for layer in (1, 2) for i in range(0, 64, 6)]
+    sets = [(task.prompts(c, r, "discovery"), answer_token(tok, task.answer(c, r))) for c, r in pairs]
+
+    def cost(feature) -> float:
+        return sum(_answer_logprob(finder, p, t) - _answer_logprob(finder, p, t, _edits(zero=[feature]))
+                   for p, t in sets)
+
+    costs = {f: cost(f) for f in module}
+    assert len({round(v, 6) for v in costs.values()}) > 3  # the features differ: the choice means something
+    assert best_single_feature(finder, task, module, pairs) == max(costs, key=costs.get)
+    # among the 4 most active features only
+    peak = finder.max_activations([p for prompts, _ in sets for p in prompts], module)
+    allowed = sorted(module, key=lambda f: -peak[f])[:4]
+    assert best_single_feature(finder, task, module, pairs, candidates=4) == max(allowed, key=costs.get)
+    assert best_single_feature(finder, task, [], pairs) is None

@@ -56,15 +56,21 @@ def _levels(widths):
     return [TreeLevel(f"level_{i}", "x", (0, w)) for i, w in enumerate(widths)]
 
 
-def _train_and_score(tmp_path, seed: int) -> dict:
+def _train_and_score(tmp_path, seed: int, options: dict | None = None) -> dict:
+    """Train an HSAE (16 / 64) and two single-level SAEs on one synthetic data set; ``options``: HSAE options for
+    all three (benchmarks/hierarchy_ground_truth.py --options)."""
+    options = options or {}
     truth = HierarchicalFeatureModel.create(d=64, n_roots=16, branching=(4,), mean_active_roots=2.0, seed=seed)
     x, _ = truth.sample(200_000, seed=seed + 1)
     held, held_active = truth.sample(20_000, seed=seed + 2)
     targets = [2.0, 3.6]  # the true L0 of the roots, and of roots and children together
     lr = HSAEConfig.default_lr(16 + 64)  # one learning rate for all, so only the training objective differs
-    saes = ({"site": "s", "name": "hsae", "sae_options": json.dumps({"level_sizes": [16, 64], "target_l0": targets})},
-            {"site": "s", "name": "w16", "sae_options": json.dumps({"level_sizes": [16], "target_l0": targets[:1]})},
-            {"site": "s", "name": "w64", "sae_options": json.dumps({"level_sizes": [64], "target_l0": targets[1:]})})
+    saes = ({"site": "s", "name": "hsae",
+             "sae_options": json.dumps({**options, "level_sizes": [16, 64], "target_l0": targets})},
+            {"site": "s", "name": "w16",
+             "sae_options": json.dumps({**options, "level_sizes": [16], "target_l0": targets[:1]})},
+            {"site": "s", "name": "w64",
+             "sae_options": json.dumps({**options, "level_sizes": [64], "target_l0": targets[1:]})})
     out = tmp_path / f"seed{seed}"
     train_on_arrays({"s": x}, TrainConfig(out=str(out), tokens=600_000, batch_size=1024, architecture="hsae", lr=lr,
                                           seed=seed, progress=False, device="cpu", saes=saes))

@@ -60,6 +60,7 @@ def test_level_sizes_given_set_d_sae_in_training_options():
     ({"level_sizes": (8, 16), "tree_similarity": "coactivation"}, "unknown tree_similarity", "encoder"),
     ({"level_sizes": (8, 16), "perturbation_rate": 1.5}, "perturbation_rate must be", "0.05"),
     ({"level_sizes": (8, 16), "unassigned_fraction": 1.0}, "unassigned_fraction must be", "0.2"),
+    ({"level_sizes": (8, 16), "l0_energy": "max"}, "l0_energy must be one of mean, median", "median"),
 ])
 def test_bad_settings_are_refused_with_a_command_line_fix(kw, message, fix):
     kw = {"d_in": 4, "d_sae": sum(kw.get("level_sizes", ())), **kw}
@@ -235,6 +236,22 @@ def test_thresholds_start_where_each_level_fires_twice_its_target():
     plain = make_sae(HSAEConfig(d_in=12, d_sae=72, level_sizes=(24, 48), initial_l0_factor=0))
     plain.init_from_data(sample)
     assert torch.allclose(plain.threshold, torch.full((72,), plain.cfg.threshold_init))
+
+
+def test_lambda_scales_with_the_mean_or_the_median_energy():
+    torch.manual_seed(0)
+    sample = _x(4000) + 1.0
+    sample[:40] *= 100  # a few massive-activation tokens: they dominate the mean, not the median
+    lam = {}
+    for energy in ("mean", "median"):
+        sae = make_sae(HSAEConfig(d_in=12, d_sae=72, level_sizes=(24, 48), target_l0=(3, 6), l0_energy=energy))
+        sae.init_from_data(sample)
+        lam[energy] = sae.level_l0_coefficient.clone()
+    mean = float(sample.pow(2).sum(-1).mean())
+    median = float((sample - sae.b_dec).pow(2).sum(-1).median())
+    assert lam["mean"].tolist() == pytest.approx([0.5 * mean / 3, 0.5 * mean / 6], rel=1e-5)
+    assert lam["median"].tolist() == pytest.approx([0.5 * median / 3, 0.5 * median / 6], rel=1e-5)
+    assert mean > 50 * median
 
 
 # ---------------------------------------------------------------------------------------------------- levels, saving

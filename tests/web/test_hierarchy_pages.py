@@ -4,13 +4,12 @@ Chromium, on the app create_app makes (the navigation links to them when the run
 from __future__ import annotations
 
 import json
-import random
-import shutil
 
 import pytest
 
-from tests.conftest import TEXT, TRAIN_SITES
+from tests.conftest import TRAIN_SITES
 from tests.hierarchy.conftest import hierarchy_run  # noqa: F401  (the fixture)
+from tests.hierarchy.helpers import harvested_copy
 
 from .browser import find_chromium, launch
 
@@ -20,21 +19,12 @@ pytest.importorskip("fastapi", reason="the dashboard needs the web extra")
 @pytest.fixture(scope="module")
 def tree_run(hierarchy_run, tiny_cache, tmp_path_factory):  # noqa: F811
     """The hierarchy run, harvested, with a post-hoc tree, both trees measured, explanations, and modules."""
-    from saeforge.features.harvest import HarvestConfig, harvest
     from saeforge.features.store import FeatureStore
     from saeforge.hierarchy.cli import LinkConfig, MetricsConfig, run_link, run_metrics
     from saeforge.hierarchy.modules import ModuleFinder, ModuleSettings, Task, evaluate_modules
 
     folder = tmp_path_factory.mktemp("tree_web")
-    run = folder / "run"
-    shutil.copytree(hierarchy_run, run, ignore=shutil.ignore_patterns("checkpoints"))
-    words = TEXT.split()
-    rng = random.Random(3)
-    heldout = folder / "heldout.txt"
-    heldout.write_text(" ".join(rng.choice(words) for _ in range(2500)))
-    harvest(HarvestConfig(path=str(run), corpus=str(heldout), tokens=64 * 16, batch_size=8, top_examples=5,
-                          quantile_bins=4, examples_per_bin=2, random_examples=3, window_before=8, window_after=3,
-                          n_logits=5, n_neighbors=4, device="cpu", progress=False))
+    run = harvested_copy(hierarchy_run, folder)
     saes = run / "saes"
     run_link(LinkConfig(saes=(str(saes / "w16"), str(saes / "w64")), out=str(run / "trees" / "posthoc.json")))
     run_metrics(MetricsConfig(trees=(str(saes / "hsae"), str(run / "trees" / "posthoc.json")),
