@@ -270,14 +270,21 @@ def test_dictionaries_eval_cannot_replace_are_refused(tiny_llama_dir, text_file,
     meta = {"model_name": str(tiny_llama_dir), "context_size": 32}
     save_sae(_random(), tmp_path / "backwards",
              metadata={**SiteBinding.single("layers.2.resid_post", "layers.1.mlp_out").to_metadata(), **meta})
-    with pytest.raises(SaeforgeError, match="reads layers.2.resid_post, which the model computes after "
-                                            "layers.1.mlp_out"):
+    with pytest.raises(SaeforgeError, match="would read layers.2.resid_post and write layers.1.mlp_out, which the "
+                                            "model computes before"):
         evaluate(_cfg(tmp_path / "backwards", text_file))
-    save_sae(_random(d_out=64), tmp_path / "clt", metadata={"reads": ["layers.0.resid_post"],
-                                              "writes": ["layers.0.mlp_out", "layers.1.mlp_out"], **meta})
-    with pytest.raises(SaeforgeError,
-                       match=r"clt is a clt \(reads layers.0.resid_post; writes layers.0.mlp_out, layers.1.mlp_out\)"):
-        evaluate(_cfg(tmp_path / "clt", text_file))
+    # one site read, two written: no layer-by-layer replacement exists
+    save_sae(_random(d_out=64), tmp_path / "fan", metadata={"reads": ["layers.0.mlp_in"],
+                                                          "writes": ["layers.0.mlp_out", "layers.1.mlp_out"], **meta})
+    with pytest.raises(SaeforgeError, match="TopKSAE bound as a cross-layer transcoder .* has no encode_layer"):
+        evaluate(_cfg(tmp_path / "fan", text_file))
+    # a two-model crosscoder is refused before any model is loaded (the model name is not even a model)
+    save_sae(_random(d_out=64), tmp_path / "two", metadata={"reads": ["a--layers.1.resid_post", "b--layers.1.resid_post"],
+                                                          "writes": ["a--layers.1.resid_post", "b--layers.1.resid_post"],
+                                                          "model_name": "no/such-model"})
+    with pytest.raises(SaeforgeError, match="two is a crosscoder over 2 models") as err:
+        evaluate(_cfg(tmp_path / "two", text_file))
+    assert "saeforge diff" in err.value.fix
 
 
 def test_logit_reference_reproduces_the_plain_formulas_bit_for_bit():
