@@ -6,7 +6,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
 from simple_parsing.helpers import field
@@ -224,37 +224,15 @@ def evaluate_dictionaries(lm, saes: dict[str, Any], batches: Callable[[], Iterab
     return {t.name: _metrics(t) for t in targets}, targets, positions
 
 
-def _site_names(sites: Sequence[str]) -> str:
-    """Sites as one string: a layer list where they are one site kind over increasing layers
-    (``layers.0-5.mlp_in``, ``layers.2,4,6.resid_post``; ``saeforge train --sites`` reads it back), else joined by
-    commas."""
-    import re
-
-    if len(sites) == 1:
-        return sites[0]
-    parsed = [re.fullmatch(r"(.*?\blayers\.)(\d+)(\..+)", s) for s in sites]
-    if not all(parsed) or len({(m[1], m[3]) for m in parsed}) != 1:
-        return ",".join(sites)
-    layers = [int(m[2]) for m in parsed]
-    if layers != sorted(set(layers)):
-        return ",".join(sites)
-    runs: list[list[int]] = []
-    for layer in layers:
-        if runs and layer == runs[-1][-1] + 1:
-            runs[-1].append(layer)
-        else:
-            runs.append([layer])
-    text = ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs)
-    return f"{parsed[0][1]}{text}{parsed[0][3]}"
-
-
 SITE_KEYS = ("n_tokens", "fvu", "explained_variance", "mse", "cosine_similarity", "relative_norm", "l0",
              "dead_fraction")
 
 
 def _metrics(t: _Target) -> dict[str, Any]:
-    writes = _site_names(t.writes)
-    metrics = {"site": writes, "kind": t.bound.kind, "reads": _site_names(t.reads), "writes": writes,
+    from saeforge.runs import compact_sites
+
+    writes = compact_sites(t.writes)
+    metrics = {"site": writes, "kind": t.bound.kind, "reads": compact_sites(t.reads), "writes": writes,
                "sae_path": str(t.bound.folder) if t.bound.folder else None, "architecture": t.bound.sae.cfg.architecture,
                "d_sae": t.bound.sae.cfg.d_sae, **t.recon.result(), **t.down.result()}
     if t.site_recon:
