@@ -350,3 +350,34 @@ def test_favicon_and_overview_counts_agree(client, web_run):
     html = client.get("/").text
     assert re.search(r'data-metric="dead_fraction"><th>[^<]*</th><td>' + re.escape(share(dead, 128)), html)
     assert "(" in share(dead, 128) or dead == 0
+
+
+def test_the_overview_says_what_a_dictionary_reads_and_replaces(web_run, tmp_path):
+    """A CLT's eval.json entry (as saeforge eval writes it): the overview names the sites read and replaced and
+    shows each written site's figures."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from saeforge.web.app import create_app
+
+    run = tmp_path / "run"
+    shutil.copytree(web_run[0], run, ignore=shutil.ignore_patterns("features.sqlite*"))
+    ev = json.loads((run / "eval.json").read_text())
+    entry = ev["saes"][SAE]
+    entry.update(kind="clt", reads="layers.0-1.mlp_in", writes="layers.0-1.mlp_out",
+                 sites={"layers.0.mlp_out": {"fvu": 0.125, "explained_variance": 0.875, "l0": 7.5},
+                        "layers.1.mlp_out": {"fvu": 0.25, "explained_variance": 0.75, "l0": 9.0}})
+    (run / "eval.json").write_text(json.dumps(ev))
+    with TestClient(create_app(run)) as c:
+        sae = c.get("/api/run").json()["saes"][0]
+        assert sae["binding"] == {"kind": "clt", "reads": "layers.0-1.mlp_in", "writes": "layers.0-1.mlp_out"}
+        assert [r["site"] for r in sae["site_metrics"]] == ["layers.0.mlp_out", "layers.1.mlp_out"]
+        assert sae["site_metrics"][1]["fvu"] == 0.25 and sae["site_metrics"][1]["alone_kl_div"] is None
+        page = c.get("/").text
+        assert "clt: reads <code>layers.0-1.mlp_in</code>, replaces <code>layers.0-1.mlp_out</code>" in page
+        assert '<tr data-site="layers.1.mlp_out"><th><code>layers.1.mlp_out</code></th><td>0.25</td>' in page
+    # an SAE's overview has no such line
+    with TestClient(create_app(web_run[0])) as c:
+        assert c.get("/api/run").json()["saes"][0]["binding"]["kind"] == "sae"
+        assert 'class="binding' not in c.get("/").text
