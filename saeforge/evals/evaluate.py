@@ -174,16 +174,18 @@ class _Plan:
                     t.down.add(mode, measured)
 
 
-def evaluate_dictionaries(lm, saes: dict[str, Any], batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
-                          *, n_tokens: int = 0, progress: bool = False, source: str = "the evaluation text"
+def evaluate_dictionaries(lm, saes: dict[str, Any] | list[_Target],
+                          batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], *, n_tokens: int = 0,
+                          progress: bool = False, source: str = "the evaluation text"
                           ) -> tuple[dict[str, dict], list[_Target], int]:
-    """Evaluate every dictionary of ``saes`` (``{name: BoundSAE}``, any kind) as a replacement of the sites it
-    writes (:mod:`saeforge.evals.replacement`) on the batches ``batches()`` yields (``(input_ids [B, T], keep
-    [B, T])``; called twice, it must yield the same batches). Returns ``({name: metrics}, targets, token
-    positions)``: the metrics
-    of one dictionary are its reconstruction figures over every written site together, its CE/KL figures with every
-    written site replaced (:class:`~saeforge.evals.downstream.DownstreamStats`), and for a dictionary writing several
-    sites ``sites`` (per written site) and, for a crosscoder, ``per_site`` (each site replaced alone)."""
+    """Evaluate every dictionary of ``saes`` (``{name: BoundSAE}``, any kind; or targets already built) as a
+    replacement of the sites it writes (:mod:`saeforge.evals.replacement`) on the batches ``batches()`` yields
+    (``(input_ids [B, T], keep [B, T])``; called twice, it must yield the same batches).
+
+    Returns ``({name: metrics}, targets, token positions)``. The metrics of one dictionary: its reconstruction
+    figures over every written site together, its CE/KL figures with every written site replaced
+    (:class:`~saeforge.evals.downstream.DownstreamStats`), and for a dictionary writing several sites ``sites``
+    (per written site) and, for a crosscoder, ``per_site`` (each site replaced alone)."""
     from tqdm.auto import tqdm
 
     targets = [_target(name, b, lm.device) for name, b in saes.items()] if isinstance(saes, dict) else saes
