@@ -94,7 +94,8 @@ def _targets(cfg: EvalConfig, run) -> list[_Target]:
     targets = []
     for name, b in run.saes.items():
         if not cfg.allow_training_text and b.meta.get("dataset_path") == cfg.corpus:
-            raise SaeforgeError(f"SAE {name} was trained on {cfg.corpus}; evaluating on its training text overstates it",
+            raise SaeforgeError(f"SAE {name} was trained on {cfg.corpus}; evaluating on its training text "
+                                "overstates it",
                                 "evaluate on held-out text (--corpus embedded:validation, or another file), or pass "
                                 "--allow-training-text")
         targets.append(_target(name, b, run.lm.device))
@@ -235,7 +236,8 @@ def _metrics(t: _Target) -> dict[str, Any]:
 
     writes = compact_sites(t.writes)
     metrics = {"site": writes, "kind": t.bound.kind, "reads": compact_sites(t.reads), "writes": writes,
-               "sae_path": str(t.bound.folder) if t.bound.folder else None, "architecture": t.bound.sae.cfg.architecture,
+               "sae_path": str(t.bound.folder) if t.bound.folder else None,
+               "architecture": t.bound.sae.cfg.architecture,
                "d_sae": t.bound.sae.cfg.d_sae, **t.recon.result(), **t.down.result()}
     if t.site_recon:
         metrics["sites"] = {w: {k: v for k, v in r.result().items() if k in SITE_KEYS} for w, r in t.site_recon.items()}

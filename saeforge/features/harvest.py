@@ -308,7 +308,8 @@ def _harvest_locked(cfg: HarvestConfig, root: Path) -> Path:
             logit_info = _logit_effects(lm, sae, vocab_fn=lambda ids: [lm.tokenizer.decode([i]) for i in ids],
                                         n=cfg.n_logits)
             neighbors = _neighbors(sae, cfg.n_neighbors)
-            sae_id = store.add_sae(name, compact_sites([s.name for s in bound.reads]), sae.cfg.d_sae, sae.cfg.architecture, str(folder), hashes[name])
+            sae_id = store.add_sae(name, compact_sites([s.name for s in bound.reads]), sae.cfg.d_sae,
+                                   sae.cfg.architecture, str(folder), hashes[name])
             records, examples = [], []
             for i in tqdm(range(sae.cfg.d_sae), desc=f"features of {name}", disable=not cfg.progress,
                           dynamic_ncols=True, leave=False):

@@ -114,7 +114,8 @@ def test_a_perfect_transcoder_gives_the_clean_figures(tiny_model_dirs, family):
 
 def test_a_perfect_clt_gives_the_clean_figures(tiny_llama):
     result = _evaluate(tiny_llama, PerfectCLT(tiny_llama, range(3)), MLP_IN, MLP_OUT, _batches(tiny_llama))
-    assert result["kind"] == "clt" and result["reads"] == "layers.0-2.mlp_in" and result["writes"] == "layers.0-2.mlp_out"
+    assert result["kind"] == "clt"
+    assert (result["reads"], result["writes"]) == ("layers.0-2.mlp_in", "layers.0-2.mlp_out")
     assert set(result["sites"]) == set(MLP_OUT)
     _assert_clean(result, MLP_OUT)
 
