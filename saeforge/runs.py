@@ -172,6 +172,29 @@ def _before(a: tuple[int, int | None], b: tuple[int, int | None]) -> bool:
     return a[1] is not None and b[1] is not None and a[1] < b[1]
 
 
+def compact_sites(sites: Sequence[str]) -> str:
+    """Sites as one string: a layer list where they are one site kind over increasing layers (``layers.0-5.mlp_in``,
+    ``layers.2,4,6.resid_post``, which ``saeforge train --sites`` reads back), else joined by commas."""
+    import re
+
+    if len(sites) == 1:
+        return sites[0]
+    parsed = [re.fullmatch(r"(.*?\blayers\.)(\d+)(\..+)", s) for s in sites]
+    if not all(parsed) or len({(m[1], m[3]) for m in parsed}) != 1:
+        return ",".join(sites)
+    layers = [int(m[2]) for m in parsed]
+    if layers != sorted(set(layers)):
+        return ",".join(sites)
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    text = ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs)
+    return f"{parsed[0][1]}{text}{parsed[0][3]}"
+
+
 def check_site_order(binding: SiteBinding, *, where: str = "the dictionary") -> None:
     """Refuse a binding whose sites are out of forward order, naming them (checks what the names tell; a site
     whose place the name does not tell is not checked):
@@ -273,12 +296,23 @@ class BoundSAE:
     def d_sae(self) -> int:
         return int(self.sae.cfg.d_sae)
 
+    def input(self, acts: Any, index: Any = None):
+        """The dictionary's input from ``{site name: activation}``: its one read site's activation, or its read
+        sites' concatenated in binding order (a CLT, a crosscoder); ``index`` selects rows (e.g. a keep mask) of each
+        first."""
+        parts = [acts[s.name] if index is None else acts[s.name][index] for s in self.reads]
+        if len(parts) == 1:
+            return parts[0]
+        import torch
+
+        return torch.cat(parts, dim=-1)
+
     def describe(self) -> str:
         """``SAE at layers.5.resid_post`` or ``transcoder: reads A, writes B`` (for tables and headers)."""
-        reads = ", ".join(s.name for s in self.reads)
+        reads = compact_sites([s.name for s in self.reads])
         if self.kind == "sae":
             return f"SAE at {reads}"
-        return f"{self.kind}: reads {reads}, writes {', '.join(s.name for s in self.writes)}"
+        return f"{self.kind}: reads {reads}, writes {compact_sites([s.name for s in self.writes])}"
 
     # Compatibility with code written for the ``(sae, site)`` tuples that ``Inspector.saes`` held before: unpacks
     # and indexes as ``(sae, read_site)``. For a transcoder that is the site it reads, not the one it writes, so new

@@ -1,243 +1,172 @@
-"""A dictionary evaluated as a replacement for what it writes: transcoders, skip transcoders, cross-layer transcoders
-and crosscoders.
+"""What replacing the sites a dictionary writes means, for every kind of dictionary (``saeforge eval`` runs them all
+through :func:`saeforge.evals.evaluate.evaluate_dictionaries`).
 
-A transcoder reading ``layers.L.mlp_in`` and writing ``layers.L.mlp_out`` replaces that MLP; a cross-layer transcoder
-over layers l0..l1 replaces all their MLPs at once. The *replaced* forward pass runs the model with every site the
-dictionary writes taken from the dictionary, computed from what it reads **in that same pass**, layer by layer:
-layer j's MLP output becomes ``Σ_{i<=j} f_i W_dec[i→j] + b_dec[j]`` with each ``f_i`` encoded from layer i's MLP
-input as the replaced model computed it, so errors compound as they would in a replacement model (Ameisen et al.,
-"Circuit Tracing", 2025). Only kept positions are replaced (BOS and special tokens keep their clean values, as in
-``saeforge eval``), through ``LanguageModel.edit`` (the one intervention mechanism).
+=============  ==============================================================================================
+kind           the replaced forward pass
+=============  ==============================================================================================
+``sae``        the site read and written replaced by the reconstruction of its clean value
+``transcoder`` the site written (``layers.L.mlp_out``: one MLP) replaced by the output computed from the site
+               read; that site comes before the one written, so its value in the replaced pass is the clean one
+``clt``        every site written replaced at once, each computed **in that same pass** layer by layer: layer
+               j's MLP output becomes ``Σ_{i<=j} f_i W_dec[i→j] + b_dec[j]`` (+ skip) with each ``f_i``
+               encoded from layer i's MLP input as the *replaced* model computed it, so errors compound as in a
+               replacement model (Ameisen et al., "Circuit Tracing", transformer-circuits.pub 2025)
+``crosscoder`` acausal (every latent reads all its sites), so it cannot run inside one pass: its output for
+               every site is computed from the clean activations and spliced in at all its sites together; CE
+               loss and KL with each site alone replaced are given too (``per_site``)
+=============  ==============================================================================================
 
-Figures (:func:`evaluate_replacement`):
-
-- per written site: FVU of the dictionary's output computed from the *clean* reads against the clean activation
-  (pooled, dataset mean; :class:`~saeforge.evals.reconstruction.ReconstructionStats`), with the L0 of the latents that
-  write it (a CLT layer: that layer's own features);
-- CE loss and KL of the replaced forward against the clean model (``ce_loss_sae``, ``kl_div``), and the baselines
-  with the written sites zero-ablated and mean-ablated (``ce_recovered`` = (CE_zero − CE_replaced) / (CE_zero −
-  CE_clean)), with the keys of :class:`~saeforge.evals.downstream.DownstreamStats`.
-
-A crosscoder reads and writes the same sites and encodes all of them at once (acausal), so it cannot run inside one
-forward pass: its output for every site is computed from the clean activations and spliced in at all its sites
-together (the ``sae`` figures), and each site alone (``per_site``: CE loss and KL with only that site replaced).
-
-A perfect replacement gives the clean figures exactly (FVU 0, CE equal to the clean CE, KL 0); the tests check
-that with exact dictionaries, and check the compounding against an implementation that swaps the MLP modules.
+Only kept positions are replaced (BOS and special tokens keep their clean values), through
+``LanguageModel.edit`` (the one intervention mechanism). The reconstruction figures are always those of the
+dictionary's output computed from the *clean* reads, per written site (a CLT layer's L0 counts that layer's own
+features) and over all written sites together (their concatenation: pooled FVU, L0 and dead latents over the whole
+dictionary). The baselines zero- and mean-ablate every written site together.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from saeforge.errors import SaeforgeError
-from saeforge.evals.downstream import DownstreamStats
-from saeforge.evals.reconstruction import ReconstructionStats
+from saeforge.evals.downstream import replace_at
 
-__all__ = ["LayerwiseDictionary", "evaluate_replacement", "replacement_edits", "site_means"]
+__all__ = ["CleanOutputs", "Replacement", "refuse_two_models", "replacement_for"]
 
 
-class LayerwiseDictionary:
-    """A dictionary that reads ``n`` sites and writes ``n`` sites, run one layer at a time in forward order.
+@dataclass
+class CleanOutputs:
+    """A dictionary run on one batch's clean reads (kept positions only)."""
 
-    A cross-layer transcoder has this interface itself (``encode_layer``, ``decode_layer``, ``skip_layer``); a
-    transcoder is the one-layer case (its forward adds the skip term).
-    """
+    latents: Tensor
+    """[n, d_sae]: every latent (a CLT: the layers' latents side by side)."""
+    site_latents: list[Tensor]
+    """Per written site, the latents that write it (a CLT layer: its own features; otherwise all of them)."""
+    outputs: list[Tensor]
+    """Per written site, [n, d_site]."""
 
-    def __init__(self, sae: Any, n_reads: int, n_writes: int):
-        self.sae = sae
-        self.layerwise = hasattr(sae, "encode_layer") and hasattr(sae, "decode_layer")
-        if not self.layerwise and (n_reads, n_writes) != (1, 1):
-            raise SaeforgeError(f"a {type(sae).__name__} reading {n_reads} site(s) and writing {n_writes} cannot "
-                                "run inside one forward pass", "evaluate it as a crosscoder (reads == writes)")
-        if self.layerwise and n_reads != n_writes:
-            raise SaeforgeError(f"a cross-layer transcoder reads one site per layer and writes one, got {n_reads} "
-                                f"and {n_writes}", "bind it to as many written sites as read sites")
-        self.n = n_writes
 
-    def latents(self, i: int, x: Tensor) -> Tensor:
-        """The latents read at site i ([n, d] -> [n, F])."""
-        return self.sae.encode_layer(i, x) if self.layerwise else self.sae.encode(x)
+class Replacement:
+    """One dictionary as a replacement of the sites it writes (see the module docstring); built by
+    :func:`replacement_for`. ``dictionary`` needs ``encode`` and ``__call__`` (an SAE, transcoder or crosscoder),
+    or ``encode_layer``/``decode_layer`` (a CLT; ``skip_layer`` when ``cfg.skip_connection``)."""
 
-    def output(self, j: int, latents: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
-        """What it writes at site j from the latents of sites 0..j (and their inputs, for a skip connection)."""
+    def __init__(self, dictionary: Any, kind: str, reads: Sequence[str], writes: Sequence[str],
+                 widths: Sequence[int]):
+        self.dictionary, self.kind = dictionary, kind
+        self.reads, self.writes, self.widths = list(reads), list(writes), list(widths)
+        self.layerwise = kind == "clt"
+        if self.layerwise and not (hasattr(dictionary, "encode_layer") and hasattr(dictionary, "decode_layer")):
+            raise SaeforgeError(f"a {type(dictionary).__name__} bound as a cross-layer transcoder ({len(reads)} "
+                                f"site(s) read, {len(writes)} written) has no encode_layer/decode_layer",
+                                "bind a saeforge CLT (topk_clt, batchtopk_clt, jumprelu_clt) to its layers")
+        if self.layerwise and len(reads) == 1 and len(writes) > 1:
+            raise SaeforgeError(f"a dictionary reading one site ({reads[0]}) and writing {len(writes)} cannot be "
+                                "evaluated as a cross-layer transcoder, which reads one site per layer",
+                                "bind it to as many read sites as written sites")
+
+    @property
+    def per_site(self) -> bool:
+        """Whether each written site alone is replaced too (a crosscoder over several sites)."""
+        return self.kind == "crosscoder" and len(self.writes) > 1
+
+    @property
+    def edited_sites(self) -> list[str]:
+        """Every site the replaced forward edits or reads in-pass."""
+        return self.reads + self.writes if self.layerwise else list(self.writes)
+
+    def _skip(self, i: int, x: Tensor) -> Tensor | None:
+        if getattr(self.dictionary.cfg, "skip_connection", False):
+            return self.dictionary.skip_layer(i, x)
+        return None
+
+    def _layer_output(self, j: int, latents: Sequence[Tensor], x_j: Tensor) -> Tensor:
+        out = self.dictionary.decode_layer(j, latents)
+        skip = self._skip(j, x_j)
+        return out if skip is None else out + skip
+
+    @torch.no_grad()
+    def clean(self, xs: Sequence[Tensor]) -> CleanOutputs:
+        """The dictionary run on the clean reads ``xs`` (one [n, d] per site read, float32)."""
+        d = self.dictionary
+        if self.layerwise:
+            fs = [d.encode_layer(i, x) for i, x in enumerate(xs)]
+            outs = [self._layer_output(j, fs, xs[j]) for j in range(len(self.writes))]
+            return CleanOutputs(torch.cat(fs, -1), fs, outs)
+        x = xs[0] if len(xs) == 1 else torch.cat(list(xs), -1)
+        f = d.encode(x)
+        out = d(x)  # forward, not decode(f): a skip transcoder adds its skip term there
+        outs = [out] if len(self.writes) == 1 else list(out.split(self.widths, dim=-1))
+        return CleanOutputs(f, [f] * len(outs), outs)
+
+    def edits(self, keep: Tensor, clean: CleanOutputs) -> dict[str, Callable]:
+        """The ``{site: edit}`` of the replaced forward of the batch whose keep mask is ``keep`` [batch, seq]."""
         if not self.layerwise:
-            return self.sae(inputs[0])
-        out = self.sae.decode_layer(j, latents)
-        if getattr(self.sae.cfg, "skip_connection", False):
-            out = out + self.sae.skip_layer(j, inputs[j])
-        return out
+            return {w: replace_at(keep, out) for w, out in zip(self.writes, clean.outputs)}
+        return self._in_pass_edits(keep)
 
+    def _in_pass_edits(self, keep: Tensor) -> dict[str, Callable]:
+        """A CLT run inside the forward: each read site's edit encodes what the replaced model gives it, each
+        written site's edit decodes the latents of its layer and the earlier ones."""
+        inputs: dict[int, Tensor] = {}
+        latents: dict[int, Tensor] = {}
 
-def _sites(lm, sites: Sequence[Any]) -> list:
-    return [lm.site(s) if isinstance(s, str) else s for s in sites]
+        def rows(x: Tensor, ctx) -> Tensor:
+            if tuple(keep.shape) != tuple(x.shape[:2]):
+                raise SaeforgeError(f"the replacement at {ctx.site.name} was built for a batch of shape "
+                                    f"{tuple(keep.shape)} but the forward pass has {tuple(x.shape[:2])}",
+                                    "build the edits with the keep mask of the batch they run on")
+            return keep.to(x.device)
 
+        def read(i: int) -> Callable:
+            def edit(x: Tensor, ctx) -> None:
+                inputs[i] = x[rows(x, ctx)].float()
+                latents[i] = self.dictionary.encode_layer(i, inputs[i])
+                return None
 
-def replacement_edits(lm, dictionary: Any, reads: Sequence[Any], writes: Sequence[Any], keep: Tensor, *,
-                      mode: str = "sae", means: dict[str, Tensor] | None = None) -> dict:
-    """The ``{site: edit}`` that run the replaced forward pass (``mode="sae"``) of a transcoder or CLT, or ablate
-    what it writes (``"zero"``, ``"mean"`` with ``means[site]``), at the positions of ``keep`` [batch, seq]."""
-    reads, writes = _sites(lm, reads), _sites(lm, writes)
-    layered = LayerwiseDictionary(dictionary, len(reads), len(writes)) if mode == "sae" else None
-    inputs: dict[int, Tensor] = {}
-    latents: dict[int, Tensor] = {}
+            return edit
 
-    def check(x: Tensor, ctx) -> torch.Tensor:
-        if tuple(keep.shape) != tuple(x.shape[:2]):
-            raise SaeforgeError(f"the replacement at {ctx.site.name} was built for a batch of shape "
-                                f"{tuple(keep.shape)} but the forward pass has {tuple(x.shape[:2])}",
-                                "build the edits with the keep mask of the batch they run on")
-        return keep.to(x.device)
-
-    def read(i: int) -> Callable:
-        def edit(x: Tensor, ctx) -> None:
-            m = check(x, ctx)
-            inputs[i] = x[m].float()
-            latents[i] = layered.latents(i, inputs[i])
-            return None
-
-        return edit
-
-    def write(j: int) -> Callable:
-        def edit(x: Tensor, ctx) -> Tensor:
-            m = check(x, ctx)
-            out = x.clone()
-            if mode == "sae":
-                missing = [reads[i].name for i in range(j + 1 if layered.layerwise else 1) if i not in inputs]
+        def write(j: int) -> Callable:
+            def edit(x: Tensor, ctx) -> Tensor:
+                m = rows(x, ctx)
+                missing = [self.reads[i] for i in range(j + 1) if i not in latents]
                 if missing:
-                    raise SaeforgeError(f"{writes[j].name} was reached before {', '.join(missing)}: the dictionary "
+                    raise SaeforgeError(f"{self.writes[j]} was reached before {', '.join(missing)}: the dictionary "
                                         "would write a site the model computes before one it reads",
                                         "bind it to sites in forward order (reads before writes)")
-                new = layered.output(j, [latents[i] for i in range(j + 1)] if layered.layerwise else [],
-                                     [inputs[i] for i in sorted(inputs)])
-            elif mode == "zero":
-                new = torch.zeros_like(x[m])
-            elif mode == "mean":
-                new = means[writes[j].name].to(x.dtype).expand_as(x[m])
-            else:
-                raise ValueError(mode)
-            out[m] = new.to(x.dtype)
-            return out
+                out = x.clone()
+                out[m] = self._layer_output(j, [latents[i] for i in range(j + 1)], inputs[j]).to(x.dtype)
+                return out
 
-        return edit
+            return edit
 
-    edits: dict = {}
-    if mode == "sae":
-        edits.update({site: read(i) for i, site in enumerate(reads)})
-    for j, site in enumerate(writes):
-        if site in edits:
-            raise SaeforgeError(f"{site.name} is both read and written", "evaluate a crosscoder with reads == writes")
-        edits[site] = write(j)
-    return edits
+        edits: dict[str, Callable] = {s: read(i) for i, s in enumerate(self.reads)}
+        for j, s in enumerate(self.writes):
+            if s in edits:
+                raise SaeforgeError(f"{s} is both read and written by a cross-layer transcoder",
+                                    "bind its layers' MLP inputs as reads and their MLP outputs as writes")
+            edits[s] = write(j)
+        return edits
 
 
-@torch.no_grad()
-def site_means(lm, batches: Iterable[tuple[Tensor, Tensor]], sites: Sequence[Any]) -> dict[str, Tensor]:
-    """The mean activation of each site over the kept positions of ``batches`` (for the mean-ablation baseline)."""
-    sites = _sites(lm, sites)
-    sums: dict[str, Tensor] = {}
-    count = 0
-    for ids, keep in batches:
-        acts = lm.read(ids, sites)
-        k = keep.to(lm.device)
-        for s in sites:
-            a = acts[s.name][k].double().sum(0)
-            sums[s.name] = a if s.name not in sums else sums[s.name] + a
-        count += int(keep.sum())
-    if count == 0:
-        raise SaeforgeError("no kept positions to average over", "evaluate on more text")
-    return {name: (v / count).float() for name, v in sums.items()}
+def replacement_for(bound: Any) -> Replacement:
+    """The :class:`Replacement` of a :class:`~saeforge.runs.BoundSAE` (its kind and sites from its binding)."""
+    from saeforge.runs import check_site_order
+
+    binding = bound.binding
+    refuse_two_models(bound.name, binding)
+    check_site_order(binding, where=f"{bound.kind} {bound.name}")
+    return Replacement(bound.sae, binding.kind, [s.name for s in bound.reads], [s.name for s in bound.writes],
+                       [s.d for s in bound.writes])
 
 
-def _splits(t: Tensor, widths: Sequence[int]) -> list[Tensor]:
-    return list(t.split(list(widths), dim=-1))
-
-
-@torch.no_grad()
-def evaluate_replacement(lm, dictionary: Any, reads: Sequence[Any], writes: Sequence[Any],
-                         batches: Sequence[tuple[Tensor, Tensor]], *, means: dict[str, Tensor] | None = None,
-                         baselines: bool = True) -> dict[str, Any]:
-    """Evaluate ``dictionary`` (bound to ``reads`` -> ``writes``, sites or their names) as a replacement on
-    ``batches`` of ``(input_ids [B, T], keep [B, T])``. ``means``: per written site (computed here when None and
-    ``baselines``). Returns ``{"kind", "reads", "writes", "sites": {site: reconstruction figures}, **downstream}``
-    and, for a crosscoder, ``per_site``."""
-    from saeforge.runs import SiteBinding, check_site_order
-
-    reads, writes = _sites(lm, reads), _sites(lm, writes)
-    binding = SiteBinding(tuple(s.name for s in reads), tuple(s.name for s in writes))
-    check_site_order(binding, where=f"{type(dictionary).__name__}")
-    acausal = binding.reads == binding.writes
-    if baselines and means is None:
-        means = site_means(lm, batches, writes)
-    widths_in, widths_out = [s.d for s in reads], [s.d for s in writes]
-    layered = None if acausal else LayerwiseDictionary(dictionary, len(reads), len(writes))
-    n_features = dictionary.cfg.d_sae // (len(writes) if layered is not None and layered.layerwise else 1)
-    recon = {s.name: ReconstructionStats(s.d, n_features, lm.device) for s in writes}
-    down = DownstreamStats()
-    per_site = {s.name: DownstreamStats() for s in writes} if acausal and len(writes) > 1 else {}
-    modes = DownstreamStats.MODES if baselines else ("sae",)
-    for ids, keep in batches:
-        sites = list(dict.fromkeys(reads + writes))
-        with lm.record(sites) as captured:
-            clean = lm.logits(ids)
-        down.update_clean(ids, keep, clean)
-        for stats in per_site.values():
-            stats.update_clean(ids, keep, clean)
-        k = keep.to(lm.device)
-        xs = [captured[s.name][k].float() for s in reads]
-        ys = [captured[s.name][k].float() for s in writes]
-        if acausal:
-            f = dictionary.encode(torch.cat(xs, -1))
-            outs = _splits(dictionary(torch.cat(xs, -1)), widths_out)
-            fs = [f] * len(writes)
-        else:
-            fs = [layered.latents(i, x) for i, x in enumerate(xs)]
-            outs = [layered.output(j, fs, xs) for j in range(len(writes))]
-            if not layered.layerwise:
-                fs = [fs[0]]
-        for j, s in enumerate(writes):
-            recon[s.name].update(ys[j], outs[j], fs[j] if j < len(fs) else fs[-1])
-        for mode in modes:
-            if acausal and mode == "sae":
-                edits = {s: _splice_values(keep, outs[j]) for j, s in enumerate(writes)}
-            else:
-                edits = replacement_edits(lm, dictionary, reads, writes, keep, mode=mode, means=means)
-            with lm.edit(edits):
-                down.update(mode, lm.logits(ids))
-        for j, s in enumerate(writes if per_site else []):
-            with lm.edit({s: _splice_values(keep, outs[j])}):
-                per_site[s.name].update("sae", lm.logits(ids))
-    result: dict[str, Any] = {"kind": binding.kind, "reads": list(binding.reads), "writes": list(binding.writes),
-                              "sites": {name: _site_figures(r.result()) for name, r in recon.items()}}
-    figures = down.result()
-    if not baselines:
-        figures = {k: v for k, v in figures.items() if "ablation" not in k and "recovered" not in k
-                   and k != "kl_score"}
-    result.update(figures)
-    if per_site:
-        result["per_site"] = {name: {k: v for k, v in st.result().items()
-                                     if k in ("ce_loss_sae", "delta_lm_loss", "kl_div")}
-                              for name, st in per_site.items()}
-    fvus = [r["fvu"] for r in result["sites"].values()]
-    result["fvu"] = sum(fvus) / len(fvus)
-    return result
-
-
-def _splice_values(keep: Tensor, values: Tensor) -> Callable:
-    """An edit putting precomputed ``values`` [n_kept, d] at the kept positions."""
-
-    def edit(x: Tensor) -> Tensor:
-        out = x.clone()
-        out[keep.to(x.device)] = values.to(x.dtype)
-        return out
-
-    return edit
-
-
-def _site_figures(r: dict[str, Any]) -> dict[str, Any]:
-    keep = ("n_tokens", "fvu", "explained_variance", "mse", "cosine_similarity", "relative_norm", "l0",
-            "dead_fraction")
-    return {k: r[k] for k in keep if k in r}
+def refuse_two_models(name: str, binding: Any) -> None:
+    """A crosscoder over two models (sites ``a--SITE``, ``b--SITE``) cannot be spliced into one model."""
+    if binding.models:
+        raise SaeforgeError(f"{name} is a crosscoder over {len(binding.models)} models ({', '.join(binding.sites)}); "
+                            "saeforge eval runs one model",
+                            "its analysis is the diff.json that `saeforge diff --model-b MODEL_B --out DIFF_DIR` "
+                            "wrote beside it")

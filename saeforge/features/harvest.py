@@ -256,11 +256,11 @@ def _harvest_locked(cfg: HarvestConfig, root: Path, share) -> Path:
 
     from saeforge.data.text_source import TextSource
     from saeforge.data.token_stream import TokenStream
-    from saeforge.runs import load_run
+    from saeforge.runs import compact_sites, load_run
 
     run = load_run(root, model=cfg.model, device=share.device, dtype=cfg.dtype)
     lm, model_name = run.lm, cfg.model or run.meta.get("model_name")
-    saes = {name: (r.sae, r.site, r.folder) for name, r in run.saes.items()}
+    saes = {name: (r.sae, r, r.folder) for name, r in run.saes.items()}
     hashes = {name: sae_weights_hash(sae) for name, (sae, _, _) in saes.items()}
     out = root / STORE_FILE
     previous = _previous_explanations(cfg, out, hashes)
@@ -283,8 +283,8 @@ def _harvest_locked(cfg: HarvestConfig, root: Path, share) -> Path:
             flat_index = (torch.arange(ids.numel()) + n_ctx * T).view(ids.shape)[keep]
             keep_dev = keep.to(lm.device)
             with torch.inference_mode():
-                for name, (sae, site, _) in saes.items():
-                    f = sae.encode(acts[site.name][keep_dev].float())
+                for name, (sae, bound, _) in saes.items():
+                    f = sae.encode(bound.input(acts, keep_dev).float())
                     rows, feats = (f != 0).nonzero(as_tuple=True)
                     entries[name][0].append(flat_index[rows.cpu()].numpy())
                     entries[name][1].append(feats.cpu().numpy().astype(np.int32))
@@ -317,7 +317,7 @@ def _harvest_locked(cfg: HarvestConfig, root: Path, share) -> Path:
         store.add_contexts(ids_all, 0)
         store.add_vocab(vocab)
         rng = np.random.default_rng(cfg.seed)
-        for name, (sae, site, folder) in saes.items():
+        for name, (sae, bound, folder) in saes.items():
             toks = np.concatenate(entries[name][0]) if entries[name][0] else np.zeros(0, np.int64)
             feats = np.concatenate(entries[name][1]) if entries[name][1] else np.zeros(0, np.int32)
             vals = np.concatenate(entries[name][2]) if entries[name][2] else np.zeros(0, np.float32)
@@ -327,7 +327,8 @@ def _harvest_locked(cfg: HarvestConfig, root: Path, share) -> Path:
             logit_info = _logit_effects(lm, sae, vocab_fn=lambda ids: [lm.tokenizer.decode([i]) for i in ids],
                                         n=cfg.n_logits)
             neighbors = _neighbors(sae, cfg.n_neighbors)
-            sae_id = store.add_sae(name, site.name, sae.cfg.d_sae, sae.cfg.architecture, str(folder), hashes[name])
+            sae_id = store.add_sae(name, compact_sites([s.name for s in bound.reads]), sae.cfg.d_sae,
+                                   sae.cfg.architecture, str(folder), hashes[name])
             records, examples = [], []
             for i in tqdm(range(sae.cfg.d_sae), desc=f"features of {name}", disable=not cfg.progress,
                           dynamic_ncols=True, leave=False):
@@ -410,12 +411,19 @@ def _logit_effects(lm, sae, vocab_fn, n: int, chunk: int = 512):
 
 @torch.no_grad()
 def _neighbors(sae, n: int, chunk: int = 1024) -> list[list]:
-    W = sae.W_dec.detach().float()
-    W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    n = min(n, W.shape[0] - 1)
+    d_sae = int(sae.cfg.d_sae)
+    if hasattr(sae, "decoder_cosines"):  # a CLT: decoders of several widths (its layers write different sites)
+        cosines = sae.decoder_cosines
+    else:
+        W = sae.W_dec.detach().float()
+        W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+        def cosines(start: int, stop: int):
+            return W[start:stop] @ W.T
+    n = min(n, d_sae - 1)
     out = []
-    for s in range(0, W.shape[0], chunk):
-        sims = W[s:s + chunk] @ W.T
+    for s in range(0, d_sae, chunk):
+        sims = cosines(s, min(s + chunk, d_sae))
         sims[torch.arange(sims.shape[0]), torch.arange(s, s + sims.shape[0])] = -2.0  # not itself
         top = sims.topk(n, dim=-1) if n > 0 else None
         for r in range(sims.shape[0]):

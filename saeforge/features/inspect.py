@@ -1,7 +1,8 @@
 """Prompt inspection: for each token of a text, the most active features of each SAE, with their explanations.
 
-Each dictionary encodes the activations of the site it reads (:attr:`~saeforge.runs.BoundSAE.read_site`); for a
-transcoder that is not the site it writes, and the output says both."""
+Each dictionary encodes the activations of the sites it reads (:meth:`~saeforge.runs.BoundSAE.input`: one site, or a
+CLT's or crosscoder's several concatenated); for a transcoder that is not the site it writes, and the output says
+both."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ class Inspector:
     @property
     def sites(self) -> list[str]:
         """The sites the dictionaries read (what :meth:`inspect` runs the model to)."""
-        return sorted({b.read_site.name for b in self.saes.values()})
+        return sorted({s.name for b in self.saes.values() for s in b.reads})
 
     def bindings(self) -> dict[str, dict]:
         """Per dictionary: ``{"kind", "reads", "writes", "description"}`` (the sites by name)."""
@@ -96,7 +97,7 @@ class Inspector:
         explanations: dict[str, dict[int, str]] = {}
         per_sae = {}
         for name, bound in self.saes.items():
-            f = bound.sae.encode(acts[bound.read_site.name][0].float())
+            f = bound.sae.encode(bound.input(acts, 0).float())
             k = min(top, f.shape[-1])
             vals, idx = f.topk(k, dim=-1)
             per_sae[name] = (vals, idx)

@@ -116,7 +116,8 @@ class Steerer:
         self.lm = lm
         self.bound: dict[str, BoundSAE] = {
             n: v if isinstance(v, BoundSAE) else BoundSAE(n, v[0], (v[1],), (v[1],)) for n, v in saes.items()}
-        self.saes = {n: (b.sae, b.write_site) for n, b in self.bound.items()}
+        # None for a dictionary writing several sites (a CLT, a crosscoder): it cannot be steered, check() says why
+        self.saes = {n: (b.sae, b.writes[0] if len(b.writes) == 1 else None) for n, b in self.bound.items()}
         self.max_acts = max_acts
         self.policy = policy or TokenPolicy()  # the run's token rules, for tokenizing prompts
         self._norms: dict[str, tuple[float, str]] = {n: (float(v), "given") for n, v in (mean_norms or {}).items()}

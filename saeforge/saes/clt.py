@@ -304,6 +304,23 @@ class CrossLayerTranscoder(SAE):
         out = self.decode(self.encode(x))
         return out + self.skip(x) if self.cfg.skip_connection else out
 
+    @torch.no_grad()
+    def decoder_cosines(self, start: int, stop: int) -> Tensor:
+        """[stop - start, d_sae]: the cosine of latents ``start .. stop - 1``'s decoders with every latent's, each
+        decoder taken over all the CLT's output layers (zero on the layers before its own), without building that
+        [d_sae, L·d_out] matrix: output layer by output layer, over the latents that write it."""
+        F_ = self.features_per_layer
+        rows = torch.arange(start, stop, device=self.device)
+        norms = torch.cat([w.detach().reshape(F_, -1).float().norm(dim=1) for w in self.W_dec]).clamp_min(1e-12)
+        sims = torch.zeros(stop - start, self.cfg.d_sae, device=self.device)
+        for j in range(self.n_layers):
+            writers = (j + 1) * F_  # latents 0 .. writers - 1 (layers 0..j) write layer j, in latent order
+            mine = rows < writers
+            if bool(mine.any()):
+                into_j = torch.cat([self.W_dec[i].detach()[:, j - i].float() for i in range(j + 1)])
+                sims[mine, :writers] += into_j[rows[mine]] @ into_j.T
+        return sims / (norms[rows][:, None] * norms[None, :])
+
     # ---- training ----
     def training_loss(self, x: Tensor, target: Tensor | None = None, *, state: TrainState) -> TrainOutput:
         # Per-layer views come from unbind (its backward stacks the layers' gradients once) rather than indexing

@@ -63,7 +63,8 @@ def feature_across(data: "RunData", text: str, sae: str, feature: int, request: 
         inspector = data.model.inspector()
         if sae not in inspector.saes:
             raise WebError(404, f"no SAE {sae!r} in this run", f"the run has: {', '.join(inspector.saes)}")
-        model, site = inspector.saes[sae]
+        bound = inspector.saes[sae]
+        model = bound.sae
         d_sae = model.cfg.d_sae
         if not 0 <= feature < d_sae:
             raise WebError(404, f"feature {feature} is out of range: SAE {sae!r} has features 0..{d_sae - 1}",
@@ -75,7 +76,8 @@ def feature_across(data: "RunData", text: str, sae: str, feature: int, request: 
         ids = batch.input_ids
         lm = inspector.lm
         with torch.inference_mode():
-            acts = model.encode(lm.read(ids, [site.name])[site.name][0].float())[:, feature].float().cpu()
+            read = lm.read(ids, [s.name for s in bound.reads])  # a CLT or crosscoder reads several sites
+            acts = model.encode(bound.input(read, 0).float())[:, feature].float().cpu()
         special = set(lm.special_token_ids())
         ids_list = [int(i) for i in ids[0]]
         tokens = [lm.tokenizer.decode([i]) for i in ids_list]

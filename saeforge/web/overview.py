@@ -61,6 +61,24 @@ def _key_metrics(scalars: dict, d_sae) -> list[dict]:
     return out
 
 
+SITE_METRICS = (("fvu", "FVU"), ("explained_variance", "explained variance"), ("l0", "L0"))
+
+
+def _site_metrics(metrics: dict | None) -> list[dict] | None:
+    """Per written site of a dictionary writing several (a CLT's layers, a crosscoder's sites): its figures, and
+    for a crosscoder the CE loss and KL with that site alone replaced."""
+    sites = (metrics or {}).get("sites")
+    if not isinstance(sites, dict):
+        return None
+    alone = (metrics or {}).get("per_site") if isinstance((metrics or {}).get("per_site"), dict) else {}
+    rows = []
+    for site, figures in sites.items():
+        row = {"site": site, **{k: figures.get(k) for k, _ in SITE_METRICS if isinstance(figures, dict)}}
+        row.update({f"alone_{k}": (alone.get(site) or {}).get(k) for k in ("ce_loss_sae", "kl_div")})
+        rows.append(row)
+    return rows
+
+
 def overview(data: "RunData") -> dict:
     run = _read_json(data.path / "run.json") or {}
     cfg = run.get("config", {}) if isinstance(run.get("config"), dict) else {}
@@ -92,6 +110,10 @@ def overview(data: "RunData") -> dict:
             "dead_harvest": share(dead[name], int(d_sae)) if name in dead and d_sae else None,
             "key_metrics": _key_metrics(scalars, d_sae),
             "metrics": scalars,
+            # what it reads and which sites it replaces (a transcoder, CLT or crosscoder), with per-site figures
+            "binding": {k: (metrics or {}).get(k) for k in ("kind", "reads", "writes")} if (metrics or {}).get("kind")
+            else None,
+            "site_metrics": _site_metrics(metrics),
             "plots": [f"/plots/{name}/{p}" for p in plots(data, name)],
             "plots_note": (metrics or {}).get("plots") if isinstance((metrics or {}).get("plots"), str) else None,
         })

@@ -9,6 +9,7 @@ from saeforge.errors import SaeforgeError
 from saeforge.evals.downstream import replace_at, splice
 from saeforge.evals.evaluate import EvalConfig, evaluate
 from saeforge.saes import TopKConfig, make_sae, save_sae
+from tests.training.test_trainer import mlp_cache  # noqa: F401  (a fixture: the tiny model's MLP sites, cached)
 
 SITE = "layers.1.resid_post"
 REQUIRED = ("fvu", "explained_variance", "mse", "l0", "dead_fraction", "ce_loss_clean", "ce_loss_sae",
@@ -270,14 +271,21 @@ def test_dictionaries_eval_cannot_replace_are_refused(tiny_llama_dir, text_file,
     meta = {"model_name": str(tiny_llama_dir), "context_size": 32}
     save_sae(_random(), tmp_path / "backwards",
              metadata={**SiteBinding.single("layers.2.resid_post", "layers.1.mlp_out").to_metadata(), **meta})
-    with pytest.raises(SaeforgeError, match="reads layers.2.resid_post, which the model computes after "
-                                            "layers.1.mlp_out"):
+    with pytest.raises(SaeforgeError, match="would read layers.2.resid_post and write layers.1.mlp_out, which the "
+                                            "model computes before"):
         evaluate(_cfg(tmp_path / "backwards", text_file))
-    save_sae(_random(d_out=64), tmp_path / "clt", metadata={"reads": ["layers.0.resid_post"],
-                                              "writes": ["layers.0.mlp_out", "layers.1.mlp_out"], **meta})
-    with pytest.raises(SaeforgeError,
-                       match=r"clt is a clt \(reads layers.0.resid_post; writes layers.0.mlp_out, layers.1.mlp_out\)"):
-        evaluate(_cfg(tmp_path / "clt", text_file))
+    # one site read, two written: no layer-by-layer replacement exists
+    save_sae(_random(d_out=64), tmp_path / "fan", metadata={"reads": ["layers.0.mlp_in"],
+                                                          "writes": ["layers.0.mlp_out", "layers.1.mlp_out"], **meta})
+    with pytest.raises(SaeforgeError, match="TopKSAE bound as a cross-layer transcoder .* has no encode_layer"):
+        evaluate(_cfg(tmp_path / "fan", text_file))
+    # a two-model crosscoder is refused before any model is loaded (the model name is not even a model)
+    pair = ["a--layers.1.resid_post", "b--layers.1.resid_post"]
+    save_sae(_random(d_out=64), tmp_path / "two",
+             metadata={"reads": pair, "writes": pair, "model_name": "no/such-model"})
+    with pytest.raises(SaeforgeError, match="two is a crosscoder over 2 models") as err:
+        evaluate(_cfg(tmp_path / "two", text_file))
+    assert "saeforge diff" in err.value.fix
 
 
 def test_logit_reference_reproduces_the_plain_formulas_bit_for_bit():
@@ -309,3 +317,25 @@ def test_logit_reference_reproduces_the_plain_formulas_bit_for_bit():
     assert buffers["full"].shape == (5, 9, 997)  # allocated once, for the larger batch
     with pytest.raises(SaeforgeError, match="measured against a clean batch of shape"):
         ref.measure(torch.zeros(3, 8, 997))
+
+
+def test_a_trained_run_of_every_kind_is_evaluated(mlp_cache, tiny_llama, text_file, tmp_path):
+    """What `saeforge train` writes (per-site scales folded, the binding in the metadata) is what eval replaces: a
+    CLT, three per-layer transcoders and a crosscoder from one run, each with the figures of its kind."""
+    from saeforge.training import train
+    from tests.training.test_trainer import CLT_AND_TRANSCODERS, _multi_config
+
+    train(_multi_config(tmp_path, mlp_cache, CLT_AND_TRANSCODERS), given=["config", "out"])
+    report = evaluate(_cfg(tmp_path / "run", text_file, plots=False))
+    saes = report["saes"]
+    assert {n: m["kind"] for n, m in saes.items()} == {"clt": "clt", "xc": "crosscoder",
+                                                      **{f"layers.{i}.mlp_in": "transcoder" for i in range(3)}}
+    clt = saes["clt"]
+    assert (clt["reads"], clt["writes"]) == ("layers.0-2.mlp_in", "layers.0-2.mlp_out")
+    assert set(clt["sites"]) == {f"layers.{i}.mlp_out" for i in range(3)}
+    assert all(0 < s["fvu"] < 1 and 0 < s["l0"] <= 4 for s in clt["sites"].values())  # k = 4 per layer
+    assert set(saes["xc"]["per_site"]) == {f"layers.{i}.mlp_in" for i in range(3)} and "sites" in saes["xc"]
+    # the per-layer transcoder of layer 1 and the CLT's layer 1 replace the same site: the same clean figures
+    assert saes["layers.1.mlp_in"]["ce_loss_clean"] == clt["ce_loss_clean"]
+    for m in saes.values():
+        assert m["ce_loss_zero_ablation"] > 0 and m["kl_div"] >= 0 and m["n_loss_positions"] > 0

@@ -357,3 +357,49 @@ def test_links_of_unchanged_saes_survive_a_reharvest(tiny_run, text_file, tmp_pa
     assert "dropped 3 link(s)" in capsys.readouterr().out
     with FeatureStore(path, readonly=True) as s:
         assert s.link_summary() == [] and s.meta("links_kept") == 0
+
+
+def test_clts_and_crosscoders_harvest_from_all_the_sites_they_read(tiny_llama, tiny_llama_dir, text_file, tmp_path):
+    """A CLT encodes its layers' reads, a crosscoder its sites' concatenated: statistics equal a direct computation,
+    the store names the sites read as a layer list, and a CLT's neighbours are by its whole decoder (every output
+    layer); the inspector encodes them alike."""
+    from saeforge.features.inspect import Inspector
+    from saeforge.runs import SiteBinding
+    from saeforge.saes import TopKCLTConfig, TopKCrosscoderConfig, make_sae, save_sae
+
+    mlp_in, mlp_out = [f"layers.{i}.mlp_in" for i in range(3)], [f"layers.{i}.mlp_out" for i in range(3)]
+    resid = ["layers.1.resid_post", "layers.2.resid_post"]
+    meta = {"model_name": str(tiny_llama_dir), "context_size": 32}
+    torch.manual_seed(0)
+    clt = make_sae(TopKCLTConfig(d_in=96, d_sae=96, d_out=96, n_layers=3, k=3))
+    xc = make_sae(TopKCrosscoderConfig(d_in=64, d_sae=48, n_sites=2, k=5))
+    run = tmp_path / "run"
+    save_sae(clt, run / "saes" / "clt", metadata={**SiteBinding(tuple(mlp_in), tuple(mlp_out)).to_metadata(), **meta})
+    save_sae(xc, run / "saes" / "xc", metadata={**SiteBinding(tuple(resid), tuple(resid)).to_metadata(), **meta})
+    path = harvest(HarvestConfig(path=str(run), corpus=str(text_file), tokens=32 * 8, batch_size=4, n_neighbors=3,
+                                 device="cpu", progress=False))
+    store = FeatureStore(path, readonly=True)
+    assert {s["name"]: s["site"] for s in store.saes()} == {"clt": "layers.0-2.mlp_in",
+                                                            "xc": "layers.1,2.resid_post"}
+    ts = TokenStream.for_model(TextSource(str(text_file)), tiny_llama, TokenPolicy(32))
+    ids = torch.stack([torch.from_numpy(c) for _, c in zip(range(8), ts.contexts())])
+    keep = ts.keep_mask(ids)
+    acts = tiny_llama.read(ids, mlp_in + resid)
+    with torch.no_grad():
+        f_clt = clt.encode(torch.cat([acts[s][keep] for s in mlp_in], -1))
+        f_xc = xc.encode(torch.cat([acts[s][keep] for s in resid], -1))
+    for name, f in (("clt", f_clt), ("xc", f_xc)):
+        counts = (f != 0).sum(0)
+        assert int(counts.sum()) > 0
+        for idx in range(0, f.shape[1], 5):
+            rec = store.feature(name, idx, with_examples=False)
+            assert rec["fire_count"] == int(counts[idx])
+            if counts[idx]:
+                assert rec["max_act"] == pytest.approx(float(f[:, idx].max()), rel=1e-6)
+    cos = clt.decoder_cosines(0, 96)
+    cos.fill_diagonal_(-2)
+    for idx in (0, 40, 95):
+        j, s = store.feature("clt", idx, with_examples=False)["neighbors"][0]
+        assert j == int(cos[idx].argmax()) and s == pytest.approx(float(cos[idx].max()), abs=1e-5)
+    rows = Inspector(run, lm=tiny_llama).inspect("To be, or not to be", top=2)
+    assert any(r["features"]["clt"] for r in rows[1:]) and any(r["features"]["xc"] for r in rows[1:])

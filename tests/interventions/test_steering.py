@@ -267,3 +267,18 @@ def test_run_steering_measures_a_transcoder_at_its_read_site(tiny_llama, transco
     if run.steered == run.baseline:
         assert e["target_activation_injected"] == pytest.approx(e["target_activation_baseline"], rel=1e-5)
     assert e["target_activation_baseline"] > 0
+
+
+def test_a_run_with_a_clt_steers_its_other_dictionaries_and_refuses_the_clt(tiny_llama, steerer):
+    from saeforge.runs import SiteBinding, bind
+    from saeforge.saes import TopKCLTConfig, make_sae
+
+    reads, writes = tuple(f"layers.{i}.mlp_in" for i in range(2)), tuple(f"layers.{i}.mlp_out" for i in range(2))
+    clt = bind("clt", make_sae(TopKCLTConfig(d_in=64, d_sae=64, d_out=64, n_layers=2, k=4)),
+               SiteBinding(reads, writes), tiny_llama)
+    st = Steerer(tiny_llama, {"clt": clt, SITE: steerer.bound[SITE]}, {"clt": None, SITE: None})
+    assert st.saes["clt"][1] is None and st.saes[SITE][1].name == SITE
+    before, after = _edited(st, [FeatureEdit(SITE, 3, "add", 2.0, "raw")])
+    assert not torch.equal(before[1:], after[1:])
+    with pytest.raises(SaeforgeError, match=r"clt writes 2 sites \(layers.0.mlp_out, layers.1.mlp_out\)"):
+        st.check([FeatureEdit("clt", 3, "add", 2.0, "raw")])

@@ -162,6 +162,23 @@ def test_save_load_round_trip_is_exact(code, tmp_path):
     assert torch.equal(loaded(x), sae(x))
 
 
+def test_decoder_cosines_equal_those_of_the_padded_decoder_matrix():
+    """Each latent's decoder over all output layers, zeros before its own layer: [d_sae, L * d_out]."""
+    sae = build("jumprelu", seed=3)
+    with torch.no_grad():
+        sae.W_dec[1].mul_(2.5)  # unequal norms: the cosine must divide them out
+    dense = torch.zeros(L * F, L * D_OUT)
+    for i in range(L):
+        dense[i * F:(i + 1) * F, i * D_OUT:] = sae.W_dec[i].detach().reshape(F, -1)
+    unit = dense / dense.norm(dim=1, keepdim=True)
+    want = unit @ unit.T
+    for start, stop in ((0, L * F), (5, 37), (F + 3, F + 4)):
+        got = sae.decoder_cosines(start, stop)
+        torch.testing.assert_close(got, want[start:stop], rtol=0, atol=1e-6)
+    # a layer-0 latent and a layer-2 latent share only output layer 2
+    assert want[0, 2 * F] != 0 and want[2 * F, 0] == want[0, 2 * F]
+
+
 def test_config_rules():
     cfg = TopKCLTConfig.from_training_options(d_in=3 * 8, d_sae=3 * 16, d_out=3 * 6, k=4, sparsity_coefficient=-1,
                                               dead_after_tokens=100, read_widths=(8, 8, 8), write_widths=(6, 6, 6))

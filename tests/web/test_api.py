@@ -350,3 +350,64 @@ def test_favicon_and_overview_counts_agree(client, web_run):
     html = client.get("/").text
     assert re.search(r'data-metric="dead_fraction"><th>[^<]*</th><td>' + re.escape(share(dead, 128)), html)
     assert "(" in share(dead, 128) or dead == 0
+
+
+def test_the_overview_says_what_a_dictionary_reads_and_replaces(web_run, tmp_path):
+    """A CLT's eval.json entry (as saeforge eval writes it): the overview names the sites read and replaced and
+    shows each written site's figures."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from saeforge.web.app import create_app
+
+    run = tmp_path / "run"
+    shutil.copytree(web_run[0], run, ignore=shutil.ignore_patterns("features.sqlite*"))
+    ev = json.loads((run / "eval.json").read_text())
+    entry = ev["saes"][SAE]
+    entry.update(kind="clt", reads="layers.0-1.mlp_in", writes="layers.0-1.mlp_out",
+                 sites={"layers.0.mlp_out": {"fvu": 0.125, "explained_variance": 0.875, "l0": 7.5},
+                        "layers.1.mlp_out": {"fvu": 0.25, "explained_variance": 0.75, "l0": 9.0}})
+    (run / "eval.json").write_text(json.dumps(ev))
+    with TestClient(create_app(run)) as c:
+        sae = c.get("/api/run").json()["saes"][0]
+        assert sae["binding"] == {"kind": "clt", "reads": "layers.0-1.mlp_in", "writes": "layers.0-1.mlp_out"}
+        assert [r["site"] for r in sae["site_metrics"]] == ["layers.0.mlp_out", "layers.1.mlp_out"]
+        assert sae["site_metrics"][1]["fvu"] == 0.25 and sae["site_metrics"][1]["alone_kl_div"] is None
+        page = c.get("/").text
+        assert "clt: reads <code>layers.0-1.mlp_in</code>, replaces <code>layers.0-1.mlp_out</code>" in page
+        assert '<tr data-site="layers.1.mlp_out"><th><code>layers.1.mlp_out</code></th><td>0.25</td>' in page
+    # an SAE's overview has no such line
+    with TestClient(create_app(web_run[0])) as c:
+        assert c.get("/api/run").json()["saes"][0]["binding"]["kind"] == "sae"
+        assert 'class="binding' not in c.get("/").text
+
+
+def test_feature_across_the_prompt_of_a_clt_encodes_every_layer_it_reads(web_run, tiny_llama, tiny_llama_dir, tmp_path):
+    import torch
+    from fastapi.testclient import TestClient
+
+    from saeforge.runs import SiteBinding
+    from saeforge.saes import TopKCLTConfig, make_sae, save_sae
+    from saeforge.web.app import create_app
+
+    run = tmp_path / "run"
+    shutil.copytree(web_run[0], run, ignore=shutil.ignore_patterns("features.sqlite*"))
+    reads, writes = tuple(f"layers.{i}.mlp_in" for i in range(2)), tuple(f"layers.{i}.mlp_out" for i in range(2))
+    torch.manual_seed(0)
+    clt = make_sae(TopKCLTConfig(d_in=64, d_sae=64, d_out=64, n_layers=2, k=4))
+    save_sae(clt, run / "saes" / "clt", metadata={**SiteBinding(reads, writes).to_metadata(),
+                                                  "model_name": str(tiny_llama_dir), "context_size": 64})
+    text = "To be, or not to be, that is the question"
+    ids = torch.tensor([[tiny_llama.bos_token_id()] + tiny_llama.tokenizer(text, add_special_tokens=False)[
+        "input_ids"]])
+    acts = tiny_llama.read(ids, list(reads))
+    with torch.no_grad():
+        f = clt.encode(torch.cat([acts[s][0] for s in reads], -1))
+    idx = int(f[1:].sum(0).argmax())  # a layer-0 or layer-1 latent that fires on this prompt
+    with TestClient(create_app(run)) as c:
+        r = c.post("/api/inspect/feature", json={"text": text, "sae": "clt", "feature": idx})
+        assert r.status_code == 200, r.text
+        want = f[:, idx].clone()
+        want[0] = 0.0  # BOS is not SAE data
+        assert r.json()["acts"] == pytest.approx(want.tolist(), rel=1e-5, abs=1e-6) and max(r.json()["acts"]) > 0
