@@ -34,3 +34,24 @@ def test_thread_policy_sets_and_restores(monkeypatch):
     with pytest.raises(SaeforgeError, match="--threads"):
         with thread_policy(-1):
             pass
+
+
+def test_busy_cpus_sees_work_that_runs_now_and_not_work_that_ended():
+    """The 1-minute load average would still count a process that just ended; the measured busy share does not."""
+    import subprocess
+    import sys
+    import time
+
+    from saeforge.utils.threads import busy_cpus
+
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 3: pass"
+    hog = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.5)  # the interpreter has started and spins
+        during = busy_cpus(0.5)
+    finally:
+        hog.wait()
+    after = busy_cpus(0.5)
+    # one spinning process keeps about one CPU busy; once it ended, about one CPU less (other tests may run beside)
+    assert during - after > 0.6, (during, after)
+    assert 0.0 <= after <= available_cpus()
