@@ -21,8 +21,12 @@ def test_the_python_api_section_runs_as_written(tiny_run, capsys):
     namespace: dict = {}
     exec(compile(code, str(README), "exec"), namespace)
     out = capsys.readouterr().out
-    assert out.splitlines()[0].endswith(" []")  # BOS, first under the run's token rules, is not SAE data
-    assert namespace["latents"].shape[-1] == namespace["bound"].sae.cfg.d_sae
+    lines = out.splitlines()
+    top = namespace["inspector"].top_features("To be, or not to be", k=5)
+    assert lines[0] == str(top) and 1 <= len(top) <= 5
+    assert lines[1].endswith(" []")  # BOS, first under the run's token rules, is not SAE data
+    latents = namespace["latents"]
+    assert latents.shape[-1] == namespace["bound"].sae.cfg.d_sae and bool((latents[0] == 0).all())
     assert namespace["attribution"].shape == (namespace["bound"].sae.cfg.d_sae,)
     assert namespace["grad_e"].shape[-1] == namespace["bound"].write_site.d
     assert len(namespace["result"].steered) == 1

@@ -62,6 +62,37 @@ class Inspector:
         """The sites the dictionaries read (what :meth:`inspect` runs the model to)."""
         return sorted({s.name for b in self.saes.values() for s in b.reads})
 
+    def _name(self, sae: str | None) -> str:
+        if sae is None:
+            if len(self.saes) != 1:
+                raise SaeforgeError(f"the run has {len(self.saes)} dictionaries; say which",
+                                    f"pass sae= one of {', '.join(self.saes)}")
+            return next(iter(self.saes))
+        if sae not in self.saes:
+            raise SaeforgeError(f"no SAE {sae!r} in this run", f"the run has: {', '.join(self.saes)}")
+        return sae
+
+    @torch.inference_mode()
+    def encode(self, text: str, sae: str | None = None) -> torch.Tensor:
+        """The latents of ``text`` [tokens, d_sae] under dictionary ``sae`` (the run's only one by default), the text
+        tokenised with the run's token rules; positions that are not SAE data (BOS, control tokens) are all zero."""
+        bound = self.saes[self._name(sae)]
+        batch = self.prompts.one(text)
+        acts = self.lm.read(batch.input_ids, [s.name for s in bound.reads])
+        f = bound.sae.encode(bound.input(acts)[0].float())
+        return f * batch.keep[0].to(f.device)[:, None]
+
+    def top_features(self, text: str, k: int = 10, sae: str | None = None) -> list[tuple[int, float, str | None]]:
+        """The ``k`` features most active anywhere in ``text`` (largest activation over its SAE-data positions):
+        ``[(feature, activation, label or None)]``, the label from the feature store when the run has one."""
+        if k < 1:
+            raise SaeforgeError(f"k must be at least 1, got {k}", "ask for k=10 features")
+        name = self._name(sae)
+        peak = self.encode(text, name).max(0).values
+        vals, idx = peak.topk(min(k, peak.numel()))
+        labels = self.labels(name, [int(i) for i in idx])
+        return [(int(i), float(v), labels.get(int(i))) for v, i in zip(vals, idx) if v > 0]
+
     def bindings(self) -> dict[str, dict]:
         """Per dictionary: ``{"kind", "reads", "writes", "description"}`` (the sites by name)."""
         return {name: {"kind": b.kind, "reads": [s.name for s in b.reads], "writes": [s.name for s in b.writes],

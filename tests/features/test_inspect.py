@@ -24,6 +24,28 @@ def test_each_token_lists_its_most_active_features(tiny_run, tiny_llama):
         assert [(i, pytest.approx(a, rel=1e-6)) for i, a, _ in feats] == expected
 
 
+def test_encode_and_top_features_follow_the_run_token_rules(tiny_run, tiny_llama):
+    """encode: the latents of every position, zero at BOS (no SAE data); top_features: the largest activations over
+    the prompt's SAE-data positions, equal to a hand computation that drops BOS."""
+    text = "To be, or not to be, that is the question"
+    inspector = Inspector(tiny_run, lm=tiny_llama)
+    f = inspector.encode(text)
+    ids = [tiny_llama.bos_token_id()] + tiny_llama.tokenizer(text, add_special_tokens=False)["input_ids"]
+    x = tiny_llama.read(torch.tensor([ids]), [SITE])[SITE][0]
+    with torch.no_grad():
+        direct = load_sae(tiny_run / "saes" / SITE).encode(x)
+    assert f.shape == direct.shape and bool((f[0] == 0).all()) and bool(direct[0].abs().sum() > 0)
+    torch.testing.assert_close(f[1:], direct[1:], rtol=1e-6, atol=0)
+    top = inspector.top_features(text, k=4)
+    vals, idx = direct[1:].max(0).values.topk(4)
+    assert [(i, pytest.approx(v, rel=1e-6)) for i, v, _ in top] == [(int(i), float(v)) for v, i in zip(vals, idx)]
+    assert inspector.encode(text, SITE).equal(f)
+    with pytest.raises(SaeforgeError, match="no SAE 'nope'"):
+        inspector.encode(text, "nope")
+    with pytest.raises(SaeforgeError, match="k must be at least 1"):
+        inspector.top_features(text, k=0)
+
+
 def test_over_long_and_empty_prompts_are_refused(tiny_run, tiny_llama):
     inspector = Inspector(tiny_run, lm=tiny_llama)
     with pytest.raises(SaeforgeError, match=r"the prompt has \d+ tokens; the limit is 256"):
