@@ -241,13 +241,16 @@ def create_app(run_dir: str | Path, *, model: str = "", device: str = "auto", ma
     def favicon():
         return FileResponse(HERE / "static" / "favicon.svg", media_type="image/svg+xml")
 
+    from saeforge.web.circuits import register_circuit_routes
     from saeforge.web.flow import register_flow_routes
     from saeforge.web.hierarchy import register_hierarchy_routes
 
     register_flow_routes(app)
     hierarchy = register_hierarchy_routes(app, data, templates)
-    # the navigation links to what the run holds: match tables of a suite, feature trees or modules
+    circuits = register_circuit_routes(app, data, templates)
+    # the navigation links to what the run holds: match tables of a suite, feature trees or modules, circuits
     templates.env.globals.update(
         has_flow=lambda: (data.path / "flow").is_dir(),
+        has_circuits=lambda: bool(circuits.files()),
         has_hierarchy=lambda: bool(hierarchy._tree_files() or hierarchy._module_files()))
     return app
