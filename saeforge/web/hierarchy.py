@@ -91,15 +91,8 @@ class HierarchyPages:
         """Explanation and density of store features (empty when the SAE is not in the store)."""
         if sae is None or not idxs:
             return {}
-        st = self.data.store()
-        sae_id = st.sae_id(sae)
-        out: dict[int, dict] = {}
-        for chunk in range(0, len(idxs), 500):
-            part = idxs[chunk:chunk + 500]
-            rows = st.con.execute(f"SELECT idx, density, explanation, score FROM features WHERE sae_id = ? AND idx IN "
-                                  f"({','.join('?' * len(part))})", (sae_id, *part))
-            out.update({int(r[0]): {"density": r[1], "explanation": r[2], "score": r[3]} for r in rows})
-        return out
+        brief = self.data.store().brief_features(sae, idxs)  # all SQL lives in FeatureStore
+        return {i: {k: f[k] for k in ("density", "explanation", "score")} for i, f in brief.items()}
 
     # ---- trees ----
     def tree(self, name: str, *, level: int = 0, offset: int = 0, limit: int = 20, order: str = "children"

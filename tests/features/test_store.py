@@ -275,3 +275,18 @@ def test_explanation_search_has_no_wildcards(tmp_path):
         2: {"density": 0.08, "explanation": "plain words", "score": 0.5, "top_tokens": [["%", 3]]}}
     assert s.count_explained("x") == 3
     s.close()
+
+
+def test_no_sql_outside_the_store():
+    """FeatureStore owns every SQL statement: any other module that queries the store directly would bypass its
+    schema migrations and its read-only and locking rules."""
+    import re
+    from pathlib import Path
+
+    import saeforge
+
+    root = Path(saeforge.__file__).parent
+    sql = re.compile(r"\.execute(many)?\(|\b(SELECT|INSERT INTO|DELETE FROM|UPDATE \w+ SET)\b")
+    offenders = [f"{p.relative_to(root)}:{n}" for p in sorted(root.rglob("*.py")) if p.name != "store.py"
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if sql.search(line)]
+    assert offenders == []
