@@ -20,5 +20,25 @@ def find_chromium() -> str | None:
     return None
 
 
+def require_browser() -> str:
+    """Chromium's path for a module of browser tests; the module is skipped when Playwright or Debian's chromium is
+    missing, except under CI, which must run them (the test fails instead)."""
+    import importlib.util
+
+    import pytest
+
+    def missing(reason: str):
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI must run the browser tests: scripts/install_browser.sh installs it)")
+        pytest.skip(f"{reason}: run scripts/install_browser.sh", allow_module_level=True)
+
+    if importlib.util.find_spec("playwright") is None:
+        missing("Playwright for Python is not installed")
+    chromium = find_chromium()
+    if chromium is None:
+        missing("Debian's chromium is not installed")
+    return chromium
+
+
 def launch(playwright, executable: str):
     return playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS, timeout=30_000)

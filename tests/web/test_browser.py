@@ -5,29 +5,17 @@ under CI (``CI`` set), where a missing browser is a failure rather than a silent
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from .browser import find_chromium, launch
+from .browser import launch, require_browser
 from .conftest import EXPLANATIONS, SAE
 
 TIMEOUT_MS = 20_000
 
+CHROMIUM = require_browser()  # skips the module without a browser (fails under CI)
 
-def _missing(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI must run the browser tests: scripts/install_browser.sh installs it)")
-    pytest.skip(f"{reason}: run scripts/install_browser.sh", allow_module_level=True)
-
-
-try:
-    from playwright.sync_api import expect, sync_playwright
-except ImportError:
-    _missing("Playwright for Python is not installed")
-CHROMIUM = find_chromium()
-if CHROMIUM is None:
-    _missing("Debian's chromium is not installed")
+from playwright.sync_api import expect, sync_playwright  # noqa: E402  (after the check)
 
 
 @pytest.fixture(scope="module")

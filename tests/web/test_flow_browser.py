@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
 from tests.flow.conftest import tiny_suite  # noqa: F401  (the suite fixture, shared with tests/flow)
 
-from .browser import find_chromium, launch
+from .browser import launch, require_browser
 
 TIMEOUT_MS = 20_000
 
+CHROMIUM = require_browser()  # skips the module without a browser (fails under CI)
 
-def _missing(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI must run the browser tests: scripts/install_browser.sh installs it)")
-    pytest.skip(f"{reason}: run scripts/install_browser.sh", allow_module_level=True)
-
-
-try:
-    from playwright.sync_api import expect, sync_playwright
-except ImportError:
-    _missing("Playwright for Python is not installed")
-CHROMIUM = find_chromium()
-if CHROMIUM is None:
-    _missing("Debian's chromium is not installed")
+from playwright.sync_api import expect, sync_playwright  # noqa: E402  (after the check)
 
 
 @pytest.fixture(scope="module")
