@@ -11,11 +11,13 @@ from typing import Any, Callable
 from simple_parsing.helpers import field
 
 from saeforge.errors import SaeforgeError
+from saeforge.options import DeviceOptions, RunModelOptions, flat_options
 from saeforge.flow.data import with_threads
 from saeforge.flow.matching import METHODS, check_threshold, compare_saes, pearson_match
 from saeforge.flow.suite import KINDS, open_suite, parse_layers, site_name
 
 
+@flat_options
 @dataclass(frozen=True)
 class MatchConfig:
     """Match features across the suite's layers: each residual feature of layer L against the residual SAE of L-1
@@ -47,10 +49,10 @@ class MatchConfig:
     """pearson: contexts read (every SAE-data token of each is used)."""
     context_length: int = 128
     """pearson: tokens per context."""
-    model: str = ""
-    """pearson: the model; empty: the one the SAEs name."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    model_options: RunModelOptions = field(default_factory=RunModelOptions)
+    """The model the SAEs read."""
+    device_options: DeviceOptions = field(default_factory=DeviceOptions)
+    """Where the model runs."""
     threads: int = 0
     """CPU threads for PyTorch; 0: automatic (fewer when other work keeps the CPUs busy)."""
     store_links: bool = True

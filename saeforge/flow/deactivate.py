@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from simple_parsing.helpers import field
 
 from saeforge.errors import SaeforgeError
+from saeforge.options import DeviceOptions, RunModelOptions, flat_options
 from saeforge.flow.data import with_threads
 from saeforge.flow.suite import open_suite, parse_layers, site_name
 
@@ -34,6 +35,7 @@ DEFAULT_STRATEGIES = ("top1", "top5", "random_top5", "permutation", "random")
 PAPER_TABLE = {"top1": (0.75, 0.65), "pearson": (0.74, 0.65)}
 
 
+@flat_options
 @dataclass(frozen=True)
 class DeactivateConfig:
     """Deactivation experiment: rescale a residual feature's matched predecessors by r at the token where it fires,
@@ -61,10 +63,10 @@ class DeactivateConfig:
     """Tokens per context."""
     seed: int = 0
     """Seed for the token sample and the random strategies."""
-    model: str = ""
-    """Model; empty: the one the SAEs name."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    model_options: RunModelOptions = field(default_factory=RunModelOptions)
+    """The model the SAEs read."""
+    device_options: DeviceOptions = field(default_factory=DeviceOptions)
+    """Where the model runs."""
     out: str = ""
     """Output folder; empty: SUITE/flow/."""
     threads: int = 0

@@ -16,6 +16,7 @@ import torch
 from simple_parsing.helpers import field
 
 from saeforge.errors import SaeforgeError
+from saeforge.options import DeviceOptions, RunModelOptions, flat_options
 from saeforge.flow.data import with_threads
 from saeforge.flow.suite import open_suite, parse_layers, site_name
 
@@ -24,6 +25,7 @@ GROUPS = ("From RES", "From MLP", "From ATT", "From RES & MLP", "From RES & ATT"
 _CODE_TO_GROUP = {1: 0, 2: 1, 4: 2, 3: 3, 5: 4, 6: 5, 7: 6, 0: 7}  # bit 1 RES, 2 MLP, 4 ATT
 
 
+@flat_options
 @dataclass(frozen=True)
 class GroupsConfig:
     """Origin groups on data: for residual features active on sampled tokens, which of their top-1 matched
@@ -44,10 +46,10 @@ class GroupsConfig:
     """Tokens per context."""
     seed: int = 0
     """Seed for the token sample."""
-    model: str = ""
-    """Model; empty: the one the SAEs name."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    model_options: RunModelOptions = field(default_factory=RunModelOptions)
+    """The model the SAEs read."""
+    device_options: DeviceOptions = field(default_factory=DeviceOptions)
+    """Where the model runs."""
     out: str = ""
     """Output folder; empty: SUITE/flow/."""
     threads: int = 0

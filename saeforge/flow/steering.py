@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from simple_parsing.helpers import field
 
 from saeforge.errors import SaeforgeError
+from saeforge.options import DeviceOptions, RunModelOptions, flat_options
 from saeforge.flow.data import with_threads
 
 SCHEDULES = ("constant", "linear", "exponential")
@@ -203,6 +204,7 @@ def judge(backend, texts: Sequence[str], theme: str) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------- command
+@flat_options
 @dataclass(frozen=True)
 class FlowSteerConfig:
     """Steer a theme along the flow graph of a residual feature: the target alone, the graph's features at its layer,
@@ -248,10 +250,10 @@ class FlowSteerConfig:
     """Flow graph: module similarity threshold."""
     seed: int = 0
     """Sampling seed (the same for every setting, so differences come from the steering)."""
-    model: str = ""
-    """Model; empty: the one the SAEs name."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
+    model_options: RunModelOptions = field(default_factory=RunModelOptions)
+    """The model the SAEs read."""
+    device_options: DeviceOptions = field(default_factory=DeviceOptions)
+    """Where the model runs."""
     out: str = ""
     """Output folder; empty: SUITE/flow/steer/."""
     threads: int = 0
