@@ -285,6 +285,28 @@ def _append_shard(manifest: dict, manifest_path: Path, entry: dict) -> None:
     atomic_write_json(manifest_path, manifest)
 
 
+def _open_to_extend(cfg: CacheConfig, lm, sites, folder: Path) -> tuple[dict, Path, Path]:
+    """(manifest, its path, the shards folder) of the cache in ``folder``, ready to grow to ``cfg.tokens``: an existing
+    one checked for resume (a new one made), the folder prepared, and a last shard that was cut to an older, smaller
+    target dropped so it is rebuilt whole (an extended cache then equals one long run)."""
+    manifest_path = folder / "manifest.json"
+    if manifest_path.is_file():
+        manifest = ActivationCache(folder).manifest
+        _check_resumable(manifest, cfg, lm, folder)
+    else:
+        manifest = _new_manifest(cfg, lm, sites)
+    manifest["target_tokens"] = cfg.tokens
+    shards_dir = _prepare_folder(folder, manifest, manifest_path)
+    last = manifest["shards"][-1] if manifest["shards"] else None
+    if last is not None and last.get("truncated") and manifest["token_count"] < cfg.tokens:
+        manifest["shards"].pop()
+        manifest["token_count"] -= last["tokens"]
+        _update_norm_stats(manifest)
+        atomic_write_json(manifest_path, manifest)
+        shutil.rmtree(shards_dir / last["name"], ignore_errors=True)
+    return manifest, manifest_path, shards_dir
+
+
 def _prepare_folder(folder: Path, manifest: dict, manifest_path: Path) -> Path:
     """Remove what a killed writer left (temporaries, shards renamed into place but never recorded); return the
     shards folder."""
@@ -340,24 +362,8 @@ def _build_cache(cfg: CacheConfig, folder: Path, lm, progress: bool) -> Activati
     sites = [lm.site(s) for s in cfg.sites]
     token_stream = TokenStream.for_model(TextSource(cfg.corpus, cfg.text_field), lm, cfg.token_policy())
 
-    manifest_path = folder / "manifest.json"
-    if manifest_path.is_file():
-        manifest = ActivationCache(folder).manifest
-        _check_resumable(manifest, cfg, lm, folder)
-    else:
-        manifest = _new_manifest(cfg, lm, sites)
-    manifest["target_tokens"] = cfg.tokens
-    shards_dir = _prepare_folder(folder, manifest, manifest_path)
-
+    manifest, manifest_path, shards_dir = _open_to_extend(cfg, lm, sites, folder)
     target = cfg.tokens
-    last = manifest["shards"][-1] if manifest["shards"] else None
-    if last is not None and last.get("truncated") and manifest["token_count"] < target:
-        # The last shard was cut to hit the old target; rebuild it whole so an extended cache equals one long run.
-        manifest["shards"].pop()
-        manifest["token_count"] -= last["tokens"]
-        _update_norm_stats(manifest)
-        atomic_write_json(manifest_path, manifest)
-        shutil.rmtree(shards_dir / last["name"], ignore_errors=True)
     done = manifest["token_count"]
     if done >= target:
         manifest["complete"] = True

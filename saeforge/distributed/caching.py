@@ -15,7 +15,6 @@ The ranks write into one folder: on several machines it must be on a file system
 from __future__ import annotations
 
 import contextlib
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +24,8 @@ from saeforge.data.activation_cache import (
     ActivationCache,
     CacheConfig,
     _append_shard,
-    _check_resumable,
-    _new_manifest,
-    _prepare_folder,
+    _open_to_extend,
     _refuse_foreign_folder,
-    _update_norm_stats,
     _write_shard,
 )
 from saeforge.data.activation_reader import read_activations
@@ -121,19 +117,7 @@ def build_cache_distributed(cfg: CacheConfig, progress: bool | None = None) -> A
 
             def open_on_main() -> dict:
                 held.enter_context(exclusive_lock(folder, "saeforge cache"))  # rank 0 holds it to the end
-                if manifest_path.is_file():
-                    manifest = ActivationCache(folder).manifest
-                    _check_resumable(manifest, cfg, lm, folder)
-                else:
-                    manifest = _new_manifest(cfg, lm, sites)
-                manifest["target_tokens"] = cfg.tokens
-                shards_dir = _prepare_folder(folder, manifest, manifest_path)
-                last = manifest["shards"][-1] if manifest["shards"] else None
-                if last is not None and last.get("truncated") and manifest["token_count"] < cfg.tokens:
-                    manifest["shards"].pop()  # cut to an older target: rebuilt whole, as build_cache does
-                    manifest["token_count"] -= last["tokens"]
-                    _update_norm_stats(manifest)
-                    shutil.rmtree(shards_dir / last["name"], ignore_errors=True)
+                manifest, _, _ = _open_to_extend(cfg, lm, sites, folder)
                 manifest["complete"] = manifest["token_count"] >= cfg.tokens
                 atomic_write_json(manifest_path, manifest)
                 return manifest
