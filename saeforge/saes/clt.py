@@ -40,7 +40,6 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from saeforge.distributed.batch import auxk_normalisers
 from saeforge.errors import SaeforgeError
 from saeforge.kernels import SparseLatents, decode_sparse, encode_topk
 from saeforge.saes.base import DTYPES, SAE, SAEConfig, TrainOutput, TrainState, _flatten, _is_int, _require
@@ -49,7 +48,7 @@ from saeforge.saes.geometric_median import geometric_median
 from saeforge.saes.jumprelu import JumpReLUConfig, JumpReLUFunction, StepFunction
 from saeforge.saes.normalization import site_scales
 from saeforge.saes.registry import register_sae
-from saeforge.saes.topk import TopKConfig, _dense_topk
+from saeforge.saes.topk import TopKConfig, _dense_topk, auxk_loss
 
 __all__ = ["BatchTopKCLT", "BatchTopKCLTConfig", "CrossLayerTranscoder", "JumpReLUCLT", "JumpReLUCLTConfig",
            "TopKCLT", "TopKCLTConfig", "clt_memory"]
@@ -394,14 +393,7 @@ class CrossLayerTranscoder(SAE):
         zero = y_hat.new_zeros(())
         if e_hat is None:
             return zero
-        e = (target - y_hat).detach()
-        # over the global batch when ranks share it (saeforge.distributed.batch); this batch's in one process
-        denom, data_var, share = auxk_normalisers(e, target)
-        if not bool(denom > 0):
-            return zero
-        nmse = (e_hat - e).pow(2).sum() / denom
-        term = self.cfg.auxk_coefficient * nmse * data_var
-        return torch.nan_to_num(term if share == 1 else term * share, nan=0.0)
+        return auxk_loss(e_hat, (target - y_hat).detach(), target, self.cfg.auxk_coefficient)
 
     @torch.no_grad()
     def _update_threshold(self, i: int, lat: SparseLatents, state: TrainState) -> None:

@@ -121,6 +121,17 @@ def _fired_and_l0(lat: SparseLatents) -> tuple[Tensor, float]:
     return fired, float(positive.sum()) / lat.shape[0]
 
 
+def auxk_loss(e_hat: Tensor, e: Tensor, target: Tensor, coefficient: float) -> Tensor:
+    """AuxK: the dead latents' reconstruction ``e_hat`` of the residual ``e``, as a normalised MSE scaled by the
+    data's variance; the normalisers are over the global batch when ranks share it (saeforge.distributed.batch),
+    this batch's in one process."""
+    denom, data_var, share = auxk_normalisers(e, target)
+    if not bool(denom > 0):
+        return e.new_zeros(())
+    term = coefficient * ((e_hat - e).pow(2).sum() / denom) * data_var
+    return torch.nan_to_num(term if share == 1 else term * share, nan=0.0)
+
+
 @register_sae
 class TopKSAE(SAE):
     config_class: ClassVar[type[SAEConfig]] = TopKConfig
@@ -168,15 +179,7 @@ class TopKSAE(SAE):
         zero = x_hat.new_zeros(())
         if aux is None:
             return zero
-        e = (target - x_hat).detach()
-        e_hat = self._decode_sparse(aux)
-        # over the global batch when ranks share it (saeforge.distributed.batch); this batch's in one process
-        denom, data_var, share = auxk_normalisers(e, target)
-        if not bool(denom > 0):
-            return zero
-        nmse = (e_hat - e).pow(2).sum() / denom
-        term = self.cfg.auxk_coefficient * nmse * data_var
-        return torch.nan_to_num(term if share == 1 else term * share, nan=0.0)
+        return auxk_loss(self._decode_sparse(aux), (target - x_hat).detach(), target, self.cfg.auxk_coefficient)
 
     def training_loss(self, x: Tensor, target: Tensor | None = None, *, state: TrainState) -> TrainOutput:
         x, target = self._check_batch(x, target)
