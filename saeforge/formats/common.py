@@ -342,10 +342,12 @@ def assemble(cfg: SAEConfig, tensors: Mapping[str, Tensor], *, where: str) -> SA
 _HF_HOOKS = {
     "gemma": {"resid_pre": "model.layers.{L}.input", "resid_post": "model.layers.{L}.output",
               "mlp_in": "model.layers.{L}.pre_feedforward_layernorm.output",
+              "mlp_hidden": "model.layers.{L}.mlp.down_proj.input",
               "mlp_out": "model.layers.{L}.post_feedforward_layernorm.output",
               "attn_out": "model.layers.{L}.post_attention_layernorm.output"},
     "llama": {"resid_pre": "model.layers.{L}.input", "resid_post": "model.layers.{L}.output",
-              "mlp_in": "model.layers.{L}.mlp.input", "mlp_out": "model.layers.{L}.mlp.output",
+              "mlp_in": "model.layers.{L}.mlp.input", "mlp_hidden": "model.layers.{L}.mlp.down_proj.input",
+              "mlp_out": "model.layers.{L}.mlp.output",
               "attn_out": "model.layers.{L}.self_attn.output"},
 }
 
@@ -376,7 +378,7 @@ def site_for_hf_hook(hook: str) -> str | None:
 
 
 # TransformerLens hook names circuit-tracer writes (feature_input_hook / feature_output_hook), by canonical kind.
-_TL_HOOKS = {"mlp.hook_in": "mlp_in", "ln2.hook_normalized": "mlp_in", "hook_mlp_in": "mlp_in",
+_TL_HOOKS = {"mlp.hook_in": "mlp_in", "mlp.hook_post": "mlp_hidden", "ln2.hook_normalized": "mlp_in", "hook_mlp_in": "mlp_in",
              "mlp.hook_out": "mlp_out", "hook_mlp_out": "mlp_out", "hook_resid_pre": "resid_pre",
              "hook_resid_post": "resid_post", "hook_attn_out": "attn_out"}
 
@@ -389,7 +391,7 @@ def tl_hook_for_site(site: str) -> str:
     m = CANONICAL_RE.match(site)
     if not m:
         return site
-    return {"mlp_in": "mlp.hook_in", "mlp_out": "hook_mlp_out", "resid_pre": "hook_resid_pre",
+    return {"mlp_in": "mlp.hook_in", "mlp_hidden": "mlp.hook_post", "mlp_out": "hook_mlp_out", "resid_pre": "hook_resid_pre",
             "resid_post": "hook_resid_post", "attn_out": "hook_attn_out"}[m.group(2)]
 
 

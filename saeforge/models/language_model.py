@@ -151,6 +151,9 @@ class LanguageModel:
         self.model_type: str = getattr(text_cfg, "model_type", cfg.model_type)
         self.n_layers: int = int(getattr(text_cfg, "num_hidden_layers", None) or getattr(text_cfg, "n_layer"))
         self.d_model: int = int(getattr(text_cfg, "hidden_size", None) or getattr(text_cfg, "n_embd"))
+        # The MLP's hidden width (the site mlp_hidden); GPT-2 leaves n_inner unset for 4 x d_model.
+        self.d_mlp: int = int(getattr(text_cfg, "intermediate_size", None) or getattr(text_cfg, "n_inner", None)
+                              or 4 * self.d_model)
         self.vocab_size: int = int(text_cfg.vocab_size)
         self.max_context: int | None = getattr(text_cfg, "max_position_embeddings", None) or getattr(
             text_cfg, "n_positions", None
@@ -209,7 +212,8 @@ class LanguageModel:
                 "pass a raw module path; `saeforge sites MODEL` lists the modules",
             )
         if site.d is None:
-            site = Site(site.name, site.module_path, site.hook, site.kind, site.layer, self._probe_width(site))
+            d = self.d_mlp if site.kind == "mlp_hidden" else self._probe_width(site)
+            site = Site(site.name, site.module_path, site.hook, site.kind, site.layer, d)
         return site
 
     def sites(self) -> list[Site]:

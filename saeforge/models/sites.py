@@ -1,7 +1,7 @@
 """Sites: named places in a model where activations are read or written.
 
-Canonical names ``layers.{L}.resid_pre | resid_post | attn_out | mlp_in | mlp_out`` resolve to module paths per model
-family; any other name is taken as a raw module path (``model.layers.3.mlp.act_fn``) and hooked at that module's
+Canonical names ``layers.{L}.resid_pre | resid_post | attn_out | mlp_in | mlp_hidden | mlp_out`` resolve to module
+paths per model family; any other name is taken as a raw module path (``model.layers.3.mlp.act_fn``) and hooked at that module's
 output.
 
 Which module output is ``attn_out``/``mlp_out``: the tensor the block adds to the residual stream. For most families
@@ -10,6 +10,10 @@ that is the output of the attention/MLP module itself; Gemma 2/3 apply a norm af
 
 ``mlp_in`` is the input of the MLP module (after its pre-MLP norm; read and edited with a forward pre-hook), where a
 transcoder or cross-layer transcoder reads: an edit there changes what the MLP computes and nothing else.
+
+``mlp_hidden`` is the MLP's hidden activation — the input of its down (output) projection, one value per neuron
+(``intermediate_size`` wide, after the gated product for gated MLPs). Neuron-level methods read and edit it there:
+semi-NMF neuron groups (arXiv 2506.10920) and neuron-localised knowledge editing.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from typing import Iterable
 
 from saeforge.errors import SaeforgeError
 
-SITE_KINDS = ("resid_pre", "attn_out", "mlp_in", "mlp_out", "resid_post")
-CANONICAL_RE = re.compile(r"^layers\.(\d+)\.(resid_pre|resid_post|attn_out|mlp_in|mlp_out)$")
+SITE_KINDS = ("resid_pre", "attn_out", "mlp_in", "mlp_hidden", "mlp_out", "resid_post")
+CANONICAL_RE = re.compile(r"^layers\.(\d+)\.(resid_pre|resid_post|attn_out|mlp_in|mlp_hidden|mlp_out)$")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class ModelFamily:
     final_norm: str = "model.norm"  # the norm before the unembedding
     mlp: str = "mlp"  # the MLP module, relative to a block; its input is the site mlp_in
     norm_weight_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + weight)
+    mlp_down: str = "mlp.down_proj"  # the MLP's output projection, relative to a block; its input is mlp_hidden
 
 
 FAMILIES = (
@@ -46,8 +51,10 @@ FAMILIES = (
     ),
     ModelFamily("gemma2", ("gemma2", "gemma3_text"), "model.layers", "post_attention_layernorm",
                 "post_feedforward_layernorm", norm_weight_offset=1.0),
-    ModelFamily("gpt2", ("gpt2", "gptj", "gpt_bigcode"), "transformer.h", "attn", "mlp", "transformer.ln_f"),
-    ModelFamily("gpt_neox", ("gpt_neox",), "gpt_neox.layers", "attention", "mlp", "gpt_neox.final_layer_norm"),
+    ModelFamily("gpt2", ("gpt2", "gptj", "gpt_bigcode"), "transformer.h", "attn", "mlp", "transformer.ln_f",
+                mlp_down="mlp.c_proj"),
+    ModelFamily("gpt_neox", ("gpt_neox",), "gpt_neox.layers", "attention", "mlp", "gpt_neox.final_layer_norm",
+                mlp_down="mlp.dense_4h_to_h"),
 )
 
 
@@ -65,7 +72,7 @@ class Site:
     name: str
     module_path: str
     hook: str
-    kind: str  # resid_pre, resid_post, attn_out, mlp_out, or module
+    kind: str  # one of SITE_KINDS, or module
     layer: int | None
     d: int | None
 
@@ -105,6 +112,8 @@ def resolve_site(name: str, *, model_type: str, n_layers: int, d_model: int, mod
             return Site(name, block, "output", kind, layer, d_model)
         if kind == "mlp_in":
             return Site(name, f"{block}.{fam.mlp}", "input", kind, layer, d_model)
+        if kind == "mlp_hidden":  # width: the model's intermediate size, filled in by LanguageModel.site
+            return Site(name, f"{block}.{fam.mlp_down}", "input", kind, layer, None)
         sub = fam.attn_out if kind == "attn_out" else fam.mlp_out
         return Site(name, f"{block}.{sub}", "output", kind, layer, d_model)
     if name in module_names and name:

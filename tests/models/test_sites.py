@@ -20,11 +20,13 @@ def _ids(lm, n=2, t=12, seed=0):
 def test_canonical_sites_resolve_with_dimensions(models, family):
     lm = models[family]
     sites = lm.sites()
-    assert len(sites) == 5 * lm.n_layers
+    assert len(sites) == 6 * lm.n_layers
     acts = lm.read(_ids(lm), [s.name for s in sites])
     for s in sites:
-        assert s.d == lm.d_model
-        assert acts[s.name].shape == (2, 12, lm.d_model)
+        d = lm.d_mlp if s.kind == "mlp_hidden" else lm.d_model
+        assert s.d == d
+        assert acts[s.name].shape == (2, 12, d)
+    assert lm.d_mlp == (128 if family == "gpt2" else 64)  # GPT-2: 4 x d_model when n_inner is unset
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -155,3 +157,27 @@ def test_mlp_in_is_what_the_mlp_reads(models, family):
     torch.testing.assert_close(b["layers.1.resid_pre"] + b["layers.1.attn_out"] + b["layers.1.mlp_out"],
                                b["layers.1.resid_post"], rtol=1e-5, atol=1e-5)
     assert lm.site("layers.1.mlp_in").order < lm.site("layers.1.mlp_out").order
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlp_hidden_is_what_the_down_projection_reads(models, family):
+    """mlp_hidden is one value per neuron: the down projection applied to it gives mlp_out, and zeroing it leaves
+    only the down projection's bias in the MLP's output."""
+    lm = models[family]
+    ids = _ids(lm)
+    names = ["layers.1.mlp_in", "layers.1.mlp_hidden", "layers.1.mlp_out"]
+    a = lm.read(ids, names)
+    block = lm.model.get_submodule(f"{lm.family.layers}.1")
+    down = block.get_submodule(lm.family.mlp_down)
+
+    def out_of(hidden):
+        out = down(hidden)
+        return block.post_feedforward_layernorm(out) if family == "gemma2" else out
+
+    with torch.no_grad():
+        torch.testing.assert_close(out_of(a["layers.1.mlp_hidden"]), a["layers.1.mlp_out"], rtol=1e-5, atol=1e-6)
+        with lm.edit({"layers.1.mlp_hidden": lambda h: torch.zeros_like(h)}):
+            b = lm.read(ids, names)
+        torch.testing.assert_close(b["layers.1.mlp_out"], out_of(torch.zeros_like(a["layers.1.mlp_hidden"])))
+    assert torch.equal(b["layers.1.mlp_in"], a["layers.1.mlp_in"])
+    assert lm.site("layers.1.mlp_in").order < lm.site("layers.1.mlp_hidden").order < lm.site("layers.1.mlp_out").order
