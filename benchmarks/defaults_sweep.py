@@ -44,7 +44,7 @@ from benchmarks.common import RESULTS, machine  # noqa: E402
 from saeforge.evals.synthetic import SparseFeatureModel  # noqa: E402
 from saeforge.saes import load_sae  # noqa: E402
 from saeforge.training import TrainConfig, train  # noqa: E402
-from saeforge.training.trainer import default_lr  # noqa: E402
+from saeforge.saes.registry import get_config_class  # noqa: E402
 from tests.training.test_defaults import SITE, score, write_array_cache  # noqa: E402
 
 REAL_SITE = "layers.15.resid_post"
@@ -64,7 +64,8 @@ ARCHS = {
 
 
 def matryoshka_groups(d_sae: int) -> list[int]:
-    """Matryoshka needs group sizes (there is no default): 1/8, 1/4, 5/8 of d_sae, as in docs/architecture.md."""
+    """The group sizes of the earlier grids (1/8, 1/4, 5/8 of d_sae), from before Matryoshka had a default; the
+    `defaults` grid leaves them out (saeforge.saes.matryoshka.default_group_sizes)."""
     a, b = d_sae // 8, d_sae // 4
     return [a, b, d_sae - a - b]
 
@@ -126,13 +127,17 @@ GRIDS["synthetic"]["bandwidth"] = [row("jumprelu", 256, lr=3e-3, coef=1.0, thres
 GRIDS["real"]["classic2"] = [row("relu_classic", 256, lr=3e-3, coef=2.0, batch=1024)]
 GRIDS["real"]["jumprelu_low"] = [row("jumprelu", 256, lr=3e-3, coef=0.3, threshold_init=0.5, bandwidth=0.05,
                                      batch=1024)]
+# 11. The architectures whose default runs were cut short by machine load before, at today's defaults (nothing
+# set: classic's own lambda 2, Matryoshka's default groups d_sae/16, /8, /4, /2, d_sae).
+GRIDS["real"]["defaults"] = [row(a, 256, batch=1024, default_groups=True) for a in ("matryoshka", "gated",
+                                                                                 "relu_classic")]
 
 
 # ---------------------------------------------------------------------------------------------------- runs
 def _sae_options(arch: str, options: dict, d_sae: int) -> str:
     base, extra = ARCHS[arch]
     opts = {**extra, **options}
-    if base == "matryoshka":
+    if not opts.pop("default_groups", False) and base == "matryoshka":
         opts.setdefault("group_sizes", matryoshka_groups(d_sae))
     return json.dumps(opts) if opts else ""
 
@@ -263,20 +268,22 @@ def sweep(data: str, grid: str, work: Path, cache: Path | None, validation_cache
             shutil.rmtree(out)
 
 
-KEPT_FIELDS = ("l1_coefficient", "l0_coefficient", "bandwidth", "threshold_init", "variant", "k")
+def default_lr(architecture: str, d_sae: int) -> float:
+    """The learning rate a run of ``architecture`` gets when none is given."""
+    return get_config_class(architecture).default_lr(d_sae)
+
+
+KEPT_FIELDS = ("l1_coefficient", "l0_coefficient", "bandwidth", "threshold_init", "variant", "k", "group_sizes")
 
 
 def current_defaults(arch: str, d_in: int, d_sae: int, k: int) -> dict:
     """What a run of ``arch`` with nothing set gets today: its lr and the swept SAE fields."""
-    from saeforge.saes.registry import get_config_class
-
     base, extra = ARCHS[arch]
     cls = get_config_class(base)
     kw = {"k": k} if base in ("topk", "batchtopk", "matryoshka") else {}
-    if base == "matryoshka":
-        kw["group_sizes"] = tuple(matryoshka_groups(d_sae))
     cfg = cls(d_in=d_in, d_sae=d_sae, **kw, **extra).to_dict()
-    return {"lr_used": default_lr(base, d_sae), "sae": {f: cfg[f] for f in KEPT_FIELDS if f in cfg}}
+    sae = json.loads(json.dumps({f: cfg[f] for f in KEPT_FIELDS if f in cfg}))  # as cfg.json holds it
+    return {"lr_used": default_lr(base, d_sae), "sae": sae}
 
 
 def table(work: Path, tokens: int, steps: int, batch: int | None, collect_only: bool = False) -> None:

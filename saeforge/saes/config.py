@@ -106,6 +106,10 @@ class SAEConfig:
     # A transcoder architecture names the ordinary architecture whose code it shares ("topk" for topk_transcoder):
     # asked to train that one with a target site, the trainer trains the transcoder (for_binding).
     plain_architecture: ClassVar[str | None] = None
+    # Runs of fewer steps than this get the default rate times sqrt(short_run_steps / steps) (0: no such rule).
+    # Adam moves a weight by about lr per step, so a run of a few dozen steps at the rate tuned for hundreds ends
+    # short of where it could be (docs/architecture.md, "Learning rate").
+    short_run_steps: ClassVar[int] = 0
 
     @classmethod
     def default_lr(cls, d_sae: int) -> float:
@@ -116,6 +120,14 @@ class SAEConfig:
         """The default learning rate of this SAE (``default_lr`` at its size; an architecture made of several
         dictionaries, such as a cross-layer transcoder, applies the rule to one of them)."""
         return type(self).default_lr(self.d_sae)
+
+    def learning_rate_for_run(self, total_steps: int) -> float:
+        """The learning rate a run of ``total_steps`` steps gets when none is given: :meth:`learning_rate`, raised
+        for runs shorter than ``short_run_steps``."""
+        lr = self.learning_rate()
+        if 0 < total_steps < self.short_run_steps:
+            lr *= math.sqrt(self.short_run_steps / total_steps)
+        return lr
 
     @classmethod
     def for_binding(cls, kind: str) -> type[SAEConfig]:

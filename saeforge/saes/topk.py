@@ -61,6 +61,9 @@ class TopKConfig(SAEConfig):
     # the run lengths people use; larger ones leave more latents silent on held-out text. Measurements:
     # docs/architecture.md, "Learning rate". BatchTopK and Matryoshka inherit it.
     lr_coefficient: ClassVar[float] = 1e-3
+    # Under 128 steps the rate is raised by sqrt(128 / steps): at 32 steps of 4,096 tokens (layer 6 of the embedded
+    # model) 2x the rate took held-out FVU from 0.179 to 0.157 (2.8x: 0.159), ahead of sparsify's 0.167.
+    short_run_steps: ClassVar[int] = 128
 
     @classmethod
     def default_lr(cls, d_sae: int) -> float:

@@ -95,8 +95,8 @@ class TrainConfig:
     optimizer: str = "adam"
     """adam or adamw."""
     lr: float = 0.0
-    """Learning rate; 0: the architecture's default, which may scale with d_sae (docs/architecture.md, "Learning
-    rate")."""
+    """Learning rate; 0: the architecture's default, which may scale with d_sae and rise for short runs
+    (docs/architecture.md, "Learning rate")."""
     adam_beta1: float = 0.9
     """Adam β1."""
     adam_beta2: float = 0.999

@@ -160,7 +160,7 @@ class Trainer:
             else:
                 scaler = SiteScaler.fit(xs, cfg.normalize_activations, ys)
             sae.init_from_data(scaler.scale_input(x), scaler.scale_target(y) if y is not None else None)
-            lr = spec["lr"] or sae_cfg.learning_rate()
+            lr = spec["lr"] or sae_cfg.learning_rate_for_run(self.total_steps)
             opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
             # fused: one kernel for the whole update (CPU and CUDA), measurably faster at SAE sizes
             optimizer = opt_cls(sae.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,

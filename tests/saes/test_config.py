@@ -30,6 +30,38 @@ def test_default_learning_rates():
     assert get("jumprelu").default_lr(4608) == 3e-3
 
 
+
+def test_short_runs_of_the_topk_family_get_a_higher_default_rate():
+    """Under 128 steps the TopK family's rate rises by sqrt(128 / steps); from 128 steps on, and for the L1/L0
+    architectures always, it is the size rule alone."""
+    for arch in ("topk", "batchtopk", "matryoshka"):
+        cfg = _options(get_config_class(arch))
+        base = cfg.learning_rate()
+        assert cfg.learning_rate_for_run(32) == pytest.approx(2 * base, rel=1e-12)
+        assert cfg.learning_rate_for_run(64) == pytest.approx(math.sqrt(2) * base, rel=1e-12)
+        assert cfg.learning_rate_for_run(128) == cfg.learning_rate_for_run(10_000) == base
+    relu = _options(get_config_class("relu"))
+    assert relu.learning_rate_for_run(32) == relu.learning_rate() == 3e-3
+
+
+def test_the_trainer_uses_the_run_length_rule(tiny_cache, tmp_path):
+    import torch
+
+    from saeforge.saes import load_sae
+    from saeforge.training import TrainConfig, train
+    from tests.conftest import TRAIN_SITES
+
+    for steps, factor in ((8, 4.0), (160, 1.0)):
+        out = tmp_path / f"run{steps}"
+        train(TrainConfig(out=str(out), cache=str(tiny_cache.folder), sites=(TRAIN_SITES[0],), tokens=64 * steps,
+                          batch_size=64, d_sae=64, k=4, progress=False, device="cpu", checkpoint_every=steps))
+        base_lrs = torch.load(out / "checkpoints" / "checkpoint.pt", weights_only=False)["saes"][TRAIN_SITES[0]][
+            "scheduler"]["base_lrs"]
+        sae_cfg = load_sae(out / "saes" / TRAIN_SITES[0]).cfg
+        assert base_lrs == [pytest.approx(factor * sae_cfg.learning_rate(), rel=1e-12)]
+        assert base_lrs == [pytest.approx(sae_cfg.learning_rate_for_run(steps), rel=1e-12)]
+
+
 @pytest.mark.parametrize("arch", known_architectures())
 def test_generic_options_land_on_the_declared_fields(arch):
     cls = get_config_class(arch)
