@@ -196,7 +196,7 @@ def _node_effects(f_grad, e_grad, f_delta, e_delta) -> torch.Tensor:
     return -torch.cat([f_grad * f_delta, (e_grad * e_delta).sum(-1, keepdim=True)], dim=-1)
 
 
-def _check_task(enc: EncodedTask, per_position: bool) -> None:
+def check_per_position(enc: EncodedTask, per_position: bool) -> None:
     if per_position and not enc.aligned:
         lengths = sorted(set(enc.attention_mask.sum(1).tolist()))
         raise SaeforgeError(f"per-position effects need every pair to have the same number of tokens; task "
@@ -219,7 +219,7 @@ def attribute_nodes(lm, enc: EncodedTask, saes: Sequence[CircuitSAE], *, method:
         raise SaeforgeError(f"unknown attribution method {method!r}", f"use one of {', '.join(METHODS)}")
     if steps < 1:
         raise SaeforgeError(f"integrated gradients needs at least 1 step, not {steps}", "pass --steps 10")
-    _check_task(enc, per_position)
+    check_per_position(enc, per_position)
     sums: dict[str, torch.Tensor] = {}
     clean_m, corrupt_m = [], []
     chunks = range(0, len(enc), batch_size)

@@ -94,6 +94,9 @@ class FindConfig:
     """Keep edges with |effect| ≥ this."""
     edges: bool = True
     """Compute edges between the circuit's nodes (one backward per node after the first site)."""
+    per_position_edges: bool = False
+    """Also keep the edges between nodes at each pair of token positions (position_edges in circuit.json; one
+    backward per node and position; every prompt of the task must have the same number of tokens)."""
     evaluate: bool = True
     """Measure faithfulness, completeness and the random control."""
     random_draws: int = 5
@@ -179,6 +182,10 @@ def run_find(cfg: FindConfig) -> dict[str, Any]:
     _check(cfg)
     task, run, saes, enc, out = _setup(cfg)
     lm = run.lm
+    if cfg.per_position_edges and cfg.edges:
+        from saeforge.circuits.attribution import check_per_position
+
+        check_per_position(enc, True)
     with exclusive_lock(out, "saeforge circuit find"):
         accuracy = _solved(lm, enc, cfg)
         times: dict[str, float] = {}
@@ -191,13 +198,15 @@ def run_find(cfg: FindConfig) -> dict[str, Any]:
         edges = None
         if cfg.edges:
             t0 = time.perf_counter()
-            edges = attribute_edges(lm, enc, saes, nodes, batch_size=cfg.batch_size, progress=cfg.progress)
+            edges = attribute_edges(lm, enc, saes, nodes, per_position=cfg.per_position_edges,
+                                    batch_size=cfg.batch_size, progress=cfg.progress)
             times["edges"] = time.perf_counter() - t0
         settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "threads", "device")}
         circuit = build_circuit(effects, nodes, edges, edge_threshold=cfg.edge_threshold,
                                 settings=settings | {"accuracy": accuracy.to_json()})
         print(f"circuit: {circuit.size} nodes ({circuit.n_features} features, "
-              f"{circuit.size - circuit.n_features} error nodes), {len(circuit.edges)} edges")
+              f"{circuit.size - circuit.n_features} error nodes), {len(circuit.edges)} edges"
+              + (f" ({len(circuit.position_edges)} between positions)" if cfg.per_position_edges else ""))
         if cfg.evaluate:
             t0 = time.perf_counter()
             evaluator = Evaluator(lm, enc, saes, batch_size=cfg.batch_size)
