@@ -334,6 +334,27 @@ def faithfulness_curve(evaluator: Evaluator, effects: NodeEffects, sizes: Sequen
 
 def plot_curve(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str = "") -> Path:
     """Faithfulness against circuit size (features), with the random control and completeness."""
+    return plot_faithfulness(path, [max(r["features"], 1) for r in rows],
+                             [([r["faithfulness"] for r in rows], "o-", "circuit (top nodes by |effect|)"),
+                              ([r["completeness"] for r in rows], "s--", "complement (completeness)")],
+                             random=_random_band(rows, "random_faithfulness_mean", "random_faithfulness_std"),
+                             lines_at=[(1.0, "", None), (0.0, "", None)], xlabel="features in the circuit",
+                             title=title)
+
+
+def _random_band(rows: Sequence[Mapping[str, Any]], mean: str, std: str):
+    if not rows or rows[0].get(mean) is None:
+        return None
+    return [r[mean] for r in rows], [r[std] or 0.0 for r in rows]
+
+
+def plot_faithfulness(path: Path, x: Sequence[float], curves: Sequence[tuple[Sequence[float], str, str]], *,
+                      random: tuple[Sequence[float], Sequence[float]] | None = None,
+                      lines_at: Sequence[tuple[float, str, str | None]] = (), xlabel: str, title: str = "") -> Path:
+    """A PNG of faithfulness against circuit size (log x): ``curves`` (values, matplotlib style, label), the random
+    control as mean ± standard deviation, horizontal ``lines_at`` (value, style, label), written atomically."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -341,25 +362,21 @@ def plot_curve(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str = ""
 
     from saeforge.utils.atomic import atomic_write_bytes
 
-    x = [max(r["features"], 1) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(x, [r["faithfulness"] for r in rows], "o-", label="circuit (top nodes by |effect|)")
-    ax.plot(x, [r["completeness"] for r in rows], "s--", label="complement (completeness)")
-    if rows and rows[0].get("random_faithfulness_mean") is not None:
-        mean = torch.tensor([r["random_faithfulness_mean"] for r in rows])
-        std = torch.tensor([r["random_faithfulness_std"] or 0.0 for r in rows])
+    for values, style, label in curves:
+        ax.plot(x, values, style, label=label)
+    if random is not None:
+        mean, std = torch.tensor(random[0]), torch.tensor(random[1])
         ax.plot(x, mean, "^:", label="random features, same size")
         ax.fill_between(x, mean - std, mean + std, alpha=0.2)
-    ax.axhline(1.0, color="grey", lw=0.5)
-    ax.axhline(0.0, color="grey", lw=0.5)
+    for value, style, label in lines_at:
+        ax.axhline(value, color="grey", ls=style or "-", lw=1 if label else 0.5, label=label)
     ax.set_xscale("log")
-    ax.set_xlabel("features in the circuit")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("faithfulness (mean ablation)")
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)

@@ -120,8 +120,7 @@ class FindConfig:
 def _check(cfg: FindConfig) -> None:
     from saeforge.circuits.attribution import METHODS
 
-    if not cfg.run:
-        raise SaeforgeError("no run given", "saeforge circuit find RUN_DIR --task country-capital")
+    _check_run_and_layers(cfg, "find")
     if cfg.method not in METHODS:
         raise SaeforgeError(f"unknown method {cfg.method!r}", f"pass --method with one of {', '.join(METHODS)}")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.pairs < 0 or cfg.top < 0 or cfg.random_draws < 0:
@@ -129,6 +128,11 @@ def _check(cfg: FindConfig) -> None:
                             "saeforge circuit find RUN --steps 10 --batch-size 16")
     if cfg.node_threshold < 0 or cfg.edge_threshold < 0:
         raise SaeforgeError("thresholds must be ≥ 0", "pass --node-threshold 0.1 --edge-threshold 0.01")
+
+
+def _check_run_and_layers(cfg, command: str) -> None:
+    if not cfg.run:
+        raise SaeforgeError("no run given", f"saeforge circuit {command} RUN_DIR --task country-capital")
     if cfg.layers:
         parse_layers(cfg.layers)
 
@@ -319,13 +323,10 @@ def run_lasso(cfg: LassoConfig) -> dict[str, Any]:
     from saeforge.utils.atomic import atomic_write_json
     from saeforge.utils.locking import exclusive_lock
 
-    if not cfg.run:
-        raise SaeforgeError("no run given", "saeforge circuit lasso RUN_DIR --task country-capital")
+    _check_run_and_layers(cfg, "lasso")
     if cfg.lam < 0 or cfg.iters < 1 or cfg.batch_size < 1 or cfg.random_draws < 0 or cfg.cache_tokens < 2:
         raise SaeforgeError("--lam must be ≥ 0, --iters and --batch-size ≥ 1, --random-draws ≥ 0, --cache-tokens "
                             "≥ 2", "saeforge circuit lasso RUN --lam 0.15")
-    if cfg.layers:
-        parse_layers(cfg.layers)
     cache = None
     if cfg.cache:
         from saeforge.data.activation_cache import ActivationCache
@@ -427,16 +428,13 @@ def run_hagd(cfg: HagdConfig) -> dict[str, Any]:
     from saeforge.utils.atomic import atomic_write_json
     from saeforge.utils.locking import exclusive_lock
 
-    if not cfg.run:
-        raise SaeforgeError("no run given", "saeforge circuit hagd RUN_DIR --task country-capital")
+    _check_run_and_layers(cfg, "hagd")
     if cfg.graph_nodes < 2 or cfg.branching < 2 or cfg.beam < 1 or cfg.batch_size < 1 or cfg.random_draws < 0:
         raise SaeforgeError("--graph-nodes and --branching must be ≥ 2, --beam and --batch-size ≥ 1, "
                             "--random-draws ≥ 0", "saeforge circuit hagd RUN --graph-nodes 300 --branching 4")
     if not cfg.sizes or min(cfg.sizes) < 1 or max(cfg.sizes) > cfg.graph_nodes:
         raise SaeforgeError(f"--sizes {' '.join(map(str, cfg.sizes))} must lie between 1 and --graph-nodes "
                             f"({cfg.graph_nodes})", "saeforge circuit hagd RUN --sizes 5 10 20 50")
-    if cfg.layers:
-        parse_layers(cfg.layers)
     task, run, saes, enc, out = _setup(cfg)
     lm = run.lm
     with exclusive_lock(out, "saeforge circuit hagd"):
@@ -451,9 +449,9 @@ def run_hagd(cfg: HagdConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         hierarchy = coarsen(graph.weights, branching=cfg.branching, seed=cfg.seed)
         times["coarsening"] = time.perf_counter() - t0
+        per_level = ", ".join(str(len(hierarchy.level(d))) for d in range(1, hierarchy.levels))
         print(f"attribution graph: {len(graph.nodes)} features, {int((graph.weights != 0).sum())} edges; "
-              f"{hierarchy.levels} levels ({', '.join(str(len(hierarchy.level(d))) for d in range(1, hierarchy.levels))}"
-              " supernodes)")
+              f"{hierarchy.levels} levels ({per_level} supernodes)")
         t0 = time.perf_counter()
         evaluator = Evaluator(lm, enc, saes, batch_size=cfg.batch_size)
         rows = compare_with_controls(evaluator, graph, hierarchy, cfg.sizes, beam=cfg.beam,

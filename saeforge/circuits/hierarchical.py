@@ -263,33 +263,11 @@ def compare_with_controls(evaluator, graph: AttributionGraph, hierarchy: Hierarc
 
 def plot_comparison(rows: Sequence[Mapping[str, Any]], path, *, title: str = ""):
     """Faithfulness against circuit size for HAGD and its controls."""
-    import io
+    from saeforge.circuits.circuit import _random_band, plot_faithfulness
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from saeforge.utils.atomic import atomic_write_bytes
-
-    x = [r["size"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(x, [r["hagd"] for r in rows], "o-", label="HAGD (coarse-to-fine search)")
-    ax.plot(x, [r["greedy"] for r in rows], "s--", label="greedy (top |attribution|)")
-    if rows and rows[0].get("random_mean") is not None:
-        mean = torch.tensor([r["random_mean"] for r in rows])
-        std = torch.tensor([r["random_std"] or 0.0 for r in rows])
-        ax.plot(x, mean, "^:", label="random features")
-        ax.fill_between(x, mean - std, mean + std, alpha=0.2)
-    ax.axhline(rows[0]["empty"] if rows else 0.0, color="grey", ls="-.", lw=1, label="no features (error nodes only)")
-    ax.set_xscale("log")
-    ax.set_xlabel("features in the circuit (every error node kept)")
-    ax.set_ylabel("faithfulness (mean ablation)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return plot_faithfulness(path, [r["size"] for r in rows],
+                             [([r["hagd"] for r in rows], "o-", "HAGD (coarse-to-fine search)"),
+                              ([r["greedy"] for r in rows], "s--", "greedy (top |attribution|)")],
+                             random=_random_band(rows, "random_mean", "random_std"),
+                             lines_at=[(rows[0]["empty"], "-.", "no features (error nodes only)")] if rows else [],
+                             xlabel="features in the circuit (every error node kept)", title=title)

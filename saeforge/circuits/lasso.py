@@ -201,13 +201,24 @@ def cache_batches(cache, saes: Sequence[CircuitSAE], tokens: int, *, chunk: int 
             yield codes
 
 
+@dataclass
+class LassoData:
+    """What the regressions of :func:`lasso_circuit` are fitted on: the features active on the task, the moments of
+    their codes between sites, and the last site's codes at each prompt's last token with the metric."""
+
+    active: dict[str, torch.Tensor]
+    moments: Moments
+    last_codes: torch.Tensor
+    metric: torch.Tensor
+    source: str
+    seconds: float
+
+
 @torch.no_grad()
-def lasso_circuit(lm, enc: EncodedTask, saes: Sequence[CircuitSAE], *, lam: float = 0.05,
-                  lam_metric: float | None = None, iters: int = 1000, batch_size: int = 32, cache=None,
-                  cache_tokens: int = 65_536, progress: bool = False) -> LassoCircuit:
-    """CircuitLasso over ``saes`` (module docstring): the regressions between sites fitted on the task's prompts, or
-    on the first ``cache_tokens`` tokens of ``cache`` (an :class:`~saeforge.data.activation_cache.ActivationCache`
-    of the same sites and model); ``lam_metric`` (default ``lam``) is the penalty of the regression on the metric."""
+def lasso_data(lm, enc: EncodedTask, saes: Sequence[CircuitSAE], *, batch_size: int = 32, cache=None,
+               cache_tokens: int = 65_536, progress: bool = False) -> LassoData:
+    """The data of :func:`lasso_circuit` (one pass over the task's prompts, and over the cache when given), to fit
+    several penalties on."""
     from saeforge.circuits.attribution import _bar
 
     if cache is not None:
@@ -238,9 +249,24 @@ def lasso_circuit(lm, enc: EncodedTask, saes: Sequence[CircuitSAE], *, lam: floa
             moments.add(batch)
             bar.update(int(next(iter(batch.values())).shape[0]))
         bar.close()
+    return LassoData(active, moments, torch.cat(last_codes), torch.cat(metric),
+                     "task" if cache is None else str(cache.folder), time.perf_counter() - t0)
+
+
+def lasso_circuit(lm, enc: EncodedTask, saes: Sequence[CircuitSAE], *, lam: float = 0.05,
+                  lam_metric: float | None = None, iters: int = 1000, batch_size: int = 32, cache=None,
+                  cache_tokens: int = 65_536, progress: bool = False, data: LassoData | None = None) -> LassoCircuit:
+    """CircuitLasso over ``saes`` (module docstring): the regressions between sites fitted on the task's prompts, or
+    on the first ``cache_tokens`` tokens of ``cache`` (an :class:`~saeforge.data.activation_cache.ActivationCache`
+    of the same sites and model); ``lam_metric`` (default ``lam``) is the penalty of the regression on the metric.
+    ``data`` (from :func:`lasso_data`) skips the pass over the prompts and the cache."""
+    if data is None:
+        data = lasso_data(lm, enc, saes, batch_size=batch_size, cache=cache, cache_tokens=cache_tokens,
+                          progress=progress)
+    t0 = time.perf_counter()
+    active, moments = data.active, data.moments
     last = saes[-1].site
-    x_last = torch.cat(last_codes)[:, active[last]]
-    coef_y = fista_lasso(_standardise(x_last), _standardise(torch.cat(metric)[:, None]),
+    coef_y = fista_lasso(_standardise(data.last_codes[:, active[last]]), _standardise(data.metric[:, None]),
                          lam if lam_metric is None else lam_metric, iters=iters)[:, 0]
     chosen = {last: active[last][coef_y != 0].tolist()}
     to_metric = {int(active[last][k]): float(coef_y[k]) for k in coef_y.nonzero().flatten().tolist()}
@@ -259,7 +285,7 @@ def lasso_circuit(lm, enc: EncodedTask, saes: Sequence[CircuitSAE], *, lam: floa
             edges.append({"from": [up, int(active[up][r])], "to": [down, int(targets[c])],
                           "coefficient": float(coef[r, c])})
     return LassoCircuit({c.site: sorted(chosen.get(c.site, [])) for c in saes}, to_metric, edges,
-                        time.perf_counter() - t0, "task" if cache is None else str(cache.folder), moments.count)
+                        data.seconds + time.perf_counter() - t0, data.source, moments.count)
 
 
 def overlap(a: dict[str, Sequence[int]], b: dict[str, Sequence[int]]) -> dict[str, float]:

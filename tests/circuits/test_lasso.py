@@ -143,7 +143,8 @@ def test_a_cache_of_other_sites_or_another_model_is_refused(cached_setup, tiny_m
     from saeforge.models.language_model import LanguageModel
 
     lm, saes, cache, enc = cached_setup
-    other_sites = circuit_saes(lm, {"layers.0.resid_post": _sae(seed=5, dtype=torch.float32), saes[1].site: saes[1].sae})
+    other_sites = circuit_saes(lm, {"layers.0.resid_post": _sae(seed=5, dtype=torch.float32),
+                                    saes[1].site: saes[1].sae})
     with pytest.raises(SaeforgeError, match="lacks the site.*layers.0.resid_post"):
         lasso_circuit(lm, enc, other_sites, cache=cache)
     other = LanguageModel.load(str(tiny_model_dirs["mistral"]), device="cpu")
