@@ -166,3 +166,19 @@ def test_the_fingerprint_check_does_not_depend_on_the_dtype(tiny_run, tiny_model
     with pytest.raises(SaeforgeError, match="fingerprint") as err:
         circuit_saes(bf16, load_run(tiny_run, lm=bf16).saes)
     assert "float32" in err.value.fix
+
+
+@pytest.mark.embedded
+def test_the_float32_embedded_model_reproduces_its_bfloat16_fingerprint(embedded_lm):
+    """Rounding the float32 weights to bfloat16 gives the fingerprint of the model loaded in bfloat16 (what a suite
+    trained in bfloat16 records), and nothing coarser collides with the float32 one."""
+    import torch
+
+    from saeforge.circuits.attribution import model_fingerprints
+    from saeforge.models.language_model import LanguageModel
+
+    bf16 = LanguageModel.load("embedded", dtype="bfloat16", device="cpu")
+    prints = model_fingerprints(embedded_lm)
+    assert bf16.fingerprint() in prints and bf16.fingerprint() != embedded_lm.fingerprint()
+    assert len(prints) == 3 and model_fingerprints(bf16) == {bf16.fingerprint()}
+    assert embedded_lm.fingerprint(torch.float32) == embedded_lm.fingerprint()
