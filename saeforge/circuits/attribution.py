@@ -55,6 +55,7 @@ def circuit_saes(lm, saes: Mapping[str, Any]) -> list[CircuitSAE]:
     if not saes:
         raise SaeforgeError("no SAEs given for the circuit", "pass saes={site: sae}, or a run folder with SAEs")
     out = []
+    prints = model_fingerprints(lm)
     for name, value in saes.items():
         sae, site, meta = value, name, {}
         if hasattr(value, "write_site"):  # a BoundSAE
@@ -67,13 +68,7 @@ def circuit_saes(lm, saes: Mapping[str, Any]) -> list[CircuitSAE]:
         if int(sae.cfg.d_in) != resolved.d or int(getattr(sae.cfg, "d_output", None) or sae.cfg.d_in) != resolved.d:
             raise SaeforgeError(f"the SAE for {site} has width {sae.cfg.d_in} but the site has width {resolved.d} on "
                                 f"{lm.name}: it belongs to another model", "use SAEs trained on this model")
-        fingerprint = meta.get("model_fingerprint")
-        # the fingerprint hashes the weights in the dtype they were loaded in (a bfloat16 run differs from a float32
-        # one), so a different fingerprint under the same model name is the same model
-        if fingerprint and fingerprint != lm.fingerprint() and meta.get("model_name") != lm.name:
-            raise SaeforgeError(f"the SAE for {site} was trained on model {meta.get('model_name')!r} (fingerprint "
-                                f"{fingerprint}), not on {lm.name} ({lm.fingerprint()})",
-                                f"load the model the SAEs were trained on (--model {meta.get('model_name')})")
+        _check_fingerprint(lm, site, meta, prints)
         out.append(CircuitSAE(resolved.name, sae))
     positions = {c.site: site_position(c.site) for c in out}
     if any(p is None for p in positions.values()):
@@ -83,6 +78,34 @@ def circuit_saes(lm, saes: Mapping[str, Any]) -> list[CircuitSAE]:
     if len({c.site for c in out}) != len(out):
         raise SaeforgeError("two SAEs on one site", "give one SAE per site")
     return sorted(out, key=lambda c: positions[c.site])
+
+
+# the precisions a model may have been loaded in while SAEs trained on it, finest first
+_LOAD_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def model_fingerprints(lm) -> set[str]:
+    """The fingerprints ``lm``'s weights have in its own dtype and in every coarser one it rounds to: the
+    fingerprint hashes the weights as loaded, so the same model trained on in bfloat16 records another one."""
+    finer = [d for d in _LOAD_DTYPES if torch.finfo(d).eps <= torch.finfo(lm.dtype).eps]
+    return {lm.fingerprint()} | {lm.fingerprint(d) for d in _LOAD_DTYPES if d not in finer}
+
+
+def _check_fingerprint(lm, site: str, meta: Mapping[str, Any], prints: set[str]) -> None:
+    """Refuse an SAE whose recorded model fingerprint is none of ``prints`` (:func:`model_fingerprints` of ``lm``),
+    whatever the names say."""
+    fingerprint = meta.get("model_fingerprint")
+    if not fingerprint or fingerprint in prints:
+        return
+    name = meta.get("model_name")
+    if name == lm.name and torch.finfo(lm.dtype).eps > torch.finfo(torch.float32).eps:
+        fix = (f"load the model in float32 (load_run(..., dtype='float32'); saeforge circuit does): the SAEs may "
+               f"have been trained on it in a finer precision than {str(lm.dtype).removeprefix('torch.')}")
+    else:
+        fix = f"load the model the SAEs were trained on (--model {name or 'NAME'})"
+    raise SaeforgeError(f"the SAE for {site} was trained on model {name!r} with weights of fingerprint "
+                        f"{fingerprint}, but {lm.name} has fingerprint {lm.fingerprint()} (or, rounded to a coarser "
+                        "dtype, another of its own): other weights, whatever the name", fix)
 
 
 def _dtype(sae) -> torch.dtype:
@@ -173,7 +196,7 @@ def _node_effects(f_grad, e_grad, f_delta, e_delta) -> torch.Tensor:
     return -torch.cat([f_grad * f_delta, (e_grad * e_delta).sum(-1, keepdim=True)], dim=-1)
 
 
-def _check_task(enc: EncodedTask, per_position: bool) -> None:
+def check_per_position(enc: EncodedTask, per_position: bool) -> None:
     if per_position and not enc.aligned:
         lengths = sorted(set(enc.attention_mask.sum(1).tolist()))
         raise SaeforgeError(f"per-position effects need every pair to have the same number of tokens; task "
@@ -196,7 +219,7 @@ def attribute_nodes(lm, enc: EncodedTask, saes: Sequence[CircuitSAE], *, method:
         raise SaeforgeError(f"unknown attribution method {method!r}", f"use one of {', '.join(METHODS)}")
     if steps < 1:
         raise SaeforgeError(f"integrated gradients needs at least 1 step, not {steps}", "pass --steps 10")
-    _check_task(enc, per_position)
+    check_per_position(enc, per_position)
     sums: dict[str, torch.Tensor] = {}
     clean_m, corrupt_m = [], []
     chunks = range(0, len(enc), batch_size)

@@ -41,7 +41,10 @@ class Circuit:
     nodes: dict[str, list[int]]
     node_effects: dict[str, list[float]]
     edges: list[dict[str, Any]] = field(default_factory=list)
-    """``{"from": [site, node], "to": [site, node] or ["logits", 0], "effect": float}``."""
+    """``{"from": [site, node], "to": [site, node] or ["logits", 0], "effect": float}`` (summed over positions)."""
+    position_edges: list[dict[str, Any]] = field(default_factory=list)
+    """Per-position edges, when computed: ``{"from": [site, node, position], "to": [site, node, position],
+    "effect": float}``; they sum over positions to ``edges``."""
     settings: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
 
@@ -67,7 +70,7 @@ class Circuit:
                 "d_sae": self.d_sae, "settings": self.settings, "evaluation": self.evaluation,
                 "nodes": [{"site": s, "node": "error" if i == self.d_sae[s] else i, "effect": e}
                           for s in self.sites for i, e in zip(self.nodes.get(s, []), self.node_effects.get(s, []))],
-                "edges": self.edges}
+                "edges": self.edges} | ({"position_edges": self.position_edges} if self.position_edges else {})
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], *, where: str = "the circuit") -> "Circuit":
@@ -81,7 +84,8 @@ class Circuit:
             nodes[n["site"]].append(d_sae[n["site"]] if n["node"] == "error" else int(n["node"]))
             effects[n["site"]].append(float(n["effect"]))
         return cls(data["task"], list(data["sites"]), d_sae, nodes, effects, list(data["edges"]),
-                   dict(data.get("settings", {})), dict(data.get("evaluation", {})))
+                   list(data.get("position_edges", [])), dict(data.get("settings", {})),
+                   dict(data.get("evaluation", {})))
 
     def to_dot(self, *, max_label: int = 40, explanations: Mapping[tuple[str, int], str] | None = None) -> str:
         """Graphviz DOT: one rank per site, node colour by the sign of the effect, edge width by |effect|."""
@@ -145,12 +149,18 @@ def build_circuit(effects: NodeEffects, nodes: dict[str, list[int]], edges: Mapp
                   | None = None, *, edge_threshold: float = 0.0, settings: Mapping[str, Any] | None = None
                   ) -> Circuit:
     """A :class:`Circuit` of ``nodes`` with the edges (from :func:`~saeforge.circuits.edges.attribute_edges` over
-    the same nodes) whose |effect| ≥ ``edge_threshold``."""
+    the same nodes) whose |effect| ≥ ``edge_threshold``; per-position edges (4-d weights) are kept in
+    ``position_edges`` by the same threshold, and their sums over positions in ``edges``."""
     summed = {s: (v.sum(0) if v.dim() == 2 else v) for s, v in effects.effects.items()}
     circuit = Circuit(effects.task, list(effects.sites), {s: effects.d_sae(s) for s in effects.sites},
                       {s: list(v) for s, v in nodes.items()},
-                      {s: [float(summed[s][i]) for i in v] for s, v in nodes.items()}, [], dict(settings or {}))
+                      {s: [float(summed[s][i]) for i in v] for s, v in nodes.items()}, [], [], dict(settings or {}))
     for (up, down), weights in (edges or {}).items():
+        if weights.dim() == 4:  # [down node, its position, up node, its position]
+            for r, q, c, p in (weights.abs() >= max(edge_threshold, 1e-30)).nonzero().tolist():
+                circuit.position_edges.append({"from": [up, nodes[up][c], p], "to": [down, nodes[down][r], q],
+                                               "effect": float(weights[r, q, c, p])})
+            weights = weights.double().sum((1, 3))
         for r, j in enumerate(nodes[down]):
             for c, i in enumerate(nodes[up]):
                 w = float(weights[r, c])
@@ -324,6 +334,27 @@ def faithfulness_curve(evaluator: Evaluator, effects: NodeEffects, sizes: Sequen
 
 def plot_curve(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str = "") -> Path:
     """Faithfulness against circuit size (features), with the random control and completeness."""
+    return plot_faithfulness(path, [max(r["features"], 1) for r in rows],
+                             [([r["faithfulness"] for r in rows], "o-", "circuit (top nodes by |effect|)"),
+                              ([r["completeness"] for r in rows], "s--", "complement (completeness)")],
+                             random=_random_band(rows, "random_faithfulness_mean", "random_faithfulness_std"),
+                             lines_at=[(1.0, "", None), (0.0, "", None)], xlabel="features in the circuit",
+                             title=title)
+
+
+def _random_band(rows: Sequence[Mapping[str, Any]], mean: str, std: str):
+    if not rows or rows[0].get(mean) is None:
+        return None
+    return [r[mean] for r in rows], [r[std] or 0.0 for r in rows]
+
+
+def plot_faithfulness(path: Path, x: Sequence[float], curves: Sequence[tuple[Sequence[float], str, str]], *,
+                      random: tuple[Sequence[float], Sequence[float]] | None = None,
+                      lines_at: Sequence[tuple[float, str, str | None]] = (), xlabel: str, title: str = "") -> Path:
+    """A PNG of faithfulness against circuit size (log x): ``curves`` (values, matplotlib style, label), the random
+    control as mean ± standard deviation, horizontal ``lines_at`` (value, style, label), written atomically."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -331,25 +362,21 @@ def plot_curve(rows: Sequence[Mapping[str, Any]], path: Path, *, title: str = ""
 
     from saeforge.utils.atomic import atomic_write_bytes
 
-    x = [max(r["features"], 1) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(x, [r["faithfulness"] for r in rows], "o-", label="circuit (top nodes by |effect|)")
-    ax.plot(x, [r["completeness"] for r in rows], "s--", label="complement (completeness)")
-    if rows and rows[0].get("random_faithfulness_mean") is not None:
-        mean = torch.tensor([r["random_faithfulness_mean"] for r in rows])
-        std = torch.tensor([r["random_faithfulness_std"] or 0.0 for r in rows])
+    for values, style, label in curves:
+        ax.plot(x, values, style, label=label)
+    if random is not None:
+        mean, std = torch.tensor(random[0]), torch.tensor(random[1])
         ax.plot(x, mean, "^:", label="random features, same size")
         ax.fill_between(x, mean - std, mean + std, alpha=0.2)
-    ax.axhline(1.0, color="grey", lw=0.5)
-    ax.axhline(0.0, color="grey", lw=0.5)
+    for value, style, label in lines_at:
+        ax.axhline(value, color="grey", ls=style or "-", lw=1 if label else 0.5, label=label)
     ax.set_xscale("log")
-    ax.set_xlabel("features in the circuit")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("faithfulness (mean ablation)")
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)

@@ -183,16 +183,18 @@ class LanguageModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def fingerprint(self) -> str:
-        """Identifies the weights, not the name: the converted embedded folder and the original GGUF agree."""
+    def fingerprint(self, dtype: torch.dtype | None = None) -> str:
+        """Identifies the weights, not the name: the converted embedded folder and the original GGUF agree.
+        ``dtype``: the fingerprint the model would have if loaded in that (lower) precision."""
         h = hashlib.sha256()
         h.update(f"{self.model_type}|{self.n_layers}|{self.d_model}|{self.vocab_size}".encode())
         emb = self.model.get_input_embeddings().weight
-        h.update(emb[: min(64, emb.shape[0])].detach().float().cpu().numpy().tobytes())
+        rounded = (lambda w: w.to(dtype)) if dtype is not None else (lambda w: w)
+        h.update(rounded(emb[: min(64, emb.shape[0])].detach()).float().cpu().numpy().tobytes())
         last = self._modules.get(self._block_path(self.n_layers - 1)) if self.family else None
         if last is not None:
             for p in list(last.parameters())[:1]:
-                h.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+                h.update(rounded(p.detach().flatten()[:4096]).float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
     # ----------------------------------------------------------------------------------------------- sites

@@ -138,3 +138,47 @@ def test_saes_of_another_model_are_refused(tiny_run, tiny_model_dirs):
     other = LanguageModel.load(str(tiny_model_dirs["mistral"]), device="cpu")  # same widths, other weights
     with pytest.raises(SaeforgeError, match="was trained on model .*fingerprint"):
         circuit_saes(other, load_run(tiny_run, lm=other).saes)
+
+
+def test_the_fingerprint_check_does_not_depend_on_the_dtype(tiny_run, tiny_model_dirs):
+    """SAEs trained with the model in bfloat16 record the bfloat16 fingerprint: the float32 model is accepted; a
+    model under the same name with other weights is refused, as is the float32 fingerprint on a bfloat16 model
+    (which cannot be recomputed), with a fix that says to load float32."""
+    from saeforge.models.language_model import LanguageModel
+    from saeforge.runs import load_run
+
+    run = load_run(tiny_run, device="cpu")
+    bf16 = LanguageModel.load(str(tiny_model_dirs["llama"]), dtype="bfloat16", device="cpu")
+    assert bf16.fingerprint() != run.lm.fingerprint()
+    for bound in run.saes.values():
+        bound.meta["model_fingerprint"] = bf16.fingerprint()
+    assert circuit_saes(run.lm, run.saes)  # float32 model, bfloat16 fingerprint
+
+    other = LanguageModel.load(str(tiny_model_dirs["mistral"]), device="cpu")
+    for bound in run.saes.values():
+        bound.meta |= {"model_fingerprint": other.fingerprint(torch.bfloat16), "model_name": run.lm.name}
+    with pytest.raises(SaeforgeError, match="other weights, whatever the name") as err:
+        circuit_saes(run.lm, run.saes)
+    assert "load the model the SAEs were trained on" in err.value.fix
+
+    f32 = load_run(tiny_run, device="cpu")  # the float32 fingerprint, the model loaded in bfloat16
+    bf16.name = f32.lm.name
+    with pytest.raises(SaeforgeError, match="fingerprint") as err:
+        circuit_saes(bf16, load_run(tiny_run, lm=bf16).saes)
+    assert "float32" in err.value.fix
+
+
+@pytest.mark.embedded
+def test_the_float32_embedded_model_reproduces_its_bfloat16_fingerprint(embedded_lm):
+    """Rounding the float32 weights to bfloat16 gives the fingerprint of the model loaded in bfloat16 (what a suite
+    trained in bfloat16 records), and nothing coarser collides with the float32 one."""
+    import torch
+
+    from saeforge.circuits.attribution import model_fingerprints
+    from saeforge.models.language_model import LanguageModel
+
+    bf16 = LanguageModel.load("embedded", dtype="bfloat16", device="cpu")
+    prints = model_fingerprints(embedded_lm)
+    assert bf16.fingerprint() in prints and bf16.fingerprint() != embedded_lm.fingerprint()
+    assert len(prints) == 3 and model_fingerprints(bf16) == {bf16.fingerprint()}
+    assert embedded_lm.fingerprint(torch.float32) == embedded_lm.fingerprint()

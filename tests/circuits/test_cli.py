@@ -96,5 +96,45 @@ def test_lasso_writes_its_circuit_and_the_comparison(task_file, tiny_run, tmp_pa
     comparison = written["comparison"]
     assert comparison["overlap"]["a"] == n == comparison["overlap"]["b"]
     assert {"faithfulness", "completeness"} <= set(comparison["lasso"]) and "faithfulness" in comparison["attribution"]
+    assert Circuit.from_json(json.loads((out / "lasso" / "circuit.json").read_text())).nodes == written["nodes"]
+    assert (out / "lasso" / "circuit.dot").read_text().startswith("digraph")
     with pytest.raises(SaeforgeError, match="--lam must be"):
         run_lasso(LassoConfig(run=str(tiny_run), lam=-1.0))
+
+
+def test_lasso_from_a_cache(task_file, tiny_run, tiny_cache, tmp_path):
+    from saeforge.circuits.cli import LassoConfig, run_lasso
+
+    out = tmp_path / "lasso"
+    result = run_lasso(LassoConfig(run=str(tiny_run), task=str(task_file), min_accuracy=0.0, lam=0.01,
+                                   cache=str(tiny_cache.folder), cache_tokens=3000, compare=False, out=str(out),
+                                   device="cpu"))
+    assert result["tokens"] == 3000 and result["source"] == str(tiny_cache.folder)
+    assert json.loads((out / "lasso" / "circuit.json").read_text())["settings"]["tokens"] == 3000
+    with pytest.raises(SaeforgeError, match="not an activation cache"):
+        run_lasso(LassoConfig(run=str(tiny_run), task=str(task_file), cache=str(tmp_path), device="cpu"))
+
+
+def test_hagd_writes_its_comparison(task_file, tiny_run, tmp_path):
+    from saeforge.circuits.cli import HagdConfig, run_hagd
+
+    out = tmp_path / "hagd"
+    result = run_hagd(HagdConfig(run=str(tiny_run), task=str(task_file), min_accuracy=0.0, graph_nodes=20,
+                                 sizes=(2, 5), random_draws=2, out=str(out), device="cpu", progress=False))
+    saved = json.loads((out / "hagd.json").read_text())
+    assert [r["size"] for r in saved["rows"]] == [2, 5] == [r["size"] for r in result["rows"]]
+    assert {"hagd", "greedy", "random_mean", "empty"} <= set(saved["rows"][0])
+    circuit = Circuit.from_json(json.loads((out / "hagd" / "circuit.json").read_text()))
+    assert circuit.n_features == 5 and circuit.settings["method"] == "hagd"
+    assert (out / "hagd.png").stat().st_size > 1000 and (out / "hagd" / "circuit.dot").is_file()
+    with pytest.raises(SaeforgeError, match="--sizes 5 50 must lie between 1 and --graph-nodes"):
+        run_hagd(HagdConfig(run=str(tiny_run), task=str(task_file), graph_nodes=20, sizes=(5, 50), device="cpu"))
+
+
+def test_hagd_help(capsys):
+    from saeforge.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["circuit", "hagd", "--help"])
+    text = capsys.readouterr().out
+    assert "--graph-nodes" in text and "--branching" in text and "2601.12879" in text

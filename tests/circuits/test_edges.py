@@ -6,6 +6,8 @@ import torch
 
 from saeforge.circuits.attribution import circuit_saes, read_nodes
 from saeforge.circuits.edges import attribute_edges
+from saeforge.circuits.tasks import EncodedTask
+from saeforge.errors import SaeforgeError
 from tests.circuits.test_attribution import random_task
 from tests.models.test_gradients import _sae, float64_model
 
@@ -95,3 +97,45 @@ def test_a_spliced_residual_stream_cuts_the_paths_through_it(tiny_model_dirs):
     assert ("layers.0.mlp_out", "layers.0.resid_post") in edges
     assert ("layers.0.resid_post", "layers.1.resid_post") in edges
     assert ("layers.0.mlp_out", "layers.1.resid_post") not in edges  # only through layers.0.resid_post
+
+
+def test_per_position_edges_sum_to_the_summed_edges(setup):
+    """Per-position edges of the tiny model add up over both positions to the summed edges, vanish from a later
+    position to an earlier one (causal attention), are not all on one diagonal, and are exported with positions."""
+    from saeforge.circuits.attribution import attribute_nodes
+    from saeforge.circuits.circuit import Circuit, build_circuit
+
+    lm, saes, enc = setup
+    nodes = {c.site: [0, 3, 5, c.d_sae] for c in saes}
+    summed = attribute_edges(lm, enc, saes, nodes, batch_size=2)
+    per_position = attribute_edges(lm, enc, saes, nodes, batch_size=2, per_position=True)
+    assert set(per_position) == set(summed)
+    t = enc.clean_ids.shape[1]
+    for key, w in per_position.items():
+        assert w.shape == (len(nodes[key[1]]), t, len(nodes[key[0]]), t)
+        scale = float(summed[key].abs().max())
+        assert scale > 1e-6
+        torch.testing.assert_close(w.double().sum((1, 3)), summed[key].double(), rtol=1e-6, atol=1e-9 * scale)
+        later_to_earlier = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)  # [q, p]: p > q
+        assert float(w.permute(0, 2, 1, 3)[..., later_to_earlier].abs().max()) == 0.0
+    # attention moves information between positions: some edges join two different positions
+    off = [w.permute(0, 2, 1, 3)[..., torch.tril(torch.ones(t, t, dtype=torch.bool), -1)].abs().max()
+           for (u, d), w in per_position.items() if "attn" in d]
+    assert max(float(v) for v in off) > 1e-6
+
+    effects = attribute_nodes(lm, enc, saes, method="atp")
+    circuit = build_circuit(effects, nodes, per_position, edge_threshold=0.0)
+    plain = build_circuit(effects, nodes, summed, edge_threshold=0.0)
+    assert len(circuit.edges) == len(plain.edges)
+    for a, b in zip(circuit.edges, plain.edges):
+        assert a["from"] == b["from"] and a["to"] == b["to"]
+        assert abs(a["effect"] - b["effect"]) <= 1e-6 * abs(b["effect"]) + 1e-12
+    pos = circuit.to_json()["position_edges"]
+    assert pos and all(e["from"][2] <= e["to"][2] < t for e in pos)
+    again = Circuit.from_json(circuit.to_json())
+    assert again.position_edges == circuit.position_edges
+    ragged = EncodedTask(enc.task, enc.clean_ids, enc.corrupt_ids, enc.attention_mask.clone(), enc.keep,
+                         enc.last, enc.clean_answers, enc.corrupt_answers)
+    ragged.attention_mask[0, -1] = 0
+    with pytest.raises(SaeforgeError, match="same number of tokens"):
+        attribute_edges(lm, ragged, saes, nodes, per_position=True)
