@@ -76,7 +76,12 @@ def _kmeans(x: torch.Tensor, k: int, seed: int, restarts: int = 8) -> torch.Tens
     import warnings
 
     import numpy as np
-    from scipy.cluster.vq import kmeans2
+
+    try:
+        from scipy.cluster.vq import kmeans2
+    except ImportError as err:  # pragma: no cover - scipy comes with the dev, flow and circuits extras
+        raise SaeforgeError("the hierarchical decomposition (HAGD) needs scipy",
+                            "pip install 'saeforge[circuits]' (or scipy)") from err
 
     data = x.double().numpy()
     best, best_cost = None, float("inf")
