@@ -110,7 +110,7 @@ def main() -> None:
     if stale:
         sys.exit(f"the saved SAEs of {stale} were trained on another budget: rerun them with --tools")
     evaluate_tools(folders, {t: args.tokens for t in folders}, args.eval_tokens, work / "quality_run",
-                   "quality_cached", f"quality after {args.tokens:,} training tokens from one cache",
+                   "quality_cached" if args.tokens == 1_048_576 else f"quality_cached_{args.tokens}", f"quality after {args.tokens:,} training tokens from one cache",
                    extra={"recipes": info})
 
 
