@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from saeforge.errors import SaeforgeError
 from saeforge.kernels import SparseLatents, decode_sparse, encode_topk
 from saeforge.saes.base import DTYPES, SAE, SAEConfig, TrainOutput, TrainState, _flatten, _is_int, _require
-from saeforge.saes.batchtopk import BatchTopKConfig
+from saeforge.saes.batchtopk import BatchTopKConfig, update_threshold
 from saeforge.saes.geometric_median import geometric_median
 from saeforge.saes.jumprelu import JumpReLUConfig, JumpReLUFunction, StepFunction
 from saeforge.saes.normalization import site_scales
@@ -358,7 +358,7 @@ class CrossLayerTranscoder(SAE):
                 fired.append(f_i)
                 l0 += float(positive.sum()) / n
                 if self.code == "batchtopk":
-                    self._update_threshold(i, lat, state)
+                    update_threshold(self.threshold[i], lat.values, state, cfg)
         else:
             theta = self.thresholds.unbind(0)
             n_active = x.new_zeros(())
@@ -394,23 +394,6 @@ class CrossLayerTranscoder(SAE):
         if e_hat is None:
             return zero
         return auxk_loss(e_hat, (target - y_hat).detach(), target, self.cfg.auxk_coefficient)
-
-    @torch.no_grad()
-    def _update_threshold(self, i: int, lat: SparseLatents, state: TrainState) -> None:
-        """BatchTopK's inference threshold of layer i (saeforge.saes.batchtopk): an EMA of the smallest positive
-        selected activation, from ``threshold_start_step``."""
-        if state.step < self.cfg.threshold_start_step:
-            return
-        positive = lat.values.detach()
-        positive = positive[positive > 0]
-        if positive.numel() == 0:
-            return
-        smallest = positive.min().float()
-        if bool(self.threshold[i] >= 0):
-            beta = self.cfg.threshold_beta
-            self.threshold[i] = beta * self.threshold[i] + (1 - beta) * smallest
-        else:
-            self.threshold[i] = smallest
 
     # ---- optimiser hooks: each feature's decoder (all its output layers) stays at unit norm ----
     # Both work through the rows in chunks: temporaries the size of a whole decoder (tens of MB) cost more in page
