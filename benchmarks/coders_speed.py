@@ -5,7 +5,7 @@
 2. A TopK CLT over L layers (F = d_sae features per layer) against L separate TopK transcoders of d_sae latents
    each (one step of each of the L), for L in ``--layers``. Target: within 1.2x. The CLT's extra work is its
    decoders into later layers: F·d·L(L+1)/2 weights instead of F·d·L, touched sparsely (k latents per token and
-   layer), plus the sum of the partial outputs.
+   layer, one [F, d] block at a time as a transcoder's), plus the sum of the partial outputs.
 
 A step is forward + backward + the decoder-norm hooks + Adam; every variant is timed in rounds that alternate
 between the variants (``--rounds`` of ``--steps`` steps each, after a warm-up), so load from other processes hits
@@ -20,6 +20,7 @@ Writes ``benchmarks/results/coders_speed.json``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -101,7 +102,9 @@ def main() -> None:
     from saeforge.utils.threads import thread_policy
 
     d, m, k, n = args.d, args.d_sae, args.k, args.batch
-    results: dict = {"config": vars(args)}
+    # the machine may be shared: the load average before and after says how much (the ratios, timed in alternating
+    # rounds, hold up under load better than the absolute times)
+    results: dict = {"config": vars(args), "load_average_before": os.getloadavg()}
     with thread_policy(args.threads) as threads:
         results["threads"] = threads
         if not args.skip_transcoders:
@@ -143,6 +146,7 @@ def main() -> None:
                   f"-> {t_clt / t_tc:.2f}x; CLT weights {mem['weights_bytes'] / 2**20:.0f} MiB, training state "
                   f"{mem['training_state_bytes'] / 2**20:.0f} MiB", flush=True)
         results["clt"] = clt_rows
+    results["load_average_after"] = os.getloadavg()
     results["machine"] = machine()
     print(f"wrote {write_result(args.out, results)}")
 
