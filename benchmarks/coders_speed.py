@@ -5,7 +5,7 @@
 2. A TopK CLT over L layers (F = d_sae features per layer) against L separate TopK transcoders of d_sae latents
    each (one step of each of the L), for L in ``--layers``. Target: within 1.2x. The CLT's extra work is its
    decoders into later layers: F·d·L(L+1)/2 weights instead of F·d·L, touched sparsely (k latents per token and
-   layer), plus the sum of the partial outputs.
+   layer, one [F, d] block at a time as a transcoder's), plus the sum of the partial outputs.
 
 A step is forward + backward + the decoder-norm hooks + Adam; every variant is timed in rounds that alternate
 between the variants (``--rounds`` of ``--steps`` steps each, after a warm-up), so load from other processes hits
@@ -20,6 +20,7 @@ Writes ``benchmarks/results/coders_speed.json``.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -58,8 +59,10 @@ def make_step(cfg, batch: int, n_in: int, n_out: int, seed: int = 0):
     return step, sum(p.numel() for p in sae.parameters())
 
 
-def time_rounds(variants: dict, steps: int, rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Median-friendly step times: each round runs ``steps`` steps of every variant in turn."""
+def time_rounds(variants: dict, steps: int, rounds: int, warmup: int, clock=time.perf_counter
+                ) -> dict[str, list[float]]:
+    """Median-friendly step times: each round runs ``steps`` steps of every variant in turn; ``clock`` is wall time
+    or, on a shared machine, this process's CPU time (``time.process_time``: no time spent waiting for a core)."""
     for fn in variants.values():
         for _ in range(warmup):
             fn()
@@ -67,9 +70,9 @@ def time_rounds(variants: dict, steps: int, rounds: int, warmup: int) -> dict[st
     for _ in range(rounds):
         for name, fn in variants.items():
             for _ in range(steps):
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     return times
 
 
@@ -85,6 +88,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="0: saeforge's automatic choice")
     ap.add_argument("--skip-transcoders", action="store_true", help="only the CLT comparison")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time, or this process's CPU time (steadier on a machine shared with other jobs)")
     ap.add_argument("--out", default="coders_speed")
     args = ap.parse_args()
 
@@ -101,7 +106,10 @@ def main() -> None:
     from saeforge.utils.threads import thread_policy
 
     d, m, k, n = args.d, args.d_sae, args.k, args.batch
-    results: dict = {"config": vars(args)}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    # the machine may be shared: the load average before and after says how much (the ratios, timed in alternating
+    # rounds, hold up under load better than the absolute times)
+    results: dict = {"config": vars(args), "load_average_before": os.getloadavg()}
     with thread_policy(args.threads) as threads:
         results["threads"] = threads
         if not args.skip_transcoders:
@@ -113,7 +121,7 @@ def main() -> None:
             }
             print(f"transcoders vs the TopK SAE (d {d}, d_sae {m}, k {k}, batch {n}, {threads} threads) ...",
                   flush=True)
-            times = time_rounds(variants, args.steps, args.rounds, args.warmup)
+            times = time_rounds(variants, args.steps, args.rounds, args.warmup, clock)
             base = statistics.median(times["topk (SAE)"])
             rows = {}
             for name, ts in times.items():
@@ -134,7 +142,8 @@ def main() -> None:
                     s()
 
             print(f"CLT over {n_layers} layers vs {n_layers} transcoders ...", flush=True)
-            times = time_rounds({"clt": clt_step, "transcoders": all_singles}, args.steps, args.rounds, args.warmup)
+            times = time_rounds({"clt": clt_step, "transcoders": all_singles}, args.steps, args.rounds, args.warmup,
+                                clock)
             t_clt, t_tc = statistics.median(times["clt"]), statistics.median(times["transcoders"])
             mem = clt_memory(n_layers, d, d, m, batch_size=n, k=k)
             clt_rows[str(n_layers)] = {"clt_step_s": t_clt, "transcoders_step_s": t_tc, "ratio": t_clt / t_tc,
@@ -143,6 +152,7 @@ def main() -> None:
                   f"-> {t_clt / t_tc:.2f}x; CLT weights {mem['weights_bytes'] / 2**20:.0f} MiB, training state "
                   f"{mem['training_state_bytes'] / 2**20:.0f} MiB", flush=True)
         results["clt"] = clt_rows
+    results["load_average_after"] = os.getloadavg()
     results["machine"] = machine()
     print(f"wrote {write_result(args.out, results)}")
 

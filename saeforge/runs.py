@@ -307,6 +307,23 @@ class BoundSAE:
 
         return torch.cat(parts, dim=-1)
 
+    def written_rows(self, feature: int) -> dict[str, Any]:
+        """``{site name: decoder row}``: what latent ``feature`` writes at each site it writes, in forward order.
+        One row at the one site of an SAE or transcoder; a crosscoder's row split by its sites' widths; a CLT latent
+        of layer l (l = feature // F) writes ``writes[l:]``, into site ``writes[j]`` its row of ``W_dec[l][:, j - l]``
+        (docs/coders.md)."""
+        from saeforge.saes.clt import CrossLayerTranscoder
+
+        sae = self.sae
+        if isinstance(sae, CrossLayerTranscoder):
+            layer, row = divmod(feature, sae.features_per_layer)
+            return {self.writes[layer + o].name: sae.W_dec[layer][row, o] for o in range(sae.n_layers - layer)}
+        out, start = {}, 0
+        for site in self.writes:
+            out[site.name] = sae.W_dec[feature, start:start + site.d]
+            start += site.d
+        return out
+
     def describe(self) -> str:
         """``SAE at layers.5.resid_post`` or ``transcoder: reads A, writes B`` (for tables and headers)."""
         reads = compact_sites([s.name for s in self.reads])

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from saeforge.errors import SaeforgeError
 
-__all__ = ["ExampleTracker", "NormClasses", "classify", "decoder_cosines", "relative_norms", "norm_histogram"]
+__all__ = ["ExampleTracker", "NormClasses", "classify", "decoder_cosines", "lean_by_text", "relative_norms",
+           "norm_histogram"]
 
 
 @torch.no_grad()
@@ -80,6 +81,44 @@ def norm_histogram(r: Tensor, alive: Tensor, bins: int = 50) -> dict[str, list]:
     counts = torch.histc(r[alive.bool()].float(), bins=bins, min=0.0, max=1.0)
     edges = torch.linspace(0, 1, bins + 1)
     return {"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}
+
+
+@torch.no_grad()
+def lean_by_text(r: Tensor, cos: Tensor, fired_focus: Tensor, tokens_focus: int, fired_other: Tensor,
+                 tokens_other: int, *, ratio: float = 2.0, min_fired: int = 5) -> dict[str, Any]:
+    """How the latents' relative norms and decoder cosines depend on where they fire: what a fine-tune changed
+    when it made no latent exclusive. Latents firing at least ``min_fired`` times are grouped by their firing rate on
+    the focus text (e.g. the fine-tuning text) over that on other text: ``focus`` (>= ``ratio``), ``other``
+    (<= 1 / ``ratio``) and ``both``; per group the count and the mean r and cosine, and over all of them the rank
+    correlation (Spearman) of r, and of 1 - cosine, with the log rate ratio."""
+    if tokens_focus <= 0 or tokens_other <= 0:
+        raise SaeforgeError("the lean of latents by text needs tokens of both texts",
+                            "analyse both the focus text and other text (--focus-text, --eval-corpus)")
+    rate_f = fired_focus.double() / tokens_focus
+    rate_o = fired_other.double() / tokens_other
+    counted = (fired_focus + fired_other) >= min_fired
+    idx = torch.nonzero(counted).flatten()
+    # half a firing added to both rates, so a latent silent on one text has a finite ratio
+    log_ratio = torch.log((rate_f + 0.5 / tokens_focus) / (rate_o + 0.5 / tokens_other))[idx]
+    groups = {"focus": log_ratio >= math.log(ratio), "other": log_ratio <= -math.log(ratio)}
+    groups["both"] = ~(groups["focus"] | groups["other"])
+    out: dict[str, Any] = {"ratio": ratio, "min_fired": min_fired, "latents": int(idx.numel()), "groups": {}}
+    for name, mask in groups.items():
+        sel = idx[mask]
+        out["groups"][name] = {"latents": int(sel.numel()),
+                               "mean_relative_norm": float(r[sel].mean()) if sel.numel() else None,
+                               "mean_decoder_cosine": float(cos[sel].mean()) if sel.numel() else None}
+
+    def spearman(a: Tensor, b: Tensor) -> float | None:
+        if a.numel() < 3:
+            return None
+        ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+        ra, rb = ra - ra.mean(), rb - rb.mean()
+        return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
+
+    out["spearman_relative_norm"] = spearman(r[idx].double(), log_ratio)
+    out["spearman_one_minus_cosine"] = spearman(1 - cos[idx].double(), log_ratio)
+    return out
 
 
 @dataclass

@@ -268,7 +268,14 @@ def _snippet(tokenizer, ids: np.ndarray, pos: int, before: int = 12, after: int 
 def _analyse(cfg: DiffConfig, lm_a, lm_b, sae_folder: Path, focus: str, out: Path) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from saeforge.diffing.analysis import ExampleTracker, classify, decoder_cosines, norm_histogram, relative_norms
+    from saeforge.diffing.analysis import (
+        ExampleTracker,
+        classify,
+        decoder_cosines,
+        lean_by_text,
+        norm_histogram,
+        relative_norms,
+    )
     from saeforge.saes import load_sae, read_sae_config
 
     sae = load_sae(sae_folder).eval()
@@ -344,6 +351,8 @@ def _analyse(cfg: DiffConfig, lm_a, lm_b, sae_folder: Path, focus: str, out: Pat
         "focus_vs_other_firing_ratio": {"exclusive_b": rate_ratio(classes.exclusive_b),
                                         "exclusive_a": rate_ratio(classes.exclusive_a),
                                         "shared": rate_ratio(classes.shared), "all_alive": rate_ratio(alive_idx)},
+        "lean_by_text": lean_by_text(r, cos, tracker.fired["focus"], tracker.tokens["focus"], tracker.fired["other"],
+                                     tracker.tokens["other"]) if "focus" in tracker.fired else None,
         "exclusive_b": [describe(j) for j in order_b.tolist()],
         "exclusive_a": [describe(j) for j in order_a.tolist()],
         "most_b_specific": [describe(j) for j in most_b.tolist()],
@@ -405,6 +414,10 @@ def diff_models(cfg: DiffConfig) -> dict[str, Any]:
     return report
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def run_diff(cfg: DiffConfig) -> dict[str, Any]:
     report = diff_models(cfg)
     c = report["counts"]
@@ -415,6 +428,14 @@ def run_diff(cfg: DiffConfig) -> dict[str, Any]:
     if ratio.get("exclusive_b") is not None:
         print(f"firing on the focus text vs other text: B-only latents {ratio['exclusive_b']:.2f}x, shared "
               f"{ratio['shared']:.2f}x, all {ratio['all_alive']:.2f}x")
+    lean = report.get("lean_by_text")
+    if lean:
+        g = lean["groups"]
+        print(f"latents firing >= {lean['ratio']:g}x as often on the focus text: {g['focus']['latents']} (mean r "
+              f"{_fmt(g['focus']['mean_relative_norm'])}, decoder cosine {_fmt(g['focus']['mean_decoder_cosine'])}); "
+              f"on both: {g['both']['latents']} (r {_fmt(g['both']['mean_relative_norm'])}, cosine "
+              f"{_fmt(g['both']['mean_decoder_cosine'])}); rank correlation of r with the focus/other firing ratio "
+              f"{_fmt(lean['spearman_relative_norm'])}")
     for item in (report["exclusive_b"] or report["most_b_specific"])[:cfg.show]:
         ex = item["examples"][0] if item["examples"] else None
         shown = f"...{ex['before']}[[{ex['token']}]]{ex['after']}... ({ex['source']})" if ex else "(no examples)"

@@ -36,6 +36,7 @@ from saeforge.errors import SaeforgeError
 from saeforge.interventions.selection import theme_hits
 from saeforge.interventions.steering import FeatureEdit, Steerer, parse_feature
 from saeforge.options import DeviceOptions, RunModelOptions, flat_dict, flat_options
+from saeforge.runs import compact_sites
 from saeforge.utils.atomic import atomic_write_json
 
 
@@ -158,11 +159,11 @@ class Continuations:
 
     @torch.inference_mode()
     def feature_means(self, acts: dict, features: Sequence[tuple[str, int]]) -> list[float]:
-        """Each (sae, feature)'s mean activation over the generated tokens (encoded at the site the SAE reads)."""
+        """Each (sae, feature)'s mean activation over the generated tokens (encoded from the sites the SAE reads)."""
         out = []
         for name, feature in features:
             bound = self.steerer.bound[name]
-            x = acts[bound.read_site.name][:, self.n_prompt:].float()
+            x = bound.input(acts)[:, self.n_prompt:].float()
             out.append(float(bound.sae.encode(x)[..., feature].mean()))
         return out
 
@@ -175,7 +176,7 @@ def default_theme_words(steerer: Steerer, edits: Sequence[FeatureEdit]) -> tuple
     words, named = [], []
     for e in edits:
         bound = steerer.bound[e.sae]
-        if e.mode == "scale" or e.strength <= 0 or bound.write_site.d != steerer.lm.d_model:
+        if e.mode == "scale" or e.strength <= 0 or len(bound.writes) != 1 or bound.write_site.d != steerer.lm.d_model:
             continue
         added = steerer.value(e) * bound.sae.W_dec[e.feature].detach().float().cpu()  # c·d_i (clamp: its target)
         words += promoted_words(steerer.lm, bound, e.feature, vector=added, policy=steerer.policy, lens=steerer.lens)
@@ -216,8 +217,8 @@ def steer_points(steerer: Steerer, prompts: Sequence[str], edit_sets: Sequence[S
             raise SaeforgeError(f"no SAE {name!r} in this run", f"the run has: {', '.join(steerer.bound)}")
     gen = Continuations(steerer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                         cancel=cancel)
-    sites = sorted({steerer.bound[e.sae].read_site.name for edits in edit_sets for e in edits} |
-                   {steerer.bound[name].read_site.name for name, _ in watch})
+    sites = sorted({s.name for edits in edit_sets for e in edits for s in steerer.bound[e.sae].reads} |
+                   {s.name for name, _ in watch for s in steerer.bound[name].reads})
     if theme_words is None:
         words, source = default_theme_words(steerer, edit_sets[-1])
     else:
@@ -247,8 +248,9 @@ def steer_points(steerer: Steerer, prompts: Sequence[str], edit_sets: Sequence[S
             metrics["edits"].append({
                 "sae": e.sae, "feature": e.feature, "mode": e.mode, "strength": e.strength, "unit": e.unit,
                 "activation_value": steerer.value(e) if e.mode != "scale" else None,
-                "read_site": bound.read_site.name, "write_site": bound.write_site.name,
-                "mean_norm": steerer.mean_norm(e.sae)[0] if e.unit == "norm" and e.mode != "scale" else None,
+                "read_site": compact_sites([s.name for s in bound.reads]),
+                "write_site": compact_sites(list(bound.written_rows(e.feature))),
+                "mean_norm": steerer.mean_norm(e.sae, e.feature)[0] if e.unit == "norm" and e.mode != "scale" else None,
                 "target_activation_baseline": fb, "target_activation_steered": fs,
                 "target_activation_injected": fi})
         for (name, f), fb, fs, fi in zip(watch, gen.feature_means(acts_b, watch),
@@ -440,8 +442,9 @@ def run_steer(cfg: SteerConfig) -> dict:
           f"baseline and {len(strengths)} steered", flush=True)
     for e in edit_sets[0]:
         if cfg.unit == "norm" and cfg.mode != "scale":
-            value, source = steerer.mean_norm(e.sae)
-            print(f"  unit norm: mean ‖x‖ at {steerer.bound[e.sae].write_site.name} = {value:.2f} ({source})")
+            value, source = steerer.mean_norm(e.sae, e.feature)
+            where = compact_sites(list(steerer.bound[e.sae].written_rows(e.feature)))
+            print(f"  unit norm: mean ‖x‖ at {where} = {value:.2f} ({source})")
 
     from tqdm.auto import tqdm
 
@@ -456,7 +459,7 @@ def run_steer(cfg: SteerConfig) -> dict:
     runs = steer_points(steerer, prompts, edit_sets, positions=cfg.positions, max_new_tokens=cfg.max_new_tokens,
                         temperature=cfg.temperature, seed=cfg.seed, theme_words=words, progress=True, on_point=show)
     report: dict = {"config": flat_dict(cfg), "unit": cfg.unit, "features": list(cfg.feature),
-                    "mean_norms": {e.sae: steerer.mean_norm(e.sae)[0] for e in edit_sets[0]
+                    "mean_norms": {e.sae: steerer.mean_norm(e.sae, e.feature)[0] for e in edit_sets[0]
                                    if cfg.unit == "norm" and cfg.mode != "scale"},
                     "runs": [{"strength": s, "prompts": r.prompts, "baseline": r.baseline, "steered": r.steered,
                               **r.metrics} for s, r in zip(strengths, runs)]}

@@ -14,9 +14,15 @@ The strength S becomes the coefficient c by its unit:
   statistics), so S = 1 adds one "full" firing;
 - ``raw``: c = S.
 
-A dictionary that reads one site and writes another (a transcoder, reads A → writes B) is steered where it
-writes: the edit acts at B, where its decoder rows live, and f_i for clamp/scale is encode(x_A) read at A earlier in
-the same forward pass. An SAE reads and writes the same site.
+A dictionary is steered where it writes (``BoundSAE.written_rows``): an SAE at its site; a transcoder (reads A →
+writes B) at B, where its decoder rows live, with f_i for clamp/scale encode(x_A) read at A earlier in the same
+forward pass; a cross-layer transcoder's feature of layer l at the MLP outputs of layer l and every later layer of
+the CLT, each with its own row (W_dec[l][i, j - l] at layer j), f_i from layer l's MLP input (``encode_layer``) —
+so a clamp moves what the feature writes everywhere, as in the replacement model; a crosscoder's feature at each
+site it reconstructs, each with that site's slice of its decoder. A crosscoder's latents read all its sites, later
+ones included, so no forward knows f_i where it writes the earlier ones: ``add`` steers it, clamp and scale are
+refused. In ``norm`` units d_i and ‖x‖ are taken over all the sites the feature writes together (‖x‖ as
+√(Σ_s mean‖x_s‖²), the norm of a typical activation of those sites concatenated).
 
 Edits apply at every non-special position (``positions="all"``) or only to generated tokens (``"generated"``): the
 tokens of cached generation steps, or with ``prompt_length`` every token after the prompt (so a teacher-forced pass
@@ -91,18 +97,49 @@ def loading_message(path: str | Path, model: str = "") -> str:
     return f"loading the model {name} and {what} ({', '.join(folders)}) from {path} ..."
 
 
-def recorded_mean_norm(bound: BoundSAE) -> float | None:
-    """Mean ‖x‖ at the write site on the SAE's training data, from its saved input normalisation (saeforge scales
-    inputs to E‖x‖ = √d: scale = √d / mean norm; for a transcoder ``scale_out`` is the write site's)."""
+def recorded_mean_norms(bound: BoundSAE) -> dict[str, float] | None:
+    """Mean ‖x‖ at each site the dictionary writes on its training data, ``{site: norm}``, from its saved input
+    normalisation (saeforge scales every site to E‖x‖ = √d: scale = √d / mean norm; ``scale_out`` holds the written
+    sites' scales, one per site for a dictionary writing several)."""
     norm = (bound.meta or {}).get("normalization")
     if not isinstance(norm, dict) or norm.get("method") != "expected_norm":
         return None
-    scale = norm.get("scale_out", norm.get("scale_in"))
-    try:
-        scale = float(scale)
-    except (TypeError, ValueError):
+    scales = norm.get("scale_out", norm.get("scale_in"))
+    scales = scales if isinstance(scales, list) else [scales]
+    if len(scales) != len(bound.writes):
         return None
-    return math.sqrt(bound.write_site.d) / scale if math.isfinite(scale) and scale > 0 else None
+    out = {}
+    for site, scale in zip(bound.writes, scales):
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError):
+            return None
+        if not (math.isfinite(scale) and scale > 0):
+            return None
+        out[site.name] = math.sqrt(site.d) / scale
+    return out
+
+
+def recorded_mean_norm(bound: BoundSAE) -> float | None:
+    """Mean ‖x‖ at the one site a dictionary writes, on its training data (:func:`recorded_mean_norms`)."""
+    norms = recorded_mean_norms(bound)
+    return next(iter(norms.values())) if norms and len(norms) == 1 else None
+
+
+def latent_source(bound: BoundSAE, feature: int):
+    """Where the activation of latent ``feature`` comes from in a forward pass: (site read, key, encode, column):
+    ``encode(x)`` of the activation at the site read gives the latents, whose ``column`` is the feature. A CLT
+    latent of layer l comes from layer l's read alone (``encode_layer``); an SAE or transcoder reads one site. None
+    for a dictionary whose latents read several sites (a crosscoder)."""
+    from saeforge.saes.clt import CrossLayerTranscoder
+
+    sae = bound.sae
+    if isinstance(sae, CrossLayerTranscoder) and len(bound.reads) > 1:
+        layer, column = divmod(feature, sae.features_per_layer)
+        return bound.reads[layer], (bound.name, layer), lambda x: sae.encode_layer(layer, x), column
+    if len(bound.reads) != 1:
+        return None
+    return bound.reads[0], (bound.name, None), sae.encode, feature
 
 
 class Steerer:
@@ -116,7 +153,8 @@ class Steerer:
         self.lm = lm
         self.bound: dict[str, BoundSAE] = {
             n: v if isinstance(v, BoundSAE) else BoundSAE(n, v[0], (v[1],), (v[1],)) for n, v in saes.items()}
-        # None for a dictionary writing several sites (a CLT, a crosscoder): it cannot be steered, check() says why
+        # the older (SAE, write site) view: None for a dictionary writing several sites (a CLT, a crosscoder), which
+        # steering reaches through `bound` (every site a feature writes)
         self.saes = {n: (b.sae, b.writes[0] if len(b.writes) == 1 else None) for n, b in self.bound.items()}
         self.max_acts = max_acts
         self.policy = policy or TokenPolicy()  # the run's token rules, for tokenizing prompts
@@ -145,17 +183,23 @@ class Steerer:
         return cls(run.lm, run.saes, max_acts, run.token_policy())
 
     # ------------------------------------------------------------------------------------------------ units
-    def mean_norm(self, name: str) -> tuple[float, str]:
-        """(mean ‖x‖ at the write site of SAE ``name``, where it was measured)."""
+    def mean_norm(self, name: str, feature: int | None = None) -> tuple[float, str]:
+        """(mean ‖x‖ where dictionary ``name`` writes, where it was measured): at its one write site; for one that
+        writes several, over the sites ``feature`` writes (all of them without one) together, √(Σ_s mean‖x_s‖²)."""
         if name not in self._norms:
             bound = self.bound[name]
-            value = recorded_mean_norm(bound)
-            self._norms[name] = (value, "the SAE's training data") if value else self._measure_norm(bound)
-        return self._norms[name]
+            values = recorded_mean_norms(bound)
+            self._norms[name] = (values, "the SAE's training data") if values else self._measure_norms(bound)
+        norms, source = self._norms[name]
+        if isinstance(norms, float):  # given for the dictionary as a whole
+            return norms, source
+        sites = norms if feature is None else self.bound[name].written_rows(feature)
+        return math.sqrt(sum(norms[s] ** 2 for s in sites)), source
 
     @torch.inference_mode()
-    def _measure_norm(self, bound: BoundSAE) -> tuple[float, str]:
-        """Mean ‖x‖ at the write site over a few contexts of the SAE's corpus (a local one), else neutral prompts."""
+    def _measure_norms(self, bound: BoundSAE) -> tuple[dict[str, float], str]:
+        """Mean ‖x‖ at each write site over a few contexts of the SAE's corpus (a local one), else neutral
+        prompts."""
         from saeforge.data.prompts import PromptEncoder
         from saeforge.interventions.selection import NEUTRAL_PROMPTS
 
@@ -175,23 +219,26 @@ class Steerer:
                 pass
         encoder = PromptEncoder(self.lm, self.policy, max_tokens=min(self.policy.context_length, 512))
         batch = encoder.batch(texts, truncate=True)
-        x = self.lm.read(batch.input_ids, [bound.write_site.name], attention_mask=batch.attention_mask)
-        x = x[bound.write_site.name][batch.keep.to(self.lm.device)].float()
-        if x.shape[0] == 0:
-            raise SaeforgeError(f"no token to measure the mean norm at {bound.write_site.name}",
+        sites = [s.name for s in bound.writes]
+        acts = self.lm.read(batch.input_ids, sites, attention_mask=batch.attention_mask)
+        keep = batch.keep.to(self.lm.device)
+        if not bool(keep.any()):
+            raise SaeforgeError(f"no token to measure the mean norm at {', '.join(sites)}",
                                 "give the strength with --unit max or --unit raw")
-        return float(x.norm(dim=-1).mean()), f"{x.shape[0]} tokens of {source}"
+        norms = {s: float(acts[s][keep].float().norm(dim=-1).mean()) for s in sites}
+        return norms, f"{int(keep.sum())} tokens of {source}"
 
     def value(self, edit: FeatureEdit) -> float:
         """The coefficient c of the edit (x + c·d_i for add, f_i ← c for clamp; the ratio for scale)."""
         if edit.unit == "raw" or edit.mode == "scale":
             return float(edit.strength)
         if edit.unit == "norm":
-            d_norm = float(self.bound[edit.sae].sae.W_dec[edit.feature].detach().float().norm())
+            rows = self.bound[edit.sae].written_rows(edit.feature).values()
+            d_norm = math.sqrt(sum(float(r.detach().float().pow(2).sum()) for r in rows))
             if d_norm <= 0:
                 raise SaeforgeError(f"feature {edit.feature} has a zero decoder row, so it cannot steer",
                                     "pick another feature")
-            return float(edit.strength) * self.mean_norm(edit.sae)[0] / d_norm
+            return float(edit.strength) * self.mean_norm(edit.sae, edit.feature)[0] / d_norm
         m = self.max_acts.get(edit.sae)
         if m is None:
             raise SaeforgeError(f"no feature statistics for SAE {edit.sae!r}, so 'max' units are unknown",
@@ -216,34 +263,46 @@ class Steerer:
         for e in edits:
             if e.sae not in self.bound:
                 raise SaeforgeError(f"no SAE {e.sae!r} in this run", f"the run has: {', '.join(self.bound)}")
-            e.validate(self.bound[e.sae].d_sae)
-            self.bound[e.sae].write_site  # one written site (an error naming them otherwise)
+            bound = self.bound[e.sae]
+            e.validate(bound.d_sae)
+            if e.mode != "add" and bound.kind != "sae" and latent_source(bound, e.feature) is None:
+                reads = ", ".join(s.name for s in bound.reads)
+                raise SaeforgeError(
+                    f"{e.sae} is a crosscoder: its latents read all its sites ({reads}), so a forward pass has not "
+                    f"computed feature {e.feature} yet where it writes the earlier ones, and {e.mode} needs it there",
+                    f"steer it by adding its decoder rows (--mode add), e.g. --feature {e.sae}:{e.feature} "
+                    "--mode add")
 
     # ------------------------------------------------------------------------------------------------ edits
-    def _feature_op(self, e: FeatureEdit, latents: dict):
-        """op(flat, mask, ctx) for one edit at its write site; ``latents`` holds a transcoder's encode(x_A) of the
-        current forward call, recorded at its read site."""
+    def _feature_ops(self, e: FeatureEdit, latents: dict) -> dict[str, object]:
+        """{write site: op(flat, mask, ctx)} for one edit at every site its feature writes, each with its own
+        decoder row; ``latents`` holds the latents of the current forward call that a dictionary reading elsewhere
+        recorded at its read site (:func:`latent_source`)."""
         bound = self.bound[e.sae]
-        sae = bound.sae
         value = self.value(e)
+        source = None if bound.kind == "sae" else latent_source(bound, e.feature)
 
-        def op(flat: torch.Tensor, mask: torch.Tensor, ctx: EditContext) -> torch.Tensor:
-            d = sae.W_dec[e.feature].to(flat)
-            if e.mode == "add":
-                return flat + value * d
-            if bound.is_transcoder:
-                call, f = latents.get(bound.name, (None, None))
-                if f is None or call != ctx.call:
-                    raise SaeforgeError(f"{bound.name} writes {bound.write_site.name}, which this forward reached "
-                                        f"before the site it reads ({bound.read_site.name})",
-                                        "steer a transcoder whose read site comes before its write site")
-                f_i = f[mask.to(f.device)][:, e.feature].to(flat)
-            else:
-                f_i = sae.encode(flat)[:, e.feature]
-            target = value if e.mode == "clamp" else value * f_i
-            return flat + (target - f_i)[:, None] * d
+        def op_at(site: str, row: torch.Tensor):
+            def op(flat: torch.Tensor, mask: torch.Tensor, ctx: EditContext) -> torch.Tensor:
+                d = row.detach().to(flat)
+                if e.mode == "add":
+                    return flat + value * d
+                if source is None:  # an SAE: f_i from the site itself, as it is now
+                    f_i = bound.sae.encode(flat)[:, e.feature]
+                else:
+                    read, key, _, column = source
+                    call, f = latents.get(key, (None, None))
+                    if f is None or call != ctx.call:
+                        raise SaeforgeError(f"{bound.name} writes {site}, which this forward reached before the site "
+                                            f"it reads ({read.name})",
+                                            "steer a transcoder whose read site comes before its write site")
+                    f_i = f[mask.to(f.device)][:, column].to(flat)
+                target = value if e.mode == "clamp" else value * f_i
+                return flat + (target - f_i)[:, None] * d
 
-        return op
+            return op
+
+        return {site: op_at(site, row) for site, row in bound.written_rows(e.feature).items()}
 
     def _mask(self, x: torch.Tensor, ctx: EditContext, positions: str, prompt_length: int | None,
               special: torch.Tensor) -> torch.Tensor | None:
@@ -257,7 +316,7 @@ class Steerer:
             mask &= ~torch.isin(ctx.input_ids, special.to(ctx.input_ids.device)).to(x.device)  # BOS, padding
         return mask if bool(mask.any()) else None
 
-    def _edit_fn(self, ops: list, readers: list[BoundSAE], latents: dict, positions: str,
+    def _edit_fn(self, ops: list, readers: list, latents: dict, positions: str,
                  prompt_length: int | None):
         special = torch.tensor(self.lm.special_token_ids())
 
@@ -270,8 +329,8 @@ class Steerer:
                 for op in ops:
                     flat = op(flat, mask, ctx)
                 out[mask] = flat.to(x.dtype)
-            for bound in readers:  # transcoders reading this site: their latents for the edits where they write
-                latents[bound.name] = (ctx.call, bound.sae.encode(out.float()))
+            for key, encode in readers:  # dictionaries reading this site: their latents for where they write
+                latents[key] = (ctx.call, encode(out.float()))
             return None if out is x else out
 
         return fn
@@ -288,23 +347,25 @@ class Steerer:
         self.check(edits)
         sites: dict[str, object] = {}
         ops: dict[str, list] = {}
-        readers: dict[str, list[BoundSAE]] = {}
+        readers: dict[str, dict] = {}  # site -> {latent key: encode}
         latents: dict = {}
         for e in edits:
             bound = self.bound[e.sae]
-            sites[bound.write_site.name] = bound.write_site
-            ops.setdefault(bound.write_site.name, []).append(self._feature_op(e, latents))
-            reading = readers.setdefault(bound.read_site.name, [])
-            if bound.is_transcoder and e.mode != "add" and all(r.name != bound.name for r in reading):
-                sites[bound.read_site.name] = bound.read_site
-                reading.append(bound)
+            for name, op in self._feature_ops(e, latents).items():
+                sites[name] = next(s for s in bound.writes if s.name == name)
+                ops.setdefault(name, []).append(op)
+            if e.mode != "add" and bound.kind != "sae":
+                read, key, encode, _ = latent_source(bound, e.feature)
+                sites[read.name] = read
+                readers.setdefault(read.name, {}).setdefault(key, encode)
         for site, v in (vectors or {}).items():
             if not torch.isfinite(v).all():
                 raise SaeforgeError("the steering vector contains NaN or Inf", "check how it was computed")
             resolved = self.lm.site(site)
             sites[resolved.name] = resolved
             ops.setdefault(resolved.name, []).append(lambda flat, mask, ctx, v=v: flat + v.to(flat))
-        fns = {site: self._edit_fn(ops.get(name, []), readers.get(name, []), latents, positions, prompt_length)
+        fns = {site: self._edit_fn(ops.get(name, []), list(readers.get(name, {}).items()), latents, positions,
+                                   prompt_length)
                for name, site in sites.items()}
         with self.lm.edit(fns):
             yield

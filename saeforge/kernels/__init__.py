@@ -3,6 +3,6 @@
 See :mod:`saeforge.kernels.sparse_topk` for the design and the exact semantics.
 """
 
-from saeforge.kernels.sparse_topk import SparseLatents, decode_sparse, encode_topk
+from saeforge.kernels.sparse_topk import SparseLatents, decode_sparse, decode_sparse_blocks, encode_topk
 
-__all__ = ["SparseLatents", "decode_sparse", "encode_topk"]
+__all__ = ["SparseLatents", "decode_sparse", "decode_sparse_blocks", "encode_topk"]

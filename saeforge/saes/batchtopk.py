@@ -25,7 +25,7 @@ from saeforge.saes.base import SAEConfig, TrainState, _flatten, _is_int, _is_num
 from saeforge.saes.registry import register_sae
 from saeforge.saes.topk import TopKConfig, TopKSAE
 
-__all__ = ["BatchTopKConfig", "BatchTopKSAE"]
+__all__ = ["BatchTopKConfig", "BatchTopKSAE", "update_threshold"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,29 @@ class BatchTopKConfig(TopKConfig):
         _require(_is_int(self.threshold_start_step) and self.threshold_start_step >= 0,
                  f"{a}: threshold_start_step must be a non-negative integer, got {self.threshold_start_step!r}",
                  option_fix(self, "threshold_start_step", 1000, "(the default)"))
+
+
+@torch.no_grad()
+def update_threshold(threshold: Tensor, values: Tensor, state: TrainState, cfg: BatchTopKConfig) -> None:
+    """One step of the inference threshold's EMA, in place on ``threshold`` (a 0-d float32 tensor or view; -1 = not
+    learnt yet): the smallest positive selected activation among ``values``, from ``threshold_start_step``, or from
+    the middle of a run shorter than twice that (so no saved dictionary lacks a threshold); the first update sets it
+    directly. BatchTopK SAEs, transcoders and crosscoders, and each layer of a BatchTopK CLT, learn theirs here."""
+    start = cfg.threshold_start_step
+    if state.total_steps is not None:
+        start = min(start, state.total_steps // 2)
+    if state.step < start:
+        return
+    positive = values.detach()
+    positive = positive[positive > 0]
+    if positive.numel() == 0:
+        return
+    smallest = positive.min().float()
+    if bool(threshold >= 0):
+        beta = cfg.threshold_beta
+        threshold.mul_(beta).add_((1 - beta) * smallest)
+    else:
+        threshold.copy_(smallest)
 
 
 @register_sae
@@ -75,22 +98,7 @@ class BatchTopKSAE(TopKSAE):
     # ---- training ----
     @torch.no_grad()
     def _after_training_forward(self, lat: SparseLatents, state: TrainState) -> None:
-        start = self.cfg.threshold_start_step
-        if state.total_steps is not None:
-            # A run shorter than twice the start step learns θ over its second half, so no saved SAE lacks one.
-            start = min(start, state.total_steps // 2)
-        if state.step < start:
-            return
-        positive = lat.values.detach()
-        positive = positive[positive > 0]
-        if positive.numel() == 0:
-            return
-        smallest = positive.min().float()
-        if self.threshold_learned:
-            beta = self.cfg.threshold_beta
-            self.threshold.mul_(beta).add_((1 - beta) * smallest)
-        else:
-            self.threshold.copy_(smallest)
+        update_threshold(self.threshold, lat.values, state, self.cfg)
 
     # ---- folding ----
     @torch.no_grad()

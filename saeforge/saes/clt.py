@@ -41,9 +41,9 @@ import torch
 from torch import Tensor, nn
 
 from saeforge.errors import SaeforgeError
-from saeforge.kernels import SparseLatents, decode_sparse, encode_topk
+from saeforge.kernels import decode_sparse_blocks, encode_topk
 from saeforge.saes.base import DTYPES, SAE, SAEConfig, TrainOutput, TrainState, _flatten, _is_int, _require
-from saeforge.saes.batchtopk import BatchTopKConfig
+from saeforge.saes.batchtopk import BatchTopKConfig, update_threshold
 from saeforge.saes.geometric_median import geometric_median
 from saeforge.saes.jumprelu import JumpReLUConfig, JumpReLUFunction, StepFunction
 from saeforge.saes.normalization import site_scales
@@ -323,19 +323,24 @@ class CrossLayerTranscoder(SAE):
     # ---- training ----
     def training_loss(self, x: Tensor, target: Tensor | None = None, *, state: TrainState) -> TrainOutput:
         # Per-layer views come from unbind (its backward stacks the layers' gradients once) rather than indexing
-        # (whose backward zero-fills a whole parameter per layer), and each source layer's decoded output is split
-        # per output layer and summed there, so no gradient goes through in-place slice updates: both kept the
-        # backward of a 4-layer CLT several times slower than four transcoders'.
+        # (whose backward zero-fills a whole parameter per layer); each source layer decodes into every output layer
+        # separately (decode_sparse_blocks: one [F, d] block of its decoder at a time, whose rows stay in cache, where
+        # the whole (L - i)·d-wide rows did not: the sparse decoder passes of layer 0 of a 4-layer CLT took twice
+        # those of four transcoders), and the parts are summed per output layer, so no gradient goes through
+        # in-place slice updates.
         x, target = self._check_batch(x, target)
         cfg, L, F_, do = self.cfg, self.n_layers, self.features_per_layer, self.cfg.d_layer_out
         n = x.shape[0]
-        xs = self._per_layer(x, cfg.d_layer_in)
+        # one contiguous copy per layer: a single [L, N, d] copy, as any temporary over tens of MB, is a fresh
+        # mapping on CPU whose page faults cost more than the copy
+        di = cfg.d_layer_in
+        xs = [x[:, i * di:(i + 1) * di].contiguous() for i in range(L)]
         w_enc, b_enc = self.W_enc.unbind(0), self.b_enc.unbind(0)
         parts: list[list[Tensor]] = [[] for _ in range(L)]  # parts[j]: what each source layer writes to layer j
         aux_parts: list[list[Tensor]] = [[] for _ in range(L)]
 
-        def add(into: list[list[Tensor]], i: int, decoded: Tensor) -> None:
-            for offset, part in enumerate(decoded.view(n, L - i, do).unbind(1)):
+        def add(into: list[list[Tensor]], i: int, blocks: Sequence[Tensor]) -> None:
+            for offset, part in enumerate(blocks):  # what layer i writes into layer i + offset
                 into[i + offset].append(part)
 
         terms: dict[str, Tensor] = {}
@@ -349,23 +354,23 @@ class CrossLayerTranscoder(SAE):
                                        aux_mask=dead.to(self.device).bool() if use_aux else None,
                                        matmul_dtype=None if cfg.matmul_dtype is None else DTYPES[cfg.matmul_dtype],
                                        impl=cfg.kernel)
-                add(parts, i, decode_sparse(lat, self._decoder(i), impl=cfg.kernel))
+                add(parts, i, decode_sparse_blocks(lat, self.W_dec[i], impl=cfg.kernel))
                 if aux is not None:
-                    add(aux_parts, i, decode_sparse(aux, self._decoder(i), impl=cfg.kernel))
+                    add(aux_parts, i, decode_sparse_blocks(aux, self.W_dec[i], impl=cfg.kernel))
                 positive = lat.values.detach() > 0
                 f_i = torch.zeros(F_, dtype=torch.bool, device=self.device)
                 f_i[lat.cols[positive]] = True
                 fired.append(f_i)
                 l0 += float(positive.sum()) / n
                 if self.code == "batchtopk":
-                    self._update_threshold(i, lat, state)
+                    update_threshold(self.threshold[i], lat.values, state, cfg)
         else:
             theta = self.thresholds.unbind(0)
             n_active = x.new_zeros(())
             for i in range(L):
                 pre = xs[i].to(self.dtype) @ w_enc[i] + b_enc[i]
                 f = JumpReLUFunction.apply(pre, theta[i], cfg.bandwidth)
-                add(parts, i, f @ self._decoder(i))
+                add(parts, i, (f @ self._decoder(i)).view(n, L - i, do).unbind(1))
                 n_active = n_active + StepFunction.apply(pre, theta[i], cfg.bandwidth).sum(-1).mean()
                 active = f.detach() > 0
                 fired.append(active.any(0))
@@ -373,14 +378,17 @@ class CrossLayerTranscoder(SAE):
             terms["l0"] = cfg.l0_coefficient * float(state.sparsity_scale) * n_active
         b_dec = self.b_dec.unbind(0)
         skips = self.W_skip.unbind(0) if cfg.skip_connection else None
-        outs = []
-        for j in range(L):
-            out = b_dec[j] + sum(parts[j])
+        outs, mse = [], 0.0
+        for j in range(L):  # the output and squared error of each layer on its own (no [N, L·d] temporaries)
+            out = parts[j][0] + b_dec[j]
+            for part in parts[j][1:]:
+                out.add_(part)  # a sum node's output: nothing saved for the backward reads it
             if skips is not None:
                 out = out + xs[j].to(self.dtype) @ skips[j].T
             outs.append(out)
-        y_hat = torch.cat(outs, dim=1)
-        terms = {"mse": self._squared_error(y_hat, target), **terms}
+            mse = mse + self._squared_error(out, target[:, j * do:(j + 1) * do])
+        y_hat = torch.cat(outs, dim=1)  # the prediction, differentiable; the loss is per layer above
+        terms = {"mse": mse, **terms}
         if self.code in ("topk", "batchtopk"):
             aux_hat = None
             if any(aux_parts):
@@ -395,46 +403,24 @@ class CrossLayerTranscoder(SAE):
             return zero
         return auxk_loss(e_hat, (target - y_hat).detach(), target, self.cfg.auxk_coefficient)
 
-    @torch.no_grad()
-    def _update_threshold(self, i: int, lat: SparseLatents, state: TrainState) -> None:
-        """BatchTopK's inference threshold of layer i (saeforge.saes.batchtopk): an EMA of the smallest positive
-        selected activation, from ``threshold_start_step``."""
-        if state.step < self.cfg.threshold_start_step:
-            return
-        positive = lat.values.detach()
-        positive = positive[positive > 0]
-        if positive.numel() == 0:
-            return
-        smallest = positive.min().float()
-        if bool(self.threshold[i] >= 0):
-            beta = self.cfg.threshold_beta
-            self.threshold[i] = beta * self.threshold[i] + (1 - beta) * smallest
-        else:
-            self.threshold[i] = smallest
-
     # ---- optimiser hooks: each feature's decoder (all its output layers) stays at unit norm ----
-    # Both work through the rows in chunks: temporaries the size of a whole decoder (tens of MB) cost more in page
-    # faults than the arithmetic (measured 3-4x slower per element on the benchmark shape).
-    _HOOK_ROWS: ClassVar[int] = 64
-
+    # In place, with per-feature reductions only: a temporary the size of a whole decoder (tens of MB on the benchmark
+    # shape) is a fresh mapping on CPU and costs more in page faults than the arithmetic.
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
         for w in self.W_dec:
             if w.grad is None:
                 continue
-            flat, grad = w.reshape(w.shape[0], -1), w.grad.reshape(w.shape[0], -1)
-            for s in range(0, flat.shape[0], self._HOOK_ROWS):
-                wc, gc = flat[s:s + self._HOOK_ROWS], grad[s:s + self._HOOK_ROWS]
-                coef = (gc * wc).sum(1, keepdim=True) / (wc * wc).sum(1, keepdim=True).clamp_min(1e-24)
-                gc.sub_(coef * wc)
+            flat, grad = w.view(w.shape[0], -1), w.grad.view(w.shape[0], -1)  # views: updated in place
+            dots = torch.bmm(grad.unsqueeze(1), flat.unsqueeze(2)).view(-1, 1)
+            coef = dots / torch.linalg.vector_norm(flat, dim=1, keepdim=True).square().clamp_min(1e-24)
+            grad.addcmul_(coef, flat, value=-1)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         for w in self.W_dec:
-            flat = w.reshape(w.shape[0], -1)
-            for s in range(0, flat.shape[0], self._HOOK_ROWS):
-                wc = flat[s:s + self._HOOK_ROWS]
-                wc.div_(torch.linalg.vector_norm(wc, dim=1, keepdim=True).clamp_min(1e-12))
+            flat = w.view(w.shape[0], -1)
+            flat.div_(torch.linalg.vector_norm(flat, dim=1, keepdim=True).clamp_min(1e-12))
 
     # ---- folding ----
     @torch.no_grad()

@@ -8,7 +8,14 @@ import math
 import pytest
 import torch
 
-from saeforge.diffing.analysis import ExampleTracker, classify, decoder_cosines, norm_histogram, relative_norms
+from saeforge.diffing.analysis import (
+    ExampleTracker,
+    classify,
+    decoder_cosines,
+    lean_by_text,
+    norm_histogram,
+    relative_norms,
+)
 from saeforge.errors import SaeforgeError
 from saeforge.evals.synthetic import SparseFeatureModel
 from saeforge.saes import DeadLatentTracker, TopKConfig, TopKCrosscoderConfig, TrainState, make_sae
@@ -114,3 +121,26 @@ def test_example_tracker_keeps_the_strongest_and_counts_by_source():
     assert tracker.rates(1) == {"focus": 4 / 5, "other": 1 / 3}
     assert tracker.focus_share(1) == 0.5 and tracker.focus_share(3) == 1.0
     assert math.isnan(ExampleTracker([0]).focus_share(0))
+
+
+def test_lean_by_text_groups_latents_by_where_they_fire():
+    """Six latents: two fire 4x as often on the focus text, two alike on both, one mostly elsewhere, one too rarely
+    to count; r grows and the cosine falls with the focus/other ratio, so both rank correlations are 1."""
+    fired_focus = torch.tensor([40, 80, 10, 20, 2, 1])  # over 1000 focus tokens
+    fired_other = torch.tensor([20, 40, 20, 40, 16, 1])  # over 2000 other tokens: rates x2 ... x0.25
+    r = torch.tensor([0.60, 0.70, 0.50, 0.52, 0.40, 0.99])
+    cos = torch.tensor([0.7, 0.6, 0.9, 0.85, 0.95, -1.0])
+    out = lean_by_text(r, cos, fired_focus, 1000, fired_other, 2000, ratio=2.0, min_fired=5)
+    assert out["latents"] == 5  # latent 5 fired twice: not counted
+    g = out["groups"]
+    assert (g["focus"]["latents"], g["both"]["latents"], g["other"]["latents"]) == (2, 2, 1)
+    assert g["focus"]["mean_relative_norm"] == pytest.approx(0.65)
+    assert g["focus"]["mean_decoder_cosine"] == pytest.approx(0.65)
+    assert g["both"]["mean_relative_norm"] == pytest.approx(0.51)
+    assert g["other"]["mean_relative_norm"] == pytest.approx(0.40)
+    # r follows the rate ratio except between the two latents firing about alike on both texts
+    assert out["spearman_relative_norm"] > 0.8 and out["spearman_one_minus_cosine"] > 0.8
+    shuffled = lean_by_text(r.flip(0), cos, fired_focus, 1000, fired_other, 2000)
+    assert shuffled["spearman_relative_norm"] < 0
+    with pytest.raises(SaeforgeError, match="needs tokens of both texts"):
+        lean_by_text(r, cos, fired_focus, 0, fired_other, 2000)

@@ -61,6 +61,10 @@ def test_the_whole_diff_runs_and_resumes(tiny_llama_dir, model_b, text_file, tmp
     assert [t["relative_norm"] for t in top] == sorted((t["relative_norm"] for t in top), reverse=True)
     ex = top[0]["examples"][0]
     assert set(ex) == {"activation", "source", "before", "token", "after"} and ex["activation"] > 0
+    lean = report["lean_by_text"]  # every latent that fired often enough is in exactly one group
+    assert 0 < lean["latents"] <= 64 - c["dead"]
+    assert sum(g["latents"] for g in lean["groups"].values()) == lean["latents"]
+    assert -1 <= lean["spearman_relative_norm"] <= 1
     # run again: the activations and the crosscoder are reused (nothing is retrained)
     trained = (out / "run" / "saes" / "crosscoder" / "sae_weights.safetensors").stat().st_mtime_ns
     again = diff_models(_cfg(tiny_llama_dir, model_b, tmp_path / "diff", text_file))

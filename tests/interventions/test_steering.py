@@ -269,16 +269,125 @@ def test_run_steering_measures_a_transcoder_at_its_read_site(tiny_llama, transco
     assert e["target_activation_baseline"] > 0
 
 
-def test_a_run_with_a_clt_steers_its_other_dictionaries_and_refuses_the_clt(tiny_llama, steerer):
+# ------------------------------------------------------------------------- dictionaries writing several sites
+MLP_IN = tuple(f"layers.{i}.mlp_in" for i in range(3))
+MLP_OUT = tuple(f"layers.{i}.mlp_out" for i in range(3))
+RESID = tuple(f"layers.{i}.resid_post" for i in range(3))
+F_CLT = 16  # features per layer
+
+
+@pytest.fixture(scope="module")
+def clt(tiny_llama):
     from saeforge.runs import SiteBinding, bind
     from saeforge.saes import TopKCLTConfig, make_sae
 
-    reads, writes = tuple(f"layers.{i}.mlp_in" for i in range(2)), tuple(f"layers.{i}.mlp_out" for i in range(2))
-    clt = bind("clt", make_sae(TopKCLTConfig(d_in=64, d_sae=64, d_out=64, n_layers=2, k=4)),
-               SiteBinding(reads, writes), tiny_llama)
+    torch.manual_seed(4)
+    sae = make_sae(TopKCLTConfig(d_in=3 * 32, d_sae=3 * F_CLT, d_out=3 * 32, n_layers=3, k=6)).eval()
+    with torch.no_grad():
+        sae.b_enc.fill_(0.5)  # most latents fire, so clamp and scale have something to act on
+    return bind("clt", sae, SiteBinding(MLP_IN, MLP_OUT), tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def crosscoder(tiny_llama):
+    from saeforge.runs import SiteBinding, bind
+    from saeforge.saes import TopKCrosscoderConfig, make_sae
+
+    torch.manual_seed(5)
+    sae = make_sae(TopKCrosscoderConfig(d_in=3 * 32, d_sae=24, n_sites=3, k=4)).eval()
+    return bind("xc", sae, SiteBinding(RESID, RESID), tiny_llama)
+
+
+def _by_hand(lm, ids, deltas: dict):
+    """Activations at every MLP and residual site with ``deltas[site]`` ([T, d], BOS row zero) added by plain
+    ``lm.edit`` hooks: the edit steering should make, written independently of it."""
+    fns = {site: (lambda x, d=d: x + d.to(x)[None]) for site, d in deltas.items()}
+    with lm.edit(fns):
+        return lm.read(ids, list(MLP_IN + MLP_OUT + RESID))
+
+
+@pytest.mark.parametrize("mode, strength", [("add", 2.5), ("clamp", 3.0), ("scale", 0.0), ("scale", 2.0)])
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_a_clt_feature_steers_every_mlp_output_it_writes_with_its_own_row(tiny_llama, clt, mode, strength, layer):
+    """A feature of layer l writes the MLP outputs of layers l..2, each with its block W_dec[l][i, j - l]; clamp and
+    scale take f_i from layer l's MLP input in the same forward (encode_layer) and move every row together."""
+    lm, sae = tiny_llama, clt.sae
+    column = 5
+    feature = layer * F_CLT + column
+    ids = _ids(lm)
+    plain = lm.read(ids, list(MLP_IN))
+    f = _encode_layer(sae, layer, plain[MLP_IN[layer]][0])[:, column]  # layer l's input: upstream of every edit
+    assert bool((f[1:] > 0).any())
+    delta = {"add": torch.full_like(f, strength), "clamp": strength - f, "scale": (strength - 1) * f}[mode]
+    delta[0] = 0  # BOS is never edited
+    rows = {MLP_OUT[j]: sae.W_dec[layer][column, j - layer].detach() for j in range(layer, 3)}
+    assert list(clt.written_rows(feature)) == list(MLP_OUT[layer:])
+    expected = _by_hand(lm, ids, {site: delta[:, None] * row for site, row in rows.items()})
+    st = Steerer(lm, {"clt": clt}, {"clt": None})
+    with st.steering([FeatureEdit("clt", feature, mode, strength, "raw")]):
+        got = lm.read(ids, list(MLP_IN + MLP_OUT + RESID))
+    unedited = lm.read(ids, list(MLP_OUT))
+    for site in MLP_IN + MLP_OUT + RESID:
+        torch.testing.assert_close(got[site], expected[site], rtol=1e-5, atol=1e-5, msg=site)
+    for j in range(3):  # nothing before the feature's layer moves; every layer it writes does
+        moved = not torch.equal(got[MLP_OUT[j]], unedited[MLP_OUT[j]])
+        assert moved == (j >= layer and not (mode == "scale" and strength == 1)), MLP_OUT[j]
+
+
+def _encode_layer(sae, layer, x):
+    with torch.no_grad():
+        return sae.encode_layer(layer, x)
+
+
+def test_clt_norm_units_cover_the_sites_a_feature_writes(tiny_llama, clt):
+    """S in norm units: c·‖d_i‖ = S·√(Σ_s mean‖x_s‖²), both over the sites the feature writes (here layers 1 and 2
+    for a layer-1 feature), the mean norms from the saved per-site normalisation."""
+    scales = [0.5, 2.0, 4.0]
+    bound = BoundSAE("clt", clt.sae, clt.reads, clt.writes,
+                     meta={"normalization": {"method": "expected_norm", "scale_in": [1.0] * 3, "scale_out": scales}})
+    st = Steerer(tiny_llama, {"clt": bound}, {"clt": None})
+    feature = F_CLT + 7
+    norms = [math.sqrt(32) / s for s in scales]
+    assert st.mean_norm("clt", feature)[0] == pytest.approx(math.hypot(norms[1], norms[2]))
+    assert st.mean_norm("clt", 7)[0] == pytest.approx(math.sqrt(sum(n * n for n in norms)))
+    d_norm = float(torch.cat([clt.sae.W_dec[1][7, 0], clt.sae.W_dec[1][7, 1]]).norm())
+    assert st.value(FeatureEdit("clt", feature, "add", 0.5, "norm")) == pytest.approx(
+        0.5 * math.hypot(norms[1], norms[2]) / d_norm)
+
+
+@pytest.mark.parametrize("feature", [0, 11, 23])
+def test_a_crosscoder_feature_adds_its_slice_at_every_site(tiny_llama, crosscoder, feature):
+    lm, sae = tiny_llama, crosscoder.sae
+    ids = _ids(lm)
+    row = sae.W_dec[feature].detach()
+    mask = torch.ones(ids.shape[1], 1)
+    mask[0] = 0
+    expected = _by_hand(lm, ids, {RESID[s]: 1.5 * mask * row[s * 32:(s + 1) * 32] for s in range(3)})
+    st = Steerer(lm, {"xc": crosscoder}, {"xc": None})
+    with st.steering([FeatureEdit("xc", feature, "add", 1.5, "raw")]):
+        got = lm.read(ids, list(MLP_IN + MLP_OUT + RESID))
+    for site in RESID + MLP_OUT:
+        torch.testing.assert_close(got[site], expected[site], rtol=1e-5, atol=1e-5, msg=site)
+    assert not torch.equal(got[RESID[0]], lm.read(ids, [RESID[0]])[RESID[0]])
+
+
+@pytest.mark.parametrize("mode", ["clamp", "scale"])
+def test_a_crosscoder_refuses_clamp_and_scale_naming_why(tiny_llama, crosscoder, mode):
+    st = Steerer(tiny_llama, {"xc": crosscoder}, {"xc": None})
+    with pytest.raises(SaeforgeError, match=r"xc is a crosscoder: its latents read all its sites \(layers.0.resid_post"
+                       r", layers.1.resid_post, layers.2.resid_post\)") as err:
+        st.check([FeatureEdit("xc", 3, mode, 2.0, "raw")])
+    assert "--mode add" in err.value.fix
+
+
+def test_a_run_with_a_clt_steers_it_beside_its_other_dictionaries(tiny_llama, steerer, clt):
+    """A CLT clamp and an SAE edit in one block: each acts where it writes; run_steering measures the CLT feature
+    from its reads and reports the sites it wrote."""
     st = Steerer(tiny_llama, {"clt": clt, SITE: steerer.bound[SITE]}, {"clt": None, SITE: None})
     assert st.saes["clt"][1] is None and st.saes[SITE][1].name == SITE
     before, after = _edited(st, [FeatureEdit(SITE, 3, "add", 2.0, "raw")])
     assert not torch.equal(before[1:], after[1:])
-    with pytest.raises(SaeforgeError, match=r"clt writes 2 sites \(layers.0.mlp_out, layers.1.mlp_out\)"):
-        st.check([FeatureEdit("clt", 3, "add", 2.0, "raw")])
+    run = run_steering(st, PROMPTS, [FeatureEdit("clt", F_CLT + 2, "clamp", 0.0, "raw")], max_new_tokens=4, seed=0)
+    e = run.metrics["edits"][0]
+    assert (e["read_site"], e["write_site"]) == ("layers.0-2.mlp_in", "layers.1,2.mlp_out")
+    assert e["target_activation_baseline"] > 0

@@ -367,6 +367,26 @@ def test_a_multi_site_run_resumes_bit_identically(mlp_cache, tmp_path, monkeypat
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_a_short_batchtopk_clt_run_saves_a_learnt_threshold_per_layer(mlp_cache, tmp_path):
+    """20 steps, far fewer than threshold_start_step (1000): each layer's threshold is learnt over the second half
+    of the run (BatchTopK's rule), so the saved CLT encodes with thresholds, not with a batch selection."""
+    saes = ("  - {site: layers.0-2.mlp_in, target_site: layers.0-2.mlp_out, architecture: batchtopk_clt, "
+            "name: clt, k: 4}\n")
+    train(_multi_config(tmp_path, mlp_cache, saes), given=["config", "out"])
+    clt = load_sae(tmp_path / "run" / "saes" / "clt")
+    assert clt.cfg.threshold_start_step == 1000
+    assert clt.threshold.shape == (3,) and bool((clt.threshold > 0).all()), clt.threshold
+    x = torch.cat([mlp_cache.load(f"layers.{i}.mlp_in")[:512] for i in range(3)], 1)
+    with torch.no_grad():
+        batch = clt.encode(x)
+        one_by_one = torch.cat([clt.encode(x[r:r + 1]) for r in range(0, 512, 37)])
+    # a batch selection would depend on the batch: the threshold code gives every row the same latents alone
+    assert torch.equal(batch[::37] > 0, one_by_one > 0)
+    assert torch.allclose(batch[::37], one_by_one, rtol=1e-5, atol=1e-6)
+    l0 = float((batch > 0).sum(1).float().mean())
+    assert 0.5 * 3 * 4 < l0 < 2 * 3 * 4, l0  # about k per layer, as trained
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(sites=("layers.2.mlp_out",), target_sites=("layers.2.mlp_in",)), "which the model computes before"),
     (dict(sites=("layers.1.mlp_out",), target_sites=("layers.0.mlp_out",)), "which the model computes before"),
