@@ -44,6 +44,8 @@ def test_busy_cpus_sees_work_that_runs_now_and_not_work_that_ended():
 
     from saeforge.utils.threads import busy_cpus
 
+    if busy_cpus(0.5) > available_cpus() - 1:  # a spinning process can only show where a CPU is free to take it
+        pytest.skip("no CPU is idle now: the added work cannot show in the busy share")
     spin = "import time\nt = time.time()\nwhile time.time() - t < 3: pass"
     hog = subprocess.Popen([sys.executable, "-c", spin])
     try:
