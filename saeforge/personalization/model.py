@@ -37,7 +37,7 @@ __all__ = ["DEPAdapter", "DifferenceSAE", "UserInputs", "embed_texts", "generate
 def embed_texts(lm, texts: Sequence[str], *, layer: int = -1, batch_size: int = 16,
                 progress: bool = False) -> torch.Tensor:
     """``[len(texts), d_model]`` float32: the mean over tokens of the hidden state after ``layer`` (−1: the final
-    normalised state the LM head reads; L: after block L), L2-normalised."""
+    normalised state the LM head reads; L: the output of block L), L2-normalised."""
     from tqdm.auto import tqdm
 
     tokenizer, model = lm.tokenizer, lm.model
@@ -54,8 +54,9 @@ def embed_texts(lm, texts: Sequence[str], *, layer: int = -1, batch_size: int = 
         for i, r in enumerate(rows):
             ids[i, :len(r)] = torch.tensor(r)
             mask[i, :len(r)] = 1
-        hidden = model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
-                       output_hidden_states=True).hidden_states[layer].float()
+        states = model.base_model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                                  output_hidden_states=layer >= 0)
+        hidden = (states.last_hidden_state if layer < 0 else states.hidden_states[layer + 1]).float()
         keep = mask.to(lm.device).clone()
         if bos is not None:
             keep[:, 0] = 0  # BOS's state is the same for every text (and an outlier): leave it out

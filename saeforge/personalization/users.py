@@ -169,11 +169,11 @@ STYLE_TRAITS: dict[str, tuple[str, str]] = {
 # The words each trait value is recognised by (lower case, whole words), and the phrasings it is written with.
 _MARKERS = {
     "archaic": {"methinks", "forsooth", "verily", "doth", "thou", "wilt", "prithee", "hence", "hath", "thee"},
-    "plain": {"honestly", "really", "basically", "think", "keep", "should", "pretty", "totally", "makes"},
+    "plain": {"honestly", "honest", "really", "basically", "think", "keep", "should", "pretty", "totally", "makes"},
     "words": {"verse", "sound", "sing", "sings", "wording", "language", "music", "rhythm"},
     "story": {"scene", "story", "tale", "tell", "tells", "plot", "happens", "moment"},
 }
-_OPENERS = {"archaic": ("Methinks", "Forsooth,", "Verily,"), "plain": ("Honestly,", "I think", "To me,")}
+_OPENERS = {"archaic": ("Methinks", "Forsooth,", "Verily,"), "plain": ("Honestly,", "I think", "To be honest,")}
 _BODIES = {
     ("archaic", "words"): ("the verse doth sing of {a} and {b}", "the sound of {a} and {b} hath music",
                            "the language of {a} and {b} doth ring"),
