@@ -92,3 +92,18 @@ def test_synthetic_users_spread_the_styles_and_share_items():
         mine = [h.item for h in u.history] + [q.item for q in u.queries]
         assert len(mine) == len(set(mine))
     assert synthetic_users(32, passages=tiny_passages(36), history=8, train_queries=3, test_queries=2) == users
+
+
+@pytest.mark.embedded
+def test_default_synthetic_users_comment_on_lines_of_the_embedded_corpus():
+    from tests.conftest import embedded_available
+
+    if not embedded_available():
+        pytest.skip("the embedded corpus is not fetched: run `saeforge fetch`")
+    users = synthetic_users()
+    prompts = {h.prompt for u in users for h in u.history} | {q.prompt for u in users for q in u.queries}
+    assert len(users) == 40 and len(prompts) == 60
+    assert all(7 <= len(p.removeprefix("Line: ").removesuffix("\nComment:").split()) <= 12 for p in prompts)
+    for u in users:
+        for text in [h.text for h in u.history] + [q.target for q in u.queries]:
+            assert detect_style(text) == u.style
