@@ -26,12 +26,14 @@ from simple_parsing.helpers import field
 from saeforge.errors import SaeforgeError
 from saeforge.personalization.model import generate_greedy, history_prompt, stack_rows
 from saeforge.personalization.rouge import rouge_1, rouge_l
-from saeforge.personalization.train import TrainedPersonalizer, dep_rows, load_personalizer
+from saeforge.personalization.train import ADAPTER_FILE, TrainedPersonalizer, dep_rows, load_personalizer
 from saeforge.personalization.users import STYLE_TRAITS, User, read_users, style_match
 from saeforge.utils.atomic import atomic_write_json, atomic_write_text
+from saeforge.utils.locking import exclusive_lock
 from saeforge.utils.threads import thread_policy
 
-__all__ = ["CONDITIONS", "PersonalizeEvalConfig", "evaluate_personalizer", "run_personalize_eval", "score_table"]
+__all__ = ["CONDITIONS", "PersonalizeEvalConfig", "evaluate_personalizer", "run_personalize_eval", "score_table",
+           "trait_probe"]
 
 CONDITIONS = ("no history", "history as text", "DEP", "DEP, other user")
 
@@ -98,6 +100,37 @@ def _generate(p: TrainedPersonalizer, inputs, rows_of: list[tuple[int, str]], de
     return [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
 
+def trait_probe(inputs, users: Sequence[User]) -> dict[str, dict[str, float]]:
+    """How well each kind of DEP input tells a style trait apart, before any training: per trait, the accuracy of a
+    leave-one-user-out nearest-centroid classifier (cosine) on each user's mean history embedding and mean difference
+    embedding. Balanced classes give 0.5 by chance, and less when the embeddings hold nothing of the trait (leaving
+    a user out moves its own class's centroid away from it)."""
+    import torch.nn.functional as F
+
+    rows = [i for i, u in enumerate(users) if u.style]
+    k = inputs.x.shape[1] // 2
+    out: dict[str, dict[str, float]] = {}
+    for kind, offset in (("history", 0), ("difference", k)):
+        feats = F.normalize(torch.stack([inputs.x[inputs.index(users[i].user_id),
+                                                  offset:offset + int(inputs.slots[inputs.index(users[i].user_id)])]
+                                         .mean(0) for i in rows]), dim=-1)
+        out[kind] = {}
+        for trait in STYLE_TRAITS:
+            values = [users[i].style.get(trait) for i in rows]
+            correct, counted = 0, 0
+            for j, v in enumerate(values):
+                others = [m for m in range(len(rows)) if m != j]
+                classes = {c for c in (values[m] for m in others) if c is not None}
+                if v is None or v not in classes or len(classes) < 2:
+                    continue
+                centroid = {c: feats[[m for m in others if values[m] == c]].mean(0) for c in classes}
+                correct += max(classes, key=lambda c: float(feats[j] @ centroid[c])) == v
+                counted += 1
+            if counted:
+                out[kind][trait] = correct / counted
+    return out
+
+
 @torch.no_grad()
 def evaluate_personalizer(cfg: PersonalizeEvalConfig, *, personalizer: TrainedPersonalizer | None = None
                           ) -> dict[str, Any]:
@@ -110,7 +143,9 @@ def evaluate_personalizer(cfg: PersonalizeEvalConfig, *, personalizer: TrainedPe
         raise SaeforgeError("--max-new-tokens and --batch-size must be positive, --max-queries not negative",
                             "pass e.g. --max-new-tokens 40 --batch-size 16")
     folder = Path(cfg.run)
-    with thread_policy(cfg.threads):
+    if personalizer is None and not (folder / ADAPTER_FILE).is_file():
+        load_personalizer(folder)  # names the problem and the fix
+    with exclusive_lock(folder, "saeforge personalize eval"), thread_policy(cfg.threads):
         p = personalizer or load_personalizer(folder, device=cfg.device)
         users = read_users(cfg.users or p.cfg.users)
         tests = [(ui, q) for ui, u in enumerate(users) for q in u.queries if q.split == "test"]
@@ -136,26 +171,26 @@ def evaluate_personalizer(cfg: PersonalizeEvalConfig, *, personalizer: TrainedPe
             }
             for condition, (rows_of, dep, cut) in by_condition.items():
                 generations[condition] += _generate(p, inputs, rows_of, dep, stop, cfg.max_new_tokens, cut)
-    records, results = [], {}
-    for condition in CONDITIONS:
-        scores = []
-        for (ui, q), text in zip(tests, generations[condition]):
-            s = {"rouge1": rouge_1(text, q.target), "rougeL": rouge_l(text, q.target)}
-            if users[ui].style:
-                s |= {f"style_{k}": v for k, v in style_match(text, users[ui].style).items()}
-            scores.append(s)
-            records.append({"condition": condition, "user_id": users[ui].user_id, "item": q.item,
-                            "target": q.target, "generation": text, **s})
-        keys = sorted({k for s in scores for k in s})
-        results[condition] = {k: sum(s.get(k, 0.0) for s in scores) / len(scores) for k in keys} | {
-            "n": len(scores)}
-    report = {"format": "saeforge-dep-eval", "run": str(folder), "users": str(cfg.users or p.cfg.users),
-              "queries": len(tests), "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy",
-              "results": results}
-    atomic_write_json(folder / "eval.json", report)
-    atomic_write_text(folder / "eval.md", score_table(results) + "\n")
-    atomic_write_text(folder / "eval_generations.jsonl",
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        records, results = [], {}
+        for condition in CONDITIONS:
+            scores = []
+            for (ui, q), text in zip(tests, generations[condition]):
+                s = {"rouge1": rouge_1(text, q.target), "rougeL": rouge_l(text, q.target)}
+                if users[ui].style:
+                    s |= {f"style_{k}": v for k, v in style_match(text, users[ui].style).items()}
+                scores.append(s)
+                records.append({"condition": condition, "user_id": users[ui].user_id, "item": q.item,
+                                "target": q.target, "generation": text, **s})
+            keys = sorted({k for s in scores for k in s})
+            results[condition] = {k: sum(s.get(k, 0.0) for s in scores) / len(scores) for k in keys} | {
+                "n": len(scores)}
+        report = {"format": "saeforge-dep-eval", "run": str(folder), "users": str(cfg.users or p.cfg.users),
+                  "queries": len(tests), "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy",
+                  "results": results, "trait_probe": trait_probe(inputs, users)}
+        atomic_write_json(folder / "eval.json", report)
+        atomic_write_text(folder / "eval.md", score_table(results) + "\n")
+        atomic_write_text(folder / "eval_generations.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return report
 
 
@@ -177,5 +212,9 @@ def run_personalize_eval(cfg: PersonalizeEvalConfig) -> dict[str, Any]:
     report = evaluate_personalizer(cfg)
     print(f"{report['queries']} test queries of {report['users']}, greedy, at most {cfg.max_new_tokens} tokens")
     print(score_table(report["results"]))
+    for kind, accuracy in report["trait_probe"].items():
+        if accuracy:
+            print(f"traits told apart by the users' mean {kind} embedding (leave-one-user-out nearest centroid): "
+                  + ", ".join(f"{t} {a:.2f}" for t, a in accuracy.items()))
     print(f"written {Path(cfg.run) / 'eval.json'}, eval.md and eval_generations.jsonl")
     return report

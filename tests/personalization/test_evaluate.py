@@ -10,7 +10,8 @@ import torch
 
 from saeforge.errors import SaeforgeError
 from saeforge.personalization.evaluate import (CONDITIONS, PersonalizeEvalConfig, _other_user, _stop_ids,
-                                               evaluate_personalizer, score_table)
+                                               evaluate_personalizer, score_table, trait_probe)
+from saeforge.personalization.model import UserInputs
 from saeforge.personalization.train import PersonalizeTrainConfig, train_personalizer
 from saeforge.personalization.users import read_users, synthetic_users, write_users
 from tests.personalization.conftest import tiny_passages
@@ -38,6 +39,7 @@ def test_eval_scores_every_condition(tiny_dep_run, tiny_llama):
                                                 / 4)
     rows = [json.loads(line) for line in (run / "eval_generations.jsonl").read_text().splitlines()]
     assert len(rows) == 32 and (run / "eval.md").read_text().startswith("| condition | ROUGE-1")
+    assert set(report["trait_probe"]) == {"history", "difference"}
     # the no-history baseline is the model's own greedy continuation of BOS + prompt, cut at the first line break
     tok = tiny_llama.tokenizer
     first = next(r for r in rows if r["condition"] == "no history")
@@ -73,3 +75,18 @@ def test_eval_refuses_bad_input(tiny_dep_run, tmp_path):
 def test_score_table_without_styles():
     table = score_table({"DEP": {"rouge1": 0.5, "rougeL": 0.25, "n": 2}})
     assert table.splitlines()[0] == "| condition | ROUGE-1 | ROUGE-L |" and "| DEP | 0.500 | 0.250 |" in table
+
+
+def test_trait_probe_finds_a_trait_written_into_one_kind_of_embedding():
+    users = synthetic_users(16, history=2, train_queries=0, test_queries=1, passages=tiny_passages(10))
+    gen = torch.Generator().manual_seed(0)
+    k, d = 2, 64
+    x = torch.randn(16, 2 * k, d, generator=gen) * 0.1
+    for i, u in enumerate(users):  # voice in the history slots, mark in the difference slots, one slot used
+        x[i, 0, 0] += 1.0 if u.style["voice"] == "archaic" else -1.0
+        x[i, k, 1] += 1.0 if u.style["mark"] == "exclaim" else -1.0
+        x[i, 1], x[i, k + 1] = 100.0, -100.0  # an unused slot: must not count
+    inputs = UserInputs([u.user_id for u in users], x, torch.ones(16, dtype=torch.long), [[0]] * 16)
+    probe = trait_probe(inputs, users)
+    assert probe["history"]["voice"] == 1.0 and probe["difference"]["mark"] == 1.0
+    assert probe["history"]["mark"] < 0.8 and probe["difference"]["voice"] < 0.8
