@@ -68,11 +68,11 @@ class PersonalizeTrainConfig:
     """Weight of the autoencoder's loss (reconstruction + KL) next to the LM's cross-entropy."""
     kl_weight: float = 1e-3
     """Weight of the KL prior inside the autoencoder's loss."""
-    steps: int = 200
+    steps: int = 150
     """Optimiser steps."""
-    batch_size: int = 8
+    batch_size: int = 4
     """Queries per step."""
-    lr: float = 1e-3
+    lr: float = 1e-2
     """Peak AdamW learning rate."""
     weight_decay: float = 0.025
     """AdamW weight decay."""
@@ -107,7 +107,7 @@ class PersonalizeTrainConfig:
                  f"pass --{name.replace('_', '-')} {getattr(PersonalizeTrainConfig, name)}")
         need(0 < self.sparsity_target < 1, f"--sparsity-target must lie in (0, 1), got {self.sparsity_target}",
              "pass --sparsity-target 0.05")
-        need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be positive, got {self.lr}", "pass --lr 1e-3")
+        need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be positive, got {self.lr}", "pass --lr 1e-2")
         need(self.sae_weight >= 0 and self.kl_weight >= 0 and self.weight_decay >= 0,
              "--sae-weight, --kl-weight and --weight-decay must not be negative", "pass e.g. --sae-weight 100")
 
