@@ -44,6 +44,7 @@ from saeforge.distributed.process_group import (
 )
 from saeforge.errors import SaeforgeError
 from saeforge.saes import SAE, TrainOutput
+from saeforge.saes.batchtopk import BatchTopKSAE
 from saeforge.training.checkpoint import read_checkpoint
 from saeforge.training.config import TrainConfig, resolve_config
 from saeforge.training.run_dir import open_run, record_data
@@ -59,7 +60,10 @@ RANK_FREE_FIELDS = ("threads", "progress")
 def data_parallel_problem(sae: SAE) -> str | None:
     """Why ``sae`` cannot be trained data-parallel with the result of one process, or None when it can."""
     name = sae.architecture
-    if getattr(sae, "batch_selection", False) or getattr(sae, "code", None) == "batchtopk":
+    # BatchTopK and its forms (Matryoshka, transcoder, crosscoder) choose the batch's N·k largest over the ranks
+    # (saeforge.distributed.batch); the cross-layer transcoder selects in its own code, which does not
+    if (getattr(sae, "batch_selection", False) and not isinstance(sae, BatchTopKSAE)) or getattr(
+            sae, "code", None) == "batchtopk":
         return f"{name} keeps the largest N·k activations of the whole batch, a selection no rank can make alone"
     if hasattr(sae, "level_l0_ema"):
         return f"{name} adapts its sparsity coefficients to each batch's L0"
@@ -353,6 +357,14 @@ def _check_batch_split(cfg: TrainConfig, world_size: int) -> None:
             "or start a number of ranks that divides it")
 
 
+def _trainer_class(parallel: str) -> type[_RankedTrainer]:
+    if parallel == "latent":
+        from saeforge.distributed.latent import LatentParallelTrainer
+
+        return LatentParallelTrainer
+    return DataParallelTrainer if parallel == "data" else ModuleParallelTrainer
+
+
 def train_distributed(cfg: TrainConfig, given: list[str]) -> dict[str, Any]:
     """:func:`saeforge.training.train` on one rank of a torchrun launch; every rank calls it with the same options
     and gets the final metrics."""
@@ -372,7 +384,7 @@ def train_distributed(cfg: TrainConfig, given: list[str]) -> dict[str, Any]:
 
             run_cfg, run_dir, info = on_main(open_on_main)
             together(lambda: _check_batch_split(run_cfg, ranks.world_size))
-            trainer_class = DataParallelTrainer if run_cfg.parallel == "data" else ModuleParallelTrainer
+            trainer_class = _trainer_class(run_cfg.parallel)
             with thread_policy(run_cfg.threads):
                 trainer = together(lambda: trainer_class(run_cfg, Path(run_dir), info, ranks))
                 data_infos = all_gather_object(trainer.data_info)
