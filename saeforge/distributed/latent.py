@@ -311,7 +311,9 @@ class LatentParallelTrainer(_RankedTrainer):
             local.load_slice({name: p.detach().to(self.device) for name, p in w.sae.named_parameters()})
             opt = w.optimizer.state_dict()
             names = [name for name, _ in w.sae.named_parameters()]
-            opt["state"] = {i: {key: (local.slice_of(names[i], v) if torch.is_tensor(v) and v.dim() > 0 else v)
+            # copies, contiguous: a fused Adam reads its moments as flat memory, and a column slice is a strided view
+            opt["state"] = {i: {key: (local.slice_of(names[i], v).clone(memory_format=torch.contiguous_format)
+                                      if torch.is_tensor(v) and v.dim() > 0 else v)
                                 for key, v in s.items()} for i, s in opt["state"].items()}
             t.optimizer.load_state_dict(opt)
             t.tracker.tokens_since_fired.copy_(w.tracker.tokens_since_fired.chunk(local.world_size)[local.rank])
