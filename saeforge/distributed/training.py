@@ -65,9 +65,12 @@ def data_parallel_problem(sae: SAE) -> str | None:
     if (getattr(sae, "batch_selection", False) and not isinstance(sae, BatchTopKSAE)) or getattr(
             sae, "code", None) == "batchtopk":
         return f"{name} keeps the largest N·k activations of the whole batch, a selection no rank can make alone"
-    if hasattr(sae, "level_l0_ema"):
-        return f"{name} adapts its sparsity coefficients to each batch's L0"
     return None
+
+
+# Statistics of its batch that an SAE keeps from its training forward for its after_step (HSAE: each level's mean L0,
+# which its sparsity coefficients follow). Means over equal slices: their mean over the ranks is the global batch's.
+BATCH_MEAN_STATISTICS = ("_step_level_l0",)
 
 
 class _RankedTrainer(Trainer):
@@ -205,8 +208,14 @@ class DataParallelTrainer(_RankedTrainer):
         return metrics
 
     def _after_step_input(self, t: Trainee, x: torch.Tensor) -> torch.Tensor:
-        # after_step is the SAE's own dead-latent handling: it reads the batch only when there are dead latents (the
-        # same on every rank), so the batch is gathered only then
+        # the batch statistics after_step reads, over the global batch; and after_step is the SAE's own dead-latent
+        # handling: it reads the batch only when there are dead latents (the same on every rank), so the batch is
+        # gathered only then
+        for attr in BATCH_MEAN_STATISTICS:
+            statistic = getattr(t.sae, attr, None)
+            if statistic is not None:
+                dist.all_reduce(statistic)
+                statistic.div_(self.ranks.world_size)
         if type(t.sae).after_step is SAE.after_step or not bool(t.tracker.dead_mask.any()):
             return x
         parts = [torch.empty_like(x) for _ in range(self.ranks.world_size)]

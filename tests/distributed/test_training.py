@@ -76,16 +76,23 @@ def _assert_same_run(one, two, exact: bool = False) -> None:
 CLASSIC_RELU = {"sae_options": '{"variant": "classic", "resample_every": 8}'}
 
 
-@pytest.mark.parametrize("arch, options", [("topk", {}),
+@pytest.mark.parametrize("arch, options", [("topk", {}), ("batchtopk", {}),
+                                           pytest.param("matryoshka", {}, marks=pytest.mark.slow),
+                                           pytest.param("hsae", {}, marks=pytest.mark.slow),
                                            pytest.param("relu", CLASSIC_RELU, marks=pytest.mark.slow)])
 def test_two_ranks_train_what_one_process_trains(tiny_cache, tmp_path, arch, options):
-    """TopK with AuxK on dead latents (dead after 2 steps) and classic ReLU resampling: the dead-latent statistics,
-    AuxK's normalisation and the resampling draws are global, so 2 ranks × 128 rows = one process × 256 rows."""
+    """TopK with AuxK on dead latents (dead after 2 steps), BatchTopK and Matryoshka (the N·k largest of the global
+    batch chosen over the ranks, the inference threshold from the global batch's smallest winner), HSAE (its
+    sparsity coefficients follow the global batch's L0 per level) and classic ReLU resampling: the dead-latent
+    statistics, AuxK's normalisation and the resampling draws are global, so 2 ranks × 128 rows = one process × 256
+    rows."""
     one = tmp_path / "one"
     train(TrainConfig.from_dict(_cfg(tiny_cache, one, architecture=arch, **options)))
     records = _metrics(one)
-    if arch == "topk":
+    if arch in ("topk", "batchtopk", "matryoshka"):
         assert any(r["saes"][SITES[0]]["loss_auxk"] > 0 for r in records)  # AuxK was active
+    if arch in ("batchtopk", "matryoshka"):  # the threshold was learned (over the run's second half) and is saved
+        assert float(_weights(one)["threshold"][0]) > 0
     two = tmp_path / "two"
     final = _ok(torchrun({"cfg": _cfg(tiny_cache, two, architecture=arch, **options)}))
     _assert_same_run(one, two)
@@ -153,7 +160,7 @@ def test_a_one_process_run_resumes_on_two_ranks(tiny_cache, tmp_path, one_proces
 
 @pytest.mark.slow  # two launches, over 20 s
 def test_module_parallel_trains_the_same_saes_bit_for_bit(tiny_cache, tmp_path):
-    """Three SAEs (one BatchTopK, which data-parallel refuses) spread over 2 ranks, whole batches each."""
+    """Three SAEs (one BatchTopK) spread over 2 ranks, whole batches each."""
     saes = [{"site": SITES[0], "name": "a"}, {"site": SITES[1], "name": "b", "k": 4, "d_sae": 64},
             {"site": SITES[0], "name": "c", "architecture": "batchtopk"}]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -169,8 +176,8 @@ def test_module_parallel_trains_the_same_saes_bit_for_bit(tiny_cache, tmp_path):
 @pytest.mark.parametrize("case, spec, message", [
     ("batch split", {"batch_size": 255, "tokens": 255 * 4}, "--batch-size 255 does not split evenly over 2 ranks"),
     ("configs differ", {"rank_cfg": {"1": {"k": 16}}}, "k: rank 0 8, rank 1 16"),
-    pytest.param("batch selection", {"architecture": "batchtopk"}, "cannot be trained data-parallel",
-                 marks=pytest.mark.slow),
+    pytest.param("batch selection", {"architecture": "batchtopk_clt", "target_sites": [SITES[1]]},
+                 "cannot be trained data-parallel", marks=pytest.mark.slow),
 ])
 def test_bad_launches_fail_on_every_rank_with_one_clear_error(tiny_cache, tmp_path, case, spec, message):
     spec = dict(spec)
