@@ -11,7 +11,15 @@ import torch
 from saeforge.distributed.latent import select_global_top
 from saeforge.training import TrainConfig, train
 from tests.conftest import TRAIN_SITES as SITES
-from tests.distributed.test_training import _assert_same_run, _cfg, _errors, _metrics, _ok, torchrun
+from tests.distributed.test_training import (
+    _assert_same_run,
+    _cfg,
+    _errors,
+    _interrupted_run,
+    _metrics,
+    _ok,
+    torchrun,
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,21 +68,8 @@ def test_a_latent_run_stopped_on_one_rank_resumes_in_one_process(tiny_cache, tmp
 
 @pytest.mark.slow  # two launches, over 20 s
 def test_a_one_process_run_resumes_as_two_latent_shards(tiny_cache, tmp_path, one_process_topk, monkeypatch):
-    from saeforge.training.trainer import Trainer
-
     run = tmp_path / "run"
-    plain = Trainer._batches
-
-    def stop_at_step_9(self):
-        for batch in plain(self):
-            if self.step == 9:
-                raise KeyboardInterrupt  # a kill between checkpoints
-            yield batch
-
-    monkeypatch.setattr(Trainer, "_batches", stop_at_step_9)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig.from_dict(_cfg(tiny_cache, run)))
-    monkeypatch.undo()
+    _interrupted_run(tiny_cache, run, monkeypatch)
     _ok(torchrun({"cfg": {"resume": str(run), "parallel": "latent", "progress": False, "threads": 1}}))
     _assert_same_run(one_process_topk, run)
     assert json.loads((run / "run.json").read_text())["distributed"]["segments"] == [

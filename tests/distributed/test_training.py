@@ -136,9 +136,19 @@ def test_a_nan_on_one_rank_stops_both_and_the_run_resumes_on_one(tiny_cache, tmp
 
 @pytest.mark.slow  # two launches, over 20 s
 def test_a_one_process_run_resumes_on_two_ranks(tiny_cache, tmp_path, one_process_run, monkeypatch):
+    run = tmp_path / "run"
+    _interrupted_run(tiny_cache, run, monkeypatch)
+    assert not (run / "saes").exists()
+    _ok(torchrun({"cfg": {"resume": str(run), "progress": False, "threads": 1}}))
+    _assert_same_run(one_process_run, run)
+    assert json.loads((run / "run.json").read_text())["distributed"]["segments"] == [
+        {"from_step": 0, "world_size": 1, "parallel": None}, {"from_step": 6, "world_size": 2, "parallel": "data"}]
+
+
+def _interrupted_run(tiny_cache, run, monkeypatch) -> None:
+    """A one-process run killed between checkpoints at step 9 (its checkpoint is of step 6)."""
     from saeforge.training.trainer import Trainer
 
-    run = tmp_path / "run"
     plain = Trainer._batches
 
     def stop_at_step_9(self):
@@ -151,11 +161,23 @@ def test_a_one_process_run_resumes_on_two_ranks(tiny_cache, tmp_path, one_proces
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig.from_dict(_cfg(tiny_cache, run)))
     monkeypatch.undo()
-    assert not (run / "saes").exists()
-    _ok(torchrun({"cfg": {"resume": str(run), "progress": False, "threads": 1}}))
-    _assert_same_run(one_process_run, run)
-    assert json.loads((run / "run.json").read_text())["distributed"]["segments"] == [
-        {"from_step": 0, "world_size": 1, "parallel": None}, {"from_step": 6, "world_size": 2, "parallel": "data"}]
+
+
+@pytest.mark.slow  # a launch and a run, over 20 s
+@pytest.mark.parametrize("parallel", ["data", "latent"])
+def test_a_checkpoint_of_another_run_is_refused_on_every_rank(tiny_cache, tmp_path, one_process_run, monkeypatch,
+                                                              parallel):
+    """The run directory's checkpoint was copied from another run: both ranks refuse it with the same error, and
+    nothing of the run is changed."""
+    import shutil
+
+    run = tmp_path / "run"
+    _interrupted_run(tiny_cache, run, monkeypatch)
+    shutil.copy(one_process_run / "checkpoints" / "checkpoint.pt", run / "checkpoints" / "checkpoint.pt")
+    before = (run / "metrics.jsonl").read_bytes()
+    errors = _errors(torchrun({"cfg": {"resume": str(run), "parallel": parallel, "progress": False, "threads": 1}}))
+    assert len(errors) == 2 and errors[0] == errors[1] and "belongs to another run" in errors[0], errors
+    assert (run / "metrics.jsonl").read_bytes() == before and not (run / "saes").exists()
 
 
 @pytest.mark.slow  # two launches, over 20 s
