@@ -19,8 +19,9 @@ A checkpoint holds the whole SAE (gathered on rank 0 in the one-process layout),
 one process, on data-parallel ranks or on another number of latent shards, and the other way. Per rank the
 training memory of an SAE of P parameters is about 4P/W (weights, gradients, two Adam moments) and the dense
 ``[batch, d_sae/W]`` pre-activations; at the start, at each checkpoint and at the end the whole SAE is assembled
-in host memory (rank 0; at a resume, every rank), and rank 0 assembles it on its device at the end to compute its
-feature statistics.
+in host memory on rank 0 (as one process would hold it; a resume scatters the slices from there), every rank builds
+the whole SAE's initial weights once in host memory at the start, and rank 0 assembles it on its device at the end to
+compute its feature statistics.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from saeforge.data.activation_stream import LiveActivations
-from saeforge.distributed.process_group import all_gather_object, broadcast_object, together
+from saeforge.distributed.process_group import all_gather_object, broadcast_object, on_main, together
 from saeforge.distributed.training import SharedLiveActivations, _RankedTrainer
 from saeforge.errors import SaeforgeError
 from saeforge.kernels import SparseLatents, encode_topk
 from saeforge.saes import SAE, DeadLatentTracker, TrainOutput, TrainState, make_sae
 from saeforge.saes.topk import TopKConfig, TopKSAE, auxk_loss
+from saeforge.training.checkpoint import read_checkpoint
 from saeforge.training.scaling import scaler_from_dict
 from saeforge.training.trainer import Trainee, Trainer
 
@@ -93,6 +95,37 @@ def select_global_top(candidates: Tensor, k: int, rank: int) -> tuple[Tensor, Te
     where = torch.where(owned, top.indices - rank * m, torch.full_like(top.indices, m))
     keep = torch.zeros(n, m + 1, dtype=torch.bool, device=candidates.device).scatter_(1, where, owned)
     return keep[:, :m], top.values
+
+
+def _at(tree: Any, path: tuple) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _put(tree: Any, path: tuple, value: Any) -> None:
+    _at(tree, path[:-1])[path[-1]] = value
+
+
+def _slice_shape(shape: tuple[int, ...], dim: int, world: int) -> tuple[int, ...]:
+    return tuple(n // world if d == dim else n for d, n in enumerate(shape))
+
+
+def _without_shards(entry: dict[str, Any], paths: list[tuple[tuple, int]]) -> dict[str, Any]:
+    """A copy of a checkpoint's SAE entry without its latent-sized tensors, which ``_shards`` lists (path, latent
+    dimension, shape, dtype) for scattering."""
+    skeleton = {**entry, "model": dict(entry["model"]),
+                "optimizer": {**entry["optimizer"], "state": {i: dict(s) for i, s in entry["optimizer"]["state"].items()}}}
+    shards = []
+    for path, dim in paths:
+        try:
+            tensor = _at(entry, path)
+        except KeyError:  # an optimiser moment this Adam does not keep (max_exp_avg_sq without amsgrad), or no state yet
+            continue
+        shards.append((path, dim, tuple(tensor.shape), tensor.dtype))
+        _put(skeleton, path, None)
+    skeleton["_shards"] = shards
+    return skeleton
 
 
 def _winners(lat: SparseLatents, n: int, width: int, k: int, rank: int) -> tuple[SparseLatents, Tensor]:
@@ -290,35 +323,46 @@ class LatentParallelTrainer(_RankedTrainer):
             finally:
                 self.trainees = sharded
 
-    def _load_checkpoint(self) -> bool:
-        """Every rank reads the whole checkpoint into whole (CPU) SAEs and keeps its slices."""
-        sharded = self.trainees
-        whole = []
-        for t in sharded:
-            with torch.random.fork_rng(devices=[]):
-                sae = make_sae(t.sae.full_cfg)
-            whole.append(Trainee(t.name, t.binding, sae, type(t.optimizer)(sae.parameters(), **t.optimizer.defaults),
-                                 t.scheduler, DeadLatentTracker(sae.cfg.d_sae, t.tracker.threshold_tokens), t.scaler))
-        self.trainees = whole
-        try:
-            loaded = super()._load_checkpoint()
-        finally:
-            self.trainees = sharded
-        if not loaded:
-            return False
-        for t, w in zip(sharded, whole):
-            local: ShardedTopKSAE = t.sae
-            local.load_slice({name: p.detach().to(self.device) for name, p in w.sae.named_parameters()})
-            opt = w.optimizer.state_dict()
-            names = [name for name, _ in w.sae.named_parameters()]
-            # copies, contiguous: a fused Adam reads its moments as flat memory, and a column slice is a strided view
-            opt["state"] = {i: {key: (local.slice_of(names[i], v).clone(memory_format=torch.contiguous_format)
-                                      if torch.is_tensor(v) and v.dim() > 0 else v)
-                                for key, v in s.items()} for i, s in opt["state"].items()}
-            t.optimizer.load_state_dict(opt)
-            t.tracker.tokens_since_fired.copy_(w.tracker.tokens_since_fired.chunk(local.world_size)[local.rank])
-            t.scaler = w.scaler
-        return True
+    def _read_checkpoint(self, path) -> dict[str, Any] | None:
+        """The checkpoint (written in the one-process layout) with this rank's slices in place of the whole tensors:
+        rank 0 reads it and scatters the slices, so no other rank ever holds a whole SAE's state. The trainer then
+        loads it into the sliced SAEs, optimisers and counters as it loads a one-process checkpoint."""
+        whole: dict[str, Any] | None = None
+
+        def skeleton_on_main() -> dict[str, Any] | None:
+            nonlocal whole
+            whole = read_checkpoint(path, torch.device("cpu"))
+            if whole is None or whole["run_id"] != self.run_info["run_id"] or set(whole["saes"]) != {
+                    t.name for t in self.trainees}:
+                return whole and {k: v for k, v in whole.items() if k != "saes"} | {
+                    "saes": dict.fromkeys(whole["saes"])}  # load_checkpoint refuses it, on every rank
+            skeleton = {k: v for k, v in whole.items() if k != "saes"}
+            skeleton["saes"] = {name: _without_shards(s, self._shard_paths(name)) for name, s in whole["saes"].items()}
+            return skeleton
+
+        state = on_main(skeleton_on_main)
+        if state is None or state["run_id"] != self.run_info["run_id"] or any(
+                state["saes"][name] is None for name in state["saes"]):
+            return state
+        world, rank = self.ranks.world_size, self.ranks.rank
+        for t in self.trainees:
+            for path, dim, shape, dtype in state["saes"][t.name].pop("_shards"):
+                mine = torch.empty(_slice_shape(shape, dim, world), dtype=dtype, device=self.device)
+                parts = None
+                if rank == 0:
+                    parts = [c.contiguous().to(self.device) for c in _at(whole["saes"][t.name], path).chunk(world, dim)]
+                dist.scatter(mine, parts, src=0)
+                _put(state["saes"][t.name], path, mine)
+        return state
+
+    def _shard_paths(self, name: str) -> list[tuple[tuple, int]]:
+        """Where the latent-sized tensors of SAE ``name``'s checkpoint entry are, with their latent dimension."""
+        t = next(t for t in self.trainees if t.name == name)
+        names = [n for n, _ in t.sae.named_parameters()]
+        paths = [(("model", n), LATENT_DIMS[n]) for n in names if n in LATENT_DIMS]
+        paths += [(("optimizer", "state", i, key), LATENT_DIMS[n]) for i, n in enumerate(names) if n in LATENT_DIMS
+                  for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")]
+        return paths + [(("tokens_since_fired",), 0)]
 
     def _finish(self, last: dict[str, Any] | None) -> dict[str, Any]:
         whole = [self._whole(t) for t in self.trainees]
