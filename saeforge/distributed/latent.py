@@ -40,7 +40,7 @@ from saeforge.distributed.training import SharedLiveActivations, _RankedTrainer
 from saeforge.errors import SaeforgeError
 from saeforge.kernels import SparseLatents, encode_topk
 from saeforge.saes import SAE, DeadLatentTracker, TrainOutput, TrainState, make_sae
-from saeforge.saes.topk import TopKConfig, TopKSAE, auxk_loss
+from saeforge.saes.topk import TopKConfig, TopKSAE, _fired_and_l0, auxk_loss
 from saeforge.training.checkpoint import read_checkpoint
 from saeforge.training.scaling import scaler_from_dict
 from saeforge.training.trainer import Trainee, Trainer
@@ -152,16 +152,6 @@ class ShardedTopKSAE(TopKSAE):
             super().__init__(local)
         self.full_cfg, self.rank, self.world_size = full_cfg, rank, world_size
 
-    @torch.no_grad()
-    def load_slice(self, full: dict[str, Tensor]) -> None:
-        """Take this rank's latents from the whole SAE's parameters ``full``."""
-        for name, p in self.named_parameters():
-            p.copy_(self.slice_of(name, full[name]))
-
-    def slice_of(self, name: str, whole: Tensor) -> Tensor:
-        dim = LATENT_DIMS.get(name)
-        return whole if dim is None else whole.chunk(self.world_size, dim)[self.rank]
-
     def _aux_wanted(self, dead_mask: Tensor | None) -> bool:
         """Whether some rank has dead latents (then every rank takes part in the AuxK selection)."""
         if dead_mask is None or self.full_cfg.aux_k == 0 or self.full_cfg.auxk_coefficient == 0:
@@ -191,10 +181,8 @@ class ShardedTopKSAE(TopKSAE):
             aux, _ = _winners(aux, n, self.cfg.aux_k, full.aux_k, self.rank)
             e_hat = _SumOverRanks.apply(self._decode_sparse(aux))
             terms["auxk"] = auxk_loss(e_hat, (target - x_hat).detach(), target, full.auxk_coefficient)
-        positive = lat.values.detach() > 0
-        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=self.device)
-        fired[lat.cols[positive]] = True
-        l0 = float((top > 0).sum()) / n  # the winners of every rank: the same on all
+        fired, _ = _fired_and_l0(lat)  # this rank's latents
+        l0 = float((top > 0).sum()) / n  # from the winners of every rank: the same on all
         return TrainOutput(loss=sum(terms.values()), terms=terms, x_hat=x_hat, fired=fired, l0=l0)
 
 
