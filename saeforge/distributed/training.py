@@ -5,9 +5,9 @@ filled in for several ranks.
   batch of the one deterministic stream (rank r takes rows ``[r·B/W, (r+1)·B/W)``). After each backward one
   all-reduce per SAE carries the gradients (averaged), the latents that fired (so the dead-latent counters, AuxK and
   resampling see the same dead latents on every rank) and each rank's non-finite flags (so one rank's NaN stops
-  every rank with the same error). AuxK's normalisation is taken over the global batch
-  (:mod:`saeforge.distributed.batch`); an SAE with its own dead-latent handling (classic ReLU resampling) gets the
-  gathered global batch. The replicas stay bit-identical (an all-reduce gives every rank the same sum); that is
+  every rank with the same error). AuxK's normalisation and BatchTopK's N·k selection are taken over the global
+  batch (:mod:`saeforge.distributed.batch`), HSAE's per-level L0 averaged over the ranks; an SAE with its own
+  dead-latent handling (classic ReLU resampling) gets the gathered global batch. The replicas stay bit-identical (an all-reduce gives every rank the same sum); that is
   checked at every checkpoint. The result equals a one-process run with the same global batch to floating-point
   rounding (the gradient is summed in another order).
 - **module** (``--parallel module``): every rank reads whole batches and trains only its share of the SAEs (balanced
@@ -15,7 +15,10 @@ filled in for several ranks.
   one process, so the weights are bit-identical to a one-process run (for architectures that draw no random
   numbers while training).
 
-In both, the initial SAEs and their input normalisation (fitted on the first fill) are broadcast from rank 0, only
+- **latent** (``--parallel latent``): every TopK SAE split over the ranks by its latents, with a distributed top-k
+  (:mod:`saeforge.distributed.latent`).
+
+In all three, the initial SAEs and their input normalisation (fitted on the first fill) are broadcast from rank 0, only
 rank 0 writes the run directory, and a checkpoint holds one copy of every SAE and the global stream position: it
 resumes on any number of ranks (docs/distributed.md says what "bit-identical" means across world sizes).
 """
