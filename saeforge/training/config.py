@@ -125,8 +125,8 @@ class TrainConfig:
     """Where and how the run computes; a resumed run may change these."""
     parallel: str = "data"
     """Under torchrun (docs/distributed.md): data (every rank trains every SAE on its slice of each batch), module
-    (each rank trains its share of the SAEs on whole batches) or latent (each TopK SAE split over the ranks by its
-    latents, a distributed top-k: for SAEs too wide for one GPU). Ignored in one process; a resumed run may change it."""
+    (each rank trains its share of the SAEs on whole batches) or latent (each SAE split over the ranks by its latents,
+    with a distributed top-k: for SAEs too wide for one GPU; docs/distributed.md says which SAEs can be). Ignored in one process; a resumed run may change it."""
 
     saes: tuple[dict, ...] = field(default=(), cmd=False)
     """(config files only) per-SAE settings: each needs `site` (a site, a layer list or a list of sites), may set
