@@ -6,7 +6,9 @@ NCCL on GPUs), and reports tokens per second of the training loop (from metrics.
 set-up, including every all-reduce; process start and the first fill are not counted).
 
 - data:   one SAE, every rank its slice of each global batch (gradients all-reduced each step);
-- module: `--saes` SAEs spread over the ranks, every rank reading whole batches.
+- module: `--saes` SAEs spread over the ranks, every rank reading whole batches;
+- latent: one SAE split over the ranks by its latents (a distributed top-k), every rank reading whole batches
+  (one-process rows are the data rows').
 
 "tokens/s" counts activation vectors through every SAE of the run: a module-parallel run of two SAEs at 1000 tokens/s
 trains each at 1000 tokens/s.
@@ -75,20 +77,22 @@ def main() -> None:
     args = p.parse_args()
     rank_counts = [int(r) for r in args.ranks.split(",")]
     rows = []
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         cache = _make_cache(Path(tmp) / "cache", args.d_in, 8 * 16_384)
         # one process is also given the threads of all ranks of the largest run: the same cores, one process
         one_wide = [(1, args.threads * max(rank_counts))] if max(rank_counts) > 1 else []
         runs = [(ranks, args.threads) for ranks in rank_counts]
-        for parallel, n_saes in (("data", 1), ("module", args.saes)):
+        for parallel, n_saes in (("data", 1), ("module", args.saes), ("latent", 1)):
             for ranks, threads in runs[:1] + one_wide + runs[1:]:
-                if parallel == "module" and ranks > n_saes:
+                if (parallel == "module" and ranks > n_saes) or (parallel == "latent" and ranks == 1):
                     continue
                 row = _run(cache, Path(tmp) / f"{parallel}-{ranks}-{threads}", args, ranks, parallel, n_saes, threads)
                 rows.append(row)
                 print(f"{row['parallel']:>12} ranks {ranks} × {threads} threads, {n_saes} SAE(s): "
                       f"{row['tokens_per_s']:,.0f} tokens/s", flush=True)
-    result = {"machine": machine(), "shape": {k: getattr(args, k) for k in ("d_in", "d_sae", "k", "batch_size",
+    # the machine may be shared: the load it was measured under goes with the figures
+    result = {"machine": machine(), "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]}, "shape": {k: getattr(args, k) for k in ("d_in", "d_sae", "k", "batch_size",
                                                                           "steps", "device")}, "rows": rows}
     print("wrote", write_result(args.name, result))
 

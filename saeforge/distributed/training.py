@@ -5,9 +5,9 @@ filled in for several ranks.
   batch of the one deterministic stream (rank r takes rows ``[r·B/W, (r+1)·B/W)``). After each backward one
   all-reduce per SAE carries the gradients (averaged), the latents that fired (so the dead-latent counters, AuxK and
   resampling see the same dead latents on every rank) and each rank's non-finite flags (so one rank's NaN stops
-  every rank with the same error). AuxK's normalisation is taken over the global batch
-  (:mod:`saeforge.distributed.batch`); an SAE with its own dead-latent handling (classic ReLU resampling) gets the
-  gathered global batch. The replicas stay bit-identical (an all-reduce gives every rank the same sum); that is
+  every rank with the same error). AuxK's normalisation and BatchTopK's N·k selection are taken over the global
+  batch (:mod:`saeforge.distributed.batch`), HSAE's per-level L0 averaged over the ranks; an SAE with its own
+  dead-latent handling (classic ReLU resampling) gets the gathered global batch. The replicas stay bit-identical (an all-reduce gives every rank the same sum); that is
   checked at every checkpoint. The result equals a one-process run with the same global batch to floating-point
   rounding (the gradient is summed in another order).
 - **module** (``--parallel module``): every rank reads whole batches and trains only its share of the SAEs (balanced
@@ -15,7 +15,10 @@ filled in for several ranks.
   one process, so the weights are bit-identical to a one-process run (for architectures that draw no random
   numbers while training).
 
-In both, the initial SAEs and their input normalisation (fitted on the first fill) are broadcast from rank 0, only
+- **latent** (``--parallel latent``): every TopK SAE split over the ranks by its latents, with a distributed top-k
+  (:mod:`saeforge.distributed.latent`).
+
+In all three, the initial SAEs and their input normalisation (fitted on the first fill) are broadcast from rank 0, only
 rank 0 writes the run directory, and a checkpoint holds one copy of every SAE and the global stream position: it
 resumes on any number of ranks (docs/distributed.md says what "bit-identical" means across world sizes).
 """
@@ -44,6 +47,7 @@ from saeforge.distributed.process_group import (
 )
 from saeforge.errors import SaeforgeError
 from saeforge.saes import SAE, TrainOutput
+from saeforge.saes.batchtopk import BatchTopKSAE
 from saeforge.training.checkpoint import read_checkpoint
 from saeforge.training.config import TrainConfig, resolve_config
 from saeforge.training.run_dir import open_run, record_data
@@ -59,11 +63,17 @@ RANK_FREE_FIELDS = ("threads", "progress")
 def data_parallel_problem(sae: SAE) -> str | None:
     """Why ``sae`` cannot be trained data-parallel with the result of one process, or None when it can."""
     name = sae.architecture
-    if getattr(sae, "batch_selection", False) or getattr(sae, "code", None) == "batchtopk":
+    # BatchTopK and its forms (Matryoshka, transcoder, crosscoder) choose the batch's N·k largest over the ranks
+    # (saeforge.distributed.batch); the cross-layer transcoder selects in its own code, which does not
+    if (getattr(sae, "batch_selection", False) and not isinstance(sae, BatchTopKSAE)) or getattr(
+            sae, "code", None) == "batchtopk":
         return f"{name} keeps the largest N·k activations of the whole batch, a selection no rank can make alone"
-    if hasattr(sae, "level_l0_ema"):
-        return f"{name} adapts its sparsity coefficients to each batch's L0"
     return None
+
+
+# Statistics of its batch that an SAE keeps from its training forward for its after_step (HSAE: each level's mean L0,
+# which its sparsity coefficients follow). Means over equal slices: their mean over the ranks is the global batch's.
+BATCH_MEAN_STATISTICS = ("_step_level_l0",)
 
 
 class _RankedTrainer(Trainer):
@@ -201,8 +211,14 @@ class DataParallelTrainer(_RankedTrainer):
         return metrics
 
     def _after_step_input(self, t: Trainee, x: torch.Tensor) -> torch.Tensor:
-        # after_step is the SAE's own dead-latent handling: it reads the batch only when there are dead latents (the
-        # same on every rank), so the batch is gathered only then
+        # the batch statistics after_step reads, over the global batch; and after_step is the SAE's own dead-latent
+        # handling: it reads the batch only when there are dead latents (the same on every rank), so the batch is
+        # gathered only then
+        for attr in BATCH_MEAN_STATISTICS:
+            statistic = getattr(t.sae, attr, None)
+            if statistic is not None:
+                dist.all_reduce(statistic)
+                statistic.div_(self.ranks.world_size)
         if type(t.sae).after_step is SAE.after_step or not bool(t.tracker.dead_mask.any()):
             return x
         parts = [torch.empty_like(x) for _ in range(self.ranks.world_size)]
@@ -353,6 +369,14 @@ def _check_batch_split(cfg: TrainConfig, world_size: int) -> None:
             "or start a number of ranks that divides it")
 
 
+def _trainer_class(parallel: str) -> type[_RankedTrainer]:
+    if parallel == "latent":
+        from saeforge.distributed.latent import LatentParallelTrainer
+
+        return LatentParallelTrainer
+    return DataParallelTrainer if parallel == "data" else ModuleParallelTrainer
+
+
 def train_distributed(cfg: TrainConfig, given: list[str]) -> dict[str, Any]:
     """:func:`saeforge.training.train` on one rank of a torchrun launch; every rank calls it with the same options
     and gets the final metrics."""
@@ -372,7 +396,7 @@ def train_distributed(cfg: TrainConfig, given: list[str]) -> dict[str, Any]:
 
             run_cfg, run_dir, info = on_main(open_on_main)
             together(lambda: _check_batch_split(run_cfg, ranks.world_size))
-            trainer_class = DataParallelTrainer if run_cfg.parallel == "data" else ModuleParallelTrainer
+            trainer_class = _trainer_class(run_cfg.parallel)
             with thread_policy(run_cfg.threads):
                 trainer = together(lambda: trainer_class(run_cfg, Path(run_dir), info, ranks))
                 data_infos = all_gather_object(trainer.data_info)

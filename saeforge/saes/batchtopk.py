@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from saeforge.distributed.batch import global_min, keep_global_batch_top, sharded_world_size
 from saeforge.errors import SaeforgeError
 from saeforge.kernels import SparseLatents
 from saeforge.saes.base import SAEConfig, TrainState, _flatten, _is_int, _is_number, _require, option_fix
@@ -61,9 +62,10 @@ def update_threshold(threshold: Tensor, values: Tensor, state: TrainState, cfg: 
         return
     positive = values.detach()
     positive = positive[positive > 0]
-    if positive.numel() == 0:
+    # the smallest selected activation of the whole batch, over the ranks when data-parallel ranks share it
+    smallest = global_min((positive.min() if positive.numel() else positive.new_tensor(float("inf"))).float())
+    if not bool(torch.isfinite(smallest)):
         return
-    smallest = positive.min().float()
     if bool(threshold >= 0):
         beta = cfg.threshold_beta
         threshold.mul_(beta).add_((1 - beta) * smallest)
@@ -96,6 +98,17 @@ class BatchTopKSAE(TopKSAE):
         return f.reshape(*lead, self.cfg.d_sae)
 
     # ---- training ----
+    def _encode_sparse(self, x: Tensor, *, dead_mask: Tensor | None = None, matmul_dtype: torch.dtype | None = None,
+                       k: int | None = None) -> tuple[SparseLatents, SparseLatents | None]:
+        world = sharded_world_size()
+        if world == 1:
+            return super()._encode_sparse(x, dead_mask=dead_mask, matmul_dtype=matmul_dtype, k=k)
+        # Data-parallel: this rank holds N/W of the N rows. Its own N·k largest contain every one of its global
+        # winners; the global N·k are chosen among all ranks' (docs/distributed.md).
+        lat, aux = super()._encode_sparse(x, dead_mask=dead_mask, matmul_dtype=matmul_dtype,
+                                          k=min(self.cfg.k * world, self.cfg.d_sae))
+        return keep_global_batch_top(lat, x.shape[0] * world * self.cfg.k), aux
+
     @torch.no_grad()
     def _after_training_forward(self, lat: SparseLatents, state: TrainState) -> None:
         update_threshold(self.threshold, lat.values, state, self.cfg)

@@ -148,8 +148,10 @@ class TopKSAE(SAE):
     def _matmul_dtype(self) -> torch.dtype | None:
         return None if self.cfg.matmul_dtype is None else DTYPES[self.cfg.matmul_dtype]
 
-    def _encode_sparse(self, x: Tensor, *, dead_mask: Tensor | None = None,
-                       matmul_dtype: torch.dtype | None = None) -> tuple[SparseLatents, SparseLatents | None]:
+    def _encode_sparse(self, x: Tensor, *, dead_mask: Tensor | None = None, matmul_dtype: torch.dtype | None = None,
+                       k: int | None = None) -> tuple[SparseLatents, SparseLatents | None]:
+        """The training selection (``k``: the selection's k when not the config's, for data-parallel BatchTopK's
+        candidates) and the AuxK one."""
         aux_k = 0
         if dead_mask is not None and self.cfg.aux_k > 0 and self.cfg.auxk_coefficient > 0:
             dead_mask = dead_mask.to(self.device).bool()
@@ -160,7 +162,7 @@ class TopKSAE(SAE):
                 aux_k = self.cfg.aux_k
         # b_pre: the kernel subtracts b_dec itself and gets its gradient from a matrix-vector product, cheaper than
         # autograd through an [N, d_in] subtraction.
-        return encode_topk(x, self.W_enc, self.b_enc, k=self.cfg.k, batch=self.batch_selection,
+        return encode_topk(x, self.W_enc, self.b_enc, k=self.cfg.k if k is None else k, batch=self.batch_selection,
                            aux_k=aux_k, aux_mask=dead_mask if aux_k else None,
                            matmul_dtype=matmul_dtype, impl=self.cfg.kernel,
                            b_pre=self.b_dec if self.cfg.apply_b_dec_to_input else None)

@@ -32,7 +32,7 @@ PER_SAE_FIELDS = ("architecture", "expansion_factor", "d_sae", "k", "sparsity_co
                   "dead_after_tokens")
 # Fields that do not change what is computed, so a resumed run may differ in them.
 RESUME_FREE_FIELDS = ("out", "resume", "config", "parallel", *(f.name for f in dataclasses.fields(RuntimeOptions)))
-PARALLEL_MODES = ("data", "module")
+PARALLEL_MODES = ("data", "module", "latent")
 
 
 @flat_options
@@ -124,8 +124,9 @@ class TrainConfig:
     runtime_options: RuntimeOptions = field(default_factory=RuntimeOptions)
     """Where and how the run computes; a resumed run may change these."""
     parallel: str = "data"
-    """Under torchrun (docs/distributed.md): data (every rank trains every SAE on its slice of each batch) or module
-    (each rank trains its share of the SAEs on whole batches). Ignored in one process; a resumed run may change it."""
+    """Under torchrun (docs/distributed.md): data (every rank trains every SAE on its slice of each batch), module
+    (each rank trains its share of the SAEs on whole batches) or latent (each SAE split over the ranks by its latents,
+    with a distributed top-k: for SAEs too wide for one GPU; docs/distributed.md says which SAEs can be). Ignored in one process; a resumed run may change it."""
 
     saes: tuple[dict, ...] = field(default=(), cmd=False)
     """(config files only) per-SAE settings: each needs `site` (a site, a layer list or a list of sites), may set
@@ -156,7 +157,7 @@ class TrainConfig:
              "pass --threads 0")
         need(bool(self.sites) or bool(self.saes), "no sites to train on", "pass --sites layers.5.resid_post")
         need(self.parallel in PARALLEL_MODES, f"unknown --parallel {self.parallel!r}",
-             "pass --parallel data or --parallel module")
+             "pass --parallel data, --parallel module or --parallel latent")
         need(not self.target_sites or len(self.target_sites) == len(self.sites),
              f"--target-sites gives {len(self.target_sites)} site(s) for {len(self.sites)} --sites",
              "give one target site per site, e.g. --sites layers.5.mlp_in --target-sites layers.5.mlp_out")

@@ -30,7 +30,8 @@ LOCK_WHAT = "saeforge train"
 # run.json's statement, in runs that ever ran on several ranks (docs/distributed.md)
 BIT_IDENTITY = ("Resumed on the same number of ranks with the same --parallel mode, a run continues bit-identically "
                 "to an uninterrupted one. Across numbers of ranks in data-parallel mode the gradient of each step is "
-                "summed in another order, so results agree to floating-point rounding, not bit for bit. "
+                "summed in another order (latent-sharded: the reconstruction and the encoder's dot products too), so "
+                "results agree to floating-point rounding, not bit for bit. "
                 "Module-parallel training is bit-identical to one process for SAEs that draw no random numbers "
                 "while training.")
 

@@ -220,6 +220,11 @@ class Trainer:
         """(a hook) The metrics of one logged step."""
         return _step_metrics(out, reference, getattr(t.scaler, "widths_out", ()))
 
+    def _clip_gradients(self, t: Trainee) -> None:
+        """(a hook) Clip the SAE's gradient norm to --grad-clip-norm (0: no clipping)."""
+        if self.cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(t.sae.parameters(), self.cfg.grad_clip_norm)
+
     def _after_step_input(self, t: Trainee, x: torch.Tensor) -> torch.Tensor:
         """(a hook) The batch an SAE's own dead-latent handling (after_step) sees."""
         return x
@@ -245,8 +250,7 @@ class Trainer:
             out = t.sae.training_loss(x, target, state=state)
             fired, n_tokens = self._backward(t, out, x)
             t.sae.before_optimizer_step()
-            if cfg.grad_clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(t.sae.parameters(), cfg.grad_clip_norm)
+            self._clip_gradients(t)
             t.optimizer.step()
             t.sae.after_optimizer_step()
             t.optimizer.zero_grad(set_to_none=True)

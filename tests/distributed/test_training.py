@@ -76,16 +76,23 @@ def _assert_same_run(one, two, exact: bool = False) -> None:
 CLASSIC_RELU = {"sae_options": '{"variant": "classic", "resample_every": 8}'}
 
 
-@pytest.mark.parametrize("arch, options", [("topk", {}),
+@pytest.mark.parametrize("arch, options", [("topk", {}), ("batchtopk", {}),
+                                           pytest.param("matryoshka", {}, marks=pytest.mark.slow),
+                                           pytest.param("hsae", {}, marks=pytest.mark.slow),
                                            pytest.param("relu", CLASSIC_RELU, marks=pytest.mark.slow)])
 def test_two_ranks_train_what_one_process_trains(tiny_cache, tmp_path, arch, options):
-    """TopK with AuxK on dead latents (dead after 2 steps) and classic ReLU resampling: the dead-latent statistics,
-    AuxK's normalisation and the resampling draws are global, so 2 ranks × 128 rows = one process × 256 rows."""
+    """TopK with AuxK on dead latents (dead after 2 steps), BatchTopK and Matryoshka (the N·k largest of the global
+    batch chosen over the ranks, the inference threshold from the global batch's smallest winner), HSAE (its
+    sparsity coefficients follow the global batch's L0 per level) and classic ReLU resampling: the dead-latent
+    statistics, AuxK's normalisation and the resampling draws are global, so 2 ranks × 128 rows = one process × 256
+    rows."""
     one = tmp_path / "one"
     train(TrainConfig.from_dict(_cfg(tiny_cache, one, architecture=arch, **options)))
     records = _metrics(one)
-    if arch == "topk":
+    if arch in ("topk", "batchtopk", "matryoshka"):
         assert any(r["saes"][SITES[0]]["loss_auxk"] > 0 for r in records)  # AuxK was active
+    if arch in ("batchtopk", "matryoshka"):  # the threshold was learned (over the run's second half) and is saved
+        assert float(_weights(one)["threshold"][0]) > 0
     two = tmp_path / "two"
     final = _ok(torchrun({"cfg": _cfg(tiny_cache, two, architecture=arch, **options)}))
     _assert_same_run(one, two)
@@ -129,9 +136,19 @@ def test_a_nan_on_one_rank_stops_both_and_the_run_resumes_on_one(tiny_cache, tmp
 
 @pytest.mark.slow  # two launches, over 20 s
 def test_a_one_process_run_resumes_on_two_ranks(tiny_cache, tmp_path, one_process_run, monkeypatch):
+    run = tmp_path / "run"
+    _interrupted_run(tiny_cache, run, monkeypatch)
+    assert not (run / "saes").exists()
+    _ok(torchrun({"cfg": {"resume": str(run), "progress": False, "threads": 1}}))
+    _assert_same_run(one_process_run, run)
+    assert json.loads((run / "run.json").read_text())["distributed"]["segments"] == [
+        {"from_step": 0, "world_size": 1, "parallel": None}, {"from_step": 6, "world_size": 2, "parallel": "data"}]
+
+
+def _interrupted_run(tiny_cache, run, monkeypatch) -> None:
+    """A one-process run killed between checkpoints at step 9 (its checkpoint is of step 6)."""
     from saeforge.training.trainer import Trainer
 
-    run = tmp_path / "run"
     plain = Trainer._batches
 
     def stop_at_step_9(self):
@@ -144,16 +161,28 @@ def test_a_one_process_run_resumes_on_two_ranks(tiny_cache, tmp_path, one_proces
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig.from_dict(_cfg(tiny_cache, run)))
     monkeypatch.undo()
-    assert not (run / "saes").exists()
-    _ok(torchrun({"cfg": {"resume": str(run), "progress": False, "threads": 1}}))
-    _assert_same_run(one_process_run, run)
-    assert json.loads((run / "run.json").read_text())["distributed"]["segments"] == [
-        {"from_step": 0, "world_size": 1, "parallel": None}, {"from_step": 6, "world_size": 2, "parallel": "data"}]
+
+
+@pytest.mark.slow  # a launch and a run, over 20 s
+@pytest.mark.parametrize("parallel", ["data", "latent"])
+def test_a_checkpoint_of_another_run_is_refused_on_every_rank(tiny_cache, tmp_path, one_process_run, monkeypatch,
+                                                              parallel):
+    """The run directory's checkpoint was copied from another run: both ranks refuse it with the same error, and
+    nothing of the run is changed."""
+    import shutil
+
+    run = tmp_path / "run"
+    _interrupted_run(tiny_cache, run, monkeypatch)
+    shutil.copy(one_process_run / "checkpoints" / "checkpoint.pt", run / "checkpoints" / "checkpoint.pt")
+    before = (run / "metrics.jsonl").read_bytes()
+    errors = _errors(torchrun({"cfg": {"resume": str(run), "parallel": parallel, "progress": False, "threads": 1}}))
+    assert len(errors) == 2 and errors[0] == errors[1] and "belongs to another run" in errors[0], errors
+    assert (run / "metrics.jsonl").read_bytes() == before and not (run / "saes").exists()
 
 
 @pytest.mark.slow  # two launches, over 20 s
 def test_module_parallel_trains_the_same_saes_bit_for_bit(tiny_cache, tmp_path):
-    """Three SAEs (one BatchTopK, which data-parallel refuses) spread over 2 ranks, whole batches each."""
+    """Three SAEs (one BatchTopK) spread over 2 ranks, whole batches each."""
     saes = [{"site": SITES[0], "name": "a"}, {"site": SITES[1], "name": "b", "k": 4, "d_sae": 64},
             {"site": SITES[0], "name": "c", "architecture": "batchtopk"}]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -169,8 +198,8 @@ def test_module_parallel_trains_the_same_saes_bit_for_bit(tiny_cache, tmp_path):
 @pytest.mark.parametrize("case, spec, message", [
     ("batch split", {"batch_size": 255, "tokens": 255 * 4}, "--batch-size 255 does not split evenly over 2 ranks"),
     ("configs differ", {"rank_cfg": {"1": {"k": 16}}}, "k: rank 0 8, rank 1 16"),
-    pytest.param("batch selection", {"architecture": "batchtopk"}, "cannot be trained data-parallel",
-                 marks=pytest.mark.slow),
+    pytest.param("batch selection", {"architecture": "batchtopk_clt", "target_sites": [SITES[1]]},
+                 "cannot be trained data-parallel", marks=pytest.mark.slow),
 ])
 def test_bad_launches_fail_on_every_rank_with_one_clear_error(tiny_cache, tmp_path, case, spec, message):
     spec = dict(spec)

@@ -1,7 +1,7 @@
 """One rank of a test launch: ``torchrun ... -m tests.distributed.worker SPEC_JSON``.
 
 SPEC: ``cfg`` (TrainConfig fields), ``rank_cfg`` ({rank: fields laid over cfg on that rank}), ``nan`` ([rank, step]:
-that rank's share of that step's batch becomes NaN), ``report`` (a folder). Writes ``report/rank{R}.json``:
+that rank's batch, or its share of it, at that step becomes NaN), ``report`` (a folder). Writes ``report/rank{R}.json``:
 ``{"final": metrics}``, or ``{"error": message}`` for a SaeforgeError, which exits 2 as the CLI does (files, not
 stdout: the ranks' lines may interleave).
 """
@@ -23,10 +23,11 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     cfg = TrainConfig.from_dict({**spec["cfg"], **spec.get("rank_cfg", {}).get(str(rank), {})})
     if spec.get("nan"):
-        from saeforge.distributed import training
+        from saeforge.distributed.training import _trainer_class
 
+        trainer_class = _trainer_class(cfg.parallel)
         nan_rank, nan_step = spec["nan"]
-        plain = training.DataParallelTrainer._batches
+        plain = trainer_class._batches
 
         def poisoned(self):
             for batch in plain(self):
@@ -34,7 +35,7 @@ def main() -> None:
                     batch = {s: x.float() * float("nan") for s, x in batch.items()}
                 yield batch
 
-        training.DataParallelTrainer._batches = poisoned
+        trainer_class._batches = poisoned
     report = Path(spec["report"]) / f"rank{rank}.json"
     try:
         final = train(cfg, non_default_fields(cfg))
