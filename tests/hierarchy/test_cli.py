@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -61,6 +62,15 @@ def test_refusals(hierarchy_run, tiny_cache, tmp_path, capsys):
     assert "does not match the weights" in err and "fix:" in err
     assert main(["hierarchy", "metrics", str(tmp_path / "nothing.json")]) == 2
     assert "no tree file" in capsys.readouterr().err
+    # a cache of another model (same site, same width) is refused before any measurement
+    other = tmp_path / "other_cache"
+    shutil.copytree(tiny_cache.folder, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["model_fingerprint"] = "f" * 16
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["hierarchy", "metrics", str(saes / "hsae"), "--cache", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "holds activations of model" in err and "saeforge cache --model" in err
 
 
 @pytest.mark.parametrize("argv", [["hierarchy", "--help"], ["hierarchy", "metrics", "--help"],
