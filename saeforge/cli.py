@@ -171,7 +171,7 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
     "hierarchy": ("saeforge.hierarchy.cli:HIERARCHY_ACTIONS", None,
                   "feature trees: link SAEs after training, measure and judge trees, absorption and splitting"),
     "modules": ("saeforge.hierarchy.modules_cli:MODULES_ACTIONS", None,
-                "co-activation modules across adjacent layers' SAEs: build, test on a task, steer"),
+                "co-activation modules across adjacent layers' SAEs: build, test on a task, ablate and swap"),
     "personalize": ("saeforge.personalization.cli:PERSONALIZE_ACTIONS", None,
                     "latent personalization (DEP): synthetic users, training soft tokens from user differences, eval"),
 }

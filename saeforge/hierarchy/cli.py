@@ -102,6 +102,24 @@ def open_tree(path: str | Path):
     return FeatureTree.load(p / TREE_FILE if p.is_dir() else p), (p / TREE_FILE if p.is_dir() else p)
 
 
+def _check_cache_model(cache: str, sae_meta: dict) -> None:
+    """Refuse a cache of another model than the SAEs' (the same site name and width would measure garbage)."""
+    from saeforge.data.activation_cache import ActivationCache
+
+    info = ActivationCache(cache).data_info()
+    for key in ("model_fingerprint", "model_name"):  # the fingerprint where both have one, else the name
+        ours, theirs = sae_meta.get(key), info.get(key)
+        if ours and theirs:
+            if ours != theirs:
+                raise SaeforgeError(
+                    f"the cache {cache} holds activations of model {info.get('model_name')!r} ({key} {theirs}), "
+                    f"the SAEs read model {sae_meta.get('model_name')!r} ({key} {ours})",
+                    f"cache held-out text of the SAEs' model: saeforge cache --model {sae_meta.get('model_name')} "
+                    f"--sites {sae_meta.get('hook_name')} --corpus embedded:validation --out VAL_CACHE, then pass "
+                    f"--cache VAL_CACHE")
+            return
+
+
 def measure_trees(trees: list, cfg: MetricsConfig) -> list:
     """Every tree's :class:`TreeMetrics` on the same activations (all trees must read one site of one model)."""
     from saeforge.hierarchy.data import cache_batches, folder_metadata, text_batches
@@ -121,6 +139,8 @@ def measure_trees(trees: list, cfg: MetricsConfig) -> list:
     site = sites.pop()
     levels = [t.load_levels(device=device) for t in trees]  # checks every tree against its SAEs before any work
     if cfg.cache:
+        _check_cache_model(cfg.cache, metas[0])
+
         def batches():
             return cache_batches(cfg.cache, site, cfg.tokens)
     else:

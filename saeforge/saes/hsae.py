@@ -102,11 +102,15 @@ class HSAEConfig(JumpReLUConfig):
     adaptive_sparsity: bool = True
     # λ_ℓ starts at l0_coefficient × E / target_l0_ℓ, E the initialisation sample's energy (see l0_energy), so the
     # penalty of the target L0 is a fixed fraction of the data's energy whatever the input scale; without an
-    # initialisation sample, at l0_coefficient.
-    l0_coefficient: float = 0.5
-    # E: "mean" of ||x||², or "median" of ||x − b_dec||², the scale of a typical token where a few massive-activation
-    # tokens dominate the mean (SmolLM2's residual at layer 15: norms up to 150× the mean; docs/hierarchy.md).
-    l0_energy: str = "mean"
+    # initialisation sample, at l0_coefficient. The adaptive λ settles near 0.07 × E / target on both the
+    # synthetic trees and SmolLM2's layer-15 residual (docs/hierarchy.md, "Ground truth"): starting a little below
+    # it, L0 falls to its target without the overshoot that a λ far above it causes (latents pushed under their
+    # thresholds).
+    l0_coefficient: float = 0.05
+    # E: "median" of ||x − b_dec||², the energy of a typical token, or "mean" of ||x||², which a few
+    # massive-activation tokens dominate (SmolLM2's residual at layer 15: norms up to 150× the mean; the mean
+    # ||x||² 4.8× the median ||x − b_dec||²).
+    l0_energy: str = "median"
     # The thresholds start where each latent fires on this multiple of target_l0 / width of the initialisation
     # sample's tokens (0: at threshold_init): a threshold learns by Adam steps of its logarithm, far too slowly to
     # travel from a guess to its scale in a run of a few hundred steps.

@@ -284,7 +284,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
-        self._build_trainees()
+        if not self.trainees:
+            self._build_trainees()
         resumed = self._load_checkpoint()
         if self.step >= self.total_steps and (self.run_dir / "saes").is_dir() and self.run_info.get(
                 "status") == "complete":
@@ -391,5 +392,8 @@ def train(cfg: TrainConfig, given: list[str] | None = None) -> dict[str, Any]:
     cfg = resolve_config(cfg, given)
     with open_run(cfg, given) as (cfg, run_dir, info), thread_policy(cfg.threads):
         trainer = Trainer(cfg, run_dir, info)
+        # every SAE's settings are checked (its config built) before run.json is written: a refused setting leaves
+        # no run behind, so the corrected command can use the same --out
+        trainer._build_trainees()
         record_data(run_dir, info, trainer.data_info)
         return trainer.fit()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from saeforge.cli import main
 from saeforge.hierarchy import FeatureTree
+from tests.conftest import TRAIN_SITES
 
 
 def test_link_posthoc_and_matryoshka(hierarchy_run, tmp_path, capsys):
@@ -61,6 +63,27 @@ def test_refusals(hierarchy_run, tiny_cache, tmp_path, capsys):
     assert "does not match the weights" in err and "fix:" in err
     assert main(["hierarchy", "metrics", str(tmp_path / "nothing.json")]) == 2
     assert "no tree file" in capsys.readouterr().err
+    # a cache of another model (same site, same width) is refused before any measurement
+    other = tmp_path / "other_cache"
+    shutil.copytree(tiny_cache.folder, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["model_fingerprint"] = "f" * 16
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["hierarchy", "metrics", str(saes / "hsae"), "--cache", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "holds activations of model" in err and "saeforge cache --model" in err
+
+
+def test_a_refused_hsae_setting_leaves_no_run_behind(tiny_cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--cache", str(tiny_cache.folder), "--sites", TRAIN_SITES[0], "--architecture", "hsae",
+            "--tokens", "512", "--batch-size", "256", "--out", str(out), "--progress", "false"]
+    assert main(argv + ["--sae-options", '{"level_sizes": [16, 64], "target_l0": [16, 8]}']) == 2
+    err = capsys.readouterr().err
+    assert "target L0 16 of level 0 is not below its width 16" in err and "fix:" in err
+    assert not (out / "run.json").exists()
+    assert main(argv + ["--sae-options", '{"level_sizes": [16, 64], "target_l0": [4, 8]}']) == 0  # same --out
+    assert (out / "saes" / TRAIN_SITES[0] / "tree.json").is_file()
 
 
 @pytest.mark.parametrize("argv", [["hierarchy", "--help"], ["hierarchy", "metrics", "--help"],

@@ -4,6 +4,7 @@ baseline on data whose tree is known."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -86,16 +87,25 @@ def _train_and_score(tmp_path, seed: int, options: dict | None = None) -> dict:
     return scores
 
 
-@pytest.mark.slow
-def test_hsae_recovers_the_true_tree_better_than_the_post_hoc_baseline(tmp_path):
-    """Six independent data sets and trainings (about a minute each), pooled: HSAE's tree holds more of the true
-    edges than the post-hoc tree of independently trained SAEs, at the same L0 and nearly the same reconstruction.
+SEEDS = 12  # independent data sets and trainings, about 12 s each on a quiet 2-core machine
 
-    The effect is small next to the spread between seeds (measured, docs/hierarchy.md: +0.031 edge recovery on
-    average, HSAE ahead in 4 of 6 seeds), hence six seeds and a margin of half the measured gap; the Hamming distance
-    and P(parent | child) also favour HSAE on average but not significantly at this size, so they are reported,
-    not asserted."""
-    runs = [_train_and_score(tmp_path, seed) for seed in range(6)]
+
+@pytest.mark.slow
+def test_hsae_recovers_the_true_tree_as_well_as_the_post_hoc_baseline(tmp_path):
+    """Twelve independent data sets and trainings, pooled: at the same L0 and about the same reconstruction, both
+    trees hold far more of the 64 true edges than chance (1/16), and HSAE's tree is not worse than the post-hoc
+    tree of independently trained SAEs.
+
+    What is measured (docs/hierarchy.md, "Ground truth", 20 seeds): HSAE 0.524, post-hoc 0.498 edge recovery, a gap
+    of +0.027 whose standard error is 0.021 (per-seed differences spread by 0.092, mostly the luck of 64 edges): HSAE
+    is *not* measurably better at this budget (586 steps, the paper's ρ = 0.01), so that is not asserted. Over
+    twelve seeds the means' standard errors are about 0.022 each and 0.027 for the gap: the floor of 0.40 for both
+    (measured 0.52 / 0.50) is five of them below; the defaults before the λ fix gave 0.34 / 0.47 on seed 0, and a
+    fast λ controller silenced level 0 (0.06). HSAE at most 0.05 behind is 2.9 of them below the measured gap."""
+    runs = []
+    for seed in range(SEEDS):
+        runs.append(_train_and_score(tmp_path, seed))
+        shutil.rmtree(tmp_path / f"seed{seed}")  # 50 MB of activations each
 
     def mean(method, key):
         return sum(r[method][key] for r in runs) / len(runs)
@@ -106,5 +116,6 @@ def test_hsae_recovers_the_true_tree_better_than_the_post_hoc_baseline(tmp_path)
                 assert level["l0"] == pytest.approx(target, rel=0.15)
         for a, b in zip(r["hsae"]["levels"], r["posthoc"]["levels"]):
             assert a["fvu"] <= 1.3 * b["fvu"] + 0.005
-    assert mean("hsae", "edge_recovery") >= mean("posthoc", "edge_recovery") + 0.015
-    assert sum(r["hsae"]["edge_recovery"] > r["posthoc"]["edge_recovery"] for r in runs) >= 4
+    hsae, posthoc = mean("hsae", "edge_recovery"), mean("posthoc", "edge_recovery")
+    assert hsae >= 0.40 and posthoc >= 0.40
+    assert hsae >= posthoc - 0.05

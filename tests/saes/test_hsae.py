@@ -249,8 +249,9 @@ def test_lambda_scales_with_the_mean_or_the_median_energy():
         lam[energy] = sae.level_l0_coefficient.clone()
     mean = float(sample.pow(2).sum(-1).mean())
     median = float((sample - sae.b_dec).pow(2).sum(-1).median())
-    assert lam["mean"].tolist() == pytest.approx([0.5 * mean / 3, 0.5 * mean / 6], rel=1e-5)
-    assert lam["median"].tolist() == pytest.approx([0.5 * median / 3, 0.5 * median / 6], rel=1e-5)
+    c = sae.cfg.l0_coefficient
+    assert lam["mean"].tolist() == pytest.approx([c * mean / 3, c * mean / 6], rel=1e-5)
+    assert lam["median"].tolist() == pytest.approx([c * median / 3, c * median / 6], rel=1e-5)
     assert mean > 50 * median
 
 
