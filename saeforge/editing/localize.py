@@ -1,0 +1,99 @@
+"""Localising a fact to a few SAE latents and the MLP neurons they involve.
+
+This is the reconstruction described in ``docs/editing.md`` (MicroEdit, Wang et al., EMNLP 2025, has no public
+code, so the details below are saeforge's, not the paper's): an SAE on ``layers.L.mlp_hidden`` (one input per MLP
+neuron) is spliced into the forward (:func:`saeforge.models.gradients.spliced_forward`) over the prompt and the
+target answer, and each latent j gets the attribution-patching estimate of how much the target's log-probability
+depends on the latent's fact-specific activity,
+
+    score_j = | Σ_p ∂m/∂f_j(p) · (f_j(p) − f̄_j) |,
+
+with m = log p(target | prompt) (teacher-forced, summed over its tokens), p the positions that predict a target
+token, and f̄_j the latent's mean activation on unrelated retain text (so latents that fire everywhere score
+little: the specificity of the reconstruction, Marks et al.'s attribution patching, arXiv 2403.19647). The top
+``latents`` active latents are kept; each maps to the ``neurons_per_latent`` neurons with the largest decoder
+weights |W_dec[j, i]|, and the union is the mask. Neurons already owned by earlier edits can be avoided (the next
+largest are taken instead). When no latent is active, neurons are ranked directly by the same attribution on the
+activation (the error node's gradient times the neuron's activation above its retain mean).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Collection
+
+import torch
+
+from saeforge.editing.facts import EncodedFact
+from saeforge.errors import SaeforgeError
+from saeforge.models.suffix import skipping_blocks
+
+__all__ = ["Localization", "localize", "retain_means"]
+
+
+@dataclass(frozen=True)
+class Localization:
+    """Where a fact lives: the chosen latents with their scores and the neuron mask."""
+
+    latents: tuple[int, ...]
+    latent_scores: tuple[float, ...]
+    neurons: tuple[int, ...]
+    source: str
+    """``sae`` (neurons of the chosen latents) or ``attribution`` (no latent was active: neurons ranked directly)."""
+
+
+@torch.no_grad()
+def retain_means(sae, retain_acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean SAE latents ``[d_sae]`` and mean activation ``[d_mlp]`` over the retain activations ``[n, d_mlp]``."""
+    f = torch.cat([sae.encode(a.to(sae.dtype)).float() for a in retain_acts.split(1024)])
+    return f.mean(0), retain_acts.float().mean(0)
+
+
+def _top_unowned(scores: torch.Tensor, count: int, avoid: Collection[int]) -> list[int]:
+    order = torch.argsort(scores, descending=True).tolist()
+    return [i for i in order if i not in avoid][:count]
+
+
+def localize(lm, sae, site, fact: EncodedFact, *, block: int, means: tuple[torch.Tensor, torch.Tensor],
+             latents: int = 8, neurons_per_latent: int = 8, avoid: Collection[int] = ()) -> Localization:
+    """The latents most responsible for ``fact``'s answer and their neurons (see the module docstring).
+
+    ``block``: the forward starts there (the edited layer: nothing before it changes). ``means``: from
+    :func:`retain_means`. ``avoid``: neurons not to take (owned by earlier edits)."""
+    from saeforge.editing.scoring import _block_input
+
+    if latents < 1 or neurons_per_latent < 1:
+        raise SaeforgeError("--latents and --neurons-per-latent must be at least 1",
+                            "pass e.g. --latents 8 --neurons-per-latent 8")
+    f_mean, x_mean = means
+    ids = torch.tensor([fact.ids], dtype=torch.long)
+    bi = _block_input(lm, ids, None, block)
+    with skipping_blocks(lm, bi):
+        out = lm.spliced_forward(bi.input_ids, {site: sae})
+    pos = torch.tensor(fact.positions, device=out.logits.device)
+    targets = torch.tensor(fact.answer_ids, device=out.logits.device)
+    logp = torch.log_softmax(out.logits[0, pos].float(), -1).gather(-1, targets[:, None]).sum()
+    node = out[site.name]
+    g_f, g_e = out.gradients(logp)[site.name]
+    f = node.latents.detach()[0, pos].float()
+    active = (f > 0).any(0)
+    score = ((g_f[0, pos].float() * (f - f_mean.to(f.device))).sum(0)).abs()
+    score = torch.where(active, score, torch.zeros_like(score))
+    avoid = set(int(i) for i in avoid)
+    n_active = int((score > 0).sum())
+    if n_active > 0:
+        chosen = torch.argsort(score, descending=True)[:min(latents, n_active)].tolist()
+        w_dec = sae.W_dec.detach().float().abs()
+        neurons: list[int] = []
+        for j in chosen:
+            for i in _top_unowned(w_dec[j], neurons_per_latent, avoid | set(neurons)):
+                neurons.append(i)
+        if neurons:
+            return Localization(tuple(chosen), tuple(float(score[j]) for j in chosen), tuple(sorted(neurons)), "sae")
+    x = node.activation.detach()[0, pos].float()
+    neuron_score = ((g_e[0, pos].float() * (x - x_mean.to(x.device))).sum(0)).abs()
+    neurons = _top_unowned(neuron_score, latents * neurons_per_latent, avoid)
+    if not neurons:
+        raise SaeforgeError("every neuron of the layer is owned by earlier edits", "pass --reuse allow, or edit "
+                            "another --layer")
+    return Localization((), (), tuple(sorted(neurons)), "attribution")
