@@ -71,15 +71,19 @@ def _retain(lm, spec: str, contexts: int, length: int) -> torch.Tensor:
 
 def edit_model(sae: str, facts: Sequence[Fact], *, out: str = "", model: str = "", registry: str = "",
                method: str = "masked", settings: EditSettings = EditSettings(), retain_text: str = "embedded:train",
-               retain_contexts: int = 16, context_length: int = 64, device: str = "auto", lm=None):
+               retain_contexts: int = 16, neighbours: str = "builtin", context_length: int = 64,
+               device: str = "auto", lm=None):
     """Apply ``facts`` one after the other; returns ``(lm, registry)`` and, with ``out``, saves the edited model.
 
     ``model``: the model to edit (empty: the SAE's); a folder written by an earlier edit continues its registry.
     ``registry``: an explicit registry folder to continue (refused if it belongs to another model)."""
     from saeforge.data.prompts import PromptEncoder
 
+    from saeforge.editing.bench import neighbour_prompts_of
+
     check_method(method)
     settings.validate()
+    neighbour_list = neighbour_prompts_of(neighbours)
     if not facts:
         raise SaeforgeError("no edit requests given", "pass --prompt TEXT --target ' ANSWER', or --facts FILE")
     lm, bound = load_edit_sae(sae, model=model, device=device, lm=lm)
@@ -97,8 +101,8 @@ def edit_model(sae: str, facts: Sequence[Fact], *, out: str = "", model: str = "
         if out_path.exists() and any(out_path.iterdir()):
             raise SaeforgeError(f"{out} exists and is not empty", "pass a new folder to --out")
     retain = _retain(lm, retain_text, retain_contexts, context_length)
-    editor = Editor(lm, bound.sae, bound.read_site, retain, settings, method=method, registry=previous,
-                    encoder=encoder, sae_name=str(bound.folder))
+    editor = Editor(lm, bound.sae, bound.read_site, retain, settings, method=method, neighbours=neighbour_list,
+                    registry=previous, encoder=encoder, sae_name=str(bound.folder))
     for f, e in zip(facts, encoded):
         editor.edit(e, prompt=f.prompt, target=f.target)
     if out:
@@ -138,6 +142,9 @@ class ApplyConfig:
     """Unrelated text whose neuron activations make the locality term and the latents' baseline."""
     retain_contexts: int = 16
     """Contexts of retain text."""
+    neighbours: str = "builtin"
+    """Neighbour prompts each edit must leave alone (the built-in relations about subjects never edited nor
+    measured, docs/editing.md), or none."""
     context_length: int = 64
     """Tokens per retain context, BOS included."""
     device: str = "auto"
@@ -177,7 +184,8 @@ def run_apply(cfg: ApplyConfig) -> EditRegistry:
     with exclusive_lock(out.parent / f".{out.name}.edit-lock", "saeforge edit apply"), thread_policy(cfg.threads):
         lm, registry = edit_model(cfg.sae, facts, model=cfg.model, registry=cfg.registry, method=cfg.method,
                                   settings=cfg.edit_settings, retain_text=cfg.retain_text,
-                                  retain_contexts=cfg.retain_contexts, context_length=cfg.context_length,
+                                  retain_contexts=cfg.retain_contexts, neighbours=cfg.neighbours,
+                                  context_length=cfg.context_length,
                                   device=cfg.device)
         new = registry.records[-len(facts):]
         encoder = PromptEncoder(lm)

@@ -74,6 +74,9 @@ class BenchConfig:
     """Unrelated text whose neuron activations make the locality term and the latents' baseline."""
     retain_contexts: int = 16
     """Contexts of retain text."""
+    neighbours: str = "builtin"
+    """Neighbour prompts each edit must leave alone (the built-in relations about subjects never edited nor
+    measured, docs/editing.md), or none."""
     heldout_text: str = "embedded:validation"
     """Held-out text whose perplexity drift is measured."""
     heldout_contexts: int = 16
@@ -103,10 +106,22 @@ class BenchConfig:
             raise SaeforgeError("no methods given", f"pass --methods {' '.join(EDIT_METHODS)}")
         for m in self.methods:
             check_method(m)
+        neighbour_prompts_of(self.neighbours)
         if min(self.retain_contexts, self.heldout_contexts) < 1 or self.context_length < 8:
             raise SaeforgeError("--retain-contexts and --heldout-contexts must be positive and --context-length at "
                                 "least 8", "pass e.g. --retain-contexts 16 --heldout-contexts 16 --context-length 64")
         self.edit_settings.validate()
+
+
+def neighbour_prompts_of(spec: str) -> list[str]:
+    """``--neighbours``: builtin or none."""
+    if spec == "none":
+        return []
+    if spec == "builtin":
+        from saeforge.editing.facts import neighbour_prompts
+
+        return neighbour_prompts()
+    raise SaeforgeError(f"--neighbours {spec!r} is neither builtin nor none", "pass --neighbours builtin")
 
 
 def text_contexts(lm, spec: str, n: int, context_length: int) -> torch.Tensor:
@@ -273,7 +288,7 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
             registry = None
             done = 0
             editor = Editor(lm, bound.sae, site, retain, cfg.edit_settings, method=method, encoder=encoder,
-                            sae_name=str(bound.folder), registry=None)
+                            neighbours=neighbour_prompts_of(cfg.neighbours), sae_name=str(bound.folder))
             module = editor.module
             if base_weight is None:
                 base_weight = module.weight.detach().clone()

@@ -2,9 +2,11 @@
 commit it, record it.
 
 The loss of one edit is the target's negative log-likelihood after the prompt (teacher-forced, per token) plus
-``locality_weight`` × the change the edit makes to the layer's MLP output on unrelated retain text, relative to that
-output's size (mean over retain tokens of ‖a[M]·Δ‖² / mean ‖MLP(a)‖², a the neuron activations, M the edited
-neurons, Δ the delta: MEMIT's preservation of other keys, Meng et al., arXiv 2210.07229, as a penalty). It is
+``locality_weight`` × the change the edit makes to the layer's MLP output where it should not act, relative to that
+output's size: mean ‖a[M]·Δ‖² / mean ‖MLP(a)‖² over the tokens of unrelated retain text, plus the same over the last
+tokens of neighbour prompts (prompts of the same relations about other subjects), with a the neuron activations, M
+the edited neurons and Δ the delta (MEMIT's preservation of other keys, Meng et al., arXiv 2210.07229, as a
+penalty). Without the neighbour prompts, one edit of "The capital of France is" spills into every capital prompt. It is
 minimised with Adam on the delta alone; the edit stops early once the target's NLL falls below ``stop_nll``.
 The retain term replaces the KL on retain logits of the reconstruction in ``docs/editing.md``: it needs no forward
 pass, which makes a step about as cheap as one forward of the prompt from the edited layer on. Methods (the same optimiser, steps and stopping rule for all):
@@ -85,12 +87,14 @@ class Editor:
     appends to ``editor.registry``.
 
     ``sae``: a saeforge SAE on ``layers.L.mlp_hidden`` (only the ``masked`` method uses it) and ``site`` that site;
-    ``retain``: ``[n, seq]`` token ids of unrelated text (BOS first): its neuron activations at the layer (BOS left
-    out) make the locality term and the latents' baseline. They are read once, when the editor is made; edits of
-    the layer do not change them (they are the MLP's input)."""
+    ``retain``: ``[n, seq]`` token ids of unrelated text (BOS first); ``neighbours``: prompts the edits must leave
+    alone (each adds its last token). Their neuron activations at the layer (BOS left out) make the locality term
+    and the latents' baseline. They are read once, when the editor is made; edits of the layer do not change them
+    (they are the MLP's input)."""
 
     def __init__(self, lm, sae, site, retain: torch.Tensor, settings: EditSettings = EditSettings(), *,
-                 method: str = "masked", registry: EditRegistry | None = None, encoder=None, sae_name: str = ""):
+                 method: str = "masked", neighbours: Sequence[str] = (), registry: EditRegistry | None = None,
+                 encoder=None, sae_name: str = ""):
         from saeforge.data.prompts import PromptEncoder
 
         settings.validate()
@@ -114,10 +118,16 @@ class Editor:
             raise SaeforgeError(f"the registry edits layer {self.registry.layer}, the SAE reads layer {self.layer}",
                                 f"use an SAE on layers.{self.registry.layer}.mlp_hidden for this registry")
         acts = lm.read(retain, [site])[site.name][:, 1:]
-        self.retain_acts = acts.reshape(-1, acts.shape[-1]).float().clone()  # an ordinary tensor: it meets autograd
+        groups = [acts.reshape(-1, acts.shape[-1])]
+        if neighbours:
+            from saeforge.editing.scoring import last_token_activations
+
+            groups.append(last_token_activations(lm, self.encoder, neighbours, site))
+        # ordinary tensors (not inference tensors): they meet autograd in the locality term
+        self.retain_acts = [g.float().clone() for g in groups]
         with torch.no_grad():
-            out = self.module(self.retain_acts.to(self.module.weight.dtype)).float()
-            self.retain_scale = float(out.pow(2).sum(-1).mean())
+            self.retain_scale = [float(self.module(g.to(self.module.weight.dtype)).float().pow(2).sum(-1).mean())
+                                 for g in self.retain_acts]
         self.means = retain_means(sae, self.retain_acts) if sae is not None else None
 
     def encode(self, fact: Fact) -> EncodedFact:
@@ -154,11 +164,11 @@ class Editor:
         optimizer = torch.optim.Adam([delta], lr=s.lr if neurons is not None else s.lr_full_layer)
         weight_locality = 0.0 if self.method == "finetune" else s.locality_weight
         steps, nll_before, nll = 0, None, None
-        retain = self.retain_acts if neurons is None else self.retain_acts.index_select(1, neurons.cpu())
-        retain = retain.to(delta.device)
+        retain = [(a if neurons is None else a.index_select(1, neurons.cpu())).to(delta.device)
+                  for a in self.retain_acts]
 
         def retain_change() -> torch.Tensor:
-            return (retain @ delta).pow(2).sum(-1).mean() / self.retain_scale
+            return sum((a @ delta).pow(2).sum(-1).mean() / scale for a, scale in zip(retain, self.retain_scale))
 
         with no_weight_grads(self.lm), with_delta(self.module, neurons, delta), torch.enable_grad():
             for steps in range(s.steps + 1):

@@ -22,7 +22,8 @@ from typing import Sequence
 
 from saeforge.errors import SaeforgeError
 
-__all__ = ["EncodedFact", "Fact", "KnownFact", "builtin_facts", "encode_answer", "read_facts", "read_known_facts"]
+__all__ = ["EncodedFact", "Fact", "KnownFact", "builtin_facts", "encode_answer", "neighbour_prompts", "read_facts",
+           "read_known_facts"]
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,22 @@ COMMON_KNOWLEDGE: tuple[tuple[str, str], ...] = (
     ("A year has twelve", " months"), ("A week has seven", " days"), ("Paris is the capital of", " France"),
     ("London is the capital of", " England"),
 )
+
+
+# Subjects that appear in no edit request and no locality fact: their prompts (every template of every relation)
+# are the neighbourhood an edit must leave alone while it is made (localisation's baseline and the locality term).
+NEIGHBOUR_SUBJECTS: tuple[str, ...] = (
+    "Kazakhstan", "Uzbekistan", "Armenia", "Georgia", "Cyprus", "Malta", "Luxembourg", "Slovakia", "Slovenia",
+    "Albania", "Moldova", "Cambodia", "Laos", "Myanmar", "Sri Lanka", "Oman", "Yemen", "Kuwait", "Angola",
+    "Namibia", "Botswana", "Zambia", "Mali", "Somalia", "Panama", "Honduras", "Guatemala", "Nicaragua",
+    "Costa Rica", "Haiti", "Fiji", "Bhutan",
+)
+
+
+def neighbour_prompts() -> list[str]:
+    """Prompts of the built-in relations about subjects that are never edited nor measured (see
+    :data:`NEIGHBOUR_SUBJECTS`)."""
+    return [t.format(s=s) for templates in TEMPLATES.values() for t in templates for s in NEIGHBOUR_SUBJECTS]
 
 
 def builtin_facts(n_edits: int = 100) -> tuple[list[Fact], list[KnownFact]]:

@@ -9,8 +9,10 @@ depends on the latent's fact-specific activity,
     score_j = | Σ_p ∂m/∂f_j(p) · (f_j(p) − f̄_j) |,
 
 with m = log p(target | prompt) (teacher-forced, summed over its tokens), p the positions that predict a target
-token, and f̄_j the latent's mean activation on unrelated retain text (so latents that fire everywhere score
-little: the specificity of the reconstruction, Marks et al.'s attribution patching, arXiv 2403.19647). The top
+token, and f̄_j the latent's baseline: the larger of its mean activation on unrelated retain text and on the last
+tokens of neighbour prompts (the same relations about other subjects), so latents that fire everywhere, or on every
+prompt of the relation, score little (the specificity of the reconstruction, with Marks et al.'s attribution
+patching, arXiv 2403.19647). The top
 ``latents`` active latents are kept; each maps to the ``neurons_per_latent`` neurons with the largest decoder
 weights |W_dec[j, i]|, and the union is the mask. Neurons already owned by earlier edits can be avoided (the next
 largest are taken instead). When no latent is active, neurons are ranked directly by the same attribution on the
@@ -20,7 +22,7 @@ activation (the error node's gradient times the neuron's activation above its re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Collection
+from typing import Collection, Sequence
 
 import torch
 
@@ -43,10 +45,16 @@ class Localization:
 
 
 @torch.no_grad()
-def retain_means(sae, retain_acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean SAE latents ``[d_sae]`` and mean activation ``[d_mlp]`` over the retain activations ``[n, d_mlp]``."""
-    f = torch.cat([sae.encode(a.to(sae.dtype)).float() for a in retain_acts.split(1024)])
-    return f.mean(0), retain_acts.float().mean(0)
+def retain_means(sae, groups: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The baseline of each SAE latent ``[d_sae]`` and of each neuron ``[d_mlp]``: the largest of its means over the
+    groups of retain activations (``[n, d_mlp]`` each: the tokens of unrelated text, the last tokens of neighbour
+    prompts), so a latent common in any of them is not specific to the fact."""
+    f_means, x_means = [], []
+    for acts in groups:
+        f = torch.cat([sae.encode(a.to(sae.dtype)).float() for a in acts.split(1024)])
+        f_means.append(f.mean(0))
+        x_means.append(acts.float().mean(0))
+    return torch.stack(f_means).max(0).values, torch.stack(x_means).max(0).values
 
 
 def _top_unowned(scores: torch.Tensor, count: int, avoid: Collection[int]) -> list[int]:

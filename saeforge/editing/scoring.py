@@ -20,7 +20,7 @@ import torch
 from saeforge.editing.facts import EncodedFact
 from saeforge.models.suffix import BlockInput, read_block_inputs, skipping_blocks
 
-__all__ = ["FactBatch", "TextBatch", "forward_from"]
+__all__ = ["FactBatch", "TextBatch", "forward_from", "last_token_activations"]
 
 CHUNK = 32  # rows per forward: enough to amortise the per-call cost, small enough for the logits at kept positions
 
@@ -167,3 +167,15 @@ def no_weight_grads(lm) -> Iterator[None]:
     finally:
         for p in params:
             p.requires_grad_(True)
+
+
+@torch.no_grad()
+def last_token_activations(lm, encoder, prompts: Sequence[str], site) -> torch.Tensor:
+    """``[len(prompts), d]``: the activation at ``site`` on each prompt's last token (BOS first, as every prompt)."""
+    out = []
+    for s in range(0, len(prompts), CHUNK):
+        batch = encoder.batch(list(prompts[s:s + CHUNK]), padding="right")
+        acts = lm.read(batch.input_ids, [site], attention_mask=batch.attention_mask)[site.name]
+        last = batch.attention_mask.sum(1) - 1
+        out.append(acts[torch.arange(len(last)), last.to(acts.device)])
+    return torch.cat(out)
