@@ -51,13 +51,14 @@ class EditSettings:
     """avoid: never take a neuron an earlier edit owns (the next largest instead); allow: masks may overlap."""
     steps: int = 40
     """Adam steps at most per edit."""
-    lr: float = 0.02
+    lr: float = 0.005
     """Adam learning rate of the delta on a mask's weights (masked, random)."""
     lr_full_layer: float = 0.002
     """Adam learning rate of the delta on every neuron of the layer (unmasked, finetune): lower, as it moves 24×
     more weights (with --lr they overshoot the target in 2-4 steps on the embedded model)."""
-    locality_weight: float = 1.0
-    """Weight of the locality term (relative change of the layer's MLP output on retain text); 0: none."""
+    locality_weight: float = 10.0
+    """Weight of the locality term (relative change of the layer's MLP output on retain text and neighbour
+    prompts); 0: none."""
     stop_nll: float = 0.05
     """Stop an edit once the target's mean negative log-likelihood per token is at most this."""
     seed: int = 0
@@ -70,7 +71,7 @@ class EditSettings:
                 or self.stop_nll < 0:
             raise SaeforgeError("--steps, --lr, --lr-full-layer must be positive and --locality-weight, --stop-nll "
                                 "not negative",
-                                "pass e.g. --steps 40 --lr 0.02 --locality-weight 1 --stop-nll 0.05")
+                                "pass e.g. --steps 40 --lr 0.005 --locality-weight 10 --stop-nll 0.05")
         if self.latents < 1 or self.neurons_per_latent < 1:
             raise SaeforgeError("--latents and --neurons-per-latent must be at least 1",
                                 "pass e.g. --latents 8 --neurons-per-latent 8")

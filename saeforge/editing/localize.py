@@ -45,16 +45,17 @@ class Localization:
 
 
 @torch.no_grad()
-def retain_means(sae, groups: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The baseline of each SAE latent ``[d_sae]`` and of each neuron ``[d_mlp]``: the largest of its means over the
-    groups of retain activations (``[n, d_mlp]`` each: the tokens of unrelated text, the last tokens of neighbour
-    prompts), so a latent common in any of them is not specific to the fact."""
-    f_means, x_means = [], []
+def retain_means(sae, groups: Sequence[torch.Tensor], quantile: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+    """The baseline of each SAE latent ``[d_sae]`` and of each neuron ``[d_mlp]``: the largest over the groups of
+    retain activations (``[n, d_mlp]`` each: the tokens of unrelated text, the last tokens of neighbour prompts) of
+    its ``quantile`` in that group, so a latent that fires on a tenth of the text or of the neighbour prompts is not
+    specific to the fact (a mean would leave a latent that fires on every prompt of one relation half its score)."""
+    f_base, x_base = [], []
     for acts in groups:
         f = torch.cat([sae.encode(a.to(sae.dtype)).float() for a in acts.split(1024)])
-        f_means.append(f.mean(0))
-        x_means.append(acts.float().mean(0))
-    return torch.stack(f_means).max(0).values, torch.stack(x_means).max(0).values
+        f_base.append(torch.quantile(f, quantile, dim=0))
+        x_base.append(torch.quantile(acts.float(), quantile, dim=0))
+    return torch.stack(f_base).max(0).values, torch.stack(x_base).max(0).values
 
 
 def _top_unowned(scores: torch.Tensor, count: int, avoid: Collection[int]) -> list[int]:
