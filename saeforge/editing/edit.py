@@ -6,10 +6,10 @@ The loss of one edit is the target's negative log-likelihood after the prompt (t
 output's size: mean ‖a[M]·Δ‖² / mean ‖MLP(a)‖² over the tokens of unrelated retain text, plus the same over the last
 tokens of neighbour prompts (prompts of the same relations about other subjects), with a the neuron activations, M
 the edited neurons and Δ the delta (MEMIT's preservation of other keys, Meng et al., arXiv 2210.07229, as a
-penalty). Without the neighbour prompts, one edit of "The capital of France is" spills into every capital prompt. It is
-minimised with Adam on the delta alone; the edit stops early once the target's NLL falls below ``stop_nll``.
-The retain term replaces the KL on retain logits of the reconstruction in ``docs/editing.md``: it needs no forward
-pass, which makes a step about as cheap as one forward of the prompt from the edited layer on. Methods (the same optimiser, steps and stopping rule for all):
+penalty). It is minimised with Adam on the delta alone; the edit stops early once the target's NLL falls below
+``stop_nll``. This term stands in for the KL on retain logits of the reconstruction in ``docs/editing.md``: it needs
+no forward pass, so a step costs about one forward and backward of the prompt from the edited layer on. Methods
+(the same loss, steps and stopping rule for all):
 
 - ``masked``: the neurons localised through the SAE (:func:`saeforge.editing.localize.localize`), the reconstruction
   of MicroEdit (see ``docs/editing.md``);

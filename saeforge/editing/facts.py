@@ -83,9 +83,8 @@ def encode_answer(lm, encoder, prompt: str, answer: str, *, what: str = "target"
                             f"as {decoded!r})", f"write the {what} as the model would (plain text it can tokenize, "
                             "e.g. ' Rome')")
     joint = [int(i) for i in tok(prompt + answer, add_special_tokens=False)["input_ids"]]
-    prompt_only = list(prompt_ids[1:]) if len(prompt_ids) > len(tok(prompt, add_special_tokens=False)["input_ids"]) \
-        else list(prompt_ids)
-    if joint != prompt_only + answer_ids:
+    prompt_text_ids = [int(i) for i in tok(prompt, add_special_tokens=False)["input_ids"]]
+    if joint != prompt_text_ids + answer_ids:
         hint = " Rome" if not answer.startswith(" ") else answer.strip()
         raise SaeforgeError(f"the {what} {answer!r} does not form its own tokens after the prompt {prompt!r}: the "
                             "tokenizer merges it with the prompt's end, so the model would never predict it as "

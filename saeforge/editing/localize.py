@@ -27,6 +27,7 @@ from typing import Collection, Sequence
 import torch
 
 from saeforge.editing.facts import EncodedFact
+from saeforge.editing.scoring import block_input_for
 from saeforge.errors import SaeforgeError
 from saeforge.models.suffix import skipping_blocks
 
@@ -69,14 +70,13 @@ def localize(lm, sae, site, fact: EncodedFact, *, block: int, means: tuple[torch
 
     ``block``: the forward starts there (the edited layer: nothing before it changes). ``means``: from
     :func:`retain_means`. ``avoid``: neurons not to take (owned by earlier edits)."""
-    from saeforge.editing.scoring import _block_input
 
     if latents < 1 or neurons_per_latent < 1:
         raise SaeforgeError("--latents and --neurons-per-latent must be at least 1",
                             "pass e.g. --latents 8 --neurons-per-latent 8")
     f_mean, x_mean = means
     ids = torch.tensor([fact.ids], dtype=torch.long)
-    bi = _block_input(lm, ids, None, block)
+    bi = block_input_for(lm, ids, None, block)
     with skipping_blocks(lm, bi):
         out = lm.spliced_forward(bi.input_ids, {site: sae})
     pos = torch.tensor(fact.positions, device=out.logits.device)

@@ -20,12 +20,12 @@ import torch
 from saeforge.editing.facts import EncodedFact
 from saeforge.models.suffix import BlockInput, read_block_inputs, skipping_blocks
 
-__all__ = ["FactBatch", "TextBatch", "forward_from", "last_token_activations"]
+__all__ = ["FactBatch", "TextBatch", "block_input_for", "forward_from", "last_token_activations"]
 
 CHUNK = 32  # rows per forward: enough to amortise the per-call cost, small enough for the logits at kept positions
 
 
-def _block_input(lm, ids: torch.Tensor, mask: torch.Tensor | None, block: int) -> BlockInput:
+def block_input_for(lm, ids: torch.Tensor, mask: torch.Tensor | None, block: int) -> BlockInput:
     """The input of ``block`` for this batch, as an ordinary tensor (not an inference tensor), so forwards with
     gradients can start from it."""
     inputs, _ = read_block_inputs(lm, ids, [block], attention_mask=mask)
@@ -92,7 +92,7 @@ class FactBatch:
                     tokens.append(t)
                     owner.append(s + r)
             as_long = lambda x: torch.tensor(x, dtype=torch.long, device=lm.device)  # noqa: E731
-            chunks.append(_Chunk(_block_input(lm, ids, mask, block), as_long(keep), as_long(rows), as_long(cols),
+            chunks.append(_Chunk(block_input_for(lm, ids, mask, block), as_long(keep), as_long(rows), as_long(cols),
                                  as_long(tokens), as_long(owner)))
         return cls(chunks, len(facts), block)
 
@@ -139,7 +139,7 @@ class TextBatch:
 
     @classmethod
     def build(cls, lm, contexts: torch.Tensor, *, block: int, chunk: int = 8) -> "TextBatch":
-        return cls([_block_input(lm, contexts[s:s + chunk], None, block) for s in range(0, len(contexts), chunk)],
+        return cls([block_input_for(lm, contexts[s:s + chunk], None, block) for s in range(0, len(contexts), chunk)],
                    block)
 
     def _logprobs(self, lm, bi: BlockInput) -> torch.Tensor:
