@@ -54,8 +54,8 @@ class EditSettings:
     lr: float = 0.005
     """Adam learning rate of the delta on a mask's weights (masked, random)."""
     lr_full_layer: float = 0.002
-    """Adam learning rate of the delta on every neuron of the layer (unmasked, finetune): lower, as it moves 24×
-    more weights (with --lr they overshoot the target in 2-4 steps on the embedded model)."""
+    """Adam learning rate of the delta on every neuron of the layer (unmasked, finetune): lower, as it moves many
+    times more weights (docs/editing.md)."""
     locality_weight: float = 10.0
     """Weight of the locality term (relative change of the layer's MLP output on retain text and neighbour
     prompts); 0: none."""
