@@ -91,3 +91,16 @@ def test_cli_applies_an_edit(setup, tmp_path):
     assert "': ok;" in ok.stdout
     report = json.loads((tmp_path / "ok" / "edit_report.json").read_text())
     assert report["edits"][0]["greedy_gives_target"] is True
+
+
+def test_apply_config_reads_edit_requests(tmp_path):
+    from saeforge.editing import ApplyConfig
+
+    assert [f.target for f in ApplyConfig(prompt="A", target=" b").edit_requests()] == [" b"]
+    assert len(ApplyConfig(facts="builtin:7").edit_requests()) == 7
+    with pytest.raises(SaeforgeError, match="go together"):
+        ApplyConfig(prompt="A").edit_requests()
+    with pytest.raises(SaeforgeError, match="builtin:N"):
+        ApplyConfig(facts="builtin:x").edit_requests()
+    with pytest.raises(SaeforgeError, match="no edit requests"):
+        ApplyConfig().edit_requests()
