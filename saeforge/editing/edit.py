@@ -48,7 +48,8 @@ class EditSettings:
     neurons_per_latent: int = 8
     """Neurons taken from each kept latent (its largest decoder weights); the mask is their union."""
     reuse: str = "avoid"
-    """avoid: never take a neuron an earlier edit owns (the next largest instead); allow: masks may overlap."""
+    """avoid: skip neurons earlier edits own (the next largest instead) while unowned ones remain; allow: masks
+    may overlap."""
     steps: int = 40
     """Adam steps at most per edit."""
     lr: float = 0.005
@@ -142,11 +143,12 @@ class Editor:
             return localize(self.lm, self.sae, self.site, encoded, block=self.layer, means=self.means,
                             latents=s.latents, neurons_per_latent=s.neurons_per_latent, avoid=avoid)
         if self.method == "random":
-            pool = [i for i in range(self.lm.d_mlp) if i not in avoid]
-            count = min(len(pool), s.latents * s.neurons_per_latent)
-            if count == 0:
-                raise SaeforgeError("every neuron of the layer is owned by earlier edits", "pass --reuse allow")
-            chosen = random.Random(f"{s.seed}:{index}").sample(pool, count)
+            rng = random.Random(f"{s.seed}:{index}")
+            count = min(self.lm.d_mlp, s.latents * s.neurons_per_latent)
+            fresh = [i for i in range(self.lm.d_mlp) if i not in avoid]
+            chosen = rng.sample(fresh, min(count, len(fresh)))
+            if len(chosen) < count:  # the layer has run out of unowned neurons: reuse owned ones
+                chosen += rng.sample(sorted(avoid), count - len(chosen))
             return Localization((), (), tuple(sorted(chosen)), "random")
         return None
 

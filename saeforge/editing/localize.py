@@ -15,7 +15,7 @@ prompt of the relation, score little (the specificity of the reconstruction, wit
 patching, arXiv 2403.19647). The top
 ``latents`` active latents are kept; each maps to the ``neurons_per_latent`` neurons with the largest decoder
 weights |W_dec[j, i]|, and the union is the mask. Neurons already owned by earlier edits can be avoided (the next
-largest are taken instead). When no latent is active, neurons are ranked directly by the same attribution on the
+largest are taken instead; once too few unowned neurons are left, owned ones are reused). When no latent is active, neurons are ranked directly by the same attribution on the
 activation (the error node's gradient times the neuron's activation above its retain mean).
 """
 
@@ -59,9 +59,12 @@ def retain_means(sae, groups: Sequence[torch.Tensor], quantile: float = 0.9) -> 
     return torch.stack(f_base).max(0).values, torch.stack(x_base).max(0).values
 
 
-def _top_unowned(scores: torch.Tensor, count: int, avoid: Collection[int]) -> list[int]:
-    order = torch.argsort(scores, descending=True).tolist()
-    return [i for i in order if i not in avoid][:count]
+def _top_preferring(scores: torch.Tensor, count: int, avoid: Collection[int], taken: Collection[int]) -> list[int]:
+    """The ``count`` highest-scoring indices not in ``taken``, those outside ``avoid`` first: once the layer has too
+    few unowned neurons left, owned ones are reused (in score order) rather than giving the edit fewer neurons."""
+    order = [i for i in torch.argsort(scores, descending=True).tolist() if i not in taken]
+    fresh = [i for i in order if i not in avoid]
+    return (fresh + [i for i in order if i in avoid])[:count]
 
 
 def localize(lm, sae, site, fact: EncodedFact, *, block: int, means: tuple[torch.Tensor, torch.Tensor],
@@ -95,14 +98,10 @@ def localize(lm, sae, site, fact: EncodedFact, *, block: int, means: tuple[torch
         w_dec = sae.W_dec.detach().float().abs()
         neurons: list[int] = []
         for j in chosen:
-            for i in _top_unowned(w_dec[j], neurons_per_latent, avoid | set(neurons)):
-                neurons.append(i)
+            neurons.extend(_top_preferring(w_dec[j], neurons_per_latent, avoid, set(neurons)))
         if neurons:
             return Localization(tuple(chosen), tuple(float(score[j]) for j in chosen), tuple(sorted(neurons)), "sae")
     x = node.activation.detach()[0, pos].float()
     neuron_score = ((g_e[0, pos].float() * (x - x_mean.to(x.device))).sum(0)).abs()
-    neurons = _top_unowned(neuron_score, latents * neurons_per_latent, avoid)
-    if not neurons:
-        raise SaeforgeError("every neuron of the layer is owned by earlier edits", "pass --reuse allow, or edit "
-                            "another --layer")
+    neurons = _top_preferring(neuron_score, latents * neurons_per_latent, avoid, ())
     return Localization((), (), tuple(sorted(neurons)), "attribution")

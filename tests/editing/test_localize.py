@@ -33,3 +33,12 @@ def test_no_active_latent_falls_back_to_neuron_attribution(tiny_llama):
     site, means, fact = _setup(tiny_llama, sae)
     loc = localize(tiny_llama, sae, site, fact, block=2, means=means, latents=2, neurons_per_latent=3)
     assert loc.source == "attribution" and loc.latents == () and len(loc.neurons) == 6
+
+
+def test_a_layer_with_every_neuron_owned_reuses_them_in_score_order(tiny_llama):
+    sae = tiny_sae()
+    site, means, fact = _setup(tiny_llama, sae)
+    free = localize(tiny_llama, sae, site, fact, block=2, means=means, latents=3, neurons_per_latent=4)
+    owned = set(range(tiny_llama.d_mlp)) - {free.neurons[0]}
+    full = localize(tiny_llama, sae, site, fact, block=2, means=means, latents=3, neurons_per_latent=4, avoid=owned)
+    assert len(full.neurons) == len(free.neurons) and free.neurons[0] in full.neurons  # full size, the free one in
