@@ -170,6 +170,7 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
                 "sparse feature circuits: tasks, attribution over SAE features and error nodes, CircuitLasso"),
     "hierarchy": ("saeforge.hierarchy.cli:HIERARCHY_ACTIONS", None,
                   "feature trees: link SAEs after training, measure and judge trees, absorption and splitting"),
+    "edit": ("saeforge.editing.cli:EDIT_COMMANDS", None, "SAE-localised knowledge editing: apply edits, benchmark them"),
     "modules": ("saeforge.hierarchy.modules_cli:MODULES_ACTIONS", None,
                 "co-activation modules across adjacent layers' SAEs: build, test on a task, ablate and swap"),
     "personalize": ("saeforge.personalization.cli:PERSONALIZE_ACTIONS", None,
