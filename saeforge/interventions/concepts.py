@@ -123,7 +123,7 @@ def concept_activations(lm, site: str, texts: Sequence[str], concepts: Sequence[
 
     concepts = check_concepts(concepts)
     acts, labels = [], []
-    bos = lm.bos_token_id
+    bos = lm.bos_token_id()
     for text in tqdm(list(texts), desc="reading", unit="text", disable=not progress, leave=False):
         ids, lab = label_text(lm.tokenizer, text, concepts)
         if not ids:
@@ -206,7 +206,7 @@ def swap_effect(lm, site: str, spec: SwapLatents, source: str, target: str, prom
     sae = spec.sae
     i_src, i_tgt = spec.latents[source], spec.latents[target]
     d_src, d_tgt = sae.W_dec[i_src].detach(), sae.W_dec[i_tgt].detach()
-    bos = lm.bos_token_id
+    bos = lm.bos_token_id()
     out = {"p_target": 0.0, "p_source": 0.0, "top_target": 0.0}
     for prompt in prompts:
         ids, lab = label_text(lm.tokenizer, prompt, [source])
