@@ -358,3 +358,31 @@ def test_the_judge_scorer_goes_through_an_openai_compatible_endpoint(steerer, mo
     assert len(healthy.requests) == 2 * 3 * 2  # only the two missing rows were judged
     asked = [b["messages"][1]["content"] for _, b in healthy.requests]
     assert sum("speaks of kings" in a for a in asked) == 6 and sum("fluent" in a for a in asked) == 6
+
+
+def test_alignsae_method_steers_along_the_concept_latent(tiny_run, tiny_llama, steerer, monkeypatch, tmp_path):
+    from saeforge.saes import AlignSAEConfig, make_sae, save_sae
+
+    behaviour = B.Behaviour(ROYAL, PLAIN, PROMPTS, B.KeywordScorer(["king", "crown"]))
+    # the run's TopK SAE has no concept latents: a finding in the report, not a crash
+    report = B.run_bench(steerer, behaviour, ["caa", "alignsae"], [1.0], inputs={"concept": "royalty"},
+                         max_new_tokens=2, progress=False)
+    assert "needs an AlignSAE" in report["method_errors"]["alignsae"]
+    meta = json.loads((tiny_run / "saes" / "layers.1.resid_post" / "cfg.json").read_text())["metadata"]
+    torch.manual_seed(0)
+    sae = make_sae(AlignSAEConfig(d_in=32, d_sae=64, concepts=("royalty", "number")))
+    save_sae(sae, tmp_path / "align", metadata=meta)
+    aligned = Steerer.from_run(tmp_path / "align", lm=tiny_llama)
+    seen = _spy(monkeypatch, aligned)
+    report = B.run_bench(aligned, behaviour, ["alignsae"], [2.0], inputs={"concept": "royalty"}, max_new_tokens=2,
+                         progress=False)
+    assert report["methods"]["alignsae"]["info"] == {"concept": "royalty", "latent": 62}
+    (v,) = [x["layers.1.resid_post"] for x in seen if x]
+    assert float(torch.nn.functional.cosine_similarity(v, sae.W_dec[62].detach(), dim=0)) == pytest.approx(1.0)
+    assert float(v.norm()) == pytest.approx(2.0 * report["caa_norm"], rel=1e-5)
+    n = len(seen)
+    with pytest.raises(SaeforgeError, match="unknown concept 'weather'"):
+        B.run_bench(aligned, behaviour, ["alignsae"], [2.0], inputs={"concept": "weather"}, progress=False)
+    with pytest.raises(SaeforgeError, match="needs the concept") as err:
+        B._alignsae(B.BenchInputs(sae, None, None, torch.zeros(32)))
+    assert "--concept" in err.value.fix and len(seen) == n
