@@ -114,26 +114,45 @@ def label_text(tokenizer, text: str, concepts: Sequence[str] = CONCEPTS) -> tupl
     return list(enc["input_ids"]), labels
 
 
+def _padded(rows: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids padded on the right (a causal model reads each row's own tokens unchanged), and the mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def _pad_id(lm) -> int:
+    tok = lm.tokenizer
+    return next(v for v in (tok.pad_token_id, tok.eos_token_id, 0) if v is not None)
+
+
 @torch.inference_mode()
 def concept_activations(lm, site: str, texts: Sequence[str], concepts: Sequence[str] = CONCEPTS,
-                        progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                        progress: bool = True, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations [N, d] at ``site`` of every token of ``texts`` (each read after BOS, as SAE training data is)
     and their concept labels [N, C]."""
     from tqdm.auto import tqdm
 
     concepts = check_concepts(concepts)
-    acts, labels = [], []
     bos = lm.bos_token_id()
-    for text in tqdm(list(texts), desc="reading", unit="text", disable=not progress, leave=False):
-        ids, lab = label_text(lm.tokenizer, text, concepts)
-        if not ids:
-            continue
-        prefix = [bos] if bos is not None else []
-        x = lm.read(torch.tensor([prefix + ids]), [site])[site][0, len(prefix):]
-        acts.append(x.float().cpu())
-        labels.append(lab)
-    if not acts:
+    prefix = [bos] if bos is not None else []
+    labelled = [label_text(lm.tokenizer, t, concepts) for t in texts]
+    labelled = [(ids, lab) for ids, lab in labelled if ids]
+    if not labelled:
         raise SaeforgeError("no text to read", "give at least one non-empty text")
+    acts, labels = [], []
+    for start in tqdm(range(0, len(labelled), batch_size), desc="reading", unit="batch", disable=not progress,
+                      leave=False):
+        chunk = labelled[start:start + batch_size]
+        ids, mask = _padded([prefix + ids for ids, _ in chunk], _pad_id(lm))
+        x = lm.read(ids, [site], attention_mask=mask)[site].float().cpu()
+        for row, (tokens, lab) in enumerate(chunk):
+            acts.append(x[row, len(prefix):len(prefix) + len(tokens)])
+            labels.append(lab)
     return torch.cat(acts), torch.cat(labels)
 
 
@@ -207,28 +226,31 @@ def swap_effect(lm, site: str, spec: SwapLatents, source: str, target: str, prom
     i_src, i_tgt = spec.latents[source], spec.latents[target]
     d_src, d_tgt = sae.W_dec[i_src].detach(), sae.W_dec[i_tgt].detach()
     bos = lm.bos_token_id()
-    out = {"p_target": 0.0, "p_source": 0.0, "top_target": 0.0}
+    prefix = [bos] if bos is not None else []
+    rows, where = [], []
     for prompt in prompts:
         ids, lab = label_text(lm.tokenizer, prompt, [source])
-        prefix = [bos] if bos is not None else []
-        where = [len(prefix) + t for t in lab[:, 0].nonzero().squeeze(1).tolist()]
+        rows.append(prefix + ids)
+        where += [(r, len(prefix) + t) for r in [len(rows) - 1] for t in lab[:, 0].nonzero().squeeze(1).tolist()]
+    ids, mask = _padded(rows, _pad_id(lm))
+    r_idx = torch.tensor([r for r, _ in where], dtype=torch.long)
+    t_idx = torch.tensor([t for _, t in where], dtype=torch.long)
 
-        def swap(x, where=where):
-            if alpha == 0:
-                return x
-            x = x.clone()
-            z = sae.encode(x[0, where].to(sae.dtype))
-            delta = (-z[:, i_src])[:, None] * d_src + (alpha * spec.on_value[target] - z[:, i_tgt])[:, None] * d_tgt
-            x[0, where] += delta.to(x.dtype)
+    def swap(x):
+        if alpha == 0 or not where:
             return x
+        x = x.clone()
+        z = sae.encode(x[r_idx, t_idx].to(sae.dtype))
+        delta = (-z[:, i_src])[:, None] * d_src + (alpha * spec.on_value[target] - z[:, i_tgt])[:, None] * d_tgt
+        x[r_idx, t_idx] += delta.to(x.dtype)
+        return x
 
-        with lm.edit({site: swap}):
-            logits = lm.logits(torch.tensor([prefix + ids]))[0, -1].float()
-        p = logits.softmax(-1)
-        out["p_target"] += float(p[words_tgt].sum()) / len(prompts)
-        out["p_source"] += float(p[words_src].sum()) / len(prompts)
-        out["top_target"] += float(int(p.argmax()) in words_tgt) / len(prompts)
-    return out
+    with lm.edit({site: swap}):
+        logits = lm.logits(ids, mask).float()
+    last = logits[torch.arange(len(rows)), mask.sum(1) - 1]
+    p = last.softmax(-1)
+    return {"p_target": float(p[:, words_tgt].sum(1).mean()), "p_source": float(p[:, words_src].sum(1).mean()),
+            "top_target": float(torch.isin(p.argmax(1), torch.tensor(words_tgt)).float().mean())}
 
 
 # ------------------------------------------------------------------------------------------------ the demo
@@ -246,8 +268,8 @@ def corpus_lines(source: str, n: int, min_words: int = 6) -> list[str]:
     return out
 
 
-def alignment_demo(sae_path: str, out: str, *, n_templates: int = 1500, n_lines: int = 1500, d_sae: int = 2304,
-                   epochs: int = 12, alphas: Sequence[float] = (1.0, 2.0, 4.0), n_prompts: int = 8,
+def alignment_demo(sae_path: str, out: str, *, n_templates: int = 1500, n_lines: int = 1500, d_sae: int = 1152,
+                   epochs: int = 6, alphas: Sequence[float] = (1.0, 2.0, 4.0), n_prompts: int = 8,
                    progress: bool = True) -> dict:
     """Train an AlignSAE on the concept set at the site of the SAE in ``sae_path`` (the unsupervised comparison),
     then swap every concept for every other on list prompts with each SAE's latent for the concept (AlignSAE's

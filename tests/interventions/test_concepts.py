@@ -103,3 +103,20 @@ def test_swap_edits_only_the_source_tokens_by_the_latent_difference(tiny_llama):
     swapped = C.swap_effect(lm, SITE, spec, "day", "colour", prompts, 3.0)
     assert swapped["p_target"] == pytest.approx(float(q[tgt].sum()), rel=1e-5)
     assert swapped["p_target"] != pytest.approx(clean["p_target"], rel=1e-3)
+
+
+def test_batched_reading_and_swapping_equal_one_text_at_a_time(tiny_llama):
+    texts = ["The king slept.", "On Monday my sister bought three red apples at the market.", "Blue."]
+    one = C.concept_activations(tiny_llama, SITE, texts, progress=False, batch_size=1)
+    many = C.concept_activations(tiny_llama, SITE, texts, progress=False, batch_size=3)
+    assert one[0].shape[0] == sum(len(C.label_text(tiny_llama.tokenizer, t)[0]) for t in texts)
+    torch.testing.assert_close(many[0], one[0], rtol=1e-4, atol=1e-5)
+    assert torch.equal(many[1], one[1])
+    torch.manual_seed(1)
+    sae = make_sae(AlignSAEConfig(d_in=tiny_llama.site(SITE).d, d_sae=16, concepts=("number", "colour")))
+    spec = C.SwapLatents(sae, {"number": 14, "colour": 15}, {"number": 1.0, "colour": 2.0})
+    prompts = ["one, two, three,", "seven, eight, nine, ten, and then eleven,"]
+    both = C.swap_effect(tiny_llama, SITE, spec, "number", "colour", prompts, 2.0)
+    each = [C.swap_effect(tiny_llama, SITE, spec, "number", "colour", [p], 2.0) for p in prompts]
+    for key in both:
+        assert both[key] == pytest.approx(sum(e[key] for e in each) / 2, rel=1e-4, abs=1e-7)
