@@ -268,8 +268,8 @@ def corpus_lines(source: str, n: int, min_words: int = 6) -> list[str]:
     return out
 
 
-def alignment_demo(sae_path: str, out: str, *, n_templates: int = 1500, n_lines: int = 1500, d_sae: int = 1152,
-                   epochs: int = 6, alphas: Sequence[float] = (1.0, 2.0, 4.0), n_prompts: int = 8,
+def alignment_demo(sae_path: str, out: str, *, n_templates: int = 800, n_lines: int = 500, d_sae: int = 1152,
+                   epochs: int = 8, alphas: Sequence[float] = (1.0, 2.0, 4.0), n_prompts: int = 6,
                    progress: bool = True) -> dict:
     """Train an AlignSAE on the concept set at the site of the SAE in ``sae_path`` (the unsupervised comparison),
     then swap every concept for every other on list prompts with each SAE's latent for the concept (AlignSAE's
