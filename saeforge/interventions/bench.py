@@ -19,7 +19,9 @@ strength). Methods: ``caa``, ``sta`` (arXiv 2505.20322), ``refined_caa`` (SAE-RS
 ``srps`` (role-play steering, arXiv 2506.07335: the latents a role prompt switches on, injected as a rotation at the
 last prompt position during prefill; :mod:`saeforge.interventions.roleplay`) with its controls ``srps_diffmeans``
 (the role/plain mean difference, injected the same way) and ``roleplay_prompting`` (the role written before each
-prompt). SRPS's contrast questions are the pair prompts when given, else the prompts to steer.
+prompt). SRPS's contrast questions are the pair prompts when given, else the prompts to steer. With an AlignSAE
+(arXiv 2512.02004) as the bench's SAE, ``alignsae`` steers along the decoder row of the latent supervised to
+``--concept``.
 
 Every generation is sampled with the same seed and read back by the plain model. Scores per row: **behaviour** (mean
 of the scorer), **perplexity** of the continuations under the plain model (pooled), **coherence** = min(1, baseline
@@ -44,7 +46,7 @@ from saeforge.errors import SaeforgeError
 
 SCORERS = ("keyword", "accuracy", "judge")
 METHODS = ("caa", "sta", "refined_caa", "sae_rsv_denoise", "sae_rsv_augment", "sae_rsv", "random", "prompting",
-           "srps", "srps_diffmeans", "roleplay_prompting")
+           "srps", "srps_diffmeans", "roleplay_prompting", "alignsae")
 DEFAULT_METHODS = METHODS[:8]
 RESULT_FILE = "bench_steering.json"
 PLOT_FILE = "bench_steering.png"
@@ -179,6 +181,7 @@ class BenchInputs:
     srps_k: int = 15
     srps_beta: float = 3.0
     srps_tau: float = 0.2
+    concept: str = ""
     _role_acts: tuple | None = None
 
     def role_contrast(self):
@@ -252,10 +255,22 @@ def _roleplay_prompting(x: BenchInputs) -> Intervention:
     return Intervention(prefix=x.roles[0])
 
 
+def _alignsae(x: BenchInputs) -> Intervention:
+    if not hasattr(x.sae, "concept_index"):
+        raise SaeforgeError(f"the alignsae method needs an AlignSAE, and this SAE is a {x.sae.cfg.architecture}",
+                            "bench an AlignSAE's folder (saeforge train --architecture alignsae)")
+    if not x.concept:
+        raise SaeforgeError("the alignsae method needs the concept to steer towards",
+                            f"add --concept, one of {', '.join(x.sae.cfg.concepts)}")
+    i = x.sae.concept_index(x.concept)
+    return Intervention(x.sae.W_dec[i].detach().float().cpu(), info={"concept": x.concept, "latent": i})
+
+
 BUILDERS: dict[str, Callable[[BenchInputs], Intervention]] = {
     "caa": _caa, "sta": _sta, "refined_caa": _refined, "sae_rsv_denoise": _rsv(True, False),
     "sae_rsv_augment": _rsv(False, True), "sae_rsv": _rsv(True, True), "random": _random, "prompting": _prompting,
-    "srps": _srps, "srps_diffmeans": _srps_diffmeans, "roleplay_prompting": _roleplay_prompting}
+    "srps": _srps, "srps_diffmeans": _srps_diffmeans, "roleplay_prompting": _roleplay_prompting,
+    "alignsae": _alignsae}
 PREFIX_METHODS = ("prompting", "roleplay_prompting")
 
 
@@ -297,7 +312,8 @@ class BenchSteeringConfig:
     prompting row."""
     methods: tuple[str, ...] = DEFAULT_METHODS
     """Methods to bench: caa, sta, refined_caa, sae_rsv_denoise, sae_rsv_augment, sae_rsv, random, prompting; and on
-    request srps, srps_diffmeans, roleplay_prompting (role-play steering and its controls)."""
+    request srps, srps_diffmeans, roleplay_prompting (role-play steering and its controls) and alignsae (an
+    AlignSAE's concept latent, --concept)."""
     multipliers: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
     """The strength sweep: vector norms as multiples of the unit (every vector method at each)."""
     unit: str = "caa"
@@ -321,6 +337,9 @@ class BenchSteeringConfig:
     """SRPS: weight β of the firing-rate difference in the sensitivity score."""
     srps_tau: float = 0.2
     """SRPS: activation above which a latent counts as firing."""
+    concept: str = ""
+    """alignsae method: the concept (of the AlignSAE's --sae-options concepts) whose supervised latent's decoder row
+    is the steering vector."""
     max_new_tokens: int = 32
     """Tokens generated per prompt."""
     temperature: float = 0.7
@@ -432,6 +451,8 @@ def run_bench(steerer, behaviour: Behaviour, methods: Sequence[str], multipliers
     done = {(r["method"], r["multiplier"]): r for r in _load_partial(out, fingerprint)}
 
     sae, site, lm = bound.sae, bound.write_site, steerer.lm
+    if "alignsae" in methods and hasattr(sae, "concept_index") and inputs.get("concept"):
+        sae.concept_index(inputs["concept"])  # an unknown concept is refused before any text is read
     pairs = behaviour.pair_prompts
     pos = collect(lm, sae, site.name, behaviour.positives, steerer.policy, prompts=pairs)
     neg = collect(lm, sae, site.name, behaviour.negatives, steerer.policy, prompts=pairs)
@@ -650,7 +671,7 @@ def bench_steering(cfg: BenchSteeringConfig, steerer=None) -> dict:
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "judge_retries", "judge_timeout")}
     inputs = dict(instruction=cfg.instruction, trim=cfg.trim, fdr=cfg.fdr, rsv_candidates=cfg.rsv_candidates,
                   rsv_augment=cfg.rsv_augment, rsv_alphas=tuple(cfg.rsv_alphas), roles=tuple(cfg.roles),
-                  srps_k=cfg.srps_k, srps_beta=cfg.srps_beta, srps_tau=cfg.srps_tau)
+                  srps_k=cfg.srps_k, srps_beta=cfg.srps_beta, srps_tau=cfg.srps_tau, concept=cfg.concept)
     steerer = steerer or Steerer.from_run(cfg.path, model=cfg.model, device=cfg.device)
     run = lambda: run_bench(steerer, behaviour, cfg.methods, cfg.multipliers, inputs=inputs,  # noqa: E731
                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,

@@ -51,11 +51,14 @@ from saeforge.saes.crosscoder import (  # isort: skip
     TopKCrosscoderConfig,
 )
 from saeforge.saes.hsae import HSAE, HSAEConfig  # isort: skip
+from saeforge.saes.alignsae import AlignSAE, AlignSAEConfig  # isort: skip
 from saeforge.saes.normalization import NORMALIZATION_METHODS, ActivationScaler, estimate_scale  # isort: skip
 from saeforge.saes.io import load_feature_stats, load_sae, read_sae_config, save_sae  # isort: skip
 
 __all__ = [
     "ActivationScaler",
+    "AlignSAE",
+    "AlignSAEConfig",
     "BatchTopKCLT",
     "BatchTopKCLTConfig",
     "BatchTopKConfig",

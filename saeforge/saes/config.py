@@ -130,6 +130,12 @@ class SAEConfig:
         return lr
 
     @classmethod
+    def label_site_for(cls, options: dict[str, Any]) -> str | None:
+        """The activation-cache site holding per-token labels this architecture trains on, given its
+        ``--sae-options`` (the trainer passes that site's rows as ``TrainState.labels``); None: it needs none."""
+        return None
+
+    @classmethod
     def for_binding(cls, kind: str) -> type[SAEConfig]:
         """The config class that trains a dictionary of binding ``kind`` when this architecture is asked for: this
         one when it trains that kind, except that an ordinary SAE given a target site is trained as its transcoder

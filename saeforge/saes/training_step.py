@@ -22,6 +22,9 @@ class TrainState:
     sparsity_scale: float = 1.0
     # bool [d_sae]: latents the trainer considers dead (AuxK targets, resampling candidates). None = unknown.
     dead_mask: Tensor | None = None
+    # [N, C] per-token labels read from the cache's label site, for an architecture whose config names one
+    # (SAEConfig.label_site_for); None otherwise.
+    labels: Tensor | None = None
 
 
 @dataclass

@@ -172,6 +172,22 @@ class TrainConfig:
             need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
                  f"SAE {spec['name']!r}: learning rate must be positive, got {v!r}",
                  "give its `saes:` entry in the config file a positive `lr:` (or 0 for the architecture default)")
+        labelled = [spec["name"] for spec in self.sae_specs() if label_site(spec)]
+        need(not labelled or bool(self.cache),
+             f"SAE(s) {', '.join(labelled)} train on per-token labels, which only an activation cache holds",
+             "write the activations and labels as a cache (ActivationCache.from_arrays(out, {site: acts, "
+             "'concepts': labels})) and pass --cache DIR")
+        if labelled and self.cache:
+            from saeforge.data.activation_cache import ActivationCache
+
+            held = ActivationCache(self.cache).sites
+            for spec in self.sae_specs():
+                need(label_site(spec) is None or label_site(spec) in held,
+                     f"SAE {spec['name']!r} trains on the labels at the cache site {label_site(spec)!r}, which the "
+                     f"cache {self.cache} does not hold (it holds {', '.join(held)})",
+                     "write the labels into the cache beside the activations (ActivationCache.from_arrays(out, "
+                     "{site: acts, 'concepts': labels})), or name the site holding them: --sae-options "
+                     "'{\"label_site\": \"SITE\"}'")
         if not self.cache:  # the live model: what can be checked before it loads
             from saeforge.data.text_source import TextSource
             from saeforge.models.sites import check_sites_before_loading
@@ -235,7 +251,7 @@ class TrainConfig:
     def needed_sites(self) -> list[str]:
         out: list[str] = []
         for spec in self.sae_specs():
-            for s in spec["reads"] + spec["writes"]:
+            for s in spec["reads"] + spec["writes"] + tuple(filter(None, [label_site(spec)])):
                 if s not in out:
                     out.append(s)
         return out
@@ -291,6 +307,12 @@ def expand_sites(spec: str | list | tuple) -> list[str]:
                             f"list each layer once, in increasing order: "
                             f"{m['head']}{','.join(map(str, sorted(set(layers))))}{m['tail']}")
     return [f"{m['head']}{layer}{m['tail']}" for layer in layers]
+
+
+def label_site(spec: dict[str, Any]) -> str | None:
+    """The cache site holding the per-token labels one SAE of ``sae_specs()`` trains on, if its architecture needs
+    labels (:meth:`~saeforge.saes.SAEConfig.label_site_for`)."""
+    return get_config_class(spec["architecture"]).label_site_for(parse_sae_options(spec["sae_options"]))
 
 
 def parse_sae_options(options: str | dict | None) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from saeforge.runs import SiteBinding
 from saeforge.saes import SAE, ActivationScaler, DeadLatentTracker, TrainOutput, TrainState, make_sae, save_sae
 from saeforge.saes.registry import get_config_class
 from saeforge.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from saeforge.training.config import TrainConfig, non_default_fields, parse_sae_options, resolve_config
+from saeforge.training.config import TrainConfig, label_site, non_default_fields, parse_sae_options, resolve_config
 from saeforge.training.run_dir import open_run, record_data, record_ranks
 from saeforge.training.scaling import SiteScaler
 from saeforge.training.schedules import lr_factor, sparsity_factor
@@ -59,6 +59,7 @@ class Trainee:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     tracker: DeadLatentTracker
     scaler: ActivationScaler | SiteScaler
+    label_site: str | None = None  # the cache site of its per-token labels, when its architecture trains on some
     metrics: dict[str, float] | None = None  # of the last step that was logged
 
     @property
@@ -171,7 +172,8 @@ class Trainer:
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                           lambda s: lr_factor(s, total, warm, decay, frac))
             tracker = DeadLatentTracker(sae_cfg.d_sae, dead_after, device=self.device)
-            self.trainees.append(Trainee(spec["name"], binding, sae, optimizer, scheduler, tracker, scaler))
+            self.trainees.append(Trainee(spec["name"], binding, sae, optimizer, scheduler, tracker, scaler,
+                                         label_site(spec)))
         # a copy, so the whole first fill is not kept alive for the run by a view of it
         self.init_sample = {k: v[:INIT_SAMPLE_TOKENS].clone() for k, v in sample.items()}
 
@@ -246,7 +248,9 @@ class Trainer:
                 target = t.scaler.scale_target(_joined(batch, t.binding.writes).to(self.device, torch.float32))
             state = TrainState(step=self.step, total_steps=self.total_steps,
                                sparsity_scale=sparsity_factor(self.step, warm),
-                               dead_mask=t.tracker.dead_mask)
+                               dead_mask=t.tracker.dead_mask,
+                               labels=None if t.label_site is None else batch[t.label_site].to(self.device,
+                                                                                               torch.float32))
             out = t.sae.training_loss(x, target, state=state)
             fired, n_tokens = self._backward(t, out, x)
             t.sae.before_optimizer_step()

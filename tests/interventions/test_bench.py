@@ -271,3 +271,118 @@ def test_strengths_in_residual_units(steerer, monkeypatch):
     assert "| method | α (× mean ‖x‖) |" in B.format_bench(report)
     with pytest.raises(SaeforgeError, match="unknown strength unit 'volts'"):
         B.run_bench(steerer, behaviour, ["caa"], [1.0], unit="volts")
+
+
+class _Endpoint:
+    """A local OpenAI-compatible chat endpoint in a thread: yes when the continuation holds 'king' (and to every
+    fluency question); after ``answers`` requests it answers 503 to every one."""
+
+    def __init__(self, answers=None):
+        import http.server
+        import threading
+
+        self.requests, self.answers = [], answers
+        endpoint = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                endpoint.requests.append((self.path, body))
+                if endpoint.answers is not None and len(endpoint.requests) > endpoint.answers:
+                    self.send_response(503)
+                    self.end_headers()
+                    self.wfile.write(b"overloaded")
+                    return
+                text = body["messages"][1]["content"]
+                cont = text.split("Continuation: ", 1)[1].split("\n\n")[0]
+                verdict = ("Yes" if "king" in cont else "No") if "behaviour" in text else "yes"
+                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_judge_scorer_goes_through_an_openai_compatible_endpoint(steerer, monkeypatch, tmp_path):
+    """bench-steering --scorer judge against a real HTTP endpoint: the verdicts it gives become the behaviour and
+    fluency columns; when it stops answering the bench stops after the retries with a clear error, keeps the
+    finished rows, and a rerun resumes after them."""
+    import saeforge.features.autointerp.backends as backends
+
+    monkeypatch.setattr(backends.time, "sleep", lambda s: None)  # the retries' back-off
+    for name, texts in (("p", ROYAL), ("n", PLAIN), ("q", PROMPTS)):
+        (tmp_path / f"{name}.txt").write_text("\n".join(texts) + "\n")
+    cfg = B.BenchSteeringConfig(path="unused", positive=str(tmp_path / "p.txt"), negative=str(tmp_path / "n.txt"),
+                                prompts_file=str(tmp_path / "q.txt"), scorer="judge", behaviour="speaks of kings",
+                                judge_model="fake-judge", judge_retries=1, methods=("caa",),
+                                multipliers=(1.0, 2.0, 4.0), max_new_tokens=3, out=str(tmp_path / "out"))
+    # each row asks 3 prompts × 2 questions: rows none and caa × 1 are answered, caa × 2 is not
+    failing = _Endpoint(answers=12)
+    monkeypatch.setenv("SAEFORGE_LLM_BASE_URL", failing.url)
+    try:
+        with pytest.raises(B.BenchInterrupted, match=r"stopped at caa × 2: cannot reach the LLM endpoint "
+                           r"http://127\.0\.0\.1:\d+/v1/chat/completions after 2 tries \(HTTP 503: overloaded\); "
+                           r"2 row\(s\) finished") as err:
+            B.bench_steering(cfg, steerer=steerer)
+    finally:
+        failing.close()
+    assert "run the same command again" in err.value.fix
+    paths = {p for p, _ in failing.requests}
+    assert paths == {"/v1/chat/completions"} and {b["model"] for _, b in failing.requests} == {"fake-judge"}
+    saved = json.loads((tmp_path / "out" / B.RESULT_FILE).read_text())
+    assert [(r["method"], r["multiplier"]) for r in saved["rows"]] == [("none", 0.0), ("caa", 1.0)]
+    for row in saved["rows"]:  # the endpoint's verdicts, recomputed from the saved generations (all 3 kept)
+        assert len(row["samples"]) == 3 and row["fluency"] == 1.0
+        assert row["behaviour"] == pytest.approx(sum("king" in s for s in row["samples"]) / 3)
+    healthy = _Endpoint()
+    monkeypatch.setenv("SAEFORGE_LLM_BASE_URL", healthy.url)
+    try:
+        report = B.bench_steering(cfg, steerer=steerer)
+    finally:
+        healthy.close()
+    assert [(r["method"], r["multiplier"]) for r in report["rows"]] == [
+        ("none", 0.0), ("caa", 1.0), ("caa", 2.0), ("caa", 4.0)]
+    assert report["rows"][:2] == saved["rows"]
+    assert len(healthy.requests) == 2 * 3 * 2  # only the two missing rows were judged
+    asked = [b["messages"][1]["content"] for _, b in healthy.requests]
+    assert sum("speaks of kings" in a for a in asked) == 6 and sum("fluent" in a for a in asked) == 6
+
+
+def test_alignsae_method_steers_along_the_concept_latent(tiny_run, tiny_llama, steerer, monkeypatch, tmp_path):
+    from saeforge.saes import AlignSAEConfig, make_sae, save_sae
+
+    behaviour = B.Behaviour(ROYAL, PLAIN, PROMPTS, B.KeywordScorer(["king", "crown"]))
+    # the run's TopK SAE has no concept latents: a finding in the report, not a crash
+    report = B.run_bench(steerer, behaviour, ["caa", "alignsae"], [1.0], inputs={"concept": "royalty"},
+                         max_new_tokens=2, progress=False)
+    assert "needs an AlignSAE" in report["method_errors"]["alignsae"]
+    meta = json.loads((tiny_run / "saes" / "layers.1.resid_post" / "cfg.json").read_text())["metadata"]
+    torch.manual_seed(0)
+    sae = make_sae(AlignSAEConfig(d_in=32, d_sae=64, concepts=("royalty", "number")))
+    save_sae(sae, tmp_path / "align", metadata=meta)
+    aligned = Steerer.from_run(tmp_path / "align", lm=tiny_llama)
+    seen = _spy(monkeypatch, aligned)
+    report = B.run_bench(aligned, behaviour, ["alignsae"], [2.0], inputs={"concept": "royalty"}, max_new_tokens=2,
+                         progress=False)
+    assert report["methods"]["alignsae"]["info"] == {"concept": "royalty", "latent": 62}
+    (v,) = [x["layers.1.resid_post"] for x in seen if x]
+    assert float(torch.nn.functional.cosine_similarity(v, sae.W_dec[62].detach(), dim=0)) == pytest.approx(1.0)
+    assert float(v.norm()) == pytest.approx(2.0 * report["caa_norm"], rel=1e-5)
+    n = len(seen)
+    with pytest.raises(SaeforgeError, match="unknown concept 'weather'"):
+        B.run_bench(aligned, behaviour, ["alignsae"], [2.0], inputs={"concept": "weather"}, progress=False)
+    with pytest.raises(SaeforgeError, match="needs the concept") as err:
+        B._alignsae(B.BenchInputs(sae, None, None, torch.zeros(32)))
+    assert "--concept" in err.value.fix and len(seen) == n

@@ -21,7 +21,7 @@ from saeforge.saes import (
     register_sae,
 )
 
-ALL = ["batchtopk", "batchtopk_clt", "batchtopk_crosscoder", "batchtopk_skip_transcoder", "batchtopk_transcoder",
+ALL = ["alignsae", "batchtopk", "batchtopk_clt", "batchtopk_crosscoder", "batchtopk_skip_transcoder", "batchtopk_transcoder",
        "gated", "hsae", "jumprelu", "jumprelu_clt", "jumprelu_crosscoder", "jumprelu_skip_transcoder",
        "jumprelu_transcoder",
        "matryoshka", "relu", "topk", "topk_clt", "topk_crosscoder", "topk_skip_transcoder", "topk_transcoder"]
