@@ -1,0 +1,1 @@
+"""Neuron-level decompositions of MLP activations (the site ``layers.N.mlp_hidden``)."""
