@@ -155,13 +155,14 @@ def update_coefficients(x: torch.Tensor, g: torch.Tensor, z: torch.Tensor, zzt: 
 
 def encode(x: torch.Tensor, z: torch.Tensor, iters: int = 100) -> torch.Tensor:
     """Nonnegative coefficients ``[n, k]`` of new activations ``x`` ``[n, d]`` on fixed features ``z``: the
-    least-squares solution clipped at a small positive floor, then ``iters`` multiplicative updates (the fit's own
+    least-squares solution clipped at a small positive floor (per token, so each token's coefficients depend on
+    it alone), then ``iters`` multiplicative updates (the fit's own
     coefficient step), which never raise ‖x − G z‖²."""
     x, z = x.float(), z.float()
     zzt = z @ z.T
     ridge = EPS * zzt.diagonal().mean().clamp_min(EPS) * torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
     g = torch.linalg.solve(zzt + ridge, z @ x.T).T
-    g = g.clamp_min(1e-3 * float(g.abs().max().clamp_min(1e-12)))
+    g = torch.maximum(g, 1e-3 * g.abs().amax(1, keepdim=True).clamp_min(1e-12))  # per token: rows independent
     for _ in range(iters):
         g = update_coefficients(x, g, z, zzt)
     return g
@@ -488,7 +489,9 @@ def fit_hierarchy(fine: SNMF, coarse_rank: int, data=None, *, settings: SNMFSett
     fit saw, which must have its coefficients), Z₂, Y₂ and the fine coefficients are tuned jointly by Adam on
     ‖X − G Y₂ Z₂‖² for ``finetune_steps`` (the paper: 500 steps at lr 1e-3). Unlike the paper's code the tuning
     keeps Y₂ and G nonnegative (projected after each step) and the coarse neuron groups fixed, so the result is
-    still a sparse semi-NMF. Returns a copy of ``fine`` whose features are Y₂ Z₂, with ``coarse`` and ``mixing``."""
+    still a sparse semi-NMF. Returns a copy of ``fine`` with ``coarse`` and ``mixing``; its features are Y₂ Z₂ after
+    joint tuning (then they span only ``coarse_rank`` dimensions and a token's fine coefficients are not unique),
+    else the fine features as fitted."""
     check_rank(coarse_rank, fine.d, fine.rank)
     if coarse_rank >= fine.rank:
         raise SaeforgeError(f"coarse rank {coarse_rank} is not below the fine rank {fine.rank}",
@@ -507,7 +510,10 @@ def fit_hierarchy(fine: SNMF, coarse_rank: int, data=None, *, settings: SNMFSett
         coarse, mixing, g, losses = _finetune(as_chunks(data), g.clone(), mixing, coarse, finetune_steps, lr,
                                               progress)
         info["finetune_rel_loss"] = losses
-    return SNMF((mixing @ coarse).contiguous(), fine.settings, list(fine.history), info, coarse, mixing, g)
+    # without joint tuning the fine features stay as fitted (full rank: a token's fine coefficients are unique);
+    # tuned, they are the product, as in the paper's joint model, and span only coarse_rank dimensions
+    features = (mixing @ coarse).contiguous() if "finetune_rel_loss" in info else fine.features
+    return SNMF(features, fine.settings, list(fine.history), info, coarse, mixing, g)
 
 
 def _finetune(chunks: Chunks, g, mixing, coarse, steps: int, lr: float, progress: bool):

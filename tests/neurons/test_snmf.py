@@ -155,7 +155,8 @@ def test_hierarchy_mixes_fine_features_from_sparse_coarse_ones():
     tree = fit_hierarchy(fine, 3, x, finetune_steps=30, lr=1e-3)
     assert tree.coarse.shape == (3, d) and tree.mixing.shape == (9, 3) and (tree.mixing >= 0).all()
     assert ((tree.coarse != 0).sum(1) == 13).all()  # the coarse features are winner-take-all sparse too
-    assert torch.allclose(tree.features, tree.mixing @ tree.coarse)
+    assert torch.allclose(tree.features, tree.mixing @ tree.coarse)  # tuned: the paper's joint model
+    assert torch.equal(fit_hierarchy(fine, 3).features, fine.features)  # untuned: the fine features as fitted
     assert tree.info["finetune_rel_loss"]["last"] <= tree.info["finetune_rel_loss"]["first"]
     # each fine feature's strongest parent is the coarse feature on its planted parent's neurons
     parent_of = {}
