@@ -172,6 +172,7 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
                   "feature trees: link SAEs after training, measure and judge trees, absorption and splitting"),
     "modules": ("saeforge.hierarchy.modules_cli:MODULES_ACTIONS", None,
                 "co-activation modules across adjacent layers' SAEs: build, test on a task, steer"),
+    "snmf": ("saeforge.neurons.cli:SNMF_ACTIONS", None, "SNMF neuron groups of MLP activations: fit, inspect, steer, compare"),
 }
 
 

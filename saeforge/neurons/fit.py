@@ -72,7 +72,7 @@ class SNMFFitConfig:
     """Number of features k (the paper: 100 per layer for Llama-3.1-8B, 50 for GPT-2); at most the number of
     neurons."""
     sparsity: float = 0.01
-    """Winner-take-all keep-fraction: neurons per feature = ⌈sparsity × d_mlp⌉ (the paper's 1 %)."""
+    """Winner-take-all keep-fraction: neurons per feature = ⌈sparsity × d_mlp⌉ (the paper's 1 percent)."""
     max_iter: int = 1000
     """Iteration limit."""
     patience: int = 100
@@ -186,7 +186,8 @@ def _fit_locked(cfg: SNMFFitConfig, out: Path, lm) -> SNMF:
 
         write_feature_store(out, fit, lm, site=cfg.site, corpus=cfg.store_corpus, tokens=cfg.store_tokens,
                             context_length=cfg.context_length, batch_size=cfg.batch_size,
-                            fire_threshold=cfg.fire_threshold, seed=cfg.seed, progress=cfg.progress)
+                            fire_threshold=cfg.fire_threshold, seed=cfg.seed, progress=cfg.progress,
+                            lock=False)  # this command holds the folder's lock
     return fit
 
 

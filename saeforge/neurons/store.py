@@ -16,6 +16,7 @@ the mixing coefficient) from each coarse feature to the fine features it feeds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from pathlib import Path
@@ -50,9 +51,10 @@ def _neighbours(z: torch.Tensor, n: int) -> list[list]:
 def write_feature_store(folder: str | Path, fit: SNMF, lm, *, site: str, corpus: str = "embedded:validation",
                         tokens: int = 32_768, context_length: int = 128, batch_size: int = 16,
                         fire_threshold: float = 0.1, top_examples: int = 20, n_logits: int = 10,
-                        n_neighbors: int = 10, seed: int = 0, progress: bool = True) -> Path:
+                        n_neighbors: int = 10, seed: int = 0, progress: bool = True, lock: bool = True) -> Path:
     """Fill ``folder``/features.sqlite with the fit's features (see the module docstring); returns its path. Written
-    under a temporary name and put in place as ``harvest`` does, under the folder's writer lock."""
+    under a temporary name and put in place as ``harvest`` does, under the folder's writer lock (``lock=False``:
+    the caller holds the folder's lock already)."""
     from saeforge.features.harvest import HarvestConfig
     from saeforge.neurons.mlp import mlp_site, vocabulary_projection
 
@@ -70,7 +72,7 @@ def write_feature_store(folder: str | Path, fit: SNMF, lm, *, site: str, corpus:
     cfg = HarvestConfig(path=str(folder), tokens=tokens, batch_size=batch_size, top_examples=top_examples,
                         n_logits=n_logits, n_neighbors=n_neighbors, seed=seed, corpus=corpus,
                         context_length=context_length)
-    with exclusive_lock(folder, WRITER_LOCK):
+    with exclusive_lock(folder, WRITER_LOCK) if lock else contextlib.nullcontext():
         return _write(folder, fit, lm, s, cfg, fire_threshold, progress, vocabulary_projection)
 
 
