@@ -181,6 +181,7 @@ def _fit_locked(cfg: SNMFFitConfig, out: Path, lm) -> SNMF:
         fit = fit_hierarchy(fit, cfg.coarse_rank, data, finetune_steps=cfg.finetune_steps, progress=cfg.progress)
     fit.save(out)
     remove_checkpoint(out)
+    loss_plot(fit, out / "plots" / "snmf_loss.png")
     if cfg.store:
         from saeforge.neurons.store import write_feature_store
 
@@ -189,6 +190,36 @@ def _fit_locked(cfg: SNMFFitConfig, out: Path, lm) -> SNMF:
                             fire_threshold=cfg.fire_threshold, seed=cfg.seed, progress=cfg.progress,
                             lock=False)  # this command holds the folder's lock
     return fit
+
+
+def loss_plot(fit: SNMF, path: Path) -> Path | None:
+    """The relative loss per iteration (log scale), the best marked: how the fit converged."""
+    from saeforge.evals.plots import have_matplotlib
+
+    if not have_matplotlib() or not fit.history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from saeforge.utils.atomic import atomic_write
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(fit.history) + 1), fit.history, lw=1.2)
+    best = min(range(len(fit.history)), key=fit.history.__getitem__)
+    ax.scatter([best + 1], [fit.history[best]], color="black", zorder=3, s=18, label=f"best {fit.best_loss:.4f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("‖X − GZ‖² / ‖X‖²")
+    ax.set_title(f"SNMF of {fit.info.get('site', '')}: k = {fit.rank}, "
+                 f"{fit.info.get('neurons_per_feature', '?')} neurons per feature", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+    return path
 
 
 def run_fit(cfg: SNMFFitConfig) -> SNMF:

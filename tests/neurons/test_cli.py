@@ -26,6 +26,7 @@ def test_fit_inspect_and_steer_from_the_command_line(tiny_llama_dir, text_path, 
     assert "6 features × 7 of 64 neurons" in printed and "saeforge serve" in printed
     assert {p.name for p in out.iterdir()} >= {"snmf.safetensors", "snmf.json", "features.sqlite"}
     assert not (out / "checkpoint.safetensors").exists()
+    assert (out / "plots" / "snmf_loss.png").read_bytes()[:4] == b"\x89PNG"
     meta = json.loads((out / "snmf.json").read_text())
     assert meta["info"]["site"] == "layers.1.mlp_hidden" and meta["coarse_rank"] == 2
     assert main(["snmf", "inspect", str(out), "--features", "0", "5"]) in (0, None)
