@@ -175,6 +175,7 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
                 "co-activation modules across adjacent layers' SAEs: build, test on a task, ablate and swap"),
     "personalize": ("saeforge.personalization.cli:PERSONALIZE_ACTIONS", None,
                     "latent personalization (DEP): synthetic users, training soft tokens from user differences, eval"),
+    "snmf": ("saeforge.neurons.cli:SNMF_ACTIONS", None, "SNMF neuron groups of MLP activations: fit, inspect, steer, compare"),
 }
 
 
