@@ -20,23 +20,16 @@ __all__ = ["CONCEPTS", "CONCEPT_WORDS", "SwapLatents", "alignment_demo", "auroc"
 
 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """Area under the ROC curve of ``scores`` for the bool labels ``positive`` (the Mann-Whitney U statistic,
-    ties counted half); NaN when one class is empty."""
-    scores = scores.detach().double().reshape(-1)
-    positive = positive.reshape(-1).bool()
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
+    """Area under the ROC curve of ``scores`` for the bool labels ``positive`` (the Mann-Whitney U statistic of
+    contrast, ties counted half); NaN when one class is empty."""
+    from saeforge.features.contrast import mann_whitney
+
+    scores = scores.detach().double().reshape(-1).cpu()
+    positive = positive.reshape(-1).bool().cpu()
+    if bool(positive.all()) or not bool(positive.any()):
         return float("nan")
-    order = scores.argsort()
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
-    # average ranks over ties
-    uniq, inverse = torch.unique(scores, return_inverse=True)
-    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks)
-    counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(ranks))
-    ranks = (sums / counts)[inverse]
-    u = float(ranks[positive].sum()) - n_pos * (n_pos + 1) / 2
-    return u / (n_pos * n_neg)
+    area, _ = mann_whitney(scores[positive][:, None].numpy(), scores[~positive][:, None].numpy())
+    return float(area[0])
 
 
 # ------------------------------------------------------------------------------------------------ the concept set

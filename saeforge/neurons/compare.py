@@ -74,10 +74,11 @@ class SNMFCompareConfig:
 
 def auroc(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """Area under the ROC curve of scores ``pos`` ``[n_pos, m]`` against ``neg`` ``[n_neg, m]``, per column (ties
-    count one half): the chance that a positive outscores a negative."""
-    gt = (pos[:, None, :] > neg[None, :, :]).float().mean((0, 1))
-    eq = (pos[:, None, :] == neg[None, :, :]).float().mean((0, 1))
-    return gt + 0.5 * eq
+    count one half): the chance that a positive outscores a negative (contrast's Mann-Whitney statistic)."""
+    from saeforge.features.contrast import mann_whitney
+
+    area, _ = mann_whitney(pos.double().cpu().numpy(), neg.double().cpu().numpy())
+    return torch.from_numpy(area).float()
 
 
 def _sentence_acts(lm, sites: list[str], texts: list[str], policy) -> dict[str, list[torch.Tensor]]:
