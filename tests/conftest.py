@@ -134,10 +134,13 @@ def tiny_run(tiny_cache, tmp_path_factory):
     """A finished training run: a TopK SAE (d_sae 128, k 8) on layers.1.resid_post of the tiny Llama."""
     from saeforge.training import TrainConfig, train
 
+    from saeforge.saes.topk import TopKConfig
+
     run = tmp_path_factory.mktemp("tiny_run") / "run"
+    # the size rule's rate, without the short-run rise (40 steps), so the features the tests pick stay put
     train(TrainConfig(out=str(run), cache=str(tiny_cache.folder), sites=(TRAIN_SITES[0],), tokens=256 * 40,
                       batch_size=256, d_sae=128, k=8, progress=False, device="cpu", lr_warmup_steps=5,
-                      checkpoint_every=100))
+                      checkpoint_every=100, lr=TopKConfig.default_lr(128)))
     return run
 
 

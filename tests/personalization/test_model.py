@@ -66,7 +66,9 @@ def test_adapter_shapes_and_rows(tiny_llama, users):
     width = max(r.shape[0] for r in rows)
     assert embeds.shape == (2, width, tiny_llama.d_model) and mask[1].sum() == rows[1].shape[0]
     assert mask[1, -1] == 1 and (mask[1, 0] == 0) == (rows[1].shape[0] < width)
-    # the used slots' soft tokens sit right after BOS (history, then difference), the prompt's embeddings after them
+    # the used slots' soft tokens sit right after BOS (history, then difference), the prompt's embeddings after them;
+    # the reference runs the adapter on the same two users (a batch of another size may sum in another order)
+    soft = adapter(inputs.x[[0, 1]])[0]
     n = used[1]
     assert torch.equal(rows[1][1:1 + n], soft[1, :n]) and torch.equal(rows[1][1 + n:1 + 2 * n], soft[1, 3:3 + n])
     assert torch.equal(rows[1][-1], tiny_llama.model.get_input_embeddings().weight[8])
