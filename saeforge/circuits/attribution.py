@@ -206,9 +206,9 @@ def check_per_position(enc: EncodedTask, per_position: bool) -> None:
 
 @contextlib.contextmanager
 def _no_weight_grads(lm) -> Iterator[None]:
-    from saeforge.models.gradients import _weights_without_grad
+    from saeforge.models.gradients import weights_without_grad
 
-    with _weights_without_grad(lm.model), torch.enable_grad():
+    with weights_without_grad(lm.model), torch.enable_grad():
         yield
 
 

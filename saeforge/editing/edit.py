@@ -29,9 +29,10 @@ import torch
 from saeforge.editing.facts import EncodedFact, Fact, encode_answer
 from saeforge.editing.localize import Localization, localize, retain_means
 from saeforge.editing.registry import EditRecord, EditRegistry
-from saeforge.editing.scoring import FactBatch, no_weight_grads
+from saeforge.editing.scoring import FactBatch
 from saeforge.editing.weights import commit, down_projection, with_delta
 from saeforge.errors import SaeforgeError
+from saeforge.models.gradients import weights_without_grad
 
 __all__ = ["EDIT_METHODS", "EditSettings", "Editor", "check_method"]
 
@@ -173,7 +174,7 @@ class Editor:
         def retain_change() -> torch.Tensor:
             return sum((a @ delta).pow(2).sum(-1).mean() / scale for a, scale in zip(retain, self.retain_scale))
 
-        with no_weight_grads(self.lm), with_delta(self.module, neurons, delta), torch.enable_grad():
+        with weights_without_grad(self.lm.model), with_delta(self.module, neurons, delta), torch.enable_grad():
             for steps in range(s.steps + 1):
                 nll = batch.nll(self.lm)
                 if nll_before is None:

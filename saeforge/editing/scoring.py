@@ -10,10 +10,9 @@ edits to one layer's MLP leave everything before it unchanged; logits are comput
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
@@ -154,19 +153,6 @@ class TextBatch:
             total += float(-lp.gather(-1, target[..., None]).sum())
             count += target.numel()
         return math.exp(total / max(count, 1))
-
-
-@contextlib.contextmanager
-def no_weight_grads(lm) -> Iterator[None]:
-    """The model's own weights build no gradients inside the block (only an edit's delta does)."""
-    params = [p for p in lm.model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 @torch.no_grad()

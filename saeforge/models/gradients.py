@@ -148,7 +148,7 @@ def spliced_forward(lm, input_ids: torch.Tensor, saes: Mapping[str, Any], *, fre
     nodes = _nodes(lm, saes)
     edits = _site_edits(nodes)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_weights_without_grad(lm.model))
+        stack.enter_context(weights_without_grad(lm.model))
         if "norm" in freeze:
             stack.enter_context(_frozen_norms(lm))  # before the edits: a site at a norm's output sees the frozen norm
         if "attention" in freeze:
@@ -247,7 +247,7 @@ def _dtype(dictionary) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def _weights_without_grad(model: nn.Module) -> Iterator[None]:
+def weights_without_grad(model: nn.Module) -> Iterator[None]:
     """The graph leads to the spliced nodes only: no parameter gradients are built or accumulated."""
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
