@@ -6,7 +6,7 @@ matched latents are parent and child in the learned tree; and with each node mat
 score), P(parent | child), P(child | parent), Hamming distance per 1,000 samples, and each level's L0 / FVU; over
 the seeds (default 0–29), the means and the paired HSAE − post-hoc gap with its standard error. The same trainings
 as the slow test
-``tests/hierarchy/test_synthetic.py::test_hsae_recovers_the_true_tree_better_than_the_post_hoc_baseline``.
+``tests/hierarchy/test_synthetic.py::test_hsae_recovers_the_true_tree_as_well_as_the_post_hoc_baseline``.
 
     PYTHONPATH=. .venv/bin/python benchmarks/hierarchy_ground_truth.py [--seeds 0 1 2 ...] [--jobs 2] [--options JSON]
 
