@@ -7,9 +7,12 @@ an active node activates one of its children with probability ``child_probabilit
 exclude each other, as "dog" and "cat" under "animal"), so **a child fires only with its parent**. The sample is
 x = Σ_active m_node · dir_node with log-normal magnitudes m (median 1, σ ``magnitude_sigma``).
 
-:func:`edge_recovery` scores a learned tree against the truth: every true node is matched to the learned latent
-of the same depth whose firing agrees with the node's activity best (Jaccard index); a true edge (P → C) is
-recovered when the latent matched to C has the latent matched to P as its parent.
+:func:`edge_recovery` scores a learned tree against the truth: the true nodes of each depth are matched one to one
+to the learned latents of that level so that their firing agrees best (Jaccard index, summed over the matches:
+Hungarian assignment); a true edge (P → C) is recovered when the latent matched to C has the latent matched to P as
+its parent. One to one, because with each node simply matched to its best latent a level that copied the roots and
+learned no child at all scores every edge (the four children of a root all match the root's copy, whose parent is
+the root); ``one_to_one=False`` gives that older score.
 """
 
 from __future__ import annotations
@@ -102,33 +105,50 @@ class HierarchicalFeatureModel:
         return x, active
 
 
-def jaccard_matches(latents_active: Tensor, truth_active: Tensor) -> tuple[Tensor, Tensor]:
+def jaccard_matches(latents_active: Tensor, truth_active: Tensor, *, one_to_one: bool = False
+                    ) -> tuple[Tensor, Tensor]:
     """For every true feature (column of ``truth_active [n, m]``), the latent (column of ``latents_active [n, k]``)
-    with the highest Jaccard index of their firing, and that index."""
+    with the highest Jaccard index of their firing, and that index. ``one_to_one``: no latent serves two features
+    (the assignment with the largest total Jaccard index); features left without a latent that ever fires with them
+    get latent -1 and index 0."""
     a = latents_active.float()
     t = truth_active.float()
     inter = t.T @ a                                     # [m, k]
     union = t.sum(0)[:, None] + a.sum(0)[None, :] - inter
     jac = inter / union.clamp_min(1)
-    best, index = jac.max(dim=1)
+    if not one_to_one:
+        best, index = jac.max(dim=1)
+        return index, best
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError as err:  # pragma: no cover - scipy comes with the dev, flow and circuits extras
+        raise SaeforgeError("one-to-one matching needs scipy", "pip install 'saeforge[flow]' (or scipy)") from err
+    rows, cols = linear_sum_assignment(jac.double().numpy(), maximize=True)
+    index = torch.full((jac.shape[0],), -1, dtype=torch.long)
+    best = torch.zeros(jac.shape[0])
+    index[torch.from_numpy(rows)] = torch.from_numpy(cols).long()
+    best[torch.from_numpy(rows)] = jac[torch.from_numpy(rows), torch.from_numpy(cols)]
+    index[best <= 0] = -1  # a latent that never fires with the feature is no match, whatever is left over
     return index, best
 
 
 def edge_recovery(tree, levels_active: list[Tensor], truth: HierarchicalFeatureModel,
-                  truth_active: list[Tensor]) -> dict[str, float]:
+                  truth_active: list[Tensor], *, one_to_one: bool = True) -> dict[str, float]:
     """Fraction of true edges (parent → child, every depth) that the learned ``tree`` recovers, with the mean
     Jaccard index of the matches. ``levels_active``: the learned levels' firing ``[n, width]`` on the samples
-    whose true activity is ``truth_active`` (one per depth; the tree needs as many levels as the truth has depths)."""
+    whose true activity is ``truth_active`` (one per depth; the tree needs as many levels as the truth has depths).
+    ``one_to_one``: each true node has a latent of its own (see the module docstring)."""
     if tree.n_levels != len(truth.directions):
         raise SaeforgeError(f"the tree has {tree.n_levels} levels, the truth {len(truth.directions)} depths",
                             "train one level per depth of the synthetic tree")
-    matches = [jaccard_matches(a, t) for a, t in zip(levels_active, truth_active)]
+    matches = [jaccard_matches(a, t, one_to_one=one_to_one) for a, t in zip(levels_active, truth_active)]
     hits, total = 0, 0
     for depth, parent in enumerate(truth.parents, start=1):
         latent_of_child, _ = matches[depth]
         latent_of_parent, _ = matches[depth - 1]
-        learned_parent = torch.as_tensor(tree.parents[depth - 1])[latent_of_child]
-        hits += int((learned_parent == latent_of_parent[parent]).sum())
+        learned_parent = torch.as_tensor(tree.parents[depth - 1])[latent_of_child.clamp_min(0)]
+        recovered = (learned_parent == latent_of_parent[parent]) & (latent_of_child >= 0) & (learned_parent >= 0)
+        hits += int(recovered.sum())
         total += parent.numel()
     return {"edge_recovery": hits / max(total, 1),
             "mean_jaccard": float(torch.cat([m[1] for m in matches]).mean()),

@@ -11,7 +11,7 @@ its level's reconstruction and C_{ℓ,i} the children of (ℓ, i):
   (``tree_similarity="decoder"``: decoder vector) has the largest cosine with its own; the ``unassigned_fraction``
   (20 %) of children with the lowest best cosine stay without a parent. The first tree is built after the first
   ``tree_update_every`` steps (a tree of freshly initialised latents would be noise); until then the structural
-  term is 0.
+  term is 0. A last update follows the last step, so that the saved tree is the rule applied to the saved weights.
 - **Random perturbation**: in x̃_ℓ each parent that has children is replaced, with probability
   ``perturbation_rate`` (5 %), by the sum of its children's vectors; one draw per parent per step, shared by the
   batch. (The paper's formula, read literally, keeps the parent with probability r; its prose and its r = 5 % say
@@ -530,12 +530,14 @@ class HSAE(JumpReLUSAE):
 
     def after_step(self, step: int, total_steps: int, dead_mask: Tensor, x: Tensor,
                    optimizer: torch.optim.Optimizer) -> None:
-        """Adapt each level's λ to its target L0, and rebuild the tree every ``tree_update_every`` steps."""
+        """Adapt each level's λ to its target L0, and rebuild the tree every ``tree_update_every`` steps and after
+        the last step (the saved tree is the rule applied to the saved weights, not to those of up to a fifth of
+        the run before: measured on synthetic trees, docs/hierarchy.md)."""
         if self.cfg.adaptive_sparsity and self._step_level_l0 is not None:
             self._adapt_sparsity(self._step_level_l0.to(self.level_l0_ema.device), total_steps)
         self._step_level_l0 = None
         every = self.cfg.tree_update_every or default_tree_update_every(total_steps)
-        if self.n_levels > 1 and (step + 1) % every == 0 and step + 1 < total_steps:
+        if self.n_levels > 1 and ((step + 1) % every == 0 or step + 1 == total_steps):
             self.update_tree()
 
     @torch.no_grad()

@@ -4,7 +4,10 @@ baseline on data whose tree is known."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +54,22 @@ def test_edge_recovery_of_the_true_tree_and_of_a_wrong_one():
     assert idx.tolist() == list(range(18)) and bool((best == 1).all())
 
 
+def test_a_level_that_copies_the_roots_recovers_no_edge_one_to_one():
+    """A finer level of 18 latents whose first 6 fire exactly with the roots (copies) and whose others never fire,
+    linked to the right roots: matched to its best latent each child picks its root's copy, so every edge looks
+    recovered; one to one, the 12 children left over get silent latents and only the 6 that got a copy count."""
+    truth = HierarchicalFeatureModel.create(d=16, n_roots=6, branching=(3,), seed=0)
+    _, active = truth.sample(5000, seed=1)
+    copies = torch.cat([active[0], torch.zeros(5000, 12, dtype=torch.bool)], dim=1)
+    parents = torch.cat([torch.arange(6), torch.zeros(12, dtype=torch.long)])
+    tree = FeatureTree("posthoc", _levels([6, 18]), [parents.numpy()])
+    assert edge_recovery(tree, [active[0], copies], truth, active, one_to_one=False)["edge_recovery"] == 1.0
+    one = edge_recovery(tree, [active[0], copies], truth, active)
+    assert one["edge_recovery"] == 6 / 18
+    idx, best = jaccard_matches(copies, active[1], one_to_one=True)
+    assert int((idx >= 0).sum()) == 6 and len(set(idx[idx >= 0].tolist())) == 6 and bool((best[idx < 0] == 0).all())
+
+
 def _levels(widths):
     from saeforge.hierarchy.tree import TreeLevel
 
@@ -83,39 +102,56 @@ def _train_and_score(tmp_path, seed: int, options: dict | None = None) -> dict:
         summary = tree_metrics(tree, [held[i:i + 4096] for i in range(0, len(held), 4096)], levels=levels).summary()
         with torch.no_grad():
             active = [sae.encode(held)[:, sl] > 0 for sae, sl in levels]
-        scores[name] = {**summary, **edge_recovery(tree, active, truth, held_active)}
+        best_match = edge_recovery(tree, active, truth, held_active, one_to_one=False)
+        scores[name] = {**summary, **edge_recovery(tree, active, truth, held_active),
+                        "edge_recovery_best_match": best_match["edge_recovery"]}
     return scores
 
 
-SEEDS = 12  # independent data sets and trainings, about 12 s each on a quiet 2-core machine
+def _score_seed(folder: str, seed: int, options: dict | None = None, threads: int = 1) -> dict:
+    """_train_and_score in ``folder`` on ``threads`` threads, its activations removed afterwards."""
+    torch.set_num_threads(threads)
+    scores = _train_and_score(Path(folder), seed, options)
+    shutil.rmtree(Path(folder) / f"seed{seed}", ignore_errors=True)  # 50 MB of activations
+    return scores
+
+
+def _score_seeds(folder, seeds, options: dict | None = None, jobs: int = 2):
+    """_score_seed for every seed in order (a generator), ``jobs`` at once (one thread each; spawned, as forking a
+    process whose OpenMP threads already ran can hang). The scores do not depend on ``jobs``."""
+    if jobs <= 1:
+        yield from (_score_seed(str(folder), s, options) for s in seeds)
+        return
+    n = len(seeds)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(_score_seed, [str(folder)] * n, seeds, [options] * n, [1] * n)
+
+
+SEEDS = 30  # independent data sets and trainings, about 12 s each on one thread of a quiet machine, two at once
+# HSAE − post-hoc edge recovery (one to one): mean and per-seed spread over seeds 0–29 (docs/hierarchy.md)
+MEASURED_GAP, GAP_SD = 0.0208, 0.0772
 
 
 @pytest.mark.slow
 def test_hsae_recovers_the_true_tree_as_well_as_the_post_hoc_baseline(tmp_path):
-    """Twelve independent data sets and trainings, pooled: at the same L0 and about the same reconstruction, both
-    trees hold far more of the 64 true edges than chance (1/16), and HSAE's tree is not worse than the post-hoc
-    tree of independently trained SAEs.
+    """Thirty independent data sets and trainings, paired: at the same L0 and about the same reconstruction, both
+    trees hold far more of the 64 true edges than chance (1/16), and HSAE's tree is not behind the post-hoc tree of
+    independently trained SAEs of the same widths.
 
-    What is measured (docs/hierarchy.md, "Ground truth", 20 seeds): HSAE 0.524, post-hoc 0.498 edge recovery, a gap
-    of +0.027 whose standard error is 0.021 (per-seed differences spread by 0.092, mostly the luck of 64 edges): HSAE
-    is *not* measurably better at this budget (586 steps, the paper's ρ = 0.01), so that is not asserted. Over
-    twelve seeds the means' standard errors are about 0.022 each and 0.027 for the gap: the floor of 0.40 for both
-    (measured 0.52 / 0.50) is five of them below; the defaults before the λ fix gave 0.34 / 0.47 on seed 0, and a
-    fast λ controller silenced level 0 (0.06). HSAE at most 0.05 behind is 2.9 of them below the measured gap."""
-    runs = []
-    for seed in range(SEEDS):
-        runs.append(_train_and_score(tmp_path, seed))
-        shutil.rmtree(tmp_path / f"seed{seed}")  # 50 MB of activations each
-
-    def mean(method, key):
-        return sum(r[method][key] for r in runs) / len(runs)
-
+    Measured (30 seeds, docs/hierarchy.md, "Ground truth"): HSAE 0.400, post-hoc 0.379, a gap of
+    MEASURED_GAP whose per-seed spread is GAP_SD — not measurably better, so "better" (issue 15, item 4) is not
+    asserted. The mean gap over thirty seeds must stay above the measured gap minus three of its standard errors
+    (-0.021). Both means at least 0.30: per-seed spread about 0.06, so more than five standard errors below the
+    lower mean."""
+    runs = list(_score_seeds(tmp_path, list(range(SEEDS))))
     for r in runs:  # matched: both reach the target L0 of each level, and reconstruct about as well
         for method in ("hsae", "posthoc"):
             for level, target in zip(r[method]["levels"], (2.0, 3.6)):
                 assert level["l0"] == pytest.approx(target, rel=0.15)
         for a, b in zip(r["hsae"]["levels"], r["posthoc"]["levels"]):
             assert a["fvu"] <= 1.3 * b["fvu"] + 0.005
-    hsae, posthoc = mean("hsae", "edge_recovery"), mean("posthoc", "edge_recovery")
-    assert hsae >= 0.40 and posthoc >= 0.40
-    assert hsae >= posthoc - 0.05
+    gaps = [r["hsae"]["edge_recovery"] - r["posthoc"]["edge_recovery"] for r in runs]
+    hsae = sum(r["hsae"]["edge_recovery"] for r in runs) / SEEDS
+    posthoc = sum(r["posthoc"]["edge_recovery"] for r in runs) / SEEDS
+    assert hsae >= 0.30 and posthoc >= 0.30
+    assert sum(gaps) / SEEDS >= MEASURED_GAP - 3 * GAP_SD / SEEDS**0.5, (hsae, posthoc, gaps)

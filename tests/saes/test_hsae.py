@@ -331,7 +331,10 @@ def test_trains_with_saeforge_train_and_resumes_bit_identically(tiny_cache, tmp_
     assert {"loss_structure_level_0", "loss_mse_level_1"} <= set(final)
     folder = tmp_path / "whole" / "saes" / SITES[0]
     sae = load_sae(folder)
-    assert sae.cfg.level_sizes == (16, 64) and int(sae.tree_updates) == 6  # steps 6, 12, ..., 36 of 40
+    assert sae.cfg.level_sizes == (16, 64) and int(sae.tree_updates) == 7  # steps 6, 12, ..., 36 and 40 of 40
+    # the saved tree is the rule applied to the saved weights
+    expected, _ = assign_parents(sae.level_vectors(1), sae.level_vectors(0), sae.cfg.unassigned_fraction)
+    assert torch.equal(sae.level_parents(1), expected)
     assert int((sae.level_parents(1) >= 0).sum()) == 64 - int(0.2 * 64)
     # both levels start far denser than their targets: λ grew (reaching the target L0 takes longer runs than this;
     # tests/hierarchy/test_synthetic.py checks that it is reached)
