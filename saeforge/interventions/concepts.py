@@ -282,7 +282,8 @@ def concept_swap(lm, site: str, rows: Sequence[tuple[str, str, str]], method: st
     from saeforge.interventions.selection import theme_hits
 
     if method != "caa" and latents is None:
-        raise SaeforgeError(f"the method {method!r} needs the SAE's concept latents", "pass latents=ConceptLatents(...)")
+        raise SaeforgeError(f"the method {method!r} needs the SAE's concept latents",
+                            "pass latents=ConceptLatents(sae, latents, on_value)")
     bos = lm.bos_token_id()
     prefix = [bos] if bos is not None else []
     encoded = [prefix + lm.tokenizer(p, add_special_tokens=False)["input_ids"] for _, _, p in rows]
@@ -319,8 +320,9 @@ class ConceptSwapConfig:
     """The unsupervised SAE to compare with: an SAE folder (RUN/saes/NAME) or a run with one SAE. The AlignSAE
     trains at its site."""
     out: str = ""
-    """Folder for the labelled activation cache, the AlignSAE's run and concept_swap.json; a rerun reuses the cache
-    and a finished AlignSAE."""
+    """Folder for the labelled activation caches (training, held out), the AlignSAE's run and concept_swap.json; a
+    rerun with the same text and training settings reuses the caches and a finished AlignSAE (only the swap runs
+    again)."""
     concepts: tuple[str, ...] = CONCEPTS
     """Concepts (two or more) of the concept set: royalty, number, day, colour, family."""
     n_templates: int = 400
@@ -423,20 +425,60 @@ def _texts(cfg: ConceptSwapConfig, concepts: Sequence[str], held_out: bool) -> l
     return texts
 
 
-def _train_alignsae(cfg: ConceptSwapConfig, concepts, site: str, x, y, folder, progress: bool):
+SETTINGS_FILE = "concept_settings.json"
+REUSED = ("concepts", "n_templates", "n_lists", "n_lines", "corpus", "held_out_corpus", "d_sae", "steps",
+          "batch_size")
+
+
+def _check_reusable(cfg: ConceptSwapConfig, folder, site: str) -> None:
+    """A folder already holding activations or an AlignSAE must have made them with these settings; write them
+    otherwise."""
+    import json
+    from dataclasses import asdict
+
+    from saeforge.utils.atomic import atomic_write_json
+
+    settings = {"site": site, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
+                                 if k in REUSED}}
+    path = folder / SETTINGS_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        if changed:
+            raise SaeforgeError(f"{folder} holds activations and an AlignSAE made with other settings "
+                                f"({', '.join(f'{k}: {before.get(k)!r}' for k in changed)})",
+                                f"use a new folder (--out {folder}_2) or the same settings")
+    elif any((folder / d).exists() for d in ("cache", "held_out", "run")):
+        raise SaeforgeError(f"{folder} holds files of another command (no {SETTINGS_FILE})",
+                            f"use a new folder: --out {folder}_2")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, settings)
+
+
+def _activations(lm, site: str, texts: Sequence[str], concepts, cache, progress: bool):
+    """The activations and labels of ``texts``, read once and kept as an activation cache in ``cache``."""
+    from saeforge.data.activation_cache import ActivationCache
+
+    if (cache / "manifest.json").is_file():
+        kept = ActivationCache(cache)
+        return kept.load(site).float(), kept.load("concepts").float()
+    x, y = concept_activations(lm, site, texts, concepts, progress=progress)
+    ActivationCache.from_arrays(cache, {site: x, "concepts": y}, progress=progress)
+    return x, y
+
+
+def _train_alignsae(cfg: ConceptSwapConfig, concepts, site: str, folder, progress: bool):
     import json
 
-    from saeforge.data.activation_cache import ActivationCache
     from saeforge.saes import load_sae
     from saeforge.training import TrainConfig, train
 
     done = folder / "run" / "saes" / site
     if not (done / "cfg.json").is_file():
-        cache = folder / "cache"
-        if not (cache / "manifest.json").is_file():
-            ActivationCache.from_arrays(cache, {site: x, "concepts": y}, progress=progress)
-        train(TrainConfig(out=str(folder / "run"), cache=str(cache), sites=(site,), architecture="alignsae",
-                          d_sae=cfg.d_sae, sae_options=json.dumps({"concepts": list(concepts)}),
+        train(TrainConfig(out=str(folder / "run"), cache=str(folder / "cache"), sites=(site,),
+                          architecture="alignsae", d_sae=cfg.d_sae,
+                          sae_options=json.dumps({"concepts": list(concepts)}),
                           tokens=cfg.steps * cfg.batch_size, batch_size=cfg.batch_size,
                           lr_warmup_steps=min(20, cfg.steps // 10), progress=progress, device=cfg.device))
     return load_sae(done, device=cfg.device)
@@ -459,9 +501,10 @@ def concept_swap_demo(cfg: ConceptSwapConfig, progress: bool = True) -> dict:
             raise SaeforgeError(f"{cfg.path} holds {len(run.saes)} SAEs", "pass one SAE folder (RUN/saes/NAME)")
         name, bound = next(iter(run.saes.items()))
         lm, site = run.lm, bound.write_site.name
-        x, y = concept_activations(lm, site, _texts(cfg, concepts, False), concepts, progress=progress)
-        x_test, y_test = concept_activations(lm, site, _texts(cfg, concepts, True), concepts, progress=progress)
-        align = _train_alignsae(cfg, concepts, site, x, y, folder, progress)
+        _check_reusable(cfg, folder, site)
+        x, y = _activations(lm, site, _texts(cfg, concepts, False), concepts, folder / "cache", progress)
+        x_test, y_test = _activations(lm, site, _texts(cfg, concepts, True), concepts, folder / "held_out", progress)
+        align = _train_alignsae(cfg, concepts, site, folder, progress)
         with torch.no_grad():
             z_test = align.encode(x_test.to(align.device)).cpu()
             fvu = float((x_test - align(x_test.to(align.device)).cpu()).pow(2).sum()
@@ -525,7 +568,8 @@ def format_concept_swap(report: dict) -> str:
         a, t = report["alignsae"]["latents"][c], report["topk"][c]
         lines.append(f"| {c} | {a['auroc']:.3f} | {report['alignsae']['binding'][c]:.0%} | {t['latent']} | "
                      f"{t['auroc_held_out']:.3f} |")
-    lines += ["", "| method | strength (× mean ‖x‖) | target word generated | source word generated | perplexity |",
+    lines += ["", "| method | strength (× mean ‖x‖) | target word generated | source word generated | "
+              "perplexity |",
               "|---|---|---|---|---|"]
     for r in report["swaps"]:
         strength = "—" if r["method"] == "clean" else f"{r['strength']:g}"

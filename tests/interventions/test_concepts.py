@@ -185,6 +185,16 @@ def test_concept_swap_command_runs(tiny_run, tmp_path):
     # a strong CAA push at a middle layer of a random model changes what it writes
     clean, strong = report["swaps"][0], report["swaps"][-1]
     assert [e["continuation"] for e in strong["examples"]] != [e["continuation"] for e in clean["examples"]]
-    trained = (out / "run" / "saes" / "layers.1.resid_post" / "cfg.json").stat().st_mtime
-    assert main(args) == 0  # the rerun reuses the trained AlignSAE
-    assert (out / "run" / "saes" / "layers.1.resid_post" / "cfg.json").stat().st_mtime == trained
+    kept = [out / "run" / "saes" / "layers.1.resid_post" / "cfg.json", out / "cache" / "manifest.json",
+            out / "held_out" / "manifest.json"]
+    stamps = [p.stat().st_mtime_ns for p in kept]
+    assert main(args) == 0  # the rerun reuses the activations and the trained AlignSAE
+    assert [p.stat().st_mtime_ns for p in kept] == stamps
+    again = json.loads((out / "concept_swap.json").read_text())
+    assert again["swaps"] == report["swaps"] and again["alignsae"] == report["alignsae"]
+    # other settings on the same folder are refused before anything is read
+    with pytest.raises(SaeforgeError, match="other settings.*steps: 30") as err:
+        C.concept_swap_demo(C.ConceptSwapConfig(path=args[1], out=str(out), concepts=("day", "colour", "number"),
+                                                n_templates=24, n_lists=12, n_lines=0, d_sae=32, steps=31,
+                                                batch_size=64), progress=False)
+    assert "--out" in err.value.fix
