@@ -157,6 +157,9 @@ COMMANDS: dict[str, tuple[str, str | None, str]] = {
                        "saeforge.interventions.bench:run_bench_steering",
                        "judge steering methods against baselines on one behaviour: strength sweep, behaviour × "
                        "coherence, table and plot"),
+    "concept-swap": ("saeforge.interventions.concepts:ConceptSwapConfig",
+                     "saeforge.interventions.concepts:run_concept_swap",
+                     "train an AlignSAE on a concept set; swap concepts through its latents, an SAE's best, CAA"),
     "convert": ("saeforge.formats.convert:ConvertConfig", "saeforge.formats.convert:run_convert",
                 "convert SAEs between formats (saeforge, SAELens, sparsify, Gemma Scope, circuit-tracer, "
                 "dictionary_learning)"),

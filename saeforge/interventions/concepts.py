@@ -1,7 +1,12 @@
 """Concept sets with token-level labels, and the concept swap that tests whether a latent controls its concept.
 
 Used by AlignSAE (:mod:`saeforge.saes.alignsae`, arXiv 2512.02004) and to compare it with an unsupervised SAE's
-best latent for the same concept (docs/steering.md, "AlignSAE").
+best latent for the same concept and with CAA (docs/steering.md, "AlignSAE"). ``saeforge concept-swap`` trains an
+AlignSAE at an unsupervised SAE's site and runs the comparison (:class:`ConceptSwapConfig`).
+
+The swap moves the model from a source concept to a target one while it generates from list prompts of the source
+("Monday, Tuesday, Wednesday,"); what judges it is untouched by the edit: the generated text (does it name a word of
+the target concept, of the source?) and its perplexity under the plain model.
 """
 
 from __future__ import annotations
@@ -11,12 +16,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from simple_parsing.helpers import field
 
 from saeforge.errors import SaeforgeError
 
-__all__ = ["CONCEPTS", "CONCEPT_WORDS", "SwapLatents", "alignment_demo", "auroc", "best_latents", "check_concepts",
-           "concept_activations", "corpus_lines", "first_tokens", "format_alignment", "label_text", "list_prompts",
-           "swap_effect", "template_texts"]
+__all__ = ["CONCEPTS", "CONCEPT_WORDS", "ConceptLatents", "ConceptSwapConfig", "SwapResult", "auroc", "best_latents",
+           "check_concepts", "concept_activations", "concept_swap", "concept_swap_demo", "corpus_lines",
+           "format_concept_swap", "label_text", "list_prompts", "list_texts", "mean_directions", "run_concept_swap",
+           "swap_rows", "template_texts"]
 
 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -186,67 +193,215 @@ def list_prompts(concept: str, n: int = 8, seed: int = 0) -> list[str]:
     return out
 
 
-def first_tokens(tokenizer, words: Sequence[str]) -> list[int]:
-    """The first token of each word as it follows a space, capitalised and not, without repeats."""
-    ids: list[int] = []
-    for w in words:
-        for form in {w, w.lower(), w.capitalize()}:
-            t = tokenizer(" " + form, add_special_tokens=False)["input_ids"][0]
-            if t not in ids:
-                ids.append(t)
-    return ids
-
-
 @dataclass
-class SwapLatents:
-    """How one SAE writes a concept: a latent per concept and the activation that stands for "present"."""
+class ConceptLatents:
+    """How one SAE reads and writes each concept: a latent per concept (its decoder row is what it writes) and the
+    activation that stands for "present" (1 for AlignSAE's supervised latents, the mean activation on the concept's
+    tokens for an unsupervised SAE's best latent)."""
 
     sae: object
     latents: dict[str, int]
     on_value: dict[str, float]
 
 
+@dataclass
+class SwapResult:
+    """One method at one strength: per row the continuation, whether it holds a word of the target and of the
+    source concept (read from the text alone), and its perplexity under the plain model."""
+
+    continuations: list[str]
+    target_hit: list[bool]
+    source_hit: list[bool]
+    perplexity: list[float]
+
+
+def swap_rows(concepts: Sequence[str], n_prompts: int, seed: int = 1) -> list[tuple[str, str, str]]:
+    """(source, target, prompt) for every ordered pair of distinct concepts, ``n_prompts`` list prompts of the
+    source each."""
+    rows = []
+    for source in check_concepts(concepts):
+        prompts = list_prompts(source, n_prompts, seed)
+        rows += [(source, target, p) for target in concepts if target != source for p in prompts]
+    return rows
+
+
+def mean_directions(acts: torch.Tensor, labels: torch.Tensor, concepts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per concept the mean activation over its tokens (CAA's ingredients: a pair's vector is the target's mean
+    minus the source's, arXiv 2312.06681)."""
+    out = {}
+    for j, c in enumerate(concepts):
+        rows = labels[:, j] > 0.5
+        if not bool(rows.any()):
+            raise SaeforgeError(f"no token of the concept {c!r} in the texts read",
+                                "read more texts, or texts that use the concept's words")
+        out[c] = acts[rows].mean(0)
+    return out
+
+
+def _row_edit(method: str, rows: Sequence[tuple[str, str, str]], strength: float, norm: float, *,
+              latents: ConceptLatents | None = None, means: dict[str, torch.Tensor] | None = None):
+    """The edit fn(x, ctx) of one method for a batch laid out as ``rows``: at every position after BOS (prompt
+    and generated tokens alike), a latent method sets the source latent to 0 and the target latent to the value
+    whose decoder row has norm ``strength × norm`` (the site's mean ‖x‖), keeping what the SAE does not explain
+    (x + Δz·W_dec); CAA adds the unit vector mean(target) − mean(source) at that norm."""
+    size = strength * norm
+    if method == "caa":
+        vec = torch.stack([means[t] - means[s] for s, t, _ in rows])
+        vec = size * vec / vec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+        def edit(x, ctx):
+            keep = (ctx.positions >= 1).to(x.dtype)[..., None]
+            return x + keep * vec[:, None, :].to(x.dtype)
+        return edit
+    sae = latents.sae
+    src = torch.tensor([latents.latents[s] for s, _, _ in rows])
+    tgt = torch.tensor([latents.latents[t] for _, t, _ in rows])
+    W = sae.W_dec.detach()
+    d_src, d_tgt = W[src], W[tgt]
+    value = size / d_tgt.norm(dim=1).clamp_min(1e-12)
+
+    def edit(x, ctx):
+        z = sae.encode(x.to(sae.dtype))
+        z_src = z.gather(-1, src.to(z.device).view(-1, 1, 1).expand(-1, z.shape[1], 1))
+        z_tgt = z.gather(-1, tgt.to(z.device).view(-1, 1, 1).expand(-1, z.shape[1], 1))
+        delta = -z_src * d_src[:, None, :] + (value.view(-1, 1, 1) - z_tgt) * d_tgt[:, None, :]
+        keep = (ctx.positions >= 1).to(delta.dtype)[..., None]
+        return x + (keep * delta).to(x.dtype)
+    return edit
+
+
 @torch.inference_mode()
-def swap_effect(lm, site: str, spec: SwapLatents, source: str, target: str, prompts: Sequence[str],
-                alpha: float) -> dict[str, float]:
-    """Swap ``source`` for ``target`` at every token of a source word in each prompt (the source latent set to 0,
-    the target latent to α × its "present" value, the SAE's error kept: x + Δz·W_dec), and read the model's next
-    token: the probability mass on the target's words, on the source's words, and how often the top token is a
-    target word. α = 0: the clean model."""
-    words_src = first_tokens(lm.tokenizer, CONCEPT_WORDS[source])
-    words_tgt = first_tokens(lm.tokenizer, CONCEPT_WORDS[target])
-    sae = spec.sae
-    i_src, i_tgt = spec.latents[source], spec.latents[target]
-    d_src, d_tgt = sae.W_dec[i_src].detach(), sae.W_dec[i_tgt].detach()
+def concept_swap(lm, site: str, rows: Sequence[tuple[str, str, str]], method: str, strength: float, *,
+                 latents: ConceptLatents | None = None, means: dict[str, torch.Tensor] | None = None,
+                 norm: float = 1.0, max_new_tokens: int = 8) -> SwapResult:
+    """Generate (greedy) from each row's prompt with ``method`` (``caa``, or a latent method given ``latents``)
+    moving the model from the row's source concept to its target at ``site``, at ``strength`` × ``norm``
+    (0: the plain model). The observer is untouched by the edit: the generated text itself (does it name a word of
+    the target concept, of the source?) and its perplexity under the plain model, teacher-forced."""
+    from saeforge.interventions.generate import _perplexity, sample
+    from saeforge.interventions.selection import theme_hits
+
+    if method != "caa" and latents is None:
+        raise SaeforgeError(f"the method {method!r} needs the SAE's concept latents",
+                            "pass latents=ConceptLatents(sae, latents, on_value)")
     bos = lm.bos_token_id()
     prefix = [bos] if bos is not None else []
-    rows, where = [], []
-    for prompt in prompts:
-        ids, lab = label_text(lm.tokenizer, prompt, [source])
-        rows.append(prefix + ids)
-        where += [(r, len(prefix) + t) for r in [len(rows) - 1] for t in lab[:, 0].nonzero().squeeze(1).tolist()]
-    ids, mask = _padded(rows, _pad_id(lm))
-    r_idx = torch.tensor([r for r, _ in where], dtype=torch.long)
-    t_idx = torch.tensor([t for _, t in where], dtype=torch.long)
-
-    def swap(x):
-        if alpha == 0 or not where:
-            return x
-        x = x.clone()
-        z = sae.encode(x[r_idx, t_idx].to(sae.dtype))
-        delta = (-z[:, i_src])[:, None] * d_src + (alpha * spec.on_value[target] - z[:, i_tgt])[:, None] * d_tgt
-        x[r_idx, t_idx] += delta.to(x.dtype)
-        return x
-
-    with lm.edit({site: swap}):
-        logits = lm.logits(ids, mask).float()
-    last = logits[torch.arange(len(rows)), mask.sum(1) - 1]
-    p = last.softmax(-1)
-    return {"p_target": float(p[:, words_tgt].sum(1).mean()), "p_source": float(p[:, words_src].sum(1).mean()),
-            "top_target": float(torch.isin(p.argmax(1), torch.tensor(words_tgt)).float().mean())}
+    encoded = [prefix + lm.tokenizer(p, add_special_tokens=False)["input_ids"] for _, _, p in rows]
+    width = max(len(e) for e in encoded)
+    pad = _pad_id(lm)
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])  # left-padded for generation
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    if strength == 0:
+        new = sample(lm, ids, mask, max_new_tokens=max_new_tokens, temperature=0.0, seed=0)
+    else:
+        edit = _row_edit(method, rows, strength, norm, latents=latents, means=means)
+        with lm.edit({site: edit}):
+            new = sample(lm, ids, mask, max_new_tokens=max_new_tokens, temperature=0.0, seed=0)
+    full = torch.cat([ids, new], 1)
+    logits = lm.model(input_ids=full.to(lm.device), attention_mask=torch.cat([mask, torch.ones_like(new)], 1)
+                      .to(lm.device), use_cache=False).logits.float()
+    texts = [lm.tokenizer.decode(t, skip_special_tokens=True) for t in new]
+    return SwapResult(texts, [theme_hits([t], CONCEPT_WORDS[target])[0] for t, (_, target, _) in zip(texts, rows)],
+                      [theme_hits([t], CONCEPT_WORDS[source])[0] for t, (source, _, _) in zip(texts, rows)],
+                      _perplexity(logits, full, ids.shape[1]))
 
 
-# ------------------------------------------------------------------------------------------------ the demo
+# ------------------------------------------------------------------------------------------------ the command
+SWAP_FILE = "concept_swap.json"
+
+
+@dataclass(frozen=True)
+class ConceptSwapConfig:
+    """Train an AlignSAE (arXiv 2512.02004) on the concept set at an unsupervised SAE's site; report how well each
+    SAE's latent reads each concept (held-out AUROC), then swap concepts in the model's generations through the
+    AlignSAE's supervised latents, the unsupervised SAE's best latents and CAA, judged on the generated text."""
+
+    path: str = field(default="", positional=True)
+    """The unsupervised SAE to compare with: an SAE folder (RUN/saes/NAME) or a run with one SAE. The AlignSAE
+    trains at its site."""
+    out: str = ""
+    """Folder for the labelled activation caches (training, held out), the AlignSAE's run and concept_swap.json; a
+    rerun with the same text and training settings reuses the caches and a finished AlignSAE (only the swap runs
+    again)."""
+    concepts: tuple[str, ...] = CONCEPTS
+    """Concepts (two or more) of the concept set: royalty, number, day, colour, family."""
+    n_templates: int = 400
+    """Training texts: template sentences filled with random concept words (a quarter as many held out)."""
+    n_lists: int = 150
+    """Training texts: comma-separated lists of one concept's words, the form of the swap's prompts (a quarter as
+    many held out, other lists)."""
+    n_lines: int = 200
+    """Training texts: lines of --corpus (a quarter as many of --held-out-corpus held out); 0: none."""
+    corpus: str = "embedded:train"
+    """Text source of the corpus lines."""
+    held_out_corpus: str = "embedded:validation"
+    """Text source of the held-out corpus lines."""
+    d_sae: int = 512
+    """AlignSAE width (free latents plus one per concept)."""
+    steps: int = 1500
+    """AlignSAE training steps (the first third reconstruction only, as the paper's curriculum)."""
+    batch_size: int = 256
+    """Tokens per training step."""
+    strengths: tuple[float, ...] = (0.25, 0.5, 1.0)
+    """Swap strengths: the norm of what is written for the target concept, as a fraction of the site's mean ‖x‖
+    (the same for every method)."""
+    n_prompts: int = 3
+    """List prompts per source concept (each swapped to every other concept)."""
+    max_new_tokens: int = 8
+    """Tokens generated (greedy) per prompt."""
+    model: str = ""
+    """Model; empty: the one the SAE was trained on."""
+    device: str = "cpu"
+    """cpu or cuda."""
+
+
+def check_swap_config(cfg: ConceptSwapConfig) -> tuple[str, ...]:
+    """The concepts, after every check that needs no model (bad input fails before any slow work)."""
+    if not cfg.path:
+        raise SaeforgeError("no SAE to compare with", "saeforge concept-swap RUN/saes/NAME --out OUT")
+    if not cfg.out:
+        raise SaeforgeError("no output folder", f"saeforge concept-swap {cfg.path} --out OUT")
+    concepts = check_concepts(cfg.concepts)
+    if len(set(concepts)) != len(concepts):
+        raise SaeforgeError(f"concepts repeat: {list(concepts)}", "name each concept once")
+    if len(set(concepts)) < 2:
+        raise SaeforgeError(f"a swap needs two concepts or more, got {list(concepts)}",
+                            f"saeforge concept-swap {cfg.path} --out {cfg.out} --concepts {' '.join(CONCEPTS[:2])}")
+    if not cfg.strengths or any(not (s > 0) for s in cfg.strengths):
+        raise SaeforgeError(f"swap strengths must be positive and at least one, got {list(cfg.strengths)}",
+                            "--strengths 0.25 0.5 1.0")
+    for name in ("n_templates", "n_prompts", "max_new_tokens", "steps", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise SaeforgeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}",
+                                f"--{name.replace('_', '-')} {getattr(ConceptSwapConfig, name)}")
+    if cfg.n_lists < 0 or cfg.n_lines < 0:
+        raise SaeforgeError("--n-lists and --n-lines cannot be negative", "--n-lists 150 --n-lines 200")
+    return concepts
+
+
+def list_texts(n: int, concepts: Sequence[str] = CONCEPTS, seed: int = 0) -> list[str]:
+    """``n`` comma-separated lists of four to seven words of one concept each, ending on a full stop (days and
+    numbers in their order, as the model has seen them)."""
+    import random
+
+    concepts = check_concepts(concepts)
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        c = rng.choice(concepts)
+        words, k = CONCEPT_WORDS[c], rng.randint(4, 7)
+        if c == "day":
+            start = rng.randrange(len(words))
+            picked = [words[(start + i) % len(words)] for i in range(k)]
+        elif c == "number":
+            start = rng.randrange(0, 4)
+            picked = list(words[start:start + k])
+        else:
+            picked = rng.sample(list(words), k)
+        out.append(", ".join(_cap(w, rng) for w in picked) + ".")
+    return out
+
+
 def corpus_lines(source: str, n: int, min_words: int = 6) -> list[str]:
     """The first ``n`` lines of ``source`` (e.g. ``embedded:train``) with at least ``min_words`` words."""
     from saeforge.data.text_source import TextSource
@@ -261,105 +416,170 @@ def corpus_lines(source: str, n: int, min_words: int = 6) -> list[str]:
     return out
 
 
-def alignment_demo(sae_path: str, out: str, *, n_templates: int = 800, n_lines: int = 500, d_sae: int = 1152,
-                   epochs: int = 8, alphas: Sequence[float] = (1.0, 2.0, 4.0), n_prompts: int = 6,
-                   progress: bool = True) -> dict:
-    """Train an AlignSAE on the concept set at the site of the SAE in ``sae_path`` (the unsupervised comparison),
-    then swap every concept for every other on list prompts with each SAE's latent for the concept (AlignSAE's
-    supervised one, the unsupervised SAE's best-AUROC one). Writes ``out``/alignment.json and returns it."""
-    import json
-    from pathlib import Path
+def _texts(cfg: ConceptSwapConfig, concepts: Sequence[str], held_out: bool) -> list[str]:
+    share = 4 if held_out else 1
+    texts = template_texts(max(1, cfg.n_templates // share), seed=int(held_out))
+    texts += list_texts(cfg.n_lists // share, concepts, seed=int(held_out))
+    if cfg.n_lines // share:
+        texts += corpus_lines(cfg.held_out_corpus if held_out else cfg.corpus, cfg.n_lines // share)
+    return texts
 
-    from saeforge.data.activation_cache import ActivationCache
-    from saeforge.runs import load_run
-    from saeforge.saes import load_sae
-    from saeforge.training import TrainConfig, train
+
+SETTINGS_FILE = "concept_settings.json"
+REUSED = ("concepts", "n_templates", "n_lists", "n_lines", "corpus", "held_out_corpus", "d_sae", "steps",
+          "batch_size")
+
+
+def _check_reusable(cfg: ConceptSwapConfig, folder, site: str) -> None:
+    """A folder already holding activations or an AlignSAE must have made them with these settings; write them
+    otherwise."""
+    import json
+    from dataclasses import asdict
+
     from saeforge.utils.atomic import atomic_write_json
 
-    run = load_run(sae_path, device="cpu")
-    if len(run.saes) != 1:
-        raise SaeforgeError(f"{sae_path} holds {len(run.saes)} SAEs", "pass one SAE folder (RUN/saes/NAME)")
-    name, bound = next(iter(run.saes.items()))
-    lm, site = run.lm, bound.write_site.name
-    folder = Path(out)
-    train_texts = template_texts(n_templates, seed=0) + corpus_lines("embedded:train", n_lines)
-    test_texts = template_texts(n_templates // 4, seed=1) + corpus_lines("embedded:validation", n_lines // 4)
-    x, y = concept_activations(lm, site, train_texts, progress=progress)
-    x_test, y_test = concept_activations(lm, site, test_texts, progress=progress)
-    cache = folder / "cache"
-    if not (cache / "manifest.json").is_file():
-        ActivationCache.from_arrays(cache, {site: x, "concepts": y}, progress=progress)
-    batch = 1024
-    train(TrainConfig(out=str(folder / "run"), cache=str(cache), sites=(site,), architecture="alignsae",
-                      d_sae=d_sae, sae_options=json.dumps({"concepts": list(CONCEPTS)}),
-                      tokens=(epochs * len(x) // batch) * batch, batch_size=batch, lr_warmup_steps=20,
-                      progress=progress, device="cpu"))
-    align = load_sae(folder / "run" / "saes" / site)
-    with torch.no_grad():
-        z_test = align.encode(x_test)
-    aligned = {c: {"latent": align.concept_index(c), "auroc": auroc(z_test[:, align.concept_index(c)],
-                                                                     y_test[:, j] > 0.5),
-                   "mean_on": float(z_test[y_test[:, j] > 0.5, align.concept_index(c)].mean())}
-               for j, c in enumerate(CONCEPTS)}
-    picked = best_latents(bound.sae, x, y)  # chosen on the training texts, scored on the held-out ones
-    with torch.no_grad():
-        z_ref = torch.cat([bound.sae.encode(x_test[i:i + 4096]) for i in range(0, len(x_test), 4096)])
-    for j, c in enumerate(CONCEPTS):
-        picked[c]["auroc_held_out"] = auroc(z_ref[:, picked[c]["latent"]], y_test[:, j] > 0.5)
-    with torch.no_grad():
-        fvu = float((x_test - align(x_test)).pow(2).sum() / (x_test - x_test.mean(0)).pow(2).sum())
-    report = {"site": site, "unsupervised": name, "tokens_train": len(x), "tokens_test": len(x_test),
-              "concept_tokens_train": {c: int(y[:, j].sum()) for j, c in enumerate(CONCEPTS)},
-              "alignsae": {"d_sae": d_sae, "fvu_held_out": fvu, "binding": align.binding_accuracy(x_test, y_test),
-                           "latents": aligned},
-              "topk": picked, "swaps": []}
-    sides = {"alignsae": SwapLatents(align, {c: v["latent"] for c, v in aligned.items()},
-                                     {c: 1.0 for c in CONCEPTS}),
-             "topk": SwapLatents(bound.sae, {c: v["latent"] for c, v in picked.items()},
-                                 {c: v["mean_on"] for c, v in picked.items()})}
-    for source in CONCEPTS:
-        prompts = list_prompts(source, n_prompts)
-        for target in CONCEPTS:
-            if target == source:
-                continue
-            row = {"source": source, "target": target,
-                   "clean": swap_effect(lm, site, sides["alignsae"], source, target, prompts, 0.0)}
-            for method, spec in sides.items():
-                row[method] = {f"{a:g}": swap_effect(lm, site, spec, source, target, prompts, a) for a in alphas}
-            report["swaps"].append(row)
-    atomic_write_json(folder / "alignment.json", report)
+    settings = {"site": site, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()
+                                 if k in REUSED}}
+    path = folder / SETTINGS_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        if changed:
+            raise SaeforgeError(f"{folder} holds activations and an AlignSAE made with other settings "
+                                f"({', '.join(f'{k}: {before.get(k)!r}' for k in changed)})",
+                                f"use a new folder (--out {folder}_2) or the same settings")
+    elif any((folder / d).exists() for d in ("cache", "held_out", "run")):
+        raise SaeforgeError(f"{folder} holds files of another command (no {SETTINGS_FILE})",
+                            f"use a new folder: --out {folder}_2")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, settings)
+
+
+def _activations(lm, site: str, texts: Sequence[str], concepts, cache, progress: bool):
+    """The activations and labels of ``texts``, read once and kept as an activation cache in ``cache``."""
+    from saeforge.data.activation_cache import ActivationCache
+
+    if (cache / "manifest.json").is_file():
+        kept = ActivationCache(cache)
+        return kept.load(site).float(), kept.load("concepts").float()
+    x, y = concept_activations(lm, site, texts, concepts, progress=progress)
+    ActivationCache.from_arrays(cache, {site: x, "concepts": y}, progress=progress)
+    return x, y
+
+
+def _train_alignsae(cfg: ConceptSwapConfig, concepts, site: str, folder, progress: bool):
+    import json
+
+    from saeforge.saes import load_sae
+    from saeforge.training import TrainConfig, train
+
+    done = folder / "run" / "saes" / site
+    if not (done / "cfg.json").is_file():
+        train(TrainConfig(out=str(folder / "run"), cache=str(folder / "cache"), sites=(site,),
+                          architecture="alignsae", d_sae=cfg.d_sae,
+                          sae_options=json.dumps({"concepts": list(concepts)}),
+                          tokens=cfg.steps * cfg.batch_size, batch_size=cfg.batch_size,
+                          lr_warmup_steps=min(20, cfg.steps // 10), progress=progress, device=cfg.device))
+    return load_sae(done, device=cfg.device)
+
+
+def concept_swap_demo(cfg: ConceptSwapConfig, progress: bool = True) -> dict:
+    """The command's work: see :class:`ConceptSwapConfig`. Writes ``out``/concept_swap.json and returns it."""
+    from pathlib import Path
+
+    from saeforge.interventions.generate import pooled_perplexity
+    from saeforge.runs import load_run
+    from saeforge.utils.atomic import atomic_write_json
+    from saeforge.utils.locking import exclusive_lock
+
+    concepts = check_swap_config(cfg)
+    folder = Path(cfg.out)
+    with exclusive_lock(folder, "saeforge concept-swap"):
+        run = load_run(cfg.path, model=cfg.model, device=cfg.device)
+        if len(run.saes) != 1:
+            raise SaeforgeError(f"{cfg.path} holds {len(run.saes)} SAEs", "pass one SAE folder (RUN/saes/NAME)")
+        name, bound = next(iter(run.saes.items()))
+        lm, site = run.lm, bound.write_site.name
+        _check_reusable(cfg, folder, site)
+        x, y = _activations(lm, site, _texts(cfg, concepts, False), concepts, folder / "cache", progress)
+        x_test, y_test = _activations(lm, site, _texts(cfg, concepts, True), concepts, folder / "held_out", progress)
+        align = _train_alignsae(cfg, concepts, site, folder, progress)
+        with torch.no_grad():
+            z_test = align.encode(x_test.to(align.device)).cpu()
+            fvu = float((x_test - align(x_test.to(align.device)).cpu()).pow(2).sum()
+                        / (x_test - x_test.mean(0)).pow(2).sum())
+        aligned = {c: {"latent": align.concept_index(c), "auroc": auroc(z_test[:, align.concept_index(c)],
+                                                                         y_test[:, j] > 0.5),
+                       "mean_on": float(z_test[y_test[:, j] > 0.5, align.concept_index(c)].mean())}
+                   for j, c in enumerate(concepts)}
+        picked = best_latents(bound.sae, x, y, concepts)  # chosen on the training texts, scored on the held-out ones
+        with torch.no_grad():
+            z_ref = torch.cat([bound.sae.encode(x_test[i:i + 4096].to(bound.sae.device)).cpu()
+                               for i in range(0, len(x_test), 4096)])
+        for j, c in enumerate(concepts):
+            picked[c]["auroc_held_out"] = auroc(z_ref[:, picked[c]["latent"]], y_test[:, j] > 0.5)
+        norm = float(x.norm(dim=1).mean())
+        handles = {"alignsae": ConceptLatents(align, {c: v["latent"] for c, v in aligned.items()},
+                                              {c: 1.0 for c in concepts}),
+                   "topk": ConceptLatents(bound.sae, {c: v["latent"] for c, v in picked.items()},
+                                          {c: v["mean_on"] for c, v in picked.items()})}
+        means = mean_directions(x, y, concepts)
+        rows = swap_rows(concepts, cfg.n_prompts)
+
+        def summary(method: str, strength: float, r: SwapResult) -> dict:
+            n = len(rows)
+            return {"method": method, "strength": strength, "target_rate": sum(r.target_hit) / n,
+                    "source_rate": sum(r.source_hit) / n, "perplexity": pooled_perplexity(r.perplexity),
+                    "by_target": {c: _rate([h for h, row in zip(r.target_hit, rows) if row[1] == c]) for c in concepts},
+                    "examples": [{"source": s, "target": t, "prompt": p, "continuation": g}
+                                 for (s, t, p), g in zip(rows, r.continuations)]}
+
+        swaps = [summary("clean", 0.0, concept_swap(lm, site, rows, "caa", 0.0, means=means,
+                                                     max_new_tokens=cfg.max_new_tokens))]
+        settings = [(m, s) for s in cfg.strengths for m in ("alignsae", "topk", "caa")]
+        from tqdm.auto import tqdm
+
+        for method, strength in tqdm(settings, desc="swapping", disable=not progress, leave=False):
+            result = concept_swap(lm, site, rows, "caa" if method == "caa" else "latent", strength,
+                                  latents=handles.get(method), means=means, norm=norm,
+                                  max_new_tokens=cfg.max_new_tokens)
+            swaps.append(summary(method, strength, result))
+        report = {"site": site, "unsupervised": name, "concepts": list(concepts), "tokens_train": len(x),
+                  "tokens_test": len(x_test), "mean_norm": norm,
+                  "concept_tokens_train": {c: int(y[:, j].sum()) for j, c in enumerate(concepts)},
+                  "alignsae": {"d_sae": align.cfg.d_sae, "steps": cfg.steps, "fvu_held_out": fvu,
+                               "binding": align.binding_accuracy(x_test.to(align.device), y_test),
+                               "latents": aligned},
+                  "topk": picked, "swaps": swaps, "path": str(folder / SWAP_FILE)}
+        atomic_write_json(folder / SWAP_FILE, report)
     return report
 
 
-def format_alignment(report: dict) -> str:
-    """The demo's tables: how well each SAE's latent reads its concept, and what swapping does, averaged over the
-    20 source → target pairs."""
+def _rate(hits: Sequence[bool]) -> float:
+    return sum(hits) / len(hits) if hits else float("nan")
+
+
+def format_concept_swap(report: dict) -> str:
+    """The command's tables: how well each SAE's latent reads its concept, and what the swap does."""
     lines = ["| concept | AlignSAE latent AUROC (held out) | binding | TopK best latent | its AUROC (held out) |",
              "|---|---|---|---|---|"]
-    for c in CONCEPTS:
+    for c in report["concepts"]:
         a, t = report["alignsae"]["latents"][c], report["topk"][c]
         lines.append(f"| {c} | {a['auroc']:.3f} | {report['alignsae']['binding'][c]:.0%} | {t['latent']} | "
                      f"{t['auroc_held_out']:.3f} |")
-    swaps = report["swaps"]
-    alphas = list(swaps[0]["alignsae"])
-
-    def mean(key, method, alpha=None):
-        vals = [r["clean"][key] if method == "clean" else r[method][alpha][key] for r in swaps]
-        return sum(vals) / len(vals)
-
-    lines += ["", "| latents | α | P(target word) | P(source word) | top token a target word |", "|---|---|---|---|---|",
-              f"| clean model | — | {mean('p_target', 'clean'):.3f} | {mean('p_source', 'clean'):.3f} | "
-              f"{mean('top_target', 'clean'):.0%} |"]
-    for method in ("alignsae", "topk"):
-        for a in alphas:
-            lines.append(f"| {method} | {a} | {mean('p_target', method, a):.3f} | {mean('p_source', method, a):.3f} | "
-                         f"{mean('top_target', method, a):.0%} |")
+    lines += ["", "| method | strength (× mean ‖x‖) | target word generated | source word generated | "
+              "perplexity |",
+              "|---|---|---|---|---|"]
+    for r in report["swaps"]:
+        strength = "—" if r["method"] == "clean" else f"{r['strength']:g}"
+        lines.append(f"| {r['method']} | {strength} | {r['target_rate']:.0%} | {r['source_rate']:.0%} | "
+                     f"{r['perplexity']:.1f} |")
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m saeforge.interventions.concepts RUN/saes/NAME OUT
-    import sys
-
-    if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m saeforge.interventions.concepts RUN/saes/NAME OUT_DIR")
-    print(format_alignment(alignment_demo(sys.argv[1], sys.argv[2])))
+def run_concept_swap(cfg: ConceptSwapConfig) -> dict:
+    report = concept_swap_demo(cfg)
+    print(format_concept_swap(report))
+    print(f"written {report['path']}")
+    return report

@@ -195,3 +195,21 @@ def test_the_trainer_refuses_missing_labels_before_training(tmp_path):
     narrow = ActivationCache.from_arrays(tmp_path / "narrow", {"acts": x, "concepts": labels[:, :3]}, progress=False)
     with pytest.raises(SaeforgeError, match=r"need \[256, 4\]"):
         train(TrainConfig(out=str(tmp_path / "r3"), cache=str(narrow.folder), **base))
+
+
+def test_a_concept_latent_off_on_its_own_concept_still_learns_it():
+    """The alignment term reads the pre-activation on the concept's tokens: a ReLU latent that is off there gets
+    the gradient that turns it on (reading the activation, it would be dead for good), while elsewhere only the
+    activation counts (a latent off where its concept is absent costs nothing)."""
+    sae = _hand_sae(indep_coefficient=0.0, ortho_coefficient=0.0, sparse_coefficient=0.0)
+    with torch.no_grad():
+        sae.b_enc[2] = -10.0  # pre = x1 + x2 - 10: off on both tokens, the labelled one included
+    out = sae.training_loss(X, state=TrainState(labels=Y))
+    # on the labelled token the pre-activation (3 - 10 = -7) is compared with 1; the other token costs 0
+    assert float(out.terms["align"].detach()) == pytest.approx(2 * ((-7 - 1) ** 2 + 0) / 2)
+    out.loss.backward()
+    assert float(sae.b_enc.grad[2]) < 0  # descent raises the bias: the latent turns on
+    assert float(sae.W_enc.grad[:, 2].abs().sum()) > 0
+    sae.zero_grad()
+    sae.training_loss(X, state=TrainState(labels=torch.zeros(2, 1))).loss.backward()
+    assert float(sae.b_enc.grad[2]) == 0.0  # unlabelled everywhere and off everywhere: nothing to change
