@@ -44,7 +44,7 @@ from saeforge.errors import SaeforgeError
 from saeforge.kernels import decode_sparse_blocks, encode_topk
 from saeforge.saes.base import DTYPES, SAE, SAEConfig, TrainOutput, TrainState, _flatten, _is_int, _require
 from saeforge.saes.batchtopk import BatchTopKConfig, update_threshold
-from saeforge.saes.clt_kernels import StepBuffers, cat_into_buffer, decode_blocks, decode_into_layers, layer_views
+from saeforge.saes.clt_kernels import StepBuffers, cat_into_buffer, decode_into_layers, layer_views
 from saeforge.saes.geometric_median import geometric_median
 from saeforge.saes.jumprelu import JumpReLUConfig, JumpReLUFunction, StepFunction
 from saeforge.saes.normalization import site_scales
@@ -330,7 +330,8 @@ class CrossLayerTranscoder(SAE):
         # of layer 0 of a 4-layer CLT took twice those of four transcoders), and the parts are summed per output
         # layer, so no gradient goes through in-place slice updates. On the fast kernels the stacked parameters'
         # gradients are written part by part into reused buffers (saeforge.saes.clt_kernels) instead of stacked
-        # into fresh tensors; the reference kernels run the same step in plain autograd.
+        # into fresh tensors, the strided decoder blocks are read through a reused scratch buffer and the prediction
+        # is concatenated into a reused buffer; the reference kernels run the same step in plain autograd.
         x, target = self._check_batch(x, target)
         cfg, L, F_, do = self.cfg, self.n_layers, self.features_per_layer, self.cfg.d_layer_out
         fast = getattr(cfg, "kernel", "fast") == "fast"
@@ -340,9 +341,9 @@ class CrossLayerTranscoder(SAE):
             p = getattr(self, name)
             return layer_views(p, bufs, name) if fast else p.unbind(0)
 
-        def decode(lat, i: int, blocks) -> Sequence[Tensor]:
+        def decode(lat, i: int) -> Sequence[Tensor]:
             if fast:
-                return decode_into_layers(lat, self.W_dec[i], blocks, bufs, ("W_dec", i))
+                return decode_into_layers(lat, self.W_dec[i], bufs, ("W_dec", i))
             return decode_sparse_blocks(lat, self.W_dec[i], impl=cfg.kernel)
 
         n = x.shape[0]
@@ -369,10 +370,9 @@ class CrossLayerTranscoder(SAE):
                                        aux_mask=dead.to(self.device).bool() if use_aux else None,
                                        matmul_dtype=None if cfg.matmul_dtype is None else DTYPES[cfg.matmul_dtype],
                                        impl=cfg.kernel)
-                blocks = decode_blocks(self.W_dec[i], bufs, ("blocks", i)) if fast else None
-                add(parts, i, decode(lat, i, blocks))
+                add(parts, i, decode(lat, i))
                 if aux is not None:
-                    add(aux_parts, i, decode(aux, i, blocks))
+                    add(aux_parts, i, decode(aux, i))
                 positive = lat.values.detach() > 0
                 f_i = torch.zeros(F_, dtype=torch.bool, device=self.device)
                 f_i[lat.cols[positive]] = True

@@ -9,10 +9,11 @@ the encoder's [L, d, F], each decoder's [F, L - i, d] — into a fresh tensor ev
 is a fresh mapping on CPU (glibc maps anything over 32 MB anew), and its page faults cost more than the copy: the
 stack of layer 0's four decoder blocks took 37 ms against 19 ms for the same copies into a buffer already mapped.
 Here each part is copied into a buffer kept from step to step, and autograd is handed a fresh alias of that buffer,
-which it adopts as ``.grad`` without a copy (the layout matches the parameter's). Likewise the decoder of source
-layer i, [F, L - i, d], is copied once per step into a contiguous [L - i, F, d] buffer: the sparse kernels want
-contiguous [F, d] blocks and made a fresh contiguous copy of the strided block on every call (twice per block and
-step, forward and backward); and the prediction [N, L·d] is concatenated into a reused buffer.
+which it adopts as ``.grad`` without a copy (the layout matches the parameter's). Likewise the sparse kernels want
+each [F, d] block of a decoder [F, L - i, d] contiguous and made a fresh contiguous copy of the strided block on
+every call (forward and backward); here each block is copied into one reused [F, d] scratch buffer instead (keeping
+contiguous copies of whole decoders across the step measured no faster, and would cost 4 bytes per decoder weight).
+The prediction [N, L·d] is concatenated into a reused buffer too.
 
 A buffer is reused only when nothing but the cache holds its memory (checked on its storage's reference count): when
 the last step's ``.grad`` was set to None (``zero_grad(set_to_none=True)``, as saeforge's trainer does) and its
@@ -36,7 +37,7 @@ from torch.autograd.function import once_differentiable
 
 from saeforge.kernels.sparse_topk import SparseLatents, _Plan, _sampled_dots, _sparse_matmul, _sparse_t_matmul
 
-__all__ = ["StepBuffers", "cat_into_buffer", "decode_blocks", "decode_into_layers", "layer_views"]
+__all__ = ["StepBuffers", "cat_into_buffer", "decode_into_layers", "layer_views"]
 
 
 class StepBuffers:
@@ -98,12 +99,12 @@ class _DecodeIntoLayersFn(torch.autograd.Function):
     buffer."""
 
     @staticmethod
-    def forward(ctx, values, rows, cols, n, W, blocks, buffers, key):
+    def forward(ctx, values, rows, cols, n, W, buffers, key):
         plan = _Plan.of(rows, cols, n, W.shape[0])
-        ctx.plan, ctx.buffers, ctx.key, ctx.blocks = plan, buffers, key, blocks
-        ctx.save_for_backward(values, cols, W)  # W: autograd's check that it is not changed before the backward
-        v = values.detach()  # detached: embedding_bag's forward-only kernel
-        return tuple(_sparse_matmul(plan, cols, v, blocks[b]) for b in range(W.shape[1]))
+        ctx.plan, ctx.buffers, ctx.key = plan, buffers, key
+        ctx.save_for_backward(values, cols, W)
+        v, Wd = values.detach(), W.detach()  # detached: embedding_bag's forward-only kernel
+        return tuple(_sparse_matmul(plan, cols, v, _block(Wd, b, buffers)) for b in range(W.shape[1]))
 
     @staticmethod
     @once_differentiable
@@ -113,36 +114,32 @@ class _DecodeIntoLayersFn(torch.autograd.Function):
         dv = dW = None
         if ctx.needs_input_grad[0]:
             for b, g in enumerate(grads):
-                d = _sampled_dots(ctx.plan, cols, g, ctx.blocks[b])
+                d = _sampled_dots(ctx.plan, cols, g, _block(W, b, ctx.buffers))
                 dv = d if dv is None else dv.add_(d)
             dv = dv.to(values.dtype)
         if ctx.needs_input_grad[4]:
             dW = ctx.buffers.get(ctx.key, W.shape, W.dtype, W.device)
             for b, g in enumerate(grads):
                 dW[:, b].copy_(_sparse_t_matmul(ctx.plan, cols, values, g))
-        return dv, None, None, None, dW, None, None, None
+        return dv, None, None, None, dW, None, None
 
 
-def decode_blocks(W: Tensor, buffers: StepBuffers, key: Any) -> Tensor | tuple[Tensor, ...]:
-    """The blocks ``W[:, b]`` of a decoder [d_sae, B, d_out], each contiguous: a copy into a reused [B, d_sae, d_out]
-    buffer (no copy when B is 1); what :func:`decode_into_layers` reads. Take it once per step and decoder."""
-    if W.shape[1] == 1:
-        return (W.detach()[:, 0],)
-    out = buffers.get(key, torch.Size((W.shape[1], W.shape[0], W.shape[2])), W.dtype, W.device)
-    out.copy_(W.detach().transpose(0, 1))
-    return out
+def _block(W: Tensor, b: int, buffers: StepBuffers) -> Tensor:
+    """Block ``W[:, b]`` of a decoder [d_sae, B, d_out], contiguous (in the scratch buffer unless it already is)."""
+    block = W[:, b]
+    if block.is_contiguous():
+        return block
+    return buffers.get("block", block.shape, block.dtype, block.device).copy_(block)
 
 
-def decode_into_layers(latents: SparseLatents, W: Tensor, blocks: Tensor | tuple[Tensor, ...], buffers: StepBuffers,
-                       key: Any) -> tuple[Tensor, ...]:
+def decode_into_layers(latents: SparseLatents, W: Tensor, buffers: StepBuffers, key: Any) -> tuple[Tensor, ...]:
     """``dense(latents) @ W[:, b]`` for each block b of ``W`` [d_sae, B, d_out] -> B tensors [N, d_out] (a CLT
-    source layer's decode into its own and the later output layers), reading ``blocks`` (:func:`decode_blocks` of
-    ``W``, taken after W's last change); the same result and gradients as
-    :func:`saeforge.kernels.decode_sparse_blocks`, with the weight gradient in a reused buffer."""
+    source layer's decode into its own and the later output layers); the same result and gradients as
+    :func:`saeforge.kernels.decode_sparse_blocks`, with the blocks read through a scratch buffer and the weight
+    gradient written into a reused one."""
     if W.dim() != 3 or W.shape[0] != latents.shape[1]:
         raise ValueError(f"W must be [d_sae={latents.shape[1]}, blocks, d_out], got {tuple(W.shape)}")
-    return _DecodeIntoLayersFn.apply(latents.values, latents.rows, latents.cols, latents.shape[0], W, blocks,
-                                     buffers, key)
+    return _DecodeIntoLayersFn.apply(latents.values, latents.rows, latents.cols, latents.shape[0], W, buffers, key)
 
 
 class _CatIntoFn(torch.autograd.Function):

@@ -10,7 +10,7 @@ import torch
 
 from saeforge.kernels import decode_sparse_blocks, encode_topk
 from saeforge.saes import TopKCLTConfig, TrainState, make_sae
-from saeforge.saes.clt_kernels import StepBuffers, cat_into_buffer, decode_blocks, decode_into_layers, layer_views
+from saeforge.saes.clt_kernels import StepBuffers, cat_into_buffer, decode_into_layers, layer_views
 
 L, D_IN, D_OUT, F = 3, 8, 6, 16
 
@@ -32,8 +32,7 @@ def test_decode_into_layers_matches_decode_sparse_blocks(blocks):
     grads = []
     for fast in (True, False):
         if fast:
-            bufs = StepBuffers()
-            outs = decode_into_layers(lat, W, decode_blocks(W, bufs, "blocks"), bufs, "W")
+            outs = decode_into_layers(lat, W, StepBuffers(), "W")
         else:
             outs = decode_sparse_blocks(lat, W, impl="reference")
         grads.append(torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), (values, W)))
