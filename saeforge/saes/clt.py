@@ -171,8 +171,10 @@ def clt_memory(n_layers: int, d_in: int, d_out: int, features_per_layer: int, ba
     skip = L * d_out * d_in if skip_connection else 0
     params = enc + dec + skip
     # inputs and targets (the batch, its per-layer copy, the prediction and its gradient), the encoder's dense
-    # pre-activations of one layer at a time, and the sparse latents (value, row, column) of every layer
-    acts = N * L * (2 * d_in + 3 * d_out) * bytes_per_value + N * F * bytes_per_value + N * k * L * (bytes_per_value + 16)
+    # pre-activations of one layer at a time, the sparse latents (value, row, column) of every layer, and the
+    # fast path's scratch copy of one [F, d_out] decoder block (saeforge.saes.clt_kernels)
+    acts = (N * L * (2 * d_in + 3 * d_out) * bytes_per_value + N * F * bytes_per_value
+            + N * k * L * (bytes_per_value + 16) + F * d_out * bytes_per_value)
     return {"parameters": params, "decoder_parameters": dec, "weights_bytes": params * bytes_per_value,
             "training_state_bytes": 4 * params * bytes_per_value, "step_activation_bytes": acts,
             "training_total_bytes": 4 * params * bytes_per_value + acts}
