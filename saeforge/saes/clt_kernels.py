@@ -1,7 +1,7 @@
 """The fast path of a cross-layer transcoder's training step: per-layer views of its stacked parameters, the
 sparse decode of one source layer into its own and every later output layer, and the concatenated prediction, with
-the large per-step tensors (stacked gradients, contiguous decoder blocks, the prediction) in buffers reused from
-step to step.
+the large per-step tensors (stacked gradients, the contiguous copy of a decoder block, the prediction) in buffers
+reused from step to step.
 
 Why (measured on the 2-core CPU of ``benchmarks/coders_speed.py``, 4 layers, F 4608, d 576, batch 4096): the plain
 autograd path assembles each stacked parameter's gradient with ``torch.stack`` of its per-layer or per-block parts —
@@ -19,8 +19,12 @@ A buffer is reused only when nothing but the cache holds its memory (checked on 
 the last step's ``.grad`` was set to None (``zero_grad(set_to_none=True)``, as saeforge's trainer does) and its
 graph and outputs are gone, it is free; while a ``.grad``, a gradient handed out by ``torch.autograd.grad``, a
 prediction someone kept or a graph not yet back-propagated holds it, a new tensor is allocated and nothing anyone
-holds is overwritten. CUDA's caching allocator makes fresh tensors cheap, so there a new tensor is
+holds is overwritten (when AuxK decodes through a decoder too, its part of the gradient and the main part are
+summed by autograd, into either). CUDA's caching allocator makes fresh tensors cheap, so there a new tensor is
 always allocated.
+
+These functions import private helpers of :mod:`saeforge.kernels.sparse_topk` (``_Plan``, ``_sparse_matmul``,
+``_sparse_t_matmul``, ``_sampled_dots``); a change to those must keep this module in step.
 
 The sparse kernels themselves (``embedding_bag`` for the decode and the weight gradient, ``sampled_addmm`` for the
 latents' gradient) are those of :mod:`saeforge.kernels.sparse_topk`, one [F, d] block at a time as
