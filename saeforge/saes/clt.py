@@ -44,6 +44,7 @@ from saeforge.errors import SaeforgeError
 from saeforge.kernels import decode_sparse_blocks, encode_topk
 from saeforge.saes.base import DTYPES, SAE, SAEConfig, TrainOutput, TrainState, _flatten, _is_int, _require
 from saeforge.saes.batchtopk import BatchTopKConfig, update_threshold
+from saeforge.saes.clt_kernels import StepBuffers, cat_into_buffer, decode_into_layers, layer_views
 from saeforge.saes.geometric_median import geometric_median
 from saeforge.saes.jumprelu import JumpReLUConfig, JumpReLUFunction, StepFunction
 from saeforge.saes.normalization import site_scales
@@ -170,8 +171,10 @@ def clt_memory(n_layers: int, d_in: int, d_out: int, features_per_layer: int, ba
     skip = L * d_out * d_in if skip_connection else 0
     params = enc + dec + skip
     # inputs and targets (the batch, its per-layer copy, the prediction and its gradient), the encoder's dense
-    # pre-activations of one layer at a time, and the sparse latents (value, row, column) of every layer
-    acts = N * L * (2 * d_in + 3 * d_out) * bytes_per_value + N * F * bytes_per_value + N * k * L * (bytes_per_value + 16)
+    # pre-activations of one layer at a time, the sparse latents (value, row, column) of every layer, and the
+    # fast path's scratch copy of one [F, d_out] decoder block (saeforge.saes.clt_kernels)
+    acts = (N * L * (2 * d_in + 3 * d_out) * bytes_per_value + N * F * bytes_per_value
+            + N * k * L * (bytes_per_value + 16) + F * d_out * bytes_per_value)
     return {"parameters": params, "decoder_parameters": dec, "weights_bytes": params * bytes_per_value,
             "training_state_bytes": 4 * params * bytes_per_value, "step_activation_bytes": acts,
             "training_total_bytes": 4 * params * bytes_per_value + acts}
@@ -190,6 +193,7 @@ class CrossLayerTranscoder(SAE):
             raise SaeforgeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}",
                                 "build it with saeforge.saes.make_sae(cfg)")
         self.cfg = cfg
+        self._step_buffers = StepBuffers()  # the fast training path's reused buffers (clt_kernels)
         L, F, di, do, dt = cfg.n_layers, cfg.features_per_layer, cfg.d_layer_in, cfg.d_layer_out, cfg.torch_dtype
         self.W_enc = nn.Parameter(torch.empty(L, di, F, dtype=dt))
         self.b_enc = nn.Parameter(torch.zeros(L, F, dtype=dt))
@@ -322,20 +326,34 @@ class CrossLayerTranscoder(SAE):
 
     # ---- training ----
     def training_loss(self, x: Tensor, target: Tensor | None = None, *, state: TrainState) -> TrainOutput:
-        # Per-layer views come from unbind (its backward stacks the layers' gradients once) rather than indexing
-        # (whose backward zero-fills a whole parameter per layer); each source layer decodes into every output layer
-        # separately (decode_sparse_blocks: one [F, d] block of its decoder at a time, whose rows stay in cache, where
-        # the whole (L - i)·d-wide rows did not: the sparse decoder passes of layer 0 of a 4-layer CLT took twice
-        # those of four transcoders), and the parts are summed per output layer, so no gradient goes through
-        # in-place slice updates.
+        # Per-layer views come from unbind rather than indexing (whose backward zero-fills a whole parameter per
+        # layer); each source layer decodes into every output layer separately (one [F, d] block of its decoder at
+        # a time, whose rows stay in cache, where the whole (L - i)·d-wide rows did not: the sparse decoder passes
+        # of layer 0 of a 4-layer CLT took twice those of four transcoders), and the parts are summed per output
+        # layer, so no gradient goes through in-place slice updates. On the fast kernels the stacked parameters'
+        # gradients are written part by part into reused buffers (saeforge.saes.clt_kernels) instead of stacked
+        # into fresh tensors, the strided decoder blocks are read through a reused scratch buffer and the prediction
+        # is concatenated into a reused buffer; the reference kernels run the same step in plain autograd.
         x, target = self._check_batch(x, target)
         cfg, L, F_, do = self.cfg, self.n_layers, self.features_per_layer, self.cfg.d_layer_out
+        fast = getattr(cfg, "kernel", "fast") == "fast"
+        bufs = self._step_buffers
+
+        def views(name: str) -> tuple[Tensor, ...]:
+            p = getattr(self, name)
+            return layer_views(p, bufs, name) if fast else p.unbind(0)
+
+        def decode(lat, i: int) -> Sequence[Tensor]:
+            if fast:
+                return decode_into_layers(lat, self.W_dec[i], bufs, ("W_dec", i))
+            return decode_sparse_blocks(lat, self.W_dec[i], impl=cfg.kernel)
+
         n = x.shape[0]
         # one contiguous copy per layer: a single [L, N, d] copy, as any temporary over tens of MB, is a fresh
         # mapping on CPU whose page faults cost more than the copy
         di = cfg.d_layer_in
         xs = [x[:, i * di:(i + 1) * di].contiguous() for i in range(L)]
-        w_enc, b_enc = self.W_enc.unbind(0), self.b_enc.unbind(0)
+        w_enc, b_enc = views("W_enc"), views("b_enc")
         parts: list[list[Tensor]] = [[] for _ in range(L)]  # parts[j]: what each source layer writes to layer j
         aux_parts: list[list[Tensor]] = [[] for _ in range(L)]
 
@@ -354,9 +372,9 @@ class CrossLayerTranscoder(SAE):
                                        aux_mask=dead.to(self.device).bool() if use_aux else None,
                                        matmul_dtype=None if cfg.matmul_dtype is None else DTYPES[cfg.matmul_dtype],
                                        impl=cfg.kernel)
-                add(parts, i, decode_sparse_blocks(lat, self.W_dec[i], impl=cfg.kernel))
+                add(parts, i, decode(lat, i))
                 if aux is not None:
-                    add(aux_parts, i, decode_sparse_blocks(aux, self.W_dec[i], impl=cfg.kernel))
+                    add(aux_parts, i, decode(aux, i))
                 positive = lat.values.detach() > 0
                 f_i = torch.zeros(F_, dtype=torch.bool, device=self.device)
                 f_i[lat.cols[positive]] = True
@@ -376,8 +394,8 @@ class CrossLayerTranscoder(SAE):
                 fired.append(active.any(0))
                 l0 += float(active.sum(1).float().mean())
             terms["l0"] = cfg.l0_coefficient * float(state.sparsity_scale) * n_active
-        b_dec = self.b_dec.unbind(0)
-        skips = self.W_skip.unbind(0) if cfg.skip_connection else None
+        b_dec = views("b_dec")
+        skips = views("W_skip") if cfg.skip_connection else None
         outs, mse = [], 0.0
         for j in range(L):  # the output and squared error of each layer on its own (no [N, L·d] temporaries)
             out = parts[j][0] + b_dec[j]
@@ -387,7 +405,8 @@ class CrossLayerTranscoder(SAE):
                 out = out + xs[j].to(self.dtype) @ skips[j].T
             outs.append(out)
             mse = mse + self._squared_error(out, target[:, j * do:(j + 1) * do])
-        y_hat = torch.cat(outs, dim=1)  # the prediction, differentiable; the loss is per layer above
+        # the prediction, differentiable; the loss is per layer above
+        y_hat = cat_into_buffer(outs, bufs, "y_hat") if fast else torch.cat(outs, dim=1)
         terms = {"mse": mse, **terms}
         if self.code in ("topk", "batchtopk"):
             aux_hat = None
