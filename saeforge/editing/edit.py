@@ -231,9 +231,9 @@ class Editor:
             return sum((a @ delta).pow(2).sum(-1).mean() / scale for a, scale in zip(retain, self.retain_scale))
 
         if self.additive:
-            prompt = EditPrompt.read(self.lm, encoded, self.site)
+            edit_prompt = EditPrompt.read(self.lm, encoded, self.site)
             hooked = contextlib.nullcontext()
-            target_nll = lambda: prompt.nll(self.lm, neurons, delta)  # noqa: E731
+            target_nll = lambda: edit_prompt.nll(self.lm, neurons, delta)  # noqa: E731
         else:
             batch = FactBatch.build(self.lm, [encoded], block=self.layer)
             hooked = with_delta(self.module, neurons, delta)

@@ -37,6 +37,7 @@ def test_masked_edit_changes_only_the_masked_weights_and_makes_the_target_the_ar
     before = params(lm)
     record = editor.edit(Fact(PROMPT, TARGET))
     after = params(lm)
+    assert (record.prompt, record.target) == (PROMPT, TARGET)
     assert record.source == "sae" and 1 <= len(record.latents) <= 4 and len(record.neurons) <= 16
     for name, value in after.items():
         if name != "model.layers.2.mlp.down_proj.weight":
