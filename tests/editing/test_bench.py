@@ -103,7 +103,8 @@ def test_bench_refuses_bad_targets_and_foreign_registries_before_slow_work(files
     def slow(*args, **kwargs):
         raise AssertionError("slow work started before the bad input was refused")
 
-    monkeypatch.setattr(sys.modules["saeforge.editing.bench"], "text_contexts", slow)  # the package's bench is a function
+    # the module by its full name: saeforge.editing.bench is also the name of a function of the package
+    monkeypatch.setattr(sys.modules["saeforge.editing.bench"], "text_contexts", slow)
     sae, text, facts, locality = files
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": PROMPT + " ", "target": "sea"}) + "\n")
