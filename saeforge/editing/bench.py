@@ -269,6 +269,10 @@ def bench(cfg: BenchConfig) -> dict[str, Any]:
             if result.get("config") != flat_dict(cfg):
                 raise SaeforgeError(f"{out} holds a benchmark with other settings",
                                     f"resume with the same options, or pass another --out")
+        for method in cfg.methods:  # a foreign or damaged registry to resume is refused before any slow work
+            folder, _ = _state_files(out, method)
+            if EditRegistry.exists(folder):
+                EditRegistry.load(folder, lm)
         t0 = time.time()
         retain = text_contexts(lm, cfg.retain_text, cfg.retain_contexts, cfg.context_length)
         heldout = text_contexts(lm, cfg.heldout_text, cfg.heldout_contexts, cfg.context_length)

@@ -20,8 +20,9 @@ no forward pass, so a step costs about one forward and backward of the prompt fr
 
 from __future__ import annotations
 
+import contextlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -29,12 +30,13 @@ import torch
 from saeforge.editing.facts import EncodedFact, Fact, encode_answer
 from saeforge.editing.localize import Localization, localize, retain_means
 from saeforge.editing.registry import EditRecord, EditRegistry
-from saeforge.editing.scoring import FactBatch
+from saeforge.editing.scoring import FactBatch, forward_from
 from saeforge.editing.weights import commit, down_projection, with_delta
 from saeforge.errors import SaeforgeError
 from saeforge.models.gradients import weights_without_grad
+from saeforge.models.suffix import BlockInput, read_block_inputs
 
-__all__ = ["EDIT_METHODS", "EditSettings", "Editor", "check_method"]
+__all__ = ["EDIT_METHODS", "EditPrompt", "EditSettings", "Editor", "adds_to_residual", "check_method"]
 
 EDIT_METHODS = ("masked", "random", "unmasked", "finetune")
 REUSE = ("avoid", "allow")
@@ -85,6 +87,60 @@ def check_method(method: str) -> None:
                             "--method masked")
 
 
+@torch.no_grad()
+def adds_to_residual(lm, layer: int, module, ids: torch.Tensor) -> bool:
+    """Whether the output of ``module`` (layer ``layer``'s down projection) reaches the residual stream as it is, i.e.
+    adding p to it adds exactly p to the block's output: then an edit's change can be added to the cached block
+    output (:class:`EditPrompt`). Checked on the model with a push as large as the residual stream (``ids``: a short
+    batch), since some families put a norm after the MLP (Gemma 2/3, OLMo 2) and their configs do not say so in one
+    place."""
+    site = lm.site(f"layers.{layer}.resid_post")
+    clean = lm.read(ids, [site])[site.name].float()
+    scale = float(clean.pow(2).mean().sqrt())
+    push = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0)) * scale
+
+    def hook(mod, args, output):
+        return output + push.to(device=output.device, dtype=output.dtype)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        pushed = lm.read(ids, [site])[site.name].float()
+    finally:
+        handle.remove()
+    return bool(torch.allclose((pushed - clean).cpu(), push, rtol=1e-3, atol=1e-3 * scale))
+
+
+@dataclass
+class EditPrompt:
+    """An edit prompt read once up to the edited block: the block's output without the edit (the input of the next
+    block) and the block's neuron activations. The delta changes the block's output by a[M]·Δ and nothing before it,
+    so a step of the edit runs only the blocks after the edited one, on that output plus a[M]·Δ; the target's NLL
+    equals the hooked forward's up to rounding (tested)."""
+
+    block_input: BlockInput
+    acts: torch.Tensor  # [1, seq, d_mlp] the neuron activations of the edited block
+    keep: torch.Tensor  # the positions that predict the target's tokens
+    tokens: torch.Tensor  # the target's tokens
+
+    @classmethod
+    def read(cls, lm, encoded: EncodedFact, site) -> "EditPrompt":
+        ids = torch.tensor([encoded.ids], dtype=torch.long)
+        inputs, acts = read_block_inputs(lm, ids, [site.layer + 1], [site])
+        got = inputs[site.layer + 1]
+        # ordinary tensors (not inference tensors): the forward with gradients starts from them
+        block_input = BlockInput(got.start, got.hidden.clone(), got.input_ids.clone(), None, got.rest)
+        as_long = lambda x: torch.tensor(x, dtype=torch.long, device=lm.device)  # noqa: E731
+        return cls(block_input, acts[site.name].clone(), as_long(encoded.positions), as_long(encoded.answer_ids))
+
+    def nll(self, lm, neurons: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+        """The target's mean NLL per token with the delta on ``neurons`` (None: every neuron)."""
+        part = self.acts if neurons is None else self.acts.index_select(-1, neurons)
+        hidden = self.block_input.hidden
+        edited = replace(self.block_input, hidden=hidden + (part.to(delta.dtype) @ delta).to(hidden.dtype))
+        logits = forward_from(lm, edited, self.keep)[0].float()
+        return torch.nn.functional.cross_entropy(logits, self.tokens)
+
+
 class Editor:
     """Sequential (lifelong) edits of one layer of ``lm``: ``editor.edit(fact)`` changes the model in place and
     appends to ``editor.registry``.
@@ -132,6 +188,7 @@ class Editor:
             self.retain_scale = [float(self.module(g.to(self.module.weight.dtype)).float().pow(2).sum(-1).mean())
                                  for g in self.retain_acts]
         self.means = retain_means(sae, self.retain_acts) if sae is not None else None
+        self.additive = adds_to_residual(lm, self.layer, self.module, retain[:1, :16])
 
     def encode(self, fact: Fact) -> EncodedFact:
         return encode_answer(self.lm, self.encoder, fact.prompt, fact.target)
@@ -162,7 +219,6 @@ class Editor:
         where = self.neurons_for(encoded, len(self.registry.records))
         neurons = None if where is None else torch.tensor(where.neurons, dtype=torch.long, device=self.lm.device)
         n = self.lm.d_mlp if neurons is None else len(neurons)
-        batch = FactBatch.build(self.lm, [encoded], block=self.layer)
         weight = self.module.weight
         delta = torch.zeros(n, self.lm.d_model, dtype=torch.float32, device=weight.device, requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=s.lr if neurons is not None else s.lr_full_layer)
@@ -174,9 +230,17 @@ class Editor:
         def retain_change() -> torch.Tensor:
             return sum((a @ delta).pow(2).sum(-1).mean() / scale for a, scale in zip(retain, self.retain_scale))
 
-        with weights_without_grad(self.lm.model), with_delta(self.module, neurons, delta), torch.enable_grad():
+        if self.additive:
+            edit_prompt = EditPrompt.read(self.lm, encoded, self.site)
+            hooked = contextlib.nullcontext()
+            target_nll = lambda: edit_prompt.nll(self.lm, neurons, delta)  # noqa: E731
+        else:
+            batch = FactBatch.build(self.lm, [encoded], block=self.layer)
+            hooked = with_delta(self.module, neurons, delta)
+            target_nll = lambda: batch.nll(self.lm)  # noqa: E731
+        with weights_without_grad(self.lm.model), hooked, torch.enable_grad():
             for steps in range(s.steps + 1):
-                nll = batch.nll(self.lm)
+                nll = target_nll()
                 if nll_before is None:
                     nll_before = float(nll.detach())
                 if float(nll.detach()) <= s.stop_nll or steps == s.steps:

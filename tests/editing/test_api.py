@@ -52,15 +52,22 @@ def test_edited_model_saves_as_a_folder_saeforge_and_transformers_load(setup, tm
                    context_length=24, device="cpu")
 
 
-def test_a_registry_from_another_model_is_refused_before_editing(setup, tiny_model_dirs, tmp_path):
+def test_a_registry_from_another_model_is_refused_before_editing(setup, tiny_model_dirs, tmp_path, monkeypatch):
+    from saeforge.editing import api
     from saeforge.models.language_model import LanguageModel
 
+    def slow(*args, **kwargs):
+        raise AssertionError("slow work started before the bad input was refused")
+
+    monkeypatch.setattr(api, "_retain", slow)
     sae, text = setup
     other = LanguageModel.load(str(tiny_model_dirs["mistral"]), device="cpu")
     EditRegistry.for_model(other, 2).save(tmp_path / "foreign")
     with pytest.raises(SaeforgeError, match="belongs to another model"):
         edit_model(str(sae), [Fact(PROMPT, TARGET)], registry=str(tmp_path / "foreign"), retain_text=str(text),
                    device="cpu")
+    with pytest.raises(SaeforgeError, match="merges it with the prompt"):
+        edit_model(str(sae), [Fact(PROMPT + " ", "sea")], retain_text=str(text), device="cpu")
 
 
 def _cli(*args, cwd):

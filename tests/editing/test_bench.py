@@ -91,3 +91,26 @@ def test_bench_refuses_bad_settings(files, tmp_path):
         bench(_config(files, tmp_path / "d", checkpoints=(5,)))
     with pytest.raises(SaeforgeError, match="unknown edit method"):
         bench(_config(files, tmp_path / "d", methods=("rome",)))
+
+
+def test_bench_refuses_bad_targets_and_foreign_registries_before_slow_work(files, tmp_path, tiny_model_dirs,
+                                                                          monkeypatch):
+    import sys
+
+    from saeforge.editing.registry import EditRegistry
+    from saeforge.models.language_model import LanguageModel
+
+    def slow(*args, **kwargs):
+        raise AssertionError("slow work started before the bad input was refused")
+
+    # the module by its full name: saeforge.editing.bench is also the name of a function of the package
+    monkeypatch.setattr(sys.modules["saeforge.editing.bench"], "text_contexts", slow)
+    sae, text, facts, locality = files
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": PROMPT + " ", "target": "sea"}) + "\n")
+    with pytest.raises(SaeforgeError, match="merges it with the prompt"):
+        bench(_config(files, tmp_path / "e", facts=str(bad), edits=1, checkpoints=(1,)))
+    other = LanguageModel.load(str(tiny_model_dirs["mistral"]), device="cpu")
+    EditRegistry.for_model(other, 2).save(tmp_path / "f" / "masked")
+    with pytest.raises(SaeforgeError, match="belongs to another model"):
+        bench(_config(files, tmp_path / "f", methods=("masked",)))

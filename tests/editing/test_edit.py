@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from saeforge.editing.edit import EditSettings, Editor
+from saeforge.editing.edit import EditPrompt, EditSettings, Editor, adds_to_residual
 from saeforge.editing.facts import Fact
 from saeforge.editing.localize import localize
 from saeforge.editing.scoring import FactBatch
+from saeforge.editing.weights import down_projection, with_delta
 from saeforge.errors import SaeforgeError
 from tests.conftest import TEXT
 from tests.editing.helpers import PROMPT, SITE, TARGET, params, retain_ids, tiny_sae
@@ -36,6 +37,7 @@ def test_masked_edit_changes_only_the_masked_weights_and_makes_the_target_the_ar
     before = params(lm)
     record = editor.edit(Fact(PROMPT, TARGET))
     after = params(lm)
+    assert (record.prompt, record.target) == (PROMPT, TARGET)
     assert record.source == "sae" and 1 <= len(record.latents) <= 4 and len(record.neurons) <= 16
     for name, value in after.items():
         if name != "model.layers.2.mlp.down_proj.weight":
@@ -108,3 +110,30 @@ def test_editor_refuses_bad_input(tiny_llama_dir):
         editor.edit(Fact(PROMPT + " ", "sea"))
     with pytest.raises(SaeforgeError, match="empty"):
         editor.edit(Fact(PROMPT, " "))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gpt_neox"])
+def test_an_edit_step_from_the_cached_block_output_equals_the_hooked_forward(tiny_model_dirs, family):
+    from saeforge.data.prompts import PromptEncoder
+    from saeforge.editing.facts import encode_answer
+    from saeforge.models.language_model import LanguageModel
+
+    lm = LanguageModel.load(str(tiny_model_dirs[family]), device="cpu")
+    site = lm.site("layers.1.mlp_hidden")
+    module = down_projection(lm, 1)
+    additive = adds_to_residual(lm, 1, module, retain_ids(lm)[:1, :12])
+    assert additive == (family != "gemma2")  # Gemma 2 normalises the MLP's output before adding it
+    encoded = encode_answer(lm, PromptEncoder(lm), PROMPT, " sea and")
+    hooked = FactBatch.build(lm, [encoded], block=1)
+    prompt = EditPrompt.read(lm, encoded, site)
+    gen = torch.Generator().manual_seed(1)
+    for neurons in (None, torch.tensor([3, 17, 40])):
+        delta = torch.randn(lm.d_mlp if neurons is None else 3, lm.d_model, generator=gen) * 0.5
+        with torch.no_grad(), with_delta(module, neurons, delta):
+            want = float(hooked.nll(lm))
+        with torch.no_grad():
+            got = float(prompt.nll(lm, neurons, delta))
+        if additive:
+            assert abs(got - want) < 1e-5 * max(1.0, abs(want)), (got, want)
+        else:
+            assert abs(got - want) > 1e-3  # a norm after the MLP: the shortcut would be wrong, and is not taken

@@ -32,6 +32,27 @@ def test_encode_answer_positions_and_refusals(tiny_llama):
     assert "token boundary" in err.value.fix
     with pytest.raises(SaeforgeError, match="is empty"):
         encode_answer(tiny_llama, enc, "To be,", "")
+    with pytest.raises(SaeforgeError, match=r"has \d\d+ tokens"):
+        encode_answer(tiny_llama, enc, "To be,", " " + " ".join(["sea"] * 40))
+
+
+def test_a_target_the_tokenizer_does_not_read_back_is_refused(tiny_tokenizer):
+    """A tokenizer that normalises its input (here: lower-cases it) cannot form " Sea": the model could never be
+    made to say it, so the edit is refused with what the tokenizer reads instead."""
+    from types import SimpleNamespace
+
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    inner = tiny_tokenizer.backend_tokenizer.__class__.from_str(tiny_tokenizer.backend_tokenizer.to_str())
+    inner.normalizer = normalizers.Lowercase()
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    lm = SimpleNamespace(tokenizer=tok)
+    encoder = SimpleNamespace(ids=lambda text: [0] + tok(text, add_special_tokens=False)["input_ids"])
+    assert encode_answer(lm, encoder, "To be, or not to be,", " sea").answer_ids
+    with pytest.raises(SaeforgeError, match="not a token sequence this tokenizer forms") as err:
+        encode_answer(lm, encoder, "To be, or not to be,", " Sea")
+    assert "' sea'" in err.value.problem and "--target" not in err.value.problem
 
 
 def test_fact_files(tmp_path):
