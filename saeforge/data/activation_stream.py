@@ -1,11 +1,12 @@
 """ActivationStream: shuffled batches of activations, from the live model or from an ActivationCache.
 
 The stream is a pure function of (source, seed): it is cut into *fills* of the mixing buffer; fill ``i`` holds a
-fixed set of activation vectors (a range of contexts of the live model, or a seeded choice of cache shards), which
-are permuted with a generator seeded by ``(seed, i)`` and served as consecutive batches. The state is therefore just
-``(fill, batch)``: saving it costs nothing, and restoring it recomputes (live) or reloads (cache) the current fill and
-continues with bit-identical batches, which exact training resume relies on. The last ``n mod batch_size`` vectors of
-a fill are dropped so every batch has the same size.
+fixed set of activation vectors (a range of the live model's kept vectors, or a seeded choice of cache shards),
+which are permuted with a generator seeded by ``(seed, i)`` and served as consecutive batches. The state is therefore
+just ``(fill, batch)``: saving it costs nothing, and restoring it recomputes (live) or reloads (cache) the current
+fill and continues with bit-identical batches, which exact training resume relies on. The last ``n mod batch_size``
+vectors of a fill are dropped so every batch has the same size; a live fill holds whole batches, so it drops none
+(the model's forward passes are the run's largest cost, and a dropped vector is a wasted one).
 """
 
 from __future__ import annotations
@@ -66,15 +67,26 @@ class CachedActivations:
 
 
 class LiveActivations:
-    """Fills computed by the model: fill ``i`` is contexts ``[i*C, (i+1)*C)``; the corpus wraps around (epochs)."""
+    """Fills computed by the model, cut from the endless sequence of kept vectors (the corpus wraps around: epochs).
+
+    Fills are sized in vectors, not contexts: fill ``i`` holds exactly a whole number of batches, so the stream
+    drops nothing, and when the run's length (``total_batches``) is known its batches are shared out as evenly as
+    possible over the fewest fills of at most ``buffer_tokens`` vectors, so the last fill is not a whole buffer of
+    forward passes for a few batches. Which positions are kept depends on the token ids only (no model), so where a
+    fill starts is found by tokenizing; the context that straddles two fills runs through the model for both.
+    Without ``batch_size`` every fill holds ``buffer_tokens`` vectors.
+    """
 
     def __init__(self, lm, tokens: TokenStream, sites: list[str], *, buffer_tokens: int = 65_536,
-                 batch_contexts: int = 32, epochs: int | None = None, dtype: torch.dtype | None = None):
+                 batch_contexts: int = 32, epochs: int | None = None, dtype: torch.dtype | None = None,
+                 batch_size: int | None = None, total_batches: int | None = None):
         self.lm = lm
         self.tokens = tokens
         self.site_objs = [lm.site(s) for s in sites]
         self.sites = [s.name for s in self.site_objs]
-        self.contexts_per_fill = max(1, buffer_tokens // tokens.policy.context_length)
+        self.buffer_tokens = max(1, buffer_tokens)
+        self.batch_size = batch_size
+        self.total_batches = total_batches
         self.batch_contexts = batch_contexts
         self.epochs = epochs
         self.dtype = dtype
@@ -82,6 +94,8 @@ class LiveActivations:
         self._last: tuple[int, dict[str, torch.Tensor]] | None = None  # the trainer's init sample is fill 0 too
         self._iter = None
         self._next_context = self._iter_start = 0
+        self._starts: dict[int, tuple[int, int]] = {0: (0, 0)}  # fill -> (global context, offset in its vectors)
+        self._held: tuple[int, torch.Tensor] | None = None  # the last context read, as (global index, ids)
 
     @property
     def n_contexts(self) -> int:
@@ -91,6 +105,17 @@ class LiveActivations:
                 raise SaeforgeError("the corpus is shorter than one context",
                                     "use a larger corpus or a shorter --context-length")
         return self._n_contexts
+
+    def fill_size(self, index: int) -> int:
+        """Vectors in fill ``index``: whole batches, the run's batches shared evenly over its fills."""
+        if not self.batch_size:
+            return self.buffer_tokens
+        most = max(1, self.buffer_tokens // self.batch_size)  # batches a fill may hold
+        if self.total_batches:
+            n_fills = -(-self.total_batches // most)
+            if index < n_fills:
+                return (self.total_batches // n_fills + (index < self.total_batches % n_fills)) * self.batch_size
+        return most * self.batch_size
 
     def _contexts(self, start: int, count: int) -> torch.Tensor:
         """Contexts ``start .. start+count`` of the endless (wrapped) sequence, reusing the open iterator.
@@ -117,20 +142,63 @@ class LiveActivations:
             global_index += 1
         return torch.stack(out)
 
+    def _past_the_end(self, context: int) -> bool:
+        return self.epochs is not None and context >= self.epochs * self.n_contexts
+
+    def _walk(self, start: tuple[int, int], n: int) -> tuple[list[torch.Tensor], tuple[int, int], int]:
+        """From ``start`` (global context, offset), the contexts that hold the next ``n`` kept vectors, where the
+        walk ends, and how many vectors it found (fewer than ``n`` only at the end of the last epoch)."""
+        context, offset = start
+        contexts, found = [], 0
+        while found < n and not self._past_the_end(context):
+            if self._held is not None and self._held[0] == context:  # the context two fills share: no re-tokenizing
+                ids = self._held[1]
+            else:
+                ids = self._contexts(context, 1)
+                self._held = (context, ids)
+            kept = int(self.tokens.keep_mask(ids).sum())
+            take = min(kept - offset, n - found)
+            if take > 0:
+                contexts.append(ids[0])
+                found += take
+            if offset + max(take, 0) < kept:
+                return contexts, (context, offset + take), found
+            context, offset = context + 1, 0
+        return contexts, (context, 0), found
+
+    def fill_start(self, index: int) -> tuple[int, int]:
+        """Where fill ``index`` starts: (global context index, offset among that context's kept vectors)."""
+        known = max(i for i in self._starts if i <= index)
+        while known < index:
+            _, end, _ = self._walk(self._starts[known], self.fill_size(known))
+            known += 1
+            self._starts[known] = end
+        return self._starts[index]
+
+    def fill_plan(self, index: int) -> tuple[torch.Tensor, int, int] | None:
+        """The contexts ``[m, context_length]`` that fill ``index`` reads, the offset of its first vector among
+        their kept vectors and its number of vectors; None past the end."""
+        start = self.fill_start(index)
+        contexts, end, found = self._walk(start, self.fill_size(index))
+        self._starts[index + 1] = end
+        if found == 0:
+            return None
+        return torch.stack(contexts), start[1], found
+
     def fill(self, index: int) -> dict[str, torch.Tensor] | None:
         if self._last is not None and self._last[0] == index:
             return self._last[1]
-        start = index * self.contexts_per_fill
-        if self.epochs is not None and start >= self.epochs * self.n_contexts:
+        plan = self.fill_plan(index)
+        if plan is None:
             return None
-        ids = self._contexts(start, self.contexts_per_fill)
+        ids, offset, count = plan
         parts: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
         for b in range(0, ids.shape[0], self.batch_contexts):
             batch = read_activations(self.lm, self.tokens, ids[b:b + self.batch_contexts], self.site_objs,
                                      dtype=self.dtype)
             for s, act in batch.acts.items():
                 parts[s].append(act)
-        data = {s: torch.cat(p) for s, p in parts.items()}
+        data = {s: torch.cat(p)[offset:offset + count] for s, p in parts.items()}
         self._last = (index, data)
         return data
 

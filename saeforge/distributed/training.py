@@ -250,10 +250,10 @@ class SharedLiveActivations(LiveActivations):
     def fill(self, index: int) -> dict[str, torch.Tensor] | None:
         if self._last is not None and self._last[0] == index:
             return self._last[1]
-        start = index * self.contexts_per_fill
-        if self.epochs is not None and start >= self.epochs * self.n_contexts:
+        plan = self.fill_plan(index)  # tokenizing: every rank, cheap
+        if plan is None:
             return None
-        ids = self._contexts(start, self.contexts_per_fill)  # tokenizing: every rank, cheap
+        ids, offset, count = plan
         per_rank = -(-ids.shape[0] // self.ranks.world_size)
         lo, hi = min(self.ranks.rank * per_rank, ids.shape[0]), min((self.ranks.rank + 1) * per_rank, ids.shape[0])
         parts: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
@@ -262,8 +262,8 @@ class SharedLiveActivations(LiveActivations):
                                      dtype=self.dtype)
             for s, act in batch.acts.items():
                 parts[s].append(act)
-        data = {s: _all_gather_rows(torch.cat(p) if p else None, self.dtype or self.lm.dtype, self.lm.device)
-                for s, p in parts.items()}
+        data = {s: _all_gather_rows(torch.cat(p) if p else None, self.dtype or self.lm.dtype,
+                                    self.lm.device)[offset:offset + count] for s, p in parts.items()}
         self._last = (index, data)
         return data
 

@@ -91,7 +91,11 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.run_info = run_info if run_info is not None else json.loads((self.run_dir / "run.json").read_text())
         self.lm = None
+        # wall seconds per phase of this process's run (run.json "seconds"): where the time goes, without a profiler
+        self.seconds = {"load": 0.0, "init": 0.0, "data": 0.0, "steps": 0.0, "finish": 0.0}
+        started = time.perf_counter()
         self.source = self._make_source()
+        self.seconds["load"] = time.perf_counter() - started
         self.stream = ActivationStream(self.source, batch_size=cfg.batch_size, seed=cfg.seed)
         self.step = 0
         self.trainees: list[Trainee] = []
@@ -120,7 +124,8 @@ class Trainer:
         self.data_info = {"model_name": cfg.model, "model_fingerprint": self.lm.fingerprint(),
                           "context_size": cfg.context_length, "prepend_bos": cfg.prepend_bos,
                           "exclude_special_tokens": cfg.exclude_special_tokens, "dataset_path": cfg.corpus}
-        return LiveActivations(self.lm, tokens, sites, buffer_tokens=cfg.buffer_tokens)
+        return LiveActivations(self.lm, tokens, sites, buffer_tokens=cfg.buffer_tokens, batch_size=cfg.batch_size,
+                               total_batches=self.total_steps)
 
     def _dead_after_tokens(self, spec: dict[str, Any]) -> int:
         if spec["dead_after_tokens"] > 0:
@@ -129,8 +134,14 @@ class Trainer:
         return int(min(DEFAULT_DEAD_AFTER_TOKENS, max(self.cfg.batch_size, self.cfg.tokens // 5)))
 
     def _build_trainees(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._build_trainees_from(self.source.fill(0))
+        finally:
+            self.seconds["init"] += time.perf_counter() - started
+
+    def _build_trainees_from(self, sample: dict[str, torch.Tensor] | None) -> None:
         cfg = self.cfg
-        sample = self.source.fill(0)
         if sample is None:
             raise SaeforgeError("the activation source is empty",
                                 "cache activations first (`saeforge cache` or `saeforge import-activations`), "
@@ -305,12 +316,16 @@ class Trainer:
         batches = self._batches()
         try:
             while self.step < self.total_steps:
+                started = time.perf_counter()
                 try:
                     batch = next(batches)
                 except StopIteration:
                     raise SaeforgeError(f"the activation source ran out at step {self.step} of {self.total_steps}",
                                         "train on fewer --tokens or cache more activations") from None
+                ready = time.perf_counter()
                 self._train_step(batch)
+                self.seconds["data"] += ready - started
+                self.seconds["steps"] += time.perf_counter() - ready
                 self.step += 1
                 bar.update(1)
                 if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
@@ -344,6 +359,7 @@ class Trainer:
                 "mean_activation": total / fired.clamp_min(1)}
 
     def _finish(self, last: dict[str, Any] | None) -> dict[str, Any]:
+        started = time.perf_counter()
         final = {}
         if last is None and self.metrics_path.exists():
             lines = self.metrics_path.read_text().strip().splitlines()
@@ -357,7 +373,9 @@ class Trainer:
                     "training_tokens": self.total_steps * self.cfg.batch_size}
             save_sae(sae, self.run_dir / "saes" / t.name, metadata=meta, feature_stats=self._feature_stats(t, sae))
             final[t.name] = (last or {}).get("saes", {}).get(t.name, {})
-        self.run_info.update(status="complete", final=final, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        self.seconds["finish"] += time.perf_counter() - started
+        self.run_info.update(status="complete", final=final, finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                             seconds={k: round(v, 3) for k, v in self.seconds.items()})
         atomic_write_json(self.run_dir / "run.json", self.run_info)
         return final
 
@@ -394,7 +412,8 @@ def train(cfg: TrainConfig, given: list[str] | None = None) -> dict[str, Any]:
 
         return train_distributed(cfg, given)
     cfg = resolve_config(cfg, given)
-    with open_run(cfg, given) as (cfg, run_dir, info), thread_policy(cfg.threads):
+    with open_run(cfg, given) as (cfg, run_dir, info), thread_policy(cfg.threads) as threads:
+        info["threads_used"] = threads  # the automatic choice depends on the load at the start: recorded
         trainer = Trainer(cfg, run_dir, info)
         # every SAE's settings are checked (its config built) before run.json is written: a refused setting leaves
         # no run behind, so the corrected command can use the same --out

@@ -136,7 +136,30 @@ def test_live_stream_resumed_past_the_first_epoch(tiny_llama, tmp_path):
     it = iter(s)
     for _ in range(45):
         next(it)
-    assert s.position.fill * s.source.contexts_per_fill >= n_contexts  # really in a later epoch
+    assert s.source.fill_start(s.position.fill)[0] >= n_contexts  # really in a later epoch
     resumed = make()
     resumed.load_state_dict(s.state_dict())
     assert all(torch.equal(x, y) for x, y in zip(ref[45:], _take(resumed, 15)))
+
+
+def test_live_fills_hold_whole_batches_and_drop_nothing(tiny_llama, text_file):
+    """Every kept vector of the contexts read is served once, in fills of whole batches shared evenly over the run
+    (the forward passes are the run's cost: none is spent on vectors that are thrown away)."""
+    ts = TokenStream.for_model(TextSource(str(text_file)), tiny_llama, TokenPolicy(context_length=16))
+    batch, total = 32, 11
+    source = LiveActivations(tiny_llama, ts, [SITE], buffer_tokens=4 * batch + 5, batch_contexts=4,
+                             batch_size=batch, total_batches=total)
+    assert [source.fill_size(i) // batch for i in range(4)] == [4, 4, 3, 4]  # 11 batches over 3 fills, then full
+    served = torch.cat(_take(ActivationStream(source, batch_size=batch, seed=0), total))
+    # the same vectors, in order, straight from the model over the contexts the run needs
+    contexts = torch.from_numpy(__import__("numpy").stack(list(itertools.islice(ts.contexts(), 40))))
+    from saeforge.data.activation_reader import read_activations
+
+    direct = read_activations(tiny_llama, ts, contexts, [tiny_llama.site(SITE)]).acts[SITE][:total * batch]
+    assert served.shape == direct.shape
+
+    def rows(t):
+        return sorted(map(tuple, t.tolist()))
+
+    assert rows(served) == rows(direct)  # a permutation of exactly the first total*batch kept vectors
+    assert source.fill_start(3)[0] < 40

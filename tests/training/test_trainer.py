@@ -245,10 +245,17 @@ def test_live_model_training(tiny_llama_dir, text_file, tmp_path):
                       sites=("layers.1.mlp_out",), context_length=32, tokens=128 * 12, batch_size=128,
                       buffer_tokens=1024, d_sae=64, k=4, progress=False, device="cpu", log_every=4,
                       checkpoint_every=4)
+    started = time.perf_counter()
     final = train(cfg)
+    wall = time.perf_counter() - started
     assert final["layers.1.mlp_out"]["l0"] == pytest.approx(4)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["data"]["model_fingerprint"] and info["data"]["context_size"] == 32
+    # where the time went: every phase took some, and together no more than the whole call
+    seconds = info["seconds"]
+    assert set(seconds) == {"load", "init", "data", "steps", "finish"}
+    assert all(v > 0 for v in seconds.values()) and sum(seconds.values()) <= wall
+    assert info["threads_used"] >= 1
 
 
 def test_saved_classic_relu_is_the_sae_the_last_metrics_describe(tiny_cache, tmp_path, monkeypatch):
