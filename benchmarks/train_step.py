@@ -12,8 +12,10 @@ the tool's own decoder-norm handling and bookkeeping —
   GEMM in bfloat16 (``matmul_dtype="bfloat16"``).
 - sparsify: ``benchmarks/peers/sparsify_worker.py`` (its Trainer's per-step work, eager CPU path).
 - SAELens: ``benchmarks/peers/saelens_worker.py`` (``SAETrainer.fit()`` with ``TopKTrainingSAE``).
-- the bound: a bare float32 ``torch.addmm(b, x, W)`` of the encoder's shape (and the bfloat16 one), timed the
-  same way — no SAE step can be faster than its encoder GEMM.
+- the bound: a bare float32 ``torch.addmm(b, x, W, out=buf)`` of the encoder's shape (and the bfloat16 one, x
+  cast each step as the step casts it), timed the same way — no SAE step can be faster than its encoder GEMM. The
+  result goes into one reused buffer as the step's does (until 2026-11-29 it was a fresh tensor each step, whose
+  page faults made the bound ~15 ms slower than the GEMM inside the step, i.e. a looser bound).
 
 Every tool runs in its own process (the peers in their own virtual environments, see ``setup_peers.sh``); only one
 runs at a time while the others wait. The coordinator interleaves them — round r runs every tool once, in an order
@@ -81,12 +83,17 @@ def _saeforge_worker(args) -> None:
         dtype = torch.bfloat16 if args.worker == "gemm_bf16" else torch.float32
         W = (torch.randn(args.d_in, args.d_sae) / args.d_in**0.5).to(dtype)
         b = torch.zeros(args.d_sae, dtype=dtype)
+        # Written into one reused buffer, as the saeforge step writes its pre-activations (a per-thread
+        # workspace): a fresh [batch, d_sae] result each step would add ~15 ms of page faults to the bound that
+        # the step does not pay, and make the bound looser than the step's own GEMM.
+        out = torch.empty(args.batch, args.d_sae, dtype=dtype)
 
         def step(x):
-            torch.addmm(b, x.to(dtype), W)  # result freed right away, as an ordinary op's would be
+            torch.addmm(b, x.to(dtype), W, out=out)
             return None
 
-        serve(step, batches, args.warmup, {"tool": args.worker, "what": f"torch.addmm(b, x, W) in {dtype}",
+        serve(step, batches, args.warmup, {"tool": args.worker,
+                                            "what": f"torch.addmm(b, x.to({dtype}), W, out=reused) in {dtype}",
                                             "torch_threads": torch.get_num_threads()})
         return
 

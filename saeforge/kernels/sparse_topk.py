@@ -13,7 +13,8 @@ measured with ``benchmarks/train_step.py``):
   fresh 75 MB result costs ~15-25 ms of page faults every step; CUDA's caching allocator makes this moot), then the
   per-row top-k on the pre-ReLU values. ``torch.topk`` takes ~25 ms there; on CPU/float32 a two-level selection
   (``max_pool1d`` chunk maxima -> top-k chunks -> top-k of their k*16 candidates, see ``_topk_rows``) gives the same
-  set in ~17 ms. The ReLU is applied to the N*k selected values only (no pass over [N, d_sae]), and the dense
+  set in ~17 ms, and the compiled kernel of :mod:`saeforge.kernels.native` (C, built on first use; this PyTorch
+  selection is its fallback) in ~11 ms, already in canonical order. The ReLU is applied to the N*k selected values only (no pass over [N, d_sae]), and the dense
   pre-activations are dropped before returning: the backward never needs them.
 - Decoder forward: ``F.embedding_bag(cols, W_dec, offsets, per_sample_weights=values, mode="sum")`` (~2 ms; a CSR
   ``@`` is ~5 ms).
@@ -31,8 +32,8 @@ measured with ``benchmarks/train_step.py``):
   decoder forward/backward and the encoder backward (``_Plan``, cached on the pattern's ``cols`` tensor).
 
 Measured on the benchmark shape (quiet machine): encoder GEMM ~105 ms, selection ~17 ms, everything else of the
-kernels ~20 ms; a whole saeforge TopK training step ~160 ms (≈ 25k tokens/s, ~78% of the bare float32 ``addmm``
-bound, 2.1x sparsify and 5.8x SAELens; ``benchmarks/train_step.py``).
+kernels ~20 ms; a whole saeforge TopK training step ~150 ms (≈ 27k tokens/s, 2.2x sparsify and 6x SAELens,
+~66% of the bare float32 ``addmm`` into a reused buffer; ``benchmarks/train_step.py``, docs/architecture.md).
 
 Semantics decided here (the reference path implements the same, the tests hold both to it):
 
@@ -64,6 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from saeforge.kernels import native
 
 # The CSR patterns below are internal and valid by construction; silence torch's one-off "beta" notice about them.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -147,6 +150,12 @@ def _select(pre: Tensor, k: int, batch: bool) -> _Selection:
     """
     n, d_sae = pre.shape
     if not batch:
+        if 16 * k <= d_sae:  # the compiled kernel's condition (k at most one per group of 16)
+            found = native.topk_rows(pre, k)  # None without a C compiler (or for rows holding NaN)
+            if found is not None:  # already in canonical order
+                vals, idx = found
+                rows = torch.arange(n, device=pre.device).repeat_interleave(k)
+                return _Selection(rows, idx.reshape(-1), vals.reshape(-1), True)
         vals, idx = _topk_rows(pre, k)
         return _row_major(idx, vals, n)
     flat = _batch_topk_flat(pre, n * k)
