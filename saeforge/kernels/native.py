@@ -32,6 +32,16 @@ _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 
 
+def _forget_pool_in_child() -> None:
+    # a forked child inherits the pool object but not its threads: work submitted to it would wait forever
+    global _pool, _pool_size, _lock
+    _pool, _pool_size, _lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("SAEFORGE_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "saeforge") / "kernels"

@@ -6,6 +6,7 @@ SAEFORGE_TEST_SEED=<seed>)."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -87,3 +88,30 @@ def test_encode_topk_same_with_and_without_the_native_kernel(monkeypatch, seed):
         if matmul_dtype is None:  # float32: no ties, the same columns
             assert torch.equal(with_native.cols, without.cols), f"seed {seed}"
         assert torch.equal(with_native.values.view(n, k).sort(1).values, without.values.view(n, k).sort(1).values)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_runs_the_kernel_after_the_parent_did():
+    """The parent's thread pool does not survive fork; the child must start its own instead of waiting forever."""
+    torch.set_num_threads(2)
+    pre = torch.randn(512, 1024)
+    expected = native.topk_rows(pre, 16)  # the parent's pool now exists
+    assert expected is not None
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's exit code is the assertion
+        # only the kernel and small element-wise checks here: OpenMP-parallel torch ops can hang in a forked child
+        found = native.topk_rows(pre, 16)
+        ok = found is not None and torch.equal(found[1], expected[1]) and torch.equal(found[0], expected[0])
+        os._exit(0 if ok else 3)
+    deadline, status = 60.0, None
+    start = time.monotonic()
+    while time.monotonic() - start < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's top-k did not finish in 60 s (it waited on the parent's thread pool)")
+    assert os.waitstatus_to_exitcode(status) == 0
