@@ -31,7 +31,7 @@ from saeforge.data.activation_cache import (
 from saeforge.data.activation_reader import read_activations
 from saeforge.data.text_source import TextSource
 from saeforge.data.token_stream import TokenStream
-from saeforge.distributed.process_group import all_gather_object, on_main, start, stop, together
+from saeforge.distributed.process_group import all_gather_object, leave_together, on_main, start, stop, together
 from saeforge.errors import SaeforgeError
 from saeforge.utils.atomic import atomic_write_json
 from saeforge.utils.locking import exclusive_lock
@@ -133,6 +133,7 @@ def build_cache_distributed(cfg: CacheConfig, progress: bool | None = None) -> A
                               tqdm(total=cfg.tokens, initial=manifest["token_count"], unit="tok", unit_scale=True,
                                    desc=f"caching on {ranks.world_size} ranks", dynamic_ncols=True,
                                    disable=not ((cfg.progress if progress is None else progress) and ranks.is_main)))
+            leave_together()
             return ActivationCache(folder)
     finally:
         stop(ranks)

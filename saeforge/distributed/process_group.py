@@ -72,6 +72,14 @@ def start(device: str = "auto") -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, wanted, started)
 
 
+def leave_together() -> None:
+    """A barrier at the end of a successful command: no rank tears its process group down while another still
+    works with it (a rank that destroyed its gloo group and exited while its peer was finishing was seen to abort
+    the peer with SIGABRT, 'terminate called without an active exception')."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def stop(ranks: Ranks) -> None:
     if ranks.started_group and dist.is_initialized():
         dist.destroy_process_group()

@@ -40,6 +40,7 @@ from saeforge.distributed.process_group import (
     Ranks,
     all_gather_object,
     broadcast_object,
+    leave_together,
     on_main,
     start,
     stop,
@@ -405,6 +406,8 @@ def train_distributed(cfg: TrainConfig, given: list[str]) -> dict[str, Any]:
                         f"rank {r}: {d}" for r, d in enumerate(data_infos)),
                         "give every rank the same --cache (or model and corpus), on a file system they share")
                 on_main(lambda: record_data(Path(run_dir), info, trainer.data_info))
-                return trainer.fit()
+                final = trainer.fit()
+                leave_together()
+                return final
     finally:
         stop(ranks)
