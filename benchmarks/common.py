@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: machine description, peak memory, result files."""
+"""Helpers shared by the benchmarks: machine description, peak memory, result files, saeforge's train step."""
 
 from __future__ import annotations
 
@@ -42,3 +42,25 @@ def write_result(name: str, data: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def saeforge_train_step(sae, opt, tracker):
+    """``step(x) -> TrainOutput``: one training step of ``sae`` as saeforge's trainer takes it — the loss through the
+    sparse kernels, backward, the decoder-norm projection, ``opt.step()``, renormalisation, ``zero_grad`` and the
+    dead-latent tracker (``train_step.py`` and ``gpu_step.py`` time the same step)."""
+    from saeforge.saes import TrainState
+
+    state = {"step": 0}
+
+    def step(x):
+        out = sae.training_loss(x, state=TrainState(step=state["step"], dead_mask=tracker.dead_mask))
+        out.loss.backward()
+        sae.before_optimizer_step()
+        opt.step()
+        sae.after_optimizer_step()
+        opt.zero_grad(set_to_none=True)
+        tracker.update(out.fired, x.shape[0])
+        state["step"] += 1
+        return out
+
+    return step

@@ -84,7 +84,8 @@ def _equivalence(x: torch.Tensor, d_sae: int, k: int, matmul_dtype: torch.dtype 
 
 
 def _step_times(x_batches, d_sae, k, matmul_dtype, steps, warmup, device) -> list[float]:
-    from saeforge.saes import DeadLatentTracker, TopKConfig, TrainState, make_sae
+    from common import saeforge_train_step
+    from saeforge.saes import DeadLatentTracker, TopKConfig, make_sae
 
     d_in = x_batches[0].shape[1]
     sae = make_sae(TopKConfig(d_in=d_in, d_sae=d_sae, k=k,
@@ -92,17 +93,11 @@ def _step_times(x_batches, d_sae, k, matmul_dtype, steps, warmup, device) -> lis
     sae.init_from_data(x_batches[0])
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3, fused=True)
     tracker = DeadLatentTracker(d_sae, sae.cfg.dead_after_tokens, device=device)
+    sae_step = saeforge_train_step(sae, opt, tracker)
     state = {"i": 0}
 
     def step():
-        x = x_batches[state["i"] % len(x_batches)]
-        out = sae.training_loss(x, state=TrainState(step=state["i"], dead_mask=tracker.dead_mask))
-        out.loss.backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
-        opt.zero_grad(set_to_none=True)
-        tracker.update(out.fired, x.shape[0])
+        sae_step(x_batches[state["i"] % len(x_batches)])
         state["i"] += 1
 
     return _timed(step, steps, warmup, device)

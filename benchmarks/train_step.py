@@ -98,7 +98,8 @@ def _saeforge_worker(args) -> None:
         return
 
     from saeforge import __version__
-    from saeforge.saes import DeadLatentTracker, TopKConfig, TrainState, make_sae
+    from common import saeforge_train_step
+    from saeforge.saes import DeadLatentTracker, TopKConfig, make_sae
 
     matmul_dtype = "bfloat16" if args.worker == "saeforge_bf16" else None
     sae = make_sae(TopKConfig(d_in=args.d_in, d_sae=args.d_sae, k=args.k, matmul_dtype=matmul_dtype))
@@ -107,18 +108,10 @@ def _saeforge_worker(args) -> None:
     fused = args.worker != "saeforge_adam_default"
     opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=True) if fused else torch.optim.Adam(sae.parameters(), lr=lr)
     tracker = DeadLatentTracker(args.d_sae, sae.cfg.dead_after_tokens)
-    state = {"step": 0}
+    sae_step = saeforge_train_step(sae, opt, tracker)
 
     def step(x):
-        out = sae.training_loss(x, state=TrainState(step=state["step"], dead_mask=tracker.dead_mask))
-        out.loss.backward()
-        sae.before_optimizer_step()
-        opt.step()
-        sae.after_optimizer_step()
-        opt.zero_grad(set_to_none=True)
-        tracker.update(out.fired, x.shape[0])
-        state["step"] += 1
-        return float(out.terms["mse"].detach())
+        return float(sae_step(x).terms["mse"].detach())
 
     serve(step, batches, args.warmup, {
         "tool": args.worker, "version": __version__, "kernel": sae.cfg.kernel, "matmul_dtype": matmul_dtype,
