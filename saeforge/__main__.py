@@ -1,5 +1,5 @@
 import sys
 
-from saeforge.cli import main
+from saeforge.cli import run
 
-sys.exit(main())
+sys.exit(run())

@@ -331,5 +331,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(argv: list[str] | None = None) -> int:
+    """The console entry point: :func:`main`, and a torchrun rank leaves without the interpreter's teardown
+    (:func:`saeforge.distributed.process_group.exit_rank` says why)."""
+    code = main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from saeforge.distributed.process_group import exit_rank
+
+        exit_rank(code)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

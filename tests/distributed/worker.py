@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from saeforge.distributed.process_group import exit_rank
 from saeforge.errors import SaeforgeError
 from saeforge.training import TrainConfig, train
 from saeforge.training.config import non_default_fields
@@ -41,8 +42,9 @@ def main() -> None:
         final = train(cfg, non_default_fields(cfg))
     except SaeforgeError as err:
         report.write_text(json.dumps({"error": str(err)}))
-        sys.exit(2)
+        exit_rank(2)
     report.write_text(json.dumps({"final": final}))
+    exit_rank(0)  # as the CLI's entry point does under torchrun
 
 
 if __name__ == "__main__":
