@@ -63,16 +63,20 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(30)))
     ap.add_argument("--jobs", type=int, default=2, help="seeds trained at once, one thread each")
     ap.add_argument("--options", default="{}", help="HSAE options (JSON) for the three SAEs")
+    ap.add_argument("--tokens", type=int, default=600_000, help="training samples per SAE (586 steps of 1,024)")
+    ap.add_argument("--out", default="hierarchy_ground_truth", help="result name under benchmarks/results/")
     args = ap.parse_args()
     options = json.loads(args.options)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed, scores in zip(args.seeds, _score_seeds(tmp, args.seeds, options, jobs=args.jobs)):
+        for seed, scores in zip(args.seeds, _score_seeds(tmp, args.seeds, options, jobs=args.jobs,
+                                                                  tokens=args.tokens)):
             rows.append(row(seed, scores))
             print(json.dumps(rows[-1]), flush=True)
     result = summary(rows)
     print(json.dumps(result, indent=1))
-    write_result("hierarchy_ground_truth", {"machine": machine(), "options": options, "seeds": rows, **result})
+    write_result(args.out, {"machine": machine(), "options": options, "tokens": args.tokens, "seeds": rows,
+                            **result})
 
 
 if __name__ == "__main__":
