@@ -7,13 +7,15 @@ its level's reconstruction and C_{ℓ,i} the children of (ℓ, i):
 
     L = Σ_ℓ [ ||x − x̃_ℓ||² + λ_ℓ L0_ℓ ]  +  ρ Σ_ℓ Σ_i || f_{ℓ,i}(x) − Σ_{j∈C_{ℓ,i}} f_{ℓ+1,j}(x) ||²
 
-- **Tree**: every ``tree_update_every`` steps (default: the paper's 5,000, or a fifth of a shorter run) each child takes as parent the level-up latent whose encoder vector
-  (``tree_similarity="decoder"``: decoder vector) has the largest cosine with its own; the ``unassigned_fraction``
-  (20 %) of children with the lowest best cosine stay without a parent. ``tree_similarity="coactivation"`` (the
-  paper's App. F.1 alternative) takes instead the parent with the highest P(parent fires | child fires), from
-  EMAs of the training batches' firing (window: half the update interval), and leaves out the lowest. The first tree is built after the first
-  ``tree_update_every`` steps (a tree of freshly initialised latents would be noise); until then the structural
-  term is 0. A last update follows the last step, so that the saved tree is the rule applied to the saved weights.
+- **Tree**: every ``tree_update_every`` steps (default: the paper's 5,000, or a fifth of a shorter run) each child
+  takes as parent the level-up latent whose encoder vector (``tree_similarity="decoder"``: decoder vector) has the
+  largest cosine with its own; the ``unassigned_fraction`` (20 %) of children with the lowest best cosine stay
+  without a parent. ``tree_similarity="coactivation"`` (the paper's App. F.1 alternative) takes instead the parent
+  with the highest P(parent fires | child fires), from EMAs of the training batches' firing (window: half the
+  update interval; state: n_ℓ × n_{ℓ-1} floats per level pair), and leaves out the lowest. The first tree is built
+  after the first ``tree_update_every`` steps (a tree of freshly initialised latents would be noise); until then
+  the structural term is 0. A last update follows the last step, so that the saved tree is the rule applied to
+  the saved weights.
 - **Random perturbation**: in x̃_ℓ each parent that has children is replaced, with probability
   ``perturbation_rate`` (5 %), by the sum of its children's vectors; one draw per parent per step, shared by the
   batch. (The paper's formula, read literally, keeps the parent with probability r; its prose and its r = 5 % say
@@ -134,9 +136,6 @@ class HSAEConfig(JumpReLUConfig):
     l0_penalty_to_encoder: bool = True
     # ρ, weight of the parent-children structural loss (paper: 0.01).
     structure_coefficient: float = 0.01
-    # Weight of a structural loss on firing patterns (saeforge's, not the paper's; 0: off): per parent with
-    # children, the squared gap between its firing and the OR of its children's, straight-through gradients.
-    firing_structure_coefficient: float = 0.0
     # r, probability that a parent with children is replaced by their sum in its level's reconstruction (paper: 5 %).
     perturbation_rate: float = 0.05
     # Rebuild the tree every this many steps; 0: default_tree_update_every (the paper's 5,000, a fifth of shorter runs).
@@ -227,7 +226,6 @@ class HSAEConfig(JumpReLUConfig):
                  f"{a}: adaptive_sparsity must be true or false, got {self.adaptive_sparsity!r}",
                  option_fix(self, "adaptive_sparsity", True))
         for name, lo, hi, default in (("structure_coefficient", 0.0, math.inf, 0.01),
-                                      ("firing_structure_coefficient", 0.0, math.inf, 0.0),
                                       ("perturbation_rate", 0.0, 1.0, 0.05),
                                       ("unassigned_fraction", 0.0, 1.0, 0.2),
                                       ("sparsity_adapt_rate", 0.0, math.inf, 0.02),
@@ -547,11 +545,6 @@ class HSAE(JumpReLUSAE):
             level_l0.append(l0.detach())
             terms[f"mse_level_{lv}"] = self._squared_error(rec, target)
             terms[f"l0_level_{lv}"] = self.level_l0_coefficient[lv].to(l0.dtype) * float(state.sparsity_scale) * l0
-            if layout is not None and not layout.empty and c.firing_structure_coefficient > 0:
-                h_p, h_c = active[:, sl][:, layout.has_children], active[:, slices[lv + 1]][:, layout.children]
-                any_child = h_p.new_zeros(h_p.shape[0], c.level_sizes[lv]).index_add(1, layout.parent_of, h_c)
-                gap = h_p - any_child[:, layout.has_children].clamp(max=1.0)
-                terms[f"firing_structure_level_{lv}"] = c.firing_structure_coefficient * gap.pow(2).sum(-1).mean()
             if layout is not None and c.structure_coefficient > 0:
                 terms[f"structure_level_{lv}"] = c.structure_coefficient * structure_loss(
                     f_lv, f[:, slices[lv + 1]], self.W_dec[sl], self.W_dec[slices[lv + 1]],
