@@ -155,7 +155,7 @@ def test_assign_by_score_takes_the_highest_score_and_leaves_the_lowest_out():
         assign_by_score(torch.zeros(4))
 
 
-def test_coactivation_tree_follows_the_ema_of_co_firing():
+def test_coactivation_tree_follows_the_ema_of_co_firing(tmp_path):
     """With tree_similarity "coactivation" each child takes the latent one level up that fired with it most often,
     P(parent | child) from EMAs over the training batches: equal to the exact decay-weighted counts."""
     sae = _hsae(levels=(4, 8, 20), tree_similarity="coactivation", unassigned_fraction=0.25)
@@ -174,6 +174,9 @@ def test_coactivation_tree_follows_the_ema_of_co_firing():
         sae.update_tree()
         expected, _ = assign_by_score(sae.parent_given_child(lv), 0.25)
         assert torch.equal(sae.level_parents(lv), expected)
+    again = load_sae(save_sae(sae, tmp_path / "hsae"))  # the co-firing state travels with the weights
+    assert torch.equal(again.coactivation_ema_2, sae.coactivation_ema_2)
+    assert torch.equal(again.firing_ema, sae.firing_ema)
 
 
 def test_coactivation_ema_is_fed_by_training_steps():
