@@ -88,7 +88,7 @@ def _coactivation_batches(cfg: LinkConfig):
         return None  # link_saes / matryoshka_tree name the missing SAE folder
     meta = folder_metadata(folder)
     _check_cache_model(cfg.cache, meta)
-    return list(cache_batches(cfg.cache, str(meta.get("hook_name")), cfg.tokens))
+    return cache_batches(cfg.cache, str(meta.get("hook_name")), cfg.tokens)  # read once, batch by batch
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
