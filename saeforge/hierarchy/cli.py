@@ -31,7 +31,13 @@ class LinkConfig:
     boundaries: tuple[int, ...] = ()
     """With --matryoshka: the prefix sizes that end each level (default: the SAE's groups)."""
     similarity: str = "encoder"
-    """What a latent's parent is chosen by: encoder (cosine of encoder vectors, HSAE's default) or decoder."""
+    """What a latent's parent is chosen by: encoder (cosine of encoder vectors, HSAE's default), decoder, or
+    coactivation (P(parent fires | child fires), counted on --cache)."""
+    cache: str = ""
+    """With --similarity coactivation: an activation cache of the SAEs' site to count co-firing on (their
+    training cache, as an HSAE counts it while training)."""
+    tokens: int = 262_144
+    """With --similarity coactivation: token positions of --cache to count on."""
     unassigned_fraction: float = 0.2
     """Fraction of each level's latents, the least similar to any parent, left without a parent."""
     out: str = "tree.json"
@@ -47,13 +53,15 @@ def run_link(cfg: LinkConfig):
                             "saeforge hierarchy link RUN/saes/A RUN/saes/B --out tree.json (or --matryoshka RUN/saes/M)")
     if out.is_dir():
         raise SaeforgeError(f"--out {out} is a folder", "pass a file name, e.g. --out tree.json")
+    activations = _coactivation_batches(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.matryoshka:
         tree = matryoshka_tree(cfg.matryoshka, boundaries=cfg.boundaries, similarity=cfg.similarity,
-                               unassigned_fraction=cfg.unassigned_fraction, tree_folder=out.parent)
+                               unassigned_fraction=cfg.unassigned_fraction, tree_folder=out.parent,
+                               activations=activations)
     else:
         tree = link_saes(cfg.saes, similarity=cfg.similarity, unassigned_fraction=cfg.unassigned_fraction,
-                         tree_folder=out.parent)
+                         tree_folder=out.parent, activations=activations)
     tree.save(out)
     s = tree.summary()
     print(f"{tree.kind} tree, levels {s['widths']} → {out}")
@@ -62,6 +70,25 @@ def run_link(cfg: LinkConfig):
               f"{row['parents_with_children']} parents with children (at most {row['max_children']}), "
               f"{row['unassigned']} unassigned")
     return tree
+
+
+def _coactivation_batches(cfg: LinkConfig):
+    """The cache batches that --similarity coactivation counts on (None for the cosine rules), checked first."""
+    from saeforge.hierarchy.data import cache_batches, folder_metadata
+
+    if cfg.similarity != "coactivation":
+        return None
+    if not cfg.cache:
+        raise SaeforgeError("--similarity coactivation counts co-firing on activations, and no --cache was given",
+                            "saeforge hierarchy link A/ B/ --similarity coactivation --cache TRAIN_CACHE --out tree.json")
+    if cfg.tokens <= 0:
+        raise SaeforgeError(f"--tokens must be positive, got {cfg.tokens}", "pass e.g. --tokens 262144")
+    folder = cfg.matryoshka or cfg.saes[0]
+    if not (Path(folder) / "cfg.json").is_file():
+        return None  # link_saes / matryoshka_tree name the missing SAE folder
+    meta = folder_metadata(folder)
+    _check_cache_model(cfg.cache, meta)
+    return cache_batches(cfg.cache, str(meta.get("hook_name")), cfg.tokens)  # read once, batch by batch
 
 
 # ---------------------------------------------------------------------------------------------------- metrics

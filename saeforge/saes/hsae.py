@@ -7,11 +7,15 @@ its level's reconstruction and C_{ℓ,i} the children of (ℓ, i):
 
     L = Σ_ℓ [ ||x − x̃_ℓ||² + λ_ℓ L0_ℓ ]  +  ρ Σ_ℓ Σ_i || f_{ℓ,i}(x) − Σ_{j∈C_{ℓ,i}} f_{ℓ+1,j}(x) ||²
 
-- **Tree**: every ``tree_update_every`` steps (default: the paper's 5,000, or a fifth of a shorter run) each child takes as parent the level-up latent whose encoder vector
-  (``tree_similarity="decoder"``: decoder vector) has the largest cosine with its own; the ``unassigned_fraction``
-  (20 %) of children with the lowest best cosine stay without a parent. The first tree is built after the first
-  ``tree_update_every`` steps (a tree of freshly initialised latents would be noise); until then the structural
-  term is 0. A last update follows the last step, so that the saved tree is the rule applied to the saved weights.
+- **Tree**: every ``tree_update_every`` steps (default: the paper's 5,000, or a fifth of a shorter run) each child
+  takes as parent the level-up latent whose encoder vector (``tree_similarity="decoder"``: decoder vector) has the
+  largest cosine with its own; the ``unassigned_fraction`` (20 %) of children with the lowest best cosine stay
+  without a parent. ``tree_similarity="coactivation"`` (the paper's App. F.1 alternative) takes instead the parent
+  with the highest P(parent fires | child fires), from EMAs of the training batches' firing (window: half the
+  update interval; state: n_ℓ × n_{ℓ-1} floats per level pair), and leaves out the lowest. The first tree is built
+  after the first ``tree_update_every`` steps (a tree of freshly initialised latents would be noise); until then
+  the structural term is 0. A last update follows the last step, so that the saved tree is the rule applied to
+  the saved weights.
 - **Random perturbation**: in x̃_ℓ each parent that has children is replaced, with probability
   ``perturbation_rate`` (5 %), by the sum of its children's vectors; one draw per parent per step, shared by the
   batch. (The paper's formula, read literally, keeps the parent with probability r; its prose and its r = 5 % say
@@ -51,10 +55,10 @@ from saeforge.saes.base import SAE, SAEConfig, TrainOutput, TrainState, _flatten
 from saeforge.saes.jumprelu import JumpReLUConfig, JumpReLUFunction, JumpReLUSAE, StepFunction
 from saeforge.saes.registry import register_sae
 
-__all__ = ["HSAE", "HSAEConfig", "TREE_SIMILARITIES", "assign_parents", "default_level_sizes", "default_target_l0",
-           "default_tree_update_every", "structure_loss"]
+__all__ = ["HSAE", "HSAEConfig", "TREE_SIMILARITIES", "assign_by_score", "assign_parents", "coactivation_decay",
+           "default_level_sizes", "default_target_l0", "default_tree_update_every", "structure_loss"]
 
-TREE_SIMILARITIES = ("encoder", "decoder")
+TREE_SIMILARITIES = ("encoder", "decoder", "coactivation")
 L0_ENERGIES = ("mean", "median")
 PAPER_TARGET_L0 = 50  # the paper's target L0 per level (Gemma-2-2B)
 # Sibling groups up to this size enter the structural loss through one sparse Gram product; larger ones (a parent
@@ -78,6 +82,13 @@ def default_tree_update_every(total_steps: int) -> int:
     the tree of latents that are still forming is mostly noise, and the structural loss then entrenches it (measured
     on synthetic trees, docs/hierarchy.md)."""
     return max(1, total_steps // 20, min(5000, total_steps // 5))
+
+
+def coactivation_decay(tree_update_every: int) -> float:
+    """Decay of the co-firing EMA behind ``tree_similarity="coactivation"``: an effective window of half the interval
+    between tree updates (at most 1,000 steps), so each update reads the recent weights' firing, not that of
+    latents long since changed."""
+    return min(0.999, max(0.5, 1.0 - 2.0 / max(int(tree_update_every), 1)))
 
 
 def default_target_l0(width: int) -> float:
@@ -129,7 +140,9 @@ class HSAEConfig(JumpReLUConfig):
     perturbation_rate: float = 0.05
     # Rebuild the tree every this many steps; 0: default_tree_update_every (the paper's 5,000, a fifth of shorter runs).
     tree_update_every: int = 0
-    # What a child's parent is chosen by: cosine of encoder vectors (the paper's default) or of decoder vectors.
+    # What a child's parent is chosen by: cosine of encoder vectors (the paper's default), of decoder vectors, or
+    # "coactivation": P(parent fires | child fires), from an exponential moving average of the batches' firing
+    # during training (the paper's App. F.1 alternative; the post-hoc baseline counts it on data).
     tree_similarity: str = "encoder"
     # Fraction of children, those with the lowest best cosine, left without a parent (paper: 20 %).
     unassigned_fraction: float = 0.2
@@ -281,11 +294,31 @@ def assign_parents(children: Tensor, parents: Tensor, unassigned_fraction: float
     for s in range(0, c.shape[0], chunk):
         sim = c[s:s + chunk] @ p.T
         best[s:s + chunk], index[s:s + chunk] = sim.max(dim=1)
-    n_out = int(math.floor(unassigned_fraction * c.shape[0]))
+    return _leave_out(index, best, unassigned_fraction)
+
+
+def _leave_out(index: Tensor, best: Tensor, unassigned_fraction: float) -> tuple[Tensor, Tensor]:
+    """The ``floor(unassigned_fraction · n)`` children with the lowest best score lose their parent (-1)."""
+    n_out = int(math.floor(unassigned_fraction * index.shape[0]))
     if n_out:
         order = torch.sort(best, stable=True).indices
         index[order[:n_out]] = -1
     return index, best
+
+
+@torch.no_grad()
+def assign_by_score(score: Tensor, unassigned_fraction: float = 0.2) -> tuple[Tensor, Tensor]:
+    """Each child (row of ``score [n_c, n_p]``, e.g. P(parent fires | child fires)) takes the parent of the largest
+    score; the ``floor(unassigned_fraction · n_c)`` children with the lowest best score get none (-1). Ties as in
+    :func:`assign_parents`."""
+    if score.dim() != 2 or score.shape[1] == 0:
+        raise SaeforgeError(f"assign_by_score needs an [n_children, n_parents] score matrix, got {tuple(score.shape)}",
+                            "pass one score per (child, parent) pair")
+    if not 0 <= unassigned_fraction < 1:
+        raise SaeforgeError(f"unassigned_fraction must be in [0, 1), got {unassigned_fraction!r}",
+                            "pass e.g. 0.2 (the paper's)")
+    best, index = score.float().max(dim=1)
+    return _leave_out(index, best, unassigned_fraction)
 
 
 class _TreeLayout:
@@ -385,9 +418,18 @@ class HSAE(JumpReLUSAE):
         self.register_buffer("parent_index", torch.full((cfg.d_sae,), -1, dtype=torch.long))
         self.register_buffer("parent_similarity", torch.zeros(cfg.d_sae, dtype=torch.float32))
         self.register_buffer("tree_updates", torch.tensor(0, dtype=torch.long))
+        if cfg.tree_similarity == "coactivation":
+            # EMAs of each latent's firing rate and, per level from the second, of the rate at which each latent
+            # fires together with each latent one level up: P(parent | child) is their ratio (the EMAs start at 0
+            # with one decay, so the ratio needs no bias correction)
+            self.register_buffer("firing_ema", torch.zeros(cfg.d_sae, dtype=torch.float32))
+            for lv in range(1, n):
+                self.register_buffer(f"coactivation_ema_{lv}",
+                                     torch.zeros(cfg.level_sizes[lv], cfg.level_sizes[lv - 1], dtype=torch.float32))
         self._layouts: dict[int, _TreeLayout] = {}
         self._layout_key: tuple | None = None
         self._step_level_l0: Tensor | None = None  # per-level L0 of the last training forward, read by after_step
+        self._step_active: Tensor | None = None    # its firing [N, d_sae], for the co-activation EMA
 
     @property
     def threshold(self) -> Tensor:
@@ -510,6 +552,8 @@ class HSAE(JumpReLUSAE):
         if c.pre_act_loss_coefficient > 0:
             terms["pre_act"] = self._pre_act_term(pre, theta, state.dead_mask)
         self._step_level_l0 = torch.stack(level_l0).float()
+        if c.tree_similarity == "coactivation":
+            self._step_active = f.detach() > 0
         fired, l0_total = self._sparsity_stats(f.detach() > 0)
         x_hat = x_hat_sum / self.n_levels
         return TrainOutput(loss=sum(terms.values()), terms=terms, x_hat=x_hat, fired=fired, l0=l0_total)
@@ -537,6 +581,9 @@ class HSAE(JumpReLUSAE):
             self._adapt_sparsity(self._step_level_l0.to(self.level_l0_ema.device), total_steps)
         self._step_level_l0 = None
         every = self.cfg.tree_update_every or default_tree_update_every(total_steps)
+        if self._step_active is not None:
+            self._track_coactivation(self._step_active, coactivation_decay(every))
+            self._step_active = None
         if self.n_levels > 1 and ((step + 1) % every == 0 or step + 1 == total_steps):
             self.update_tree()
 
@@ -556,6 +603,26 @@ class HSAE(JumpReLUSAE):
         self.level_l0_coefficient.clamp_(1e-8, 1e4)
 
     @torch.no_grad()
+    def _track_coactivation(self, active: Tensor, decay: float) -> None:
+        """One batch's firing rates and co-firing rates into their EMAs (a sparse product: cost ~ tokens × L0 ×
+        the parent level's width)."""
+        slices = self.cfg.level_slices
+        a = active.to(self.firing_ema.device, torch.float32)
+        self.firing_ema.mul_(decay).add_(a.mean(0), alpha=1 - decay)
+        for lv in range(1, self.n_levels):
+            child = a[:, slices[lv]].T.to_sparse()
+            both = torch.sparse.mm(child, a[:, slices[lv - 1]]) / a.shape[0]
+            getattr(self, f"coactivation_ema_{lv}").mul_(decay).add_(both, alpha=1 - decay)
+
+    @torch.no_grad()
+    def parent_given_child(self, level: int) -> Tensor:
+        """With ``tree_similarity="coactivation"``: P(parent fires | child fires) from the training EMAs,
+        ``[n_level, n_level_above]``; 0 for a child that has not fired."""
+        rate = self.firing_ema[self.cfg.level_slices[level]]
+        both = getattr(self, f"coactivation_ema_{level}")
+        return torch.where(rate[:, None] > 0, both / rate[:, None].clamp_min(1e-30), torch.zeros_like(both))
+
+    @torch.no_grad()
     def level_vectors(self, level: int) -> Tensor:
         """The vectors the tree is built from: encoder columns or decoder rows of a level's latents, ``[n, d]``."""
         sl = self.cfg.level_slices[level]
@@ -564,11 +631,15 @@ class HSAE(JumpReLUSAE):
     @torch.no_grad()
     def update_tree(self) -> None:
         """Every child takes the most similar latent one level up as parent (the bottom ``unassigned_fraction``
-        by similarity take none)."""
+        by similarity take none); with ``tree_similarity="coactivation"`` the one it has fired with most often,
+        P(parent | child) from the training EMAs."""
         for lv in range(1, self.n_levels):
             sl = self.cfg.level_slices[lv]
-            index, best = assign_parents(self.level_vectors(lv), self.level_vectors(lv - 1),
-                                         self.cfg.unassigned_fraction)
+            if self.cfg.tree_similarity == "coactivation":
+                index, best = assign_by_score(self.parent_given_child(lv), self.cfg.unassigned_fraction)
+            else:
+                index, best = assign_parents(self.level_vectors(lv), self.level_vectors(lv - 1),
+                                             self.cfg.unassigned_fraction)
             self.parent_index[sl] = index.to(self.parent_index.device)
             self.parent_similarity[sl] = best.to(self.parent_similarity.device)
         self.tree_updates += 1

@@ -23,6 +23,25 @@ def test_link_posthoc_and_matryoshka(hierarchy_run, tmp_path, capsys):
     assert FeatureTree.load(tmp_path / "m.json").widths == [16, 64]
 
 
+def test_link_by_coactivation_on_a_cache(hierarchy_run, tiny_cache, tmp_path, capsys):
+    from saeforge.hierarchy.data import cache_batches
+    from saeforge.hierarchy.posthoc import coactivation_scores
+    from saeforge.saes import load_sae
+    from saeforge.saes.hsae import assign_by_score
+
+    saes = hierarchy_run / "saes"
+    assert main(["hierarchy", "link", str(saes / "w16"), str(saes / "w64"), "--similarity", "coactivation",
+                 "--out", str(tmp_path / "t.json")]) == 2
+    assert "--cache TRAIN_CACHE" in capsys.readouterr().err
+    assert main(["hierarchy", "link", str(saes / "w16"), str(saes / "w64"), "--similarity", "coactivation",
+                 "--cache", str(tiny_cache.folder), "--tokens", "2000", "--out", str(tmp_path / "t.json")]) == 0
+    tree = FeatureTree.load(tmp_path / "t.json")
+    levels = [(load_sae(saes / "w16"), slice(0, 16)), (load_sae(saes / "w64"), slice(0, 64))]
+    score = coactivation_scores(levels, cache_batches(tiny_cache.folder, TRAIN_SITES[0], 2000))[0]
+    assert tree.info["similarity"] == "coactivation"
+    assert tree.parents[0].tolist() == assign_by_score(score, 0.2)[0].tolist()
+
+
 def test_metrics_of_three_trees_on_one_cache_and_on_text(hierarchy_run, tiny_cache, text_file, tmp_path, capsys):
     saes = hierarchy_run / "saes"
     main(["hierarchy", "link", str(saes / "w16"), str(saes / "w64"), "--out", str(tmp_path / "posthoc.json")])

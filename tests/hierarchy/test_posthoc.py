@@ -7,9 +7,9 @@ import torch
 
 from saeforge.errors import SaeforgeError
 from saeforge.hierarchy import link_saes, matryoshka_tree
-from saeforge.saes.hsae import assign_parents
+from saeforge.saes.hsae import assign_by_score, assign_parents
 
-from .helpers import random_jumprelu, random_matryoshka, saved
+from .helpers import activations, random_jumprelu, random_matryoshka, saved
 
 
 def test_each_latent_takes_the_most_similar_latent_of_the_narrower_sae(tmp_path):
@@ -21,6 +21,25 @@ def test_each_latent_takes_the_most_similar_latent_of_the_narrower_sae(tmp_path)
         assert tree.parents[0].tolist() == expected.tolist()
         assert tree.similarity[0] == pytest.approx(best.numpy(), abs=1e-6)
         assert tree.info["similarity"] == rule and tree.kind == "posthoc"
+
+
+def test_coactivation_links_each_latent_to_the_one_it_fires_with_most(tmp_path):
+    small, big = random_jumprelu(6, 0), random_jumprelu(20, 1)
+    a, b = saved(small, tmp_path / "a"), saved(big, tmp_path / "b")
+    x = activations(3000)
+    tree = link_saes([a, b], similarity="coactivation", unassigned_fraction=0.25,
+                     activations=[x[i:i + 1000] for i in range(0, 3000, 1000)])
+    with torch.no_grad():
+        fa, fb = (small.encode(x) > 0).double(), (big.encode(x) > 0).double()
+    p_parent = (fb.T @ fa) / fb.sum(0)[:, None].clamp_min(1)
+    expected, best = assign_by_score(p_parent, 0.25)
+    assert tree.parents[0].tolist() == expected.tolist() and tree.info["similarity"] == "coactivation"
+    assert tree.similarity[0] == pytest.approx(best.numpy(), abs=1e-6)
+    with pytest.raises(SaeforgeError, match="needs activations") as err:
+        link_saes([a, b], similarity="coactivation")
+    assert "activations=" in err.value.fix
+    with pytest.raises(SaeforgeError, match="no activations"):
+        link_saes([a, b], similarity="coactivation", activations=[])
 
 
 def test_three_levels(tmp_path):
@@ -50,7 +69,7 @@ def test_saes_of_other_sites_or_widths_are_refused(tmp_path):
     with pytest.raises(SaeforgeError, match="not an SAE folder"):
         link_saes([a, tmp_path])
     with pytest.raises(SaeforgeError, match="unknown similarity"):
-        link_saes([a, saved(random_jumprelu(20, 1), tmp_path / "d")], similarity="coactivation")
+        link_saes([a, saved(random_jumprelu(20, 1), tmp_path / "d")], similarity="cosine")
 
 
 def test_matryoshka_groups_as_levels(tmp_path):

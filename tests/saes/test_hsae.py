@@ -11,7 +11,8 @@ import torch
 from saeforge.errors import SaeforgeError
 from saeforge.hierarchy.tree import FeatureTree
 from saeforge.saes import HSAE, HSAEConfig, JumpReLUSAE, TrainState, load_sae, make_sae, save_sae
-from saeforge.saes.hsae import _TreeLayout, assign_parents, default_level_sizes, structure_loss
+from saeforge.saes.hsae import (_TreeLayout, assign_by_score, assign_parents, coactivation_decay, default_level_sizes,
+                                structure_loss)
 from saeforge.training import TrainConfig, Trainer, train
 from tests.conftest import TRAIN_SITES as SITES
 
@@ -57,7 +58,7 @@ def test_level_sizes_given_set_d_sae_in_training_options():
     ({"level_sizes": (8, 16), "target_l0": (8, 4)}, "target L0 8 of level 0 is not below its width 8", "target_l0"),
     ({"level_sizes": (8, 16), "target_l0": (1, 2, 3)}, r"one per level \(2\)", "target_l0"),
     ({"level_sizes": (8, 16), "apply_b_dec_to_input": True}, "apply_b_dec_to_input must be false", "false"),
-    ({"level_sizes": (8, 16), "tree_similarity": "coactivation"}, "unknown tree_similarity", "encoder"),
+    ({"level_sizes": (8, 16), "tree_similarity": "cofiring"}, "unknown tree_similarity", "encoder"),
     ({"level_sizes": (8, 16), "perturbation_rate": 1.5}, "perturbation_rate must be", "0.05"),
     ({"level_sizes": (8, 16), "unassigned_fraction": 1.0}, "unassigned_fraction must be", "0.2"),
     ({"level_sizes": (8, 16), "l0_energy": "max"}, "l0_energy must be one of mean, median", "median"),
@@ -140,6 +141,60 @@ def test_tree_update_uses_encoder_or_decoder_cosines():
             assert torch.equal(sae.level_parents(lv), expected)
             assert int((sae.level_parents(lv) < 0).sum()) == int(0.25 * sae.cfg.level_sizes[lv])
         assert torch.equal(sae.parent_index[:4], torch.full((4,), -1)) and int(sae.tree_updates) == 1
+
+
+def test_assign_by_score_takes_the_highest_score_and_leaves_the_lowest_out():
+    score = torch.tensor([[0.1, 0.9, 0.0], [0.5, 0.5, 0.2], [0.0, 0.0, 0.0], [0.3, 0.0, 0.6]])
+    index, best = assign_by_score(score, 0.0)
+    assert index.tolist() == [1, 0, 0, 2] and best.tolist() == pytest.approx([0.9, 0.5, 0.0, 0.6])
+    index, _ = assign_by_score(score, 0.5)  # floor(0.5 * 4) = 2: the never-co-firing child and the 0.5 one
+    assert index.tolist() == [1, -1, -1, 2]
+    with pytest.raises(SaeforgeError, match="unassigned_fraction"):
+        assign_by_score(score, 1.0)
+    with pytest.raises(SaeforgeError, match="score matrix"):
+        assign_by_score(torch.zeros(4))
+
+
+def test_coactivation_tree_follows_the_ema_of_co_firing(tmp_path):
+    """With tree_similarity "coactivation" each child takes the latent one level up that fired with it most often,
+    P(parent | child) from EMAs over the training batches: equal to the exact decay-weighted counts."""
+    sae = _hsae(levels=(4, 8, 20), tree_similarity="coactivation", unassigned_fraction=0.25)
+    assert sae.firing_ema.shape == (32,) and sae.coactivation_ema_2.shape == (20, 8)
+    g = torch.Generator().manual_seed(5)
+    decay = coactivation_decay(10)
+    assert decay == pytest.approx(0.8) and coactivation_decay(5000) == 0.999 and coactivation_decay(1) == 0.5
+    batches = [torch.rand(50, 32, generator=g) < 0.3 for _ in range(6)]
+    for a in batches:
+        sae._track_coactivation(a, decay)
+    weights = [(1 - decay) * decay ** (len(batches) - 1 - t) for t in range(len(batches))]
+    for lv, (child, parent) in ((1, (slice(4, 12), slice(0, 4))), (2, (slice(12, 32), slice(4, 12)))):
+        both = sum(w * (a[:, child].T.double() @ a[:, parent].double()) / 50 for w, a in zip(weights, batches))
+        fired = sum(w * a[:, child].double().mean(0) for w, a in zip(weights, batches))
+        torch.testing.assert_close(sae.parent_given_child(lv), (both / fired[:, None]).float(), rtol=1e-5, atol=1e-6)
+        sae.update_tree()
+        expected, _ = assign_by_score(sae.parent_given_child(lv), 0.25)
+        assert torch.equal(sae.level_parents(lv), expected)
+    again = load_sae(save_sae(sae, tmp_path / "hsae"))  # the co-firing state travels with the weights
+    assert torch.equal(again.coactivation_ema_2, sae.coactivation_ema_2)
+    assert torch.equal(again.firing_ema, sae.firing_ema)
+
+
+def test_coactivation_ema_is_fed_by_training_steps():
+    sae = _hsae(levels=(4, 8), tree_similarity="coactivation", tree_update_every=2)
+    opt = torch.optim.Adam(sae.parameters())
+    x = _x()
+    fired = sae.encode(x) > 0
+    sae.training_loss(x, state=TrainState())
+    sae.after_step(0, 10, torch.zeros(12, dtype=torch.bool), x, opt)
+    decay = coactivation_decay(2)
+    torch.testing.assert_close(sae.firing_ema, (1 - decay) * fired.float().mean(0))
+    assert int(sae.tree_updates) == 0
+    sae.training_loss(x, state=TrainState())
+    sae.after_step(1, 10, torch.zeros(12, dtype=torch.bool), x, opt)  # step 2 of 10: the first tree
+    assert int(sae.tree_updates) == 1
+    expected, _ = assign_by_score(sae.parent_given_child(1), sae.cfg.unassigned_fraction)
+    assert torch.equal(sae.level_parents(1), expected)
+    assert not hasattr(_hsae(levels=(4, 8)), "firing_ema")  # the other rules carry no co-firing state
 
 
 def test_training_loss_terms_before_and_after_the_first_tree():
