@@ -4,9 +4,9 @@ SAELens reads its ``sparsity`` from): the trainer computes them at the end of a 
 For the TopK family whose ``encode`` is a per-row top-k (TopK, its transcoders and crosscoders) they come from the
 sparse top-k kernel the training step uses (:func:`saeforge.kernels.encode_topk`): the same latents and values as
 ``encode`` without its dense [chunk, d_sae] output and the passes over it (top-k, scatter, three reductions). For a
-4608-latent SAE on 32,768 vectors that took the dense way 2.2 s, the sparse way about the encoder GEMM's 0.8 s
-(docs/architecture.md, "Where the time goes, end to end"). Other SAEs (BatchTopK's learned threshold, JumpReLU,
-ReLU, ...) keep their dense ``encode``.
+4608-latent SAE on 32,768 vectors (2 CPU cores) that took 2.2 s the dense way and takes 0.95 s this way, 0.8 s of it
+the encoder GEMMs (docs/architecture.md, "Where the time goes, end to end"). Other SAEs (BatchTopK's learned
+threshold, JumpReLU, ReLU, ...) keep their dense ``encode``.
 """
 
 from __future__ import annotations
