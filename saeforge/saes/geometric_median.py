@@ -21,7 +21,7 @@ def geometric_median(points: Tensor, *, iterations: int = 20, eps: float = 1e-8,
     Each iteration reads the points twice through matrix-vector products and writes nothing of their size: on the
     points centred on their mean (``p``, once), the squared distances to an estimate ``c`` (relative to the mean)
     are ``|p|² - 2 p·c + |c|²`` and the new estimate is ``wᵀp / Σw``. The direct form (``(p - c).norm(dim=1)``, an
-    [N, d] temporary per iteration) took 4x as long on a 32,768 x 576 sample; centring keeps the expansion's
+    [N, d] temporary per iteration) took 3-4x as long on a 32,768 x 576 sample; centring keeps the expansion's
     cancellation small (|c| is about the distance from the mean to the median, not the points' offset from 0), and
     on the embedded model's activations both forms give the same float32 result
     (``tests/saes/test_geometric_median.py`` holds them together at 1e-12 in float64).
