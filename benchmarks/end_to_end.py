@@ -156,6 +156,17 @@ def main() -> None:
         spread = f"{r['min_tokens_per_s']:.0f}–{r['max_tokens_per_s']:.0f}"
         rss = max(run["peak_rss_mb"] for run in r["runs"])
         print(f"{tool:<15}{med[tool]:>10.0f}{spread:>16}{r['repeats']:>6}{bound:>10}{vs:>12}{rss:>13.0f}")
+    print("\nwhere the time goes (medians, seconds): saeforge's own phases (run.json) and the rest of train(); "
+          "the bound's forward and step")
+    for tool in [t for t in TOOLS if t in results and t.startswith(("saeforge", "bound"))]:
+        runs = results[tool]["runs"]
+        if tool.startswith("bound"):
+            parts = {"forward": [r["forward_s"] for r in runs], "step": [r["steps_s"] for r in runs]}
+        else:
+            phases = [r.get("phase_seconds") or {} for r in runs]
+            parts = {k: [ph.get(k, 0.0) for ph in phases] for k in ("load", "init", "data", "steps", "finish")}
+            parts["other"] = [r["seconds"] - sum(ph.values()) for r, ph in zip(runs, phases)]
+        print(f"  {tool:<15}" + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in parts.items()))
     budgets[str(args.tokens)] = {"results": results, "ratios": ratios}
     written = write_result(args.result, {"machine": machine(), "budgets": budgets})
     print(f"written {written}")

@@ -33,6 +33,7 @@ from saeforge.errors import SaeforgeError
 from saeforge.models.loading import resolve_device
 from saeforge.runs import SiteBinding
 from saeforge.saes import SAE, ActivationScaler, DeadLatentTracker, TrainOutput, TrainState, make_sae, save_sae
+from saeforge.saes.feature_stats import feature_statistics
 from saeforge.saes.registry import get_config_class
 from saeforge.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from saeforge.training.config import TrainConfig, label_site, non_default_fields, parse_sae_options, resolve_config
@@ -340,23 +341,9 @@ class Trainer:
         return self._finish(last)
 
     # ------------------------------------------------------------------------------------------------ output
-    @torch.no_grad()
-    def _feature_stats(self, t: Trainee, sae: SAE, chunk: int = 4096) -> dict[str, torch.Tensor]:
-        """Density, max and mean activation per latent on the initialisation sample, in chunks (a dense
-        [tokens, d_sae] matrix of the whole sample would be the run's largest allocation)."""
-        x_all = _joined(self.init_sample, t.binding.reads)
-        d = sae.cfg.d_sae
-        fired = torch.zeros(d, device=self.device)
-        total = torch.zeros(d, device=self.device)
-        top = torch.zeros(d, device=self.device)
-        for s in range(0, x_all.shape[0], chunk):
-            f = sae.encode(x_all[s:s + chunk].to(self.device, torch.float32))
-            fired += (f > 0).sum(0)
-            total += f.sum(0)
-            top = torch.maximum(top, f.max(0).values)
-        density = fired / max(x_all.shape[0], 1)
-        return {"sparsity": torch.log10(density.clamp_min(1e-10)), "max_activation": top,
-                "mean_activation": total / fired.clamp_min(1)}
+    def _feature_stats(self, t: Trainee, sae: SAE) -> dict[str, torch.Tensor]:
+        """Density, max and mean activation per latent of the final (folded) SAE on the initialisation sample."""
+        return feature_statistics(sae, _joined(self.init_sample, t.binding.reads))
 
     def _finish(self, last: dict[str, Any] | None) -> dict[str, Any]:
         started = time.perf_counter()
