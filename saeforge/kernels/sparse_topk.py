@@ -312,12 +312,13 @@ class _Plan:
     hand-made or modified pattern never picks up a stale plan.
     """
 
-    __slots__ = ("rows", "n_rows", "n_cols", "rows_version", "cols_version", "_crow", "_csc")
+    __slots__ = ("rows", "n_rows", "n_cols", "rows_version", "cols_version", "_crow", "_csc", "_order")
 
     def __init__(self, rows: Tensor, cols: Tensor, n_rows: int, n_cols: int, per_row: int | None = None):
         self.rows, self.n_rows, self.n_cols = rows, n_rows, n_cols
         self.rows_version, self.cols_version = rows._version, cols._version
         self._csc: tuple[Tensor, Tensor, Tensor] | None = None
+        self._order: tuple[Tensor, Tensor] | None | bool = None  # False: the compiled kernels do not apply
         self._crow: Tensor | None = None
         if per_row is not None:  # TopK / AuxK: exactly per_row entries in every row
             self._crow = torch.arange(0, n_rows * per_row + 1, per_row, device=rows.device)
@@ -346,10 +347,24 @@ class _Plan:
     def csc(self, cols: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(perm, col_offsets [n_cols], rows[perm]): the entries sorted by column (stable), one bag per column."""
         if self._csc is None:
-            cols_sorted, perm = cols.sort(stable=True)
-            counts = torch.bincount(cols_sorted, minlength=self.n_cols)
-            self._csc = (perm, counts.cumsum(0) - counts, self.rows[perm])
+            order = self.native_order(cols)
+            if order is not None:  # the same stable order by a counting sort
+                col_start, perm = order
+                self._csc = (perm, col_start[:-1], self.rows[perm])
+            else:
+                cols_sorted, perm = cols.sort(stable=True)
+                counts = torch.bincount(cols_sorted, minlength=self.n_cols)
+                self._csc = (perm, counts.cumsum(0) - counts, self.rows[perm])
         return self._csc
+
+    def native_order(self, cols: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(col_start [n_cols + 1], perm): the entries grouped by column for the compiled backward kernels
+        (:func:`saeforge.kernels.native.csc_order`); None where they do not apply (no compiler, CUDA)."""
+        if self._order is None:
+            self._order = False
+            if cols.device.type == "cpu" and self.rows.device.type == "cpu":
+                self._order = native.csc_order(cols, self.n_cols) or False
+        return self._order or None
 
 
 def _sparse_t_matmul(plan: _Plan, cols: Tensor, weights: Tensor, dense: Tensor) -> Tensor:
@@ -388,6 +403,25 @@ def _attach_plan(sel: _Selection, n_rows: int, n_cols: int) -> _Plan:
     plan = _Plan(sel.rows, sel.cols, n_rows, n_cols, per_row)
     sel.cols._saeforge_plan = plan
     return plan
+
+
+def _native_encode_backward(xm: Tensor, parts, d_sae: int, need_db: bool,
+                            dtype: torch.dtype) -> tuple[Tensor, Tensor | None] | None:
+    """dW_enc [d_in, d_sae] (the parameter's layout) and db [d_sae] summed over the selections ``parts`` (plan,
+    cols, gradient at the entries) by the compiled kernel; None where it does not apply (the PyTorch path then)."""
+    if dtype != torch.float32 or xm.device.type != "cpu":
+        return None
+    dW = db = None
+    for pl, c, gp in parts:
+        order = pl.native_order(c)
+        found = None if order is None else native.encode_backward(xm, gp.contiguous(), pl.rows, order, d_sae,
+                                                                  db=need_db)
+        if found is None:
+            return None
+        dW = found[0] if dW is None else dW.add_(found[0])
+        if need_db:
+            db = found[1] if db is None else db.add_(found[1])
+    return dW, db
 
 
 class _EncodeFn(torch.autograd.Function):
@@ -438,22 +472,28 @@ class _EncodeFn(torch.autograd.Function):
         if aux_plan is not None:
             parts.append((aux_plan, aux_cols, g_aux * (aux_values > 0)))
         dx = dW = db = None
+        need_db = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        if ctx.needs_input_grad[1]:  # dW_enc and db in one compiled pass per selection, where it applies
+            found = _native_encode_backward(xm, parts, ctx.d_sae, need_db, ctx.dtype)
+            if found is not None:
+                dW, db = found
         if ctx.needs_input_grad[0]:  # dx = S W_encᵀ
             Wt = Wm.t().contiguous().to(ctx.dtype)
             for pl, c, gp in parts:
                 d = _sparse_matmul(pl, c, gp, Wt)
                 dx = d if dx is None else dx.add_(d)
-        if ctx.needs_input_grad[1]:  # dW_enc = xᵀ S = (Sᵀ x)ᵀ
+        if ctx.needs_input_grad[1] and dW is None:  # dW_enc = xᵀ S = (Sᵀ x)ᵀ
             xd = xm.to(ctx.dtype)
             for pl, c, gp in parts:
                 d = _sparse_t_matmul(pl, c, gp, xd)
                 dW = d if dW is None else dW.add_(d)
             dW = dW.t()
         db_pre = None
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            db = values.new_zeros(ctx.d_sae)
-            for _, c, gp in parts:
-                db.index_add_(0, c, gp)
+        if need_db:
+            if db is None:
+                db = values.new_zeros(ctx.d_sae)
+                for _, c, gp in parts:
+                    db.index_add_(0, c, gp)
             if ctx.needs_input_grad[3]:  # pre = (x - b_pre) W + b  =>  dL/db_pre = -W · dL/db
                 db_pre = -(Wm.to(ctx.dtype) @ db)
             if not ctx.needs_input_grad[2]:
@@ -477,10 +517,16 @@ class _DecodeFn(torch.autograd.Function):
     def backward(ctx, g):
         values, cols, W_dec = (t.detach() for t in ctx.saved_tensors)
         g = g.contiguous()
+        need_dv, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+        order = ctx.plan.native_order(cols) if g.device.type == "cpu" else None
+        if order is not None:  # both in one compiled pass over the entries, where it applies
+            found = native.decode_backward(g, W_dec, values, ctx.plan.rows, order, dv=need_dv, dW=need_dW)
+            if found is not None:
+                return found[0], None, None, None, found[1]
         dv = dW = None
-        if ctx.needs_input_grad[0]:
+        if need_dv:
             dv = _sampled_dots(ctx.plan, cols, g, W_dec).to(values.dtype)
-        if ctx.needs_input_grad[4]:
+        if need_dW:
             dW = _sparse_t_matmul(ctx.plan, cols, values, g)
         return dv, None, None, None, dW
 
