@@ -21,6 +21,9 @@
  * Columns are split over `threads` OpenMP threads (dynamic chunks: the entries per latent vary a lot); no two
  * threads write the same output.
  */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,6 +55,17 @@ int64_t csc_order(const int64_t *cols, int64_t nnz, int64_t m, int64_t *col_star
 }
 
 static float dot(const float *a, const float *b, int64_t d) {
+#if defined(__AVX512F__)
+    if (d % 16 == 0) { /* the same lanes with a fused multiply-add (as the fused loop below) */
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < d; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+        float lanes[16];
+        _mm512_storeu_ps(lanes, acc);
+        for (int h = 8; h >= 1; h /= 2)
+            for (int l = 0; l < h; l++) lanes[l] += lanes[l + h];
+        return lanes[0];
+    }
+#endif
     float s[16] = {0};
     int64_t i = 0;
     for (; i + 16 <= d; i += 16)
@@ -75,6 +89,22 @@ int64_t decode_backward_f32(const float *g, const float *W_dec, const float *val
             int64_t e = perm[p];
             if (p + AHEAD < col_start[m]) prefetch_row(g, rows[perm[p + AHEAD]], d * 4);
             const float *gr = g + rows[e] * d;
+#if defined(__AVX512F__)
+            if (dv && acc && d % 16 == 0) { /* both from one read of the g row (the same per-lane order as dot) */
+                __m512 s = _mm512_setzero_ps(), vv = _mm512_set1_ps(values[e]);
+                for (int64_t i = 0; i < d; i += 16) {
+                    __m512 gv = _mm512_loadu_ps(gr + i);
+                    s = _mm512_fmadd_ps(gv, _mm512_loadu_ps(w + i), s);
+                    _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(vv, gv, _mm512_loadu_ps(acc + i)));
+                }
+                float lanes[16];
+                _mm512_storeu_ps(lanes, s);
+                for (int h = 8; h >= 1; h /= 2)
+                    for (int l = 0; l < h; l++) lanes[l] += lanes[l + h];
+                dv[e] = lanes[0];
+                continue;
+            }
+#endif
             if (dv) dv[e] = dot(gr, w, d);
             if (acc) {
                 float v = values[e];
@@ -106,6 +136,23 @@ static int64_t encode_tiles(const void *x, int bf16, const float *gp, const int6
                 for (int64_t p = col_start[j0 + c]; p < col_start[j0 + c + 1]; p++) {
                     int64_t e = perm[p];
                     if (p + AHEAD < col_start[m]) prefetch_row(x, rows[perm[p + AHEAD]], d * (bf16 ? 2 : 4));
+#if defined(__AVX512F__)
+                    if (d % 16 == 0) { /* the same sums, bfloat16 widened in registers */
+                        __m512 vv = _mm512_set1_ps(gp[e]);
+                        bsum += gp[e];
+                        for (int64_t i = 0; i < d; i += 16) {
+                            __m512 xv;
+                            if (bf16) {
+                                __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + rows[e] * d + i));
+                                xv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+                            } else {
+                                xv = _mm512_loadu_ps((const float *)x + rows[e] * d + i);
+                            }
+                            _mm512_storeu_ps(a + i, _mm512_fmadd_ps(vv, xv, _mm512_loadu_ps(a + i)));
+                        }
+                        continue;
+                    }
+#endif
                     const float *xr;
                     if (bf16) {
                         const uint16_t *src = (const uint16_t *)x + rows[e] * d;
