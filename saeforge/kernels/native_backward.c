@@ -189,3 +189,17 @@ int64_t encode_backward_bf16(const uint16_t *x, const float *gp, const int64_t *
                              int64_t threads) {
     return encode_tiles(x, 1, gp, rows, perm, col_start, m, d, dW, db, (int)threads);
 }
+
+/* The gradient g [m, d] of unit-norm decoder rows W [m, d], in place: each row's component along its decoder row
+ * removed, g_r -= ((g_r . W_r) / max(|W_r|^2, 1e-24)) W_r, in one pass (both dot products, then the update, while
+ * the two rows are in L1). The same projection as SAE.before_optimizer_step's, without its [m, d] temporaries. */
+int64_t project_rows_f32(float *g, const float *W, int64_t m, int64_t d, int64_t threads) {
+#pragma omp parallel for num_threads((int)threads) schedule(static)
+    for (int64_t r = 0; r < m; r++) {
+        float *gr = g + r * d;
+        const float *wr = W + r * d;
+        float n2 = dot(wr, wr, d), c = dot(gr, wr, d) / (n2 > 1e-24f ? n2 : 1e-24f);
+        for (int64_t i = 0; i < d; i++) gr[i] -= c * wr[i];
+    }
+    return 0;
+}
