@@ -203,3 +203,24 @@ int64_t project_rows_f32(float *g, const float *W, int64_t m, int64_t d, int64_t
     }
     return 0;
 }
+
+/* out [d] = W v for a bfloat16 W [d, m] (widened exactly) and a float32 v [m]: the tied pre-encoder bias's gradient
+ * with a bfloat16 encoder GEMM, without a float32 copy of W. Each row's sum as dot() adds (16 lanes, then
+ * pairwise). Returns nonzero when out of memory (then out is incomplete). */
+int64_t matvec_bf16(const uint16_t *W, const float *v, int64_t d, int64_t m, float *out, int64_t threads) {
+    int64_t failed = 0;
+#pragma omp parallel num_threads((int)threads) reduction(+ : failed)
+    {
+        float *wide = malloc(m * sizeof(float));
+        failed += !wide;
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < d; i++) {
+            if (!wide) continue; /* every thread must meet the loop */
+            uint32_t *bits = (uint32_t *)wide;
+            for (int64_t j = 0; j < m; j++) bits[j] = (uint32_t)W[i * m + j] << 16;
+            out[i] = dot(wide, v, m);
+        }
+        free(wide);
+    }
+    return failed;
+}

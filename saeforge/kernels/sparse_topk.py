@@ -495,7 +495,8 @@ class _EncodeFn(torch.autograd.Function):
                 for _, c, gp in parts:
                     db.index_add_(0, c, gp)
             if ctx.needs_input_grad[3]:  # pre = (x - b_pre) W + b  =>  dL/db_pre = -W · dL/db
-                db_pre = -(Wm.to(ctx.dtype) @ db)
+                wide = native.matvec_bf16(Wm, db) if Wm.dtype == torch.bfloat16 and db.dtype == torch.float32 else None
+                db_pre = -(Wm.to(ctx.dtype) @ db) if wide is None else wide.neg_()
             if not ctx.needs_input_grad[2]:
                 db = None
         return dx, dW, db, db_pre, None, None, None, None, None

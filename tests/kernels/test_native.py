@@ -260,3 +260,13 @@ def test_project_rows_within_the_bound_of_its_summation_order(seed):
     assert bool(((out.double() - exact).abs() <= bound).all()), f"seed {seed}"
     assert torch.equal(out[3], g[3])
     assert not native.project_rows_(g.double(), W.double()) and not native.project_rows_(g, W.t())
+
+
+def test_matvec_bf16_within_the_bound_of_its_summation_order(seed):
+    d, m = 96, 4608
+    W, v = torch.randn(d, m).bfloat16(), torch.randn(m)
+    out = native.matvec_bf16(W, v)
+    terms = W.double() * v.double()  # bfloat16 widens exactly
+    assert bool(((out.double() - terms.sum(1)).abs() <= _gamma(-(-m // 16) + 5) * terms.abs().sum(1)).all()), \
+        f"seed {seed}"
+    assert native.matvec_bf16(W.float(), v) is None and native.matvec_bf16(W, v.double()) is None
