@@ -87,7 +87,7 @@ int64_t decode_backward_f32(const float *g, const float *W_dec, const float *val
         if (acc) memset(acc, 0, d * sizeof(float));
         for (int64_t p = col_start[j]; p < col_start[j + 1]; p++) {
             int64_t e = perm[p];
-            if (p + AHEAD < col_start[m]) prefetch_row(g, rows[perm[p + AHEAD]], d * 4);
+            if (AHEAD && p + AHEAD < col_start[m]) prefetch_row(g, rows[perm[p + AHEAD]], d * 4);
             const float *gr = g + rows[e] * d;
 #if defined(__AVX512F__)
             if (dv && acc && d % 16 == 0) { /* both from one read of the g row (the same per-lane order as dot) */
@@ -135,7 +135,7 @@ static int64_t encode_tiles(const void *x, int bf16, const float *gp, const int6
                 float *a = acc + c * d, bsum = 0.0f;
                 for (int64_t p = col_start[j0 + c]; p < col_start[j0 + c + 1]; p++) {
                     int64_t e = perm[p];
-                    if (p + AHEAD < col_start[m]) prefetch_row(x, rows[perm[p + AHEAD]], d * (bf16 ? 2 : 4));
+                    if (AHEAD && p + AHEAD < col_start[m]) prefetch_row(x, rows[perm[p + AHEAD]], d * (bf16 ? 2 : 4));
 #if defined(__AVX512F__)
                     if (d % 16 == 0) { /* the same sums, bfloat16 widened in registers */
                         __m512 vv = _mm512_set1_ps(gp[e]);
