@@ -16,7 +16,10 @@
  * Summation order (what the tests' error bounds are derived from): a dot product of length d keeps 16 partial
  * sums (lane l adds the products i = l, l + 16, ...; the tail lanes i >= 16 * floor(d / 16) go to lanes 0, 1, ...
  * in order) and adds them pairwise at the end; a column's sums add its entries in ascending row order, starting
- * from 0.
+ * from 0. With AVX-512 the products are fused into the additions (one rounding fewer each, inside the same bound).
+ *
+ * Also here: the decoder-gradient projection (`project_rows_f32`) and a bfloat16 matrix-vector product
+ * (`matvec_bf16`), each one pass where the PyTorch versions allocate [m, d] temporaries.
  *
  * Columns are split over `threads` OpenMP threads (dynamic chunks: the entries per latent vary a lot); no two
  * threads write the same output.

@@ -14,7 +14,7 @@ measured with ``benchmarks/train_step.py``):
   per-row top-k on the pre-ReLU values. ``torch.topk`` takes ~25 ms there; on CPU/float32 a two-level selection
   (``max_pool1d`` chunk maxima -> top-k chunks -> top-k of their k*16 candidates, see ``_topk_rows``) gives the same
   set in ~17 ms, and the compiled kernel of :mod:`saeforge.kernels.native` (C, built on first use; this PyTorch
-  selection is its fallback) in ~11 ms, already in canonical order. The ReLU is applied to the N*k selected values only (no pass over [N, d_sae]), and the dense
+  selection is its fallback) in ~2-5 ms after the GEMM, already in canonical order. The ReLU is applied to the N*k selected values only (no pass over [N, d_sae]), and the dense
   pre-activations are dropped before returning: the backward never needs them.
 - Decoder forward: ``F.embedding_bag(cols, W_dec, offsets, per_sample_weights=values, mode="sum")`` (~2 ms; a CSR
   ``@`` is ~5 ms).
@@ -23,6 +23,10 @@ measured with ``benchmarks/train_step.py``):
 - Weight gradients (dW_dec = Sᵀ g and dW_encᵀ = Sᵀ x, S the sparse latent matrix): sort the entries by column
   once, then ``embedding_bag`` over the rows of g / x with the values as per-sample weights and one bag per latent
   (~2-4 ms; ``csr.t() @ g`` is ~10-25 ms, ``index_add_`` of outer products ~125 ms).
+- With the compiled kernels (CPU, float32 parameters) the decoder side (d(values) and dW_dec) is one pass over the
+  entries grouped by latent (a counting sort gives the order), and the encoder side (dW_enc straight into the
+  parameter's [d_in, d_sae] layout, and db_enc) another: ~3.3 ms each, against ~14-19 ms for the ops above and
+  the transposed copy of dW_enc (``native_backward.c``; the ops above stay the fallback and the reference).
 - Encoder backward, dx = S W_encᵀ: ``embedding_bag`` over the rows of W_encᵀ (only when x requires grad);
   db_enc: ``index_add_``; with ``b_pre`` (x - b_pre is encoded) db_pre = -W_enc · db_enc, a matrix-vector
   product, so an SAE's tied pre-encoder bias needs no [N, d_in] gradient.
@@ -31,9 +35,10 @@ measured with ``benchmarks/train_step.py``):
 - Index bookkeeping (CSR row pointer, the by-column order) is computed once per sparsity pattern and shared by the
   decoder forward/backward and the encoder backward (``_Plan``, cached on the pattern's ``cols`` tensor).
 
-Measured on the benchmark shape (quiet machine): encoder GEMM ~105 ms, selection ~17 ms, everything else of the
-kernels ~20 ms; a whole saeforge TopK training step ~150 ms (≈ 27k tokens/s, 2.2x sparsify and 6x SAELens,
-~66% of the bare float32 ``addmm`` into a reused buffer; ``benchmarks/train_step.py``, docs/architecture.md).
+Measured on the benchmark shape: encoder GEMM ~100 ms, selection ~2-5 ms, the sparse backward ~7 ms; a whole
+saeforge TopK training step ~129 ms, ~77 % of the bare float32 ``addmm`` into a reused buffer (bfloat16 encoder:
+~61 ms, ~45 % of its GEMM); ``benchmarks/train_step.py``, ``benchmarks/train_step_floor.py`` and
+docs/architecture.md ("Where the TopK train step's time goes").
 
 Semantics decided here (the reference path implements the same, the tests hold both to it):
 
