@@ -32,7 +32,7 @@ from torch import Tensor
 
 from saeforge.distributed.batch import auxk_normalisers
 from saeforge.errors import SaeforgeError
-from saeforge.kernels import SparseLatents, decode_sparse, encode_topk, native
+from saeforge.kernels import SparseLatents, decode_sparse, encode_topk
 from saeforge.saes.base import (
     DTYPES,
     SAE,
@@ -198,18 +198,6 @@ class TopKSAE(SAE):
 
     def _after_training_forward(self, lat: SparseLatents, state: TrainState) -> None:
         """Hook for training-time statistics (BatchTopK's threshold)."""
-
-    # ---- optimiser hooks ----
-    @torch.no_grad()
-    def before_optimizer_step(self) -> None:
-        """The decoder gradient's projection off the unit-norm rows (``SAE.before_optimizer_step``); with
-        ``kernel="fast"`` on CPU in one compiled pass (``native.project_rows_``: the plain-PyTorch version's
-        [d_sae, d_out] temporaries cost ~4 ms a step at the benchmark shape, mostly page faults)."""
-        g = self.W_dec.grad
-        if (self.cfg.kernel == "fast" and self.unit_norm_decoder and g is not None
-                and native.project_rows_(g, self.W_dec.detach())):
-            return
-        super().before_optimizer_step()
 
     # ---- folding ----
     @torch.no_grad()

@@ -139,23 +139,3 @@ def test_saelens_view():
     assert set(sae.saelens_tensors()) == {"W_enc", "b_enc", "W_dec", "b_dec"}
     assert sae.extra_tensors() == {}
 
-
-def test_fast_kernel_projects_the_decoder_gradient_with_the_compiled_pass():
-    """kernel="fast": the one-pass compiled projection where it is built (held to its error bound in
-    tests/kernels); "reference" (or no compiler): the plain-PyTorch projection of the base class, bit for bit."""
-    from saeforge.kernels import native
-    from saeforge.saes.base import SAE
-
-    for kernel in ("fast", "reference"):
-        sae = build("topk", kernel=kernel)
-        sae.training_loss(batch(64), state=TrainState()).loss.backward()
-        g = sae.W_dec.grad.clone()
-        sae.before_optimizer_step()
-        got = sae.W_dec.grad.clone()
-        expected = g.clone()
-        if not (kernel == "fast" and native.project_rows_(expected, sae.W_dec.detach())):
-            sae.W_dec.grad = g
-            SAE.before_optimizer_step(sae)
-            expected = sae.W_dec.grad
-        assert torch.equal(got, expected), kernel
-        assert (got * sae.W_dec).sum(1).abs().max() < 1e-5
