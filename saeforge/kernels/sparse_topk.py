@@ -36,8 +36,8 @@ measured with ``benchmarks/train_step.py``):
   decoder forward/backward and the encoder backward (``_Plan``, cached on the pattern's ``cols`` tensor).
 
 Measured on the benchmark shape: encoder GEMM ~100 ms, selection ~2-5 ms, the sparse backward ~7 ms; a whole
-saeforge TopK training step ~129 ms, ~77 % of the bare float32 ``addmm`` into a reused buffer (bfloat16 encoder:
-~61 ms, ~45 % of its GEMM); ``benchmarks/train_step.py``, ``benchmarks/train_step_floor.py`` and
+saeforge TopK training step ~130-145 ms, ~72 % of the bare float32 ``addmm`` into a reused buffer (bfloat16
+encoder: ~55-61 ms, ~47-52 % of its GEMM); ``benchmarks/train_step.py``, ``benchmarks/train_step_floor.py`` and
 docs/architecture.md ("Where the TopK train step's time goes").
 
 Semantics decided here (the reference path implements the same, the tests hold both to it):
