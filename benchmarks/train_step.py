@@ -38,6 +38,11 @@ saeforge tool runs once per thread count, 0 being the automatic choice, e.g. on 
 
     .venv/bin/python benchmarks/train_step.py --acts benchmarks/.work/acts_smollm2_l5.npy \
         --tools saeforge,gemm_f32 --threads 1,2,0 --out benchmarks/results/train_step_threads.json
+
+The compiled kernels (``saeforge.kernels.native``) against the plain-PyTorch path, in the same run::
+
+    .venv/bin/python benchmarks/train_step.py --acts benchmarks/.work/acts_smollm2_l5.npy \
+        --tools saeforge,saeforge_bf16,gemm_f32,gemm_bf16 --native 1,0 --out benchmarks/results/train_step_native.json
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ def _saeforge_worker(args) -> None:
     import torch
     from _protocol import load_batches, serve
 
+    args.worker, _, native = args.worker.partition("@native=")  # --native: the coordinator set the environment
     args.worker, _, threads = args.worker.partition("@threads=")
     if threads:  # --threads: this worker runs with a fixed thread count (0: saeforge's automatic choice)
         from saeforge.utils.threads import auto_threads
@@ -116,7 +122,14 @@ def _saeforge_worker(args) -> None:
     serve(step, batches, args.warmup, {
         "tool": args.worker, "version": __version__, "kernel": sae.cfg.kernel, "matmul_dtype": matmul_dtype,
         "optimizer": "torch.optim.Adam(fused=True)" if fused else "torch.optim.Adam (defaults)", "lr": lr,
-        "loss": "mse (sum over d, mean over batch)", "torch_threads": torch.get_num_threads()})
+        "loss": "mse (sum over d, mean over batch)", "torch_threads": torch.get_num_threads(),
+        "native_kernels": native_kernels_in_use()})
+
+
+def native_kernels_in_use() -> bool:
+    from saeforge.kernels import native
+
+    return native.available()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated PyTorch thread counts for the saeforge tools, e.g. 1,2,0 (0: saeforge's "
                          "automatic choice, saeforge.utils.threads); each tool then runs once per count, named "
                          "TOOL@threads=N. Empty: PyTorch's default. Run it on a quiet machine to check the rule")
+    ap.add_argument("--native", default="",
+                    help="comma-separated 1/0: each saeforge step tool runs once with the compiled kernels "
+                         "(saeforge.kernels.native) and once without (SAEFORGE_NATIVE_KERNELS=0, the plain-PyTorch "
+                         "path), named TOOL@native=N, in the same run: the A/B of the kernels. Empty: as the "
+                         "environment says")
     ap.add_argument("--max-foreign-cpu", type=float, default=0.05,
                     help="redo a tool's round when other processes used more than this share of the machine's CPU "
                          "time during it (read from /proc; the machine is shared)")
@@ -270,6 +288,14 @@ def main(argv: list[str] | None = None) -> int:
         tools = [name for t in tools
                  for name in ([f"{t}@threads={c}" for c in counts] if t in SAEFORGE_TOOLS else [t])]
 
+    if args.native:
+        flags = [c.strip() for c in args.native.split(",") if c.strip()]
+        if not all(c in ("0", "1") for c in flags):
+            ap.error("--native takes 1 and/or 0, e.g. 1,0")
+        tools = [name for t in tools
+                 for name in ([f"{t}@native={c}" for c in flags]
+                              if t.split("@")[0] in SAEFORGE_TOOLS and not t.startswith("gemm") else [t])]
+
     peers = Path(args.peers).resolve()
     common = ["--acts", str(acts), "--batch", str(args.batch), "--d-in", str(args.d_in), "--d-sae", str(args.d_sae),
               "--k", str(args.k), "--warmup", str(args.warmup), "--seed", str(args.seed)]
@@ -288,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = [str(_peer_python(peers, t)), str(HERE / "peers" / f"{t}_worker.py"), *common]
             else:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", t, *common]
-            w = Worker(t, cmd, env, log_dir)
+            wenv = dict(env, SAEFORGE_NATIVE_KERNELS=t.partition("@native=")[2]) if "@native=" in t else env
+            w = Worker(t, cmd, wenv, log_dir)
             msg = w.read()
             w.info = msg.get("env", {})
             w.info["warmup_losses"] = msg.get("warmup_losses", [])
@@ -358,11 +385,13 @@ def main(argv: list[str] | None = None) -> int:
                    for k in ratios}
     bound = {}
     if "gemm_f32" in res:
-        for t in ("saeforge", "saeforge_adam_default", "saeforge_bf16", "sparsify", "saelens"):
-            if t in res:
+        for t in res:
+            if not t.startswith("gemm"):
                 bound[f"{t} as % of the float32 encoder-GEMM bound"] = 100 * ratio(t, "gemm_f32")
-    if "gemm_bf16" in res and "saeforge_bf16" in res:
-        bound["saeforge_bf16 as % of the bfloat16 encoder-GEMM bound"] = 100 * ratio("saeforge_bf16", "gemm_bf16")
+    if "gemm_bf16" in res:
+        for t in res:
+            if t.startswith("saeforge_bf16"):
+                bound[f"{t} as % of the bfloat16 encoder-GEMM bound"] = 100 * ratio(t, "gemm_bf16")
 
     import torch
 

@@ -1,10 +1,15 @@
-"""Optional compiled CPU kernels (``native_topk.c``): built with the system C compiler on first use, loaded with
-ctypes, and run on ``torch.get_num_threads()`` Python threads (ctypes releases the GIL during the call).
+"""Optional compiled CPU kernels (``native_topk.c``: the per-row top-k; ``native_backward.c``: the sparse weight
+gradients): built with the system C compiler on first use, loaded with ctypes (which releases the GIL during the
+call), and split over ``torch.get_num_threads()`` threads by OpenMP — the process's OpenMP runtime, i.e. the
+``libgomp`` torch has already loaded, so the kernels and torch's own ops share one thread pool instead of a second
+pool competing with OpenMP threads that are still spinning after a torch op (measured: a Python thread pool next to
+them ran the top-k at a third of its speed).
 
-Nothing depends on them: without a compiler (or with ``SAEFORGE_NATIVE_KERNELS=0``) :func:`topk_rows` returns None
-and the callers keep their plain-PyTorch path, which the tests hold the native one to. The shared library is
-cached under ``~/.cache/saeforge/kernels`` (``SAEFORGE_CACHE`` moves it), keyed by the source, the compiler flags
-and the CPU's instruction-set flags (it is built with ``-march=native``).
+Nothing depends on them: without a compiler (or with ``SAEFORGE_NATIVE_KERNELS=0``) every function here returns
+None and the callers keep their plain-PyTorch path, which the tests hold the native one to. Built without OpenMP
+(a compiler without it) the kernels run on one thread; so they do in a forked child (a forked OpenMP pool can
+hang). The shared library is cached under ``~/.cache/saeforge/kernels`` (``SAEFORGE_CACHE`` moves it), keyed by
+the sources, the compiler flags and the CPU's instruction-set flags (it is built with ``-march=native``).
 """
 
 from __future__ import annotations
@@ -16,30 +21,28 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "topk_rows"]
+__all__ = ["available", "csc_order", "decode_backward", "encode_backward", "matvec_bf16", "topk_rows"]
 
-_SOURCE = Path(__file__).with_name("native_topk.c")
+_SOURCES = [Path(__file__).with_name(name) for name in ("native_topk.c", "native_backward.c")]
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c99"]
+_OPENMP = "-fopenmp"
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_forked = False  # in a forked child: one thread (a forked OpenMP pool can hang)
 
 
-def _forget_pool_in_child() -> None:
-    # a forked child inherits the pool object but not its threads: work submitted to it would wait forever
-    global _pool, _pool_size, _lock
-    _pool, _pool_size, _lock = None, 0, threading.Lock()
+def _serial_in_child() -> None:
+    global _forked, _lock
+    _forked, _lock = True, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_in_child)
+    os.register_at_fork(after_in_child=_serial_in_child)
 
 
 def _cache_dir() -> Path:
@@ -59,30 +62,51 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_SIGNATURES = {
+    "topk_rows_f32": [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64],
+    "topk_rows_bf16": [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64],
+    "csc_order": [_PTR, _I64, _I64, _PTR, _PTR],
+    "decode_backward_f32": [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64],
+    "encode_backward_f32": [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64],
+    "encode_backward_bf16": [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64],
+    "matvec_bf16": [_PTR, _PTR, _I64, _I64, _PTR, _I64],
+    "native_openmp": [],
+}
+
+
+def _compile(cc: str, flags: list[str], lib: Path) -> None:
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        out = Path(tmp) / lib.name
+        subprocess.run([cc, *flags, *map(str, _SOURCES), "-o", str(out)], check=True, capture_output=True,
+                       timeout=120)
+        os.replace(out, lib)  # atomic: a concurrent builder's copy is identical
+
+
 def _build() -> ctypes.CDLL | bool:
     if os.environ.get("SAEFORGE_NATIVE_KERNELS", "1") == "0":
         return False
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return False
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc, *_FLAGS]).encode() + _cpu_flags().encode())
-    lib = _cache_dir() / f"native_topk-{key.hexdigest()[:16]}.so"
-    try:
-        if not lib.is_file():
-            lib.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-                out = Path(tmp) / lib.name
-                subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", str(out)], check=True, capture_output=True,
-                               timeout=120)
-                os.replace(out, lib)  # atomic: a concurrent builder's copy is identical
-        so = ctypes.CDLL(str(lib))
-    except (OSError, subprocess.SubprocessError):
+    so = None
+    for flags in ([*_FLAGS, _OPENMP], _FLAGS):  # without OpenMP if the compiler has none: one thread
+        key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + " ".join([cc, *flags]).encode()
+                             + _cpu_flags().encode())
+        lib = _cache_dir() / f"native_kernels-{key.hexdigest()[:16]}.so"
+        try:
+            if not lib.is_file():
+                _compile(cc, flags, lib)
+            so = ctypes.CDLL(str(lib))
+            break
+        except (OSError, subprocess.SubprocessError):
+            continue
+    if so is None:
         return False
-    for name in ("topk_rows_f32", "topk_rows_bf16"):
+    for name, argtypes in _SIGNATURES.items():
         fn = getattr(so, name)
-        fn.restype = ctypes.c_int64
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                       ctypes.c_void_p, ctypes.c_void_p]
+        fn.restype, fn.argtypes = _I64, argtypes
     return so
 
 
@@ -100,20 +124,8 @@ def available() -> bool:
     return _library() is not None
 
 
-def _run_split(fn, n: int, *args) -> int:
-    """``fn(*args[:3], r0, r1, *args[3:])`` over row ranges on ``torch.get_num_threads()`` threads; the sum of
-    what the calls return."""
-    global _pool, _pool_size
-    threads = max(1, min(torch.get_num_threads(), n // 64 or 1))
-    if threads == 1:
-        return fn(*args[:3], 0, n, *args[3:])
-    with _lock:
-        if _pool is None or _pool_size < threads:
-            _pool, _pool_size = ThreadPoolExecutor(threads, thread_name_prefix="saeforge-native"), threads
-        pool = _pool
-    bounds = [n * i // threads for i in range(threads + 1)]
-    futures = [pool.submit(fn, *args[:3], bounds[i], bounds[i + 1], *args[3:]) for i in range(threads)]
-    return sum(f.result() for f in futures)
+def _threads() -> int:
+    return 1 if _forked else max(1, torch.get_num_threads())
 
 
 def topk_rows(pre: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
@@ -131,6 +143,87 @@ def topk_rows(pre: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     val = torch.empty(n, k, dtype=torch.float32)
     if n:
         fn = lib.topk_rows_f32 if pre.dtype == torch.float32 else lib.topk_rows_bf16
-        if _run_split(fn, n, pre.data_ptr(), m, k, idx.data_ptr(), val.data_ptr()):
+        if fn(pre.data_ptr(), m, k, 0, n, idx.data_ptr(), val.data_ptr(), _threads() if n >= 64 else 1):
             return None  # rows with NaN (or k > m / 16): the caller's PyTorch path decides
     return val.to(pre.dtype), idx
+
+
+def _cpu_contiguous(*ts: Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in ts)
+
+
+def csc_order(cols: Tensor, m: int) -> tuple[Tensor, Tensor] | None:
+    """The entries of a sparse pattern grouped by column, stable (a counting sort): (col_start [m + 1], perm
+    [nnz]), the entry ids of column j being ``perm[col_start[j]:col_start[j + 1]]`` in their original order. The
+    same as ``cols.sort(stable=True)`` (perm) and the cumulative counts. None when the kernels are unavailable."""
+    if not (_cpu_contiguous(cols) and cols.dtype == torch.int64 and cols.dim() == 1):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    col_start = torch.empty(m + 1, dtype=torch.int64)
+    perm = torch.empty(cols.numel(), dtype=torch.int64)
+    if lib.csc_order(cols.data_ptr(), cols.numel(), m, col_start.data_ptr(), perm.data_ptr()):
+        return None  # a column out of range: the PyTorch path raises its own error
+    return col_start, perm
+
+
+def decode_backward(g: Tensor, W_dec: Tensor, values: Tensor, rows: Tensor, order: tuple[Tensor, Tensor], *,
+                    dv: bool, dW: bool) -> tuple[Tensor | None, Tensor | None] | None:
+    """For ``out = S @ W_dec`` (S: the entries (rows, cols, values), ``order`` = :func:`csc_order` of its cols) and
+    the output gradient ``g`` [n, d]: (dv [nnz] = g[rows[e]] · W_dec[cols[e]], dW_dec [m, d] = Sᵀ g), each only
+    when asked, in one pass over the entries by column. float32 CPU tensors; None when the kernel does not apply."""
+    col_start, perm = order
+    m, d = W_dec.shape
+    if (not (dv or dW) or not _cpu_contiguous(g, W_dec, values, rows, col_start, perm)
+            or {g.dtype, W_dec.dtype, values.dtype} != {torch.float32} or g.shape[1] != d
+            or rows.dtype != torch.int64 or col_start.numel() != m + 1):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    out_dv = torch.empty(values.numel(), dtype=torch.float32) if dv else None
+    out_dW = torch.empty(m, d, dtype=torch.float32) if dW else None
+    lib.decode_backward_f32(g.data_ptr(), W_dec.data_ptr(), values.data_ptr(), rows.data_ptr(), perm.data_ptr(),
+                            col_start.data_ptr(), m, d, out_dv.data_ptr() if dv else None,
+                            out_dW.data_ptr() if dW else None, _threads())
+    return out_dv, out_dW
+
+
+def encode_backward(x: Tensor, gp: Tensor, rows: Tensor, order: tuple[Tensor, Tensor], m: int, *,
+                    db: bool) -> tuple[Tensor, Tensor | None] | None:
+    """For pre-activations ``x @ W_enc`` [n, m] and the gradient ``gp`` [nnz] at the entries (rows, cols) (``order``
+    = :func:`csc_order` of cols): (dW_enc [d, m] = xᵀ S, contiguous in the parameter's layout; db [m] = the column
+    sums of S, when asked), in one pass over the entries by column. ``x`` float32 or bfloat16 (widened exactly),
+    ``gp`` float32; None when the kernel does not apply."""
+    col_start, perm = order
+    if (not _cpu_contiguous(x, gp, rows, col_start, perm) or x.dim() != 2
+            or x.dtype not in (torch.float32, torch.bfloat16) or gp.dtype != torch.float32
+            or rows.dtype != torch.int64 or col_start.numel() != m + 1):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    d = x.shape[1]
+    out_dW = torch.empty(d, m, dtype=torch.float32)
+    out_db = torch.empty(m, dtype=torch.float32) if db else None
+    fn = lib.encode_backward_f32 if x.dtype == torch.float32 else lib.encode_backward_bf16
+    if fn(x.data_ptr(), gp.data_ptr(), rows.data_ptr(), perm.data_ptr(), col_start.data_ptr(), m, d,
+          out_dW.data_ptr(), out_db.data_ptr() if db else None, _threads()):
+        return None  # out of memory for the per-thread tiles
+    return out_dW, out_db
+
+
+def matvec_bf16(W: Tensor, v: Tensor) -> Tensor | None:
+    """``W.float() @ v`` for a bfloat16 ``W`` [d, m] and a float32 ``v`` [m], without the float32 copy of ``W``
+    (~1.2 ms a step at the benchmark shape, mostly page faults); None when the kernel does not apply."""
+    if not (_cpu_contiguous(W, v) and W.dtype == torch.bfloat16 and v.dtype == torch.float32 and W.dim() == 2
+            and v.shape == (W.shape[1],)):
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    out = torch.empty(W.shape[0], dtype=torch.float32)
+    if lib.matvec_bf16(W.data_ptr(), v.data_ptr(), W.shape[0], W.shape[1], out.data_ptr(), _threads()):
+        return None
+    return out

@@ -14,7 +14,7 @@ measured with ``benchmarks/train_step.py``):
   per-row top-k on the pre-ReLU values. ``torch.topk`` takes ~25 ms there; on CPU/float32 a two-level selection
   (``max_pool1d`` chunk maxima -> top-k chunks -> top-k of their k*16 candidates, see ``_topk_rows``) gives the same
   set in ~17 ms, and the compiled kernel of :mod:`saeforge.kernels.native` (C, built on first use; this PyTorch
-  selection is its fallback) in ~11 ms, already in canonical order. The ReLU is applied to the N*k selected values only (no pass over [N, d_sae]), and the dense
+  selection is its fallback) in ~2-5 ms after the GEMM, already in canonical order. The ReLU is applied to the N*k selected values only (no pass over [N, d_sae]), and the dense
   pre-activations are dropped before returning: the backward never needs them.
 - Decoder forward: ``F.embedding_bag(cols, W_dec, offsets, per_sample_weights=values, mode="sum")`` (~2 ms; a CSR
   ``@`` is ~5 ms).
@@ -23,6 +23,10 @@ measured with ``benchmarks/train_step.py``):
 - Weight gradients (dW_dec = Sᵀ g and dW_encᵀ = Sᵀ x, S the sparse latent matrix): sort the entries by column
   once, then ``embedding_bag`` over the rows of g / x with the values as per-sample weights and one bag per latent
   (~2-4 ms; ``csr.t() @ g`` is ~10-25 ms, ``index_add_`` of outer products ~125 ms).
+- With the compiled kernels (CPU, float32 parameters) the decoder side (d(values) and dW_dec) is one pass over the
+  entries grouped by latent (a counting sort gives the order), and the encoder side (dW_enc straight into the
+  parameter's [d_in, d_sae] layout, and db_enc) another: ~3.3 ms each, against ~14-19 ms for the ops above and
+  the transposed copy of dW_enc (``native_backward.c``; the ops above stay the fallback and the reference).
 - Encoder backward, dx = S W_encᵀ: ``embedding_bag`` over the rows of W_encᵀ (only when x requires grad);
   db_enc: ``index_add_``; with ``b_pre`` (x - b_pre is encoded) db_pre = -W_enc · db_enc, a matrix-vector
   product, so an SAE's tied pre-encoder bias needs no [N, d_in] gradient.
@@ -31,9 +35,10 @@ measured with ``benchmarks/train_step.py``):
 - Index bookkeeping (CSR row pointer, the by-column order) is computed once per sparsity pattern and shared by the
   decoder forward/backward and the encoder backward (``_Plan``, cached on the pattern's ``cols`` tensor).
 
-Measured on the benchmark shape (quiet machine): encoder GEMM ~105 ms, selection ~17 ms, everything else of the
-kernels ~20 ms; a whole saeforge TopK training step ~150 ms (≈ 27k tokens/s, 2.2x sparsify and 6x SAELens,
-~66% of the bare float32 ``addmm`` into a reused buffer; ``benchmarks/train_step.py``, docs/architecture.md).
+Measured on the benchmark shape: encoder GEMM ~100 ms, selection ~2-5 ms, the sparse backward ~7 ms; a whole
+saeforge TopK training step ~130-145 ms, ~72 % of the bare float32 ``addmm`` into a reused buffer (bfloat16
+encoder: ~55-61 ms, ~47-52 % of its GEMM); ``benchmarks/train_step.py``, ``benchmarks/train_step_floor.py`` and
+docs/architecture.md ("Where the TopK train step's time goes").
 
 Semantics decided here (the reference path implements the same, the tests hold both to it):
 
@@ -312,12 +317,13 @@ class _Plan:
     hand-made or modified pattern never picks up a stale plan.
     """
 
-    __slots__ = ("rows", "n_rows", "n_cols", "rows_version", "cols_version", "_crow", "_csc")
+    __slots__ = ("rows", "n_rows", "n_cols", "rows_version", "cols_version", "_crow", "_csc", "_order")
 
     def __init__(self, rows: Tensor, cols: Tensor, n_rows: int, n_cols: int, per_row: int | None = None):
         self.rows, self.n_rows, self.n_cols = rows, n_rows, n_cols
         self.rows_version, self.cols_version = rows._version, cols._version
         self._csc: tuple[Tensor, Tensor, Tensor] | None = None
+        self._order: tuple[Tensor, Tensor] | None | bool = None  # False: the compiled kernels do not apply
         self._crow: Tensor | None = None
         if per_row is not None:  # TopK / AuxK: exactly per_row entries in every row
             self._crow = torch.arange(0, n_rows * per_row + 1, per_row, device=rows.device)
@@ -346,10 +352,24 @@ class _Plan:
     def csc(self, cols: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(perm, col_offsets [n_cols], rows[perm]): the entries sorted by column (stable), one bag per column."""
         if self._csc is None:
-            cols_sorted, perm = cols.sort(stable=True)
-            counts = torch.bincount(cols_sorted, minlength=self.n_cols)
-            self._csc = (perm, counts.cumsum(0) - counts, self.rows[perm])
+            order = self.native_order(cols)
+            if order is not None:  # the same stable order by a counting sort
+                col_start, perm = order
+                self._csc = (perm, col_start[:-1], self.rows[perm])
+            else:
+                cols_sorted, perm = cols.sort(stable=True)
+                counts = torch.bincount(cols_sorted, minlength=self.n_cols)
+                self._csc = (perm, counts.cumsum(0) - counts, self.rows[perm])
         return self._csc
+
+    def native_order(self, cols: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(col_start [n_cols + 1], perm): the entries grouped by column for the compiled backward kernels
+        (:func:`saeforge.kernels.native.csc_order`); None where they do not apply (no compiler, CUDA)."""
+        if self._order is None:
+            self._order = False
+            if cols.device.type == "cpu" and self.rows.device.type == "cpu":
+                self._order = native.csc_order(cols, self.n_cols) or False
+        return self._order or None
 
 
 def _sparse_t_matmul(plan: _Plan, cols: Tensor, weights: Tensor, dense: Tensor) -> Tensor:
@@ -388,6 +408,25 @@ def _attach_plan(sel: _Selection, n_rows: int, n_cols: int) -> _Plan:
     plan = _Plan(sel.rows, sel.cols, n_rows, n_cols, per_row)
     sel.cols._saeforge_plan = plan
     return plan
+
+
+def _native_encode_backward(xm: Tensor, parts, d_sae: int, need_db: bool,
+                            dtype: torch.dtype) -> tuple[Tensor, Tensor | None] | None:
+    """dW_enc [d_in, d_sae] (the parameter's layout) and db [d_sae] summed over the selections ``parts`` (plan,
+    cols, gradient at the entries) by the compiled kernel; None where it does not apply (the PyTorch path then)."""
+    if dtype != torch.float32 or xm.device.type != "cpu":
+        return None
+    dW = db = None
+    for pl, c, gp in parts:
+        order = pl.native_order(c)
+        found = None if order is None else native.encode_backward(xm, gp.contiguous(), pl.rows, order, d_sae,
+                                                                  db=need_db)
+        if found is None:
+            return None
+        dW = found[0] if dW is None else dW.add_(found[0])
+        if need_db:
+            db = found[1] if db is None else db.add_(found[1])
+    return dW, db
 
 
 class _EncodeFn(torch.autograd.Function):
@@ -438,24 +477,31 @@ class _EncodeFn(torch.autograd.Function):
         if aux_plan is not None:
             parts.append((aux_plan, aux_cols, g_aux * (aux_values > 0)))
         dx = dW = db = None
+        need_db = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        if ctx.needs_input_grad[1]:  # dW_enc and db in one compiled pass per selection, where it applies
+            found = _native_encode_backward(xm, parts, ctx.d_sae, need_db, ctx.dtype)
+            if found is not None:
+                dW, db = found
         if ctx.needs_input_grad[0]:  # dx = S W_encᵀ
             Wt = Wm.t().contiguous().to(ctx.dtype)
             for pl, c, gp in parts:
                 d = _sparse_matmul(pl, c, gp, Wt)
                 dx = d if dx is None else dx.add_(d)
-        if ctx.needs_input_grad[1]:  # dW_enc = xᵀ S = (Sᵀ x)ᵀ
+        if ctx.needs_input_grad[1] and dW is None:  # dW_enc = xᵀ S = (Sᵀ x)ᵀ
             xd = xm.to(ctx.dtype)
             for pl, c, gp in parts:
                 d = _sparse_t_matmul(pl, c, gp, xd)
                 dW = d if dW is None else dW.add_(d)
             dW = dW.t()
         db_pre = None
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            db = values.new_zeros(ctx.d_sae)
-            for _, c, gp in parts:
-                db.index_add_(0, c, gp)
+        if need_db:
+            if db is None:
+                db = values.new_zeros(ctx.d_sae)
+                for _, c, gp in parts:
+                    db.index_add_(0, c, gp)
             if ctx.needs_input_grad[3]:  # pre = (x - b_pre) W + b  =>  dL/db_pre = -W · dL/db
-                db_pre = -(Wm.to(ctx.dtype) @ db)
+                wide = native.matvec_bf16(Wm, db) if Wm.dtype == torch.bfloat16 and db.dtype == torch.float32 else None
+                db_pre = -(Wm.to(ctx.dtype) @ db) if wide is None else wide.neg_()
             if not ctx.needs_input_grad[2]:
                 db = None
         return dx, dW, db, db_pre, None, None, None, None, None
@@ -477,10 +523,16 @@ class _DecodeFn(torch.autograd.Function):
     def backward(ctx, g):
         values, cols, W_dec = (t.detach() for t in ctx.saved_tensors)
         g = g.contiguous()
+        need_dv, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
+        order = ctx.plan.native_order(cols) if g.device.type == "cpu" else None
+        if order is not None:  # both in one compiled pass over the entries, where it applies
+            found = native.decode_backward(g, W_dec, values, ctx.plan.rows, order, dv=need_dv, dW=need_dW)
+            if found is not None:
+                return found[0], None, None, None, found[1]
         dv = dW = None
-        if ctx.needs_input_grad[0]:
+        if need_dv:
             dv = _sampled_dots(ctx.plan, cols, g, W_dec).to(values.dtype)
-        if ctx.needs_input_grad[4]:
+        if need_dW:
             dW = _sparse_t_matmul(ctx.plan, cols, values, g)
         return dv, None, None, None, dW
 

@@ -97,7 +97,8 @@ def test_encode_topk_same_with_and_without_the_native_kernel(monkeypatch, seed):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_runs_the_kernel_after_the_parent_did():
-    """The parent's thread pool does not survive fork; the child must start its own instead of waiting forever."""
+    """The parent's OpenMP pool does not survive fork: the child runs the kernel on one thread instead of waiting
+    forever on it."""
     torch.set_num_threads(2)
     pre = torch.randn(512, 1024)
     expected = native.topk_rows(pre, 16)  # the parent's pool now exists
@@ -120,3 +121,132 @@ def test_a_forked_child_runs_the_kernel_after_the_parent_did():
         os.waitpid(pid, 0)
         pytest.fail("the forked child's top-k did not finish in 60 s (it waited on the parent's thread pool)")
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+# ---- the compiled backward (native_backward.c) ----------------------------------------------------------------
+# Error bounds from the kernels' summation order (Higham, "Accuracy and Stability of Numerical Algorithms", §3.1):
+# a float32 sum in which every term takes part in at most t roundings is within gamma(t) * sum|terms| of the exact
+# sum, gamma(t) = t u / (1 - t u), u = 2^-24. A dot product of length d: one rounding per product, ceil(d / 16)
+# per lane, 4 in the pairwise sum of the 16 lanes. A column's sum over c entries: one per product, c additions.
+
+
+def _gamma(t) -> torch.Tensor:
+    u = 2.0**-24
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return t * u / (1 - t * u)
+
+
+def _pattern(n: int, m: int, k: int):
+    pre = torch.randn(n, m)
+    vals, idx = pre.topk(k, dim=1)
+    idx, order = idx.sort(dim=1)
+    rows = torch.arange(n).repeat_interleave(k)
+    return rows, idx.reshape(-1), vals.gather(1, order).reshape(-1).relu()
+
+
+@pytest.mark.parametrize("m", [4608, 1000, 37])
+def test_csc_order_is_the_stable_sort_by_column(m, seed):
+    rows, cols, _ = _pattern(300, m, min(24, m))
+    col_start, perm = native.csc_order(cols, m)
+    assert torch.equal(perm, cols.sort(stable=True).indices), f"seed {seed}"
+    counts = torch.bincount(cols, minlength=m)
+    assert torch.equal(col_start, torch.cat([counts.new_zeros(1), counts.cumsum(0)])), f"seed {seed}"
+    assert native.csc_order(torch.tensor([0, m]), m) is None  # a column out of range
+
+
+@pytest.mark.parametrize("d", [576, 100, 7])  # a multiple of 16, and ragged lane tails
+def test_decode_backward_within_the_bound_of_its_summation_order(d, seed):
+    n, m, k = 700, 1000, 16
+    rows, cols, values = _pattern(n, m, k)
+    g, W_dec = torch.randn(n, d), torch.randn(m, d)
+    dv, dW = native.decode_backward(g, W_dec, values, rows, native.csc_order(cols, m), dv=True, dW=True)
+    g64, W64, v64 = g.double(), W_dec.double(), values.double()
+    terms = g64[rows] * W64[cols]  # [nnz, d]
+    exact_dv = terms.sum(1)
+    assert bool(((dv.double() - exact_dv).abs() <= _gamma(-(-d // 16) + 5) * terms.abs().sum(1)).all()), f"seed {seed}"
+    contrib = v64[:, None] * g64[rows]
+    exact_dW = torch.zeros(m, d, dtype=torch.float64).index_add_(0, cols, contrib)
+    mag = torch.zeros(m, d, dtype=torch.float64).index_add_(0, cols, contrib.abs())
+    per_col = torch.bincount(cols, minlength=m).double()[:, None]
+    assert bool(((dW.double() - exact_dW).abs() <= _gamma(per_col + 1) * mag).all()), f"seed {seed}"
+    assert bool((dW[per_col.squeeze(1) == 0] == 0).all())  # unused latents: zero rows, written
+    only_dv, none_dW = native.decode_backward(g, W_dec, values, rows, native.csc_order(cols, m), dv=True, dW=False)
+    assert none_dW is None and torch.equal(only_dv, dv)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [4608, 1000, 37])  # whole tiles of 16 latents, and a narrow last tile
+def test_encode_backward_within_the_bound_of_its_summation_order(x_dtype, m, seed):
+    n, d, k = 700, 96, min(16, m)
+    rows, cols, _ = _pattern(n, m, k)
+    x, gp = torch.randn(n, d).to(x_dtype), torch.randn(rows.numel())
+    dW, db = native.encode_backward(x, gp, rows, native.csc_order(cols, m), m, db=True)
+    assert dW.shape == (d, m) and dW.is_contiguous() and dW.dtype == torch.float32
+    contrib = gp.double()[:, None] * x.double()[rows]  # bfloat16 x widens exactly
+    exact = torch.zeros(m, d, dtype=torch.float64).index_add_(0, cols, contrib)
+    mag = torch.zeros(m, d, dtype=torch.float64).index_add_(0, cols, contrib.abs())
+    per_col = torch.bincount(cols, minlength=m).double()
+    assert bool(((dW.t().double() - exact).abs() <= _gamma(per_col[:, None] + 1) * mag).all()), f"seed {seed}"
+    # db adds each column's entries in row order from 0, as index_add_ does: the same float32 sums
+    assert torch.equal(db, torch.zeros(m).index_add_(0, cols, gp)), f"seed {seed}"
+    assert native.encode_backward(x, gp, rows, native.csc_order(cols, m), m, db=False)[1] is None
+
+
+def test_backward_kernels_decline_what_they_do_not_handle():
+    rows, cols, values = _pattern(64, 256, 4)
+    order = native.csc_order(cols, 256)
+    g, W = torch.randn(64, 32), torch.randn(256, 32)
+    assert native.decode_backward(g.double(), W.double(), values.double(), rows, order, dv=True, dW=True) is None
+    assert native.decode_backward(g, torch.randn(32, 256).t(), values, rows, order, dv=True, dW=True) is None
+    assert native.encode_backward(torch.randn(64, 32).half(), values, rows, order, 256, db=True) is None
+    assert native.encode_backward(torch.randn(32, 64).t(), values, rows, order, 256, db=True) is None
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, torch.bfloat16])
+def test_sae_gradients_through_the_compiled_backward_match_the_pytorch_backward(monkeypatch, matmul_dtype, seed):
+    """The same forward (same selection, same x_hat, same upstream gradient), the backward once through the
+    compiled kernels and once through the PyTorch ops. Both are float32 sums of the same terms in different orders,
+    so each is within gamma(t) * sum|terms| of the exact value: they differ by at most twice that (t: the longest
+    chain, here a latent's entries + 1, or d + 1 for the sampled dot products feeding W_enc's gradient)."""
+    from saeforge.kernels import decode_sparse
+
+    n, d, m, k = 512, 64, 1024, 16
+    x = torch.randn(n, d)
+    params = [(torch.randn(d, m) / 8).requires_grad_(), (0.1 * torch.randn(m)).requires_grad_(),
+              torch.randn(m, d).requires_grad_(), torch.randn(d).requires_grad_()]
+
+    def grads():
+        for p in params:
+            p.grad = None
+        lat, _ = encode_topk(x, params[0], params[1], k=k, matmul_dtype=matmul_dtype, b_pre=params[3])
+        ((decode_sparse(lat, params[2]) - x) ** 2).sum().backward()
+        return lat, [p.grad.clone() for p in params]
+
+    lat, fast = grads()
+    monkeypatch.setattr(native, "csc_order", lambda *a: None)  # the PyTorch backward, the same native top-k
+    lat2, slow = grads()
+    assert torch.equal(lat.cols, lat2.cols) and torch.equal(lat.values, lat2.values)
+    # W_dec's gradient: g = 2 (x_hat - x) is the same in both; sum over a latent's entries of values * g rows
+    g = 2 * (decode_sparse(lat, params[2].detach()) - x).detach().double()
+    mag = torch.zeros(m, d, dtype=torch.float64).index_add_(0, lat.cols, (lat.values.detach().double()[:, None] * g[lat.rows]).abs())
+    per_col = torch.bincount(lat.cols, minlength=m).double()[:, None]
+    assert bool(((fast[2] - slow[2]).double().abs() <= 2 * _gamma(per_col + 1) * mag).all()), f"seed {seed}"
+    for a, b in zip(fast, slow):
+        assert a.is_contiguous() and a.shape == b.shape
+    # the encoder's gradients: same terms, same rounding of the sampled dot products up to their own bound; held
+    # to a bound of the same form with the dot-product error folded in (gamma(d + per_col + 2))
+    xm = (x - params[3].detach()).to(matmul_dtype or torch.float32).double()
+    dots = (g[lat.rows] * params[2].detach().double()[lat.cols]).abs().sum(1) * (lat.values.detach() > 0).double()
+    mag_enc = torch.zeros(m, d, dtype=torch.float64).index_add_(0, lat.cols, dots[:, None] * xm[lat.rows].abs())
+    bound = 2 * _gamma(per_col + d + 2) * mag_enc
+    assert bool(((fast[0].t() - slow[0].t()).double().abs() <= bound).all()), f"seed {seed}"
+
+
+def test_matvec_bf16_within_the_bound_of_its_summation_order(seed):
+    d, m = 96, 4608
+    W, v = torch.randn(d, m).bfloat16(), torch.randn(m)
+    out = native.matvec_bf16(W, v)
+    terms = W.double() * v.double()  # bfloat16 widens exactly
+    assert bool(((out.double() - terms.sum(1)).abs() <= _gamma(-(-m // 16) + 5) * terms.abs().sum(1)).all()), \
+        f"seed {seed}"
+    assert native.matvec_bf16(W.float(), v) is None and native.matvec_bf16(W, v.double()) is None

@@ -138,3 +138,4 @@ def test_saelens_view():
     assert sae.saelens_config_extras() == {"k": 4, "rescale_acts_by_decoder_norm": False}
     assert set(sae.saelens_tensors()) == {"W_enc", "b_enc", "W_dec", "b_dec"}
     assert sae.extra_tensors() == {}
+
