@@ -335,6 +335,7 @@ def run(argv: list[str] | None = None) -> int:
     """The console entry point: :func:`main`, and a torchrun rank leaves without the interpreter's teardown
     (:func:`saeforge.distributed.process_group.exit_rank` says why)."""
     code = main(argv)
+    # launched_by_torchrun()'s test, read here so that a plain command does not import torch.distributed for it
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from saeforge.distributed.process_group import exit_rank
 

@@ -85,7 +85,7 @@ def _coactivation_batches(cfg: LinkConfig):
         raise SaeforgeError(f"--tokens must be positive, got {cfg.tokens}", "pass e.g. --tokens 262144")
     folder = cfg.matryoshka or cfg.saes[0]
     if not (Path(folder) / "cfg.json").is_file():
-        return None  # link_saes / matryoshka_tree name the missing SAE folder
+        raise SaeforgeError(f"{folder} is not an SAE folder (no cfg.json)", "pass SAE folders such as RUN/saes/NAME")
     meta = folder_metadata(folder)
     _check_cache_model(cfg.cache, meta)
     return cache_batches(cfg.cache, str(meta.get("hook_name")), cfg.tokens)  # read once, batch by batch

@@ -43,7 +43,11 @@ def coactivation_scores(levels: Sequence[tuple[Any, slice]], activations: Iterab
             for (_, a), (_, b) in zip(levels, levels[1:])]
     seen = 0
     for x in activations:
-        active = [(sae.encode(x.to(sae.device, sae.dtype))[:, sl] > 0).double().cpu() for sae, sl in levels]
+        codes: dict[int, torch.Tensor] = {}  # one encode per SAE and batch (a Matryoshka's levels share one SAE)
+        for sae, _ in levels:
+            if id(sae) not in codes:
+                codes[id(sae)] = sae.encode(x.to(sae.device, sae.dtype)) > 0
+        active = [codes[id(sae)][:, sl].double().cpu() for sae, sl in levels]
         seen += x.shape[0]
         for lv, a in enumerate(active):
             fired[lv] += a.sum(0)

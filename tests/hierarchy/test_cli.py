@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from saeforge.cli import main
 from saeforge.hierarchy import FeatureTree
@@ -40,6 +41,23 @@ def test_link_by_coactivation_on_a_cache(hierarchy_run, tiny_cache, tmp_path, ca
     score = coactivation_scores(levels, cache_batches(tiny_cache.folder, TRAIN_SITES[0], 2000))[0]
     assert tree.info["similarity"] == "coactivation"
     assert tree.parents[0].tolist() == assign_by_score(score, 0.2)[0].tolist()
+    # a Matryoshka's groups are levels of one SAE: each level's firing is its slice of the same codes
+    assert main(["hierarchy", "link", "--matryoshka", str(saes / "matryoshka"), "--similarity", "coactivation",
+                 "--cache", str(tiny_cache.folder), "--tokens", "2000", "--out", str(tmp_path / "m.json")]) == 0
+    m = FeatureTree.load(tmp_path / "m.json")
+    sae = load_sae(saes / "matryoshka")
+    a, b = m.levels[0].latents, m.levels[1].latents
+    batches = list(cache_batches(tiny_cache.folder, TRAIN_SITES[0], 2000))
+    codes = torch.cat([sae.encode(x) > 0 for x in batches]).double()
+    parent, child = codes[:, a[0]:a[1]], codes[:, b[0]:b[1]]
+    fired = child.sum(0)[:, None]
+    expected = torch.where(fired > 0, child.T @ parent / fired.clamp_min(1), torch.zeros(()))
+    assert m.parents[0].tolist() == assign_by_score(expected.float(), 0.2)[0].tolist()
+    capsys.readouterr()
+    # a missing SAE folder is named as such, not as missing activations
+    assert main(["hierarchy", "link", str(tmp_path / "nowhere"), str(saes / "w64"), "--similarity", "coactivation",
+                 "--cache", str(tiny_cache.folder), "--out", str(tmp_path / "t2.json")]) == 2
+    assert "is not an SAE folder" in capsys.readouterr().err
 
 
 def test_metrics_of_three_trees_on_one_cache_and_on_text(hierarchy_run, tiny_cache, text_file, tmp_path, capsys):
