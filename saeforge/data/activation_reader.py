@@ -10,6 +10,7 @@ from saeforge.data.token_stream import TokenStream
 from saeforge.errors import SaeforgeError
 from saeforge.models.language_model import LanguageModel
 from saeforge.models.sites import Site
+from saeforge.utils.finite import all_finite
 
 
 @dataclass
@@ -35,7 +36,7 @@ def read_activations(lm: LanguageModel, tokens: TokenStream, input_ids: torch.Te
         flat = act[keep_dev]
         if dtype is not None and flat.dtype != dtype:
             flat = flat.to(dtype)
-        if not torch.isfinite(flat).all():
+        if not all_finite(flat):
             raise SaeforgeError(f"the model produced NaN or Inf activations at site {name!r}",
                                 "run the model in float32 (--dtype float32) or check the weights")
         acts[name] = flat

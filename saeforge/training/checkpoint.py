@@ -19,8 +19,8 @@ from saeforge.saes import SAE, ActivationScaler, DeadLatentTracker
 from saeforge.training.scaling import SiteScaler, scaler_from_dict
 from saeforge.utils.atomic import atomic_write
 
-__all__ = ["CHECKPOINT_FORMAT", "FORMAT_VERSION", "load_checkpoint", "read_checkpoint", "rng_state",
-           "save_checkpoint", "set_rng_state"]
+__all__ = ["CHECKPOINT_FORMAT", "FORMAT_VERSION", "checkpoint_state", "load_checkpoint", "read_checkpoint",
+           "rng_state", "save_checkpoint", "set_rng_state", "write_checkpoint"]
 
 CHECKPOINT_FORMAT = "saeforge-checkpoint"
 FORMAT_VERSION = 1
@@ -52,9 +52,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, *, run_id: str, step: int, stream_state: dict, metrics_path: Path,
-                    trainees: list[Checkpointed]) -> None:
-    state = {
+def checkpoint_state(*, run_id: str, step: int, stream_state: dict, metrics_path: Path,
+                     trainees: list[Checkpointed]) -> dict[str, Any]:
+    """What a checkpoint holds, taken now (the tensors by reference: write it before they change)."""
+    return {
         "format": CHECKPOINT_FORMAT,
         "version": FORMAT_VERSION,
         "run_id": run_id,
@@ -67,7 +68,17 @@ def save_checkpoint(path: Path, *, run_id: str, step: int, stream_state: dict, m
                           "tokens_since_fired": t.tracker.tokens_since_fired,
                           "scaler": t.scaler.to_dict()} for t in trainees},
     }
+
+
+def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a :func:`checkpoint_state` to ``path`` atomically."""
     atomic_write(path, lambda p: torch.save(state, p))
+
+
+def save_checkpoint(path: Path, *, run_id: str, step: int, stream_state: dict, metrics_path: Path,
+                    trainees: list[Checkpointed]) -> None:
+    write_checkpoint(path, checkpoint_state(run_id=run_id, step=step, stream_state=stream_state,
+                                            metrics_path=metrics_path, trainees=trainees))
 
 
 def read_checkpoint(path: Path, device: torch.device) -> dict[str, Any] | None:

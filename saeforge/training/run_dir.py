@@ -37,12 +37,15 @@ BIT_IDENTITY = ("Resumed on the same number of ranks with the same --parallel mo
 
 
 def _versions() -> dict[str, str]:
+    # transformers' version from its installed metadata: importing it costs 0.3 s, and a run from a cache never
+    # needs it otherwise
+    from importlib.metadata import version
+
     import torch
-    import transformers
 
     from saeforge import __version__
 
-    return {"saeforge": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {"saeforge": __version__, "torch": torch.__version__, "transformers": version("transformers")}
 
 
 def read_run_info(run_dir: Path) -> dict[str, Any]:

@@ -20,11 +20,13 @@ trained from one pass over the data. A dictionary over several sites scales each
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -35,12 +37,13 @@ from saeforge.runs import SiteBinding
 from saeforge.saes import SAE, ActivationScaler, DeadLatentTracker, TrainOutput, TrainState, make_sae, save_sae
 from saeforge.saes.feature_stats import feature_statistics
 from saeforge.saes.registry import get_config_class
-from saeforge.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from saeforge.training.checkpoint import checkpoint_state, load_checkpoint, read_checkpoint, write_checkpoint
 from saeforge.training.config import TrainConfig, label_site, non_default_fields, parse_sae_options, resolve_config
 from saeforge.training.run_dir import open_run, record_data, record_ranks
 from saeforge.training.scaling import SiteScaler
 from saeforge.training.schedules import lr_factor, sparsity_factor
 from saeforge.utils.atomic import atomic_write_json
+from saeforge.utils.finite import all_finite
 from saeforge.utils.threads import thread_policy
 
 __all__ = ["Trainer", "train"]
@@ -100,6 +103,7 @@ class Trainer:
         self.stream = ActivationStream(self.source, batch_size=cfg.batch_size, seed=cfg.seed)
         self.step = 0
         self.trainees: list[Trainee] = []
+        self._checkpoint_writer: _BackgroundCall | None = None
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _device(self) -> torch.device:
@@ -191,9 +195,20 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self) -> None:
-        save_checkpoint(self.checkpoint_path, run_id=self.run_info["run_id"], step=self.step,
-                        stream_state=self.stream.state_dict(), metrics_path=self.metrics_path,
-                        trainees=self.trainees)
+        state = checkpoint_state(run_id=self.run_info["run_id"], step=self.step, stream_state=self.stream.state_dict(),
+                                 metrics_path=self.metrics_path, trainees=self.trainees)
+        if self.step < self.total_steps:
+            write_checkpoint(self.checkpoint_path, state)
+        else:
+            # The last one is written while the finish computes the feature statistics (it keeps the finish
+            # resumable; nothing changes the state it holds after the last step); the run is marked complete once
+            # it is on disk.
+            self._checkpoint_writer = _BackgroundCall(lambda: write_checkpoint(self.checkpoint_path, state))
+
+    def _wait_for_checkpoint(self) -> None:
+        writer, self._checkpoint_writer = self._checkpoint_writer, None
+        if writer is not None:
+            writer.wait()
 
     def _load_checkpoint(self) -> bool:
         loaded = load_checkpoint(self.checkpoint_path, run_id=self.run_info["run_id"], trainees=self.trainees,
@@ -211,7 +226,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ loop
     def _check_finite(self, x: torch.Tensor, site: str, what: str) -> None:
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise SaeforgeError(
                 f"NaN or Inf in the activations at site {site!r} in {what}",
                 f"check the activation source; the last good checkpoint ({self.checkpoint_path}) is intact and "
@@ -338,7 +353,12 @@ class Trainer:
                     self._save_checkpoint()
         finally:
             bar.close()
-        return self._finish(last)
+        try:
+            return self._finish(last)
+        finally:
+            if self._checkpoint_writer is not None:  # the finish failed: its error is the news, not the write's
+                with contextlib.suppress(Exception):
+                    self._wait_for_checkpoint()
 
     # ------------------------------------------------------------------------------------------------ output
     def _feature_stats(self, t: Trainee, sae: SAE) -> dict[str, torch.Tensor]:
@@ -360,11 +380,32 @@ class Trainer:
                     "training_tokens": self.total_steps * self.cfg.batch_size}
             save_sae(sae, self.run_dir / "saes" / t.name, metadata=meta, feature_stats=self._feature_stats(t, sae))
             final[t.name] = (last or {}).get("saes", {}).get(t.name, {})
+        self._wait_for_checkpoint()
         self.seconds["finish"] += time.perf_counter() - started
         self.run_info.update(status="complete", final=final, finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                              seconds={k: round(v, 3) for k, v in self.seconds.items()})
         atomic_write_json(self.run_dir / "run.json", self.run_info)
         return final
+
+
+class _BackgroundCall(threading.Thread):
+    """``fn()`` on a thread of its own; :meth:`wait` joins it and raises what it raised."""
+
+    def __init__(self, fn: Callable[[], None]):
+        super().__init__(name="saeforge-background-write")
+        self._fn, self._error = fn, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+            self._error = err
+
+    def wait(self) -> None:
+        self.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _fvu(x_hat: torch.Tensor, reference: torch.Tensor) -> float:

@@ -71,3 +71,20 @@ def test_a_second_train_on_one_run_directory_is_refused(tiny_cache, tmp_path, ca
     assert f"is in use by pid {pid}" in err and "two saeforge train processes" in err
     if not resume:
         assert not (run / "run.json").exists()  # the loser wrote nothing
+
+
+def test_a_run_from_a_cache_records_the_versions_without_importing_transformers(tiny_cache, tmp_path):
+    import subprocess
+    import sys
+
+    import transformers
+
+    # its own process: this one has imported transformers already
+    script = ("import sys; from saeforge.training import TrainConfig, train; "
+              f"train(TrainConfig(out={str(tmp_path / 'run')!r}, cache={str(tiny_cache.folder)!r}, "
+              f"sites=({SITES[0]!r},), tokens=512, batch_size=256, d_sae=32, k=4, progress=False, device='cpu')); "
+              "print('imported' if 'transformers' in sys.modules else 'not imported')")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "not imported"
+    versions = json.loads((tmp_path / "run" / "run.json").read_text())["versions"]
+    assert versions["transformers"] == transformers.__version__ and versions["torch"] == torch.__version__
