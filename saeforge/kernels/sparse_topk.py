@@ -35,9 +35,13 @@ measured with ``benchmarks/train_step.py``):
 - Index bookkeeping (CSR row pointer, the by-column order) is computed once per sparsity pattern and shared by the
   decoder forward/backward and the encoder backward (``_Plan``, cached on the pattern's ``cols`` tensor).
 
+- CPU buffers (``buffers``, :mod:`saeforge.kernels.buffers`): the compiled backward writes both weight gradients,
+  and the forward ``x - b_pre`` and the bfloat16 casts of x and W_enc, into tensors reused from step to step (fresh
+  ones page-faulted every step); the same ops, so the same bits.
+
 Measured on the benchmark shape: encoder GEMM ~100 ms, selection ~2-5 ms, the sparse backward ~7 ms; a whole
-saeforge TopK training step ~130-145 ms, ~72 % of the bare float32 ``addmm`` into a reused buffer (bfloat16
-encoder: ~55-61 ms, ~47-52 % of its GEMM); ``benchmarks/train_step.py``, ``benchmarks/train_step_floor.py`` and
+saeforge TopK training step ~123-130 ms, ~80 % of the bare float32 ``addmm`` into a reused buffer (bfloat16
+encoder: ~47-50 ms, ~52-53 % of its GEMM); ``benchmarks/train_step.py``, ``benchmarks/train_step_floor.py`` and
 docs/architecture.md ("Where the TopK train step's time goes").
 
 Semantics decided here (the reference path implements the same, the tests hold both to it):
