@@ -227,3 +227,20 @@ def test_the_buffered_squared_error_and_projection_give_autograds_and_the_base_c
     sae.W_dec.grad = grad.clone()
     SAE.before_optimizer_step(sae)
     assert torch.equal(got, sae.W_dec.grad)
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, "bfloat16"])
+def test_two_forwards_before_one_backward_keep_their_own_saved_tensors(monkeypatch, matmul_dtype):
+    """The second forward must not write into buffers the first one's graph still holds (x - b_dec, the casts)."""
+    from saeforge.saes.topk import TopKSAE
+
+    xs = [batch(256, 64, seed=s) for s in (1, 2)]
+
+    def grads():
+        sae = build("topk", d_in=64, d_sae=512, k=8, matmul_dtype=matmul_dtype)
+        sum(sae.training_loss(x, state=TrainState()).loss for x in xs).backward()
+        return [p.grad for p in sae.parameters()]
+
+    got = grads()
+    monkeypatch.setattr(TopKSAE, "_step_buffers", property(lambda self: None))
+    assert all(torch.equal(a, b) for a, b in zip(got, grads()))
