@@ -13,7 +13,8 @@ Parts (each the median of ``--repeats`` runs in one process, ``torch.get_num_thr
 - the decoder forward (``embedding_bag``, N*k decoder rows gathered);
 - Adam (``torch.optim.Adam(fused=True)``) over the SAE's 5.3M parameters: it reads parameter, gradient and two
   moments and writes three of them, 7 x 4 bytes a parameter;
-- the reconstruction loss and its gradient (a few passes over [N, d_in]).
+- the reconstruction loss and its gradient (a few passes over [N, d_in]), as the step computes them (into buffers
+  reused from call to call; fresh tensors page-fault, ~10 ms here against ~1-2 ms).
 
 The traffic floors divide the bytes a part must move by a bandwidth measured here: a streaming read (the sum of a
 256 MB tensor) for Adam and the selection's read of the GEMM result, and the decoder forward's own rate of
@@ -100,9 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     offsets = torch.arange(0, n * k, k)
     ms["decoder forward (embedding_bag)"] = _time(
         lambda: torch.nn.functional.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=values), r)
-    x_hat = torch.randn(n, d)
-    ms["loss + its gradient (torch ops)"] = _time(
-        lambda: (2 * (x_hat - x) / n, (x_hat - x).pow(2).sum(-1).mean()), r)
+    from saeforge.kernels.buffers import StepBuffers
+    from saeforge.saes.topk import _SquaredErrorFn
+
+    x_hat = torch.randn(n, d, requires_grad=True)
+    loss_buffers = StepBuffers()
+
+    def loss_and_gradient():  # as the step computes them: into buffers reused from call to call
+        x_hat.grad = None  # frees the last gradient's buffer, as the trainer's zero_grad(set_to_none=True) does
+        _SquaredErrorFn.apply(x_hat, x, loss_buffers).backward()
+
+    ms["loss + its gradient (the step's, reused buffers)"] = _time(loss_and_gradient, r)
 
     params = [p for p in sae.parameters()]
     n_params = sum(p.numel() for p in params)

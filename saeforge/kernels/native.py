@@ -168,11 +168,22 @@ def csc_order(cols: Tensor, m: int) -> tuple[Tensor, Tensor] | None:
     return col_start, perm
 
 
+def _out(out: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+    """``out`` (a contiguous float32 CPU tensor of ``shape`` that the kernel overwrites whole) or a new one."""
+    if out is None:
+        return torch.empty(shape, dtype=torch.float32)
+    if not (_cpu_contiguous(out) and out.dtype == torch.float32 and tuple(out.shape) == shape):
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {shape}, got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    return out
+
+
 def decode_backward(g: Tensor, W_dec: Tensor, values: Tensor, rows: Tensor, order: tuple[Tensor, Tensor], *,
-                    dv: bool, dW: bool) -> tuple[Tensor | None, Tensor | None] | None:
+                    dv: bool, dW: bool, out_dW: Tensor | None = None) -> tuple[Tensor | None, Tensor | None] | None:
     """For ``out = S @ W_dec`` (S: the entries (rows, cols, values), ``order`` = :func:`csc_order` of its cols) and
     the output gradient ``g`` [n, d]: (dv [nnz] = g[rows[e]] · W_dec[cols[e]], dW_dec [m, d] = Sᵀ g), each only
-    when asked, in one pass over the entries by column. float32 CPU tensors; None when the kernel does not apply."""
+    when asked, in one pass over the entries by column; dW_dec into ``out_dW`` when given (every entry is
+    written). float32 CPU tensors; None when the kernel does not apply."""
     col_start, perm = order
     m, d = W_dec.shape
     if (not (dv or dW) or not _cpu_contiguous(g, W_dec, values, rows, col_start, perm)
@@ -183,7 +194,7 @@ def decode_backward(g: Tensor, W_dec: Tensor, values: Tensor, rows: Tensor, orde
     if lib is None:
         return None
     out_dv = torch.empty(values.numel(), dtype=torch.float32) if dv else None
-    out_dW = torch.empty(m, d, dtype=torch.float32) if dW else None
+    out_dW = _out(out_dW, (m, d)) if dW else None
     lib.decode_backward_f32(g.data_ptr(), W_dec.data_ptr(), values.data_ptr(), rows.data_ptr(), perm.data_ptr(),
                             col_start.data_ptr(), m, d, out_dv.data_ptr() if dv else None,
                             out_dW.data_ptr() if dW else None, _threads())
@@ -191,10 +202,11 @@ def decode_backward(g: Tensor, W_dec: Tensor, values: Tensor, rows: Tensor, orde
 
 
 def encode_backward(x: Tensor, gp: Tensor, rows: Tensor, order: tuple[Tensor, Tensor], m: int, *,
-                    db: bool) -> tuple[Tensor, Tensor | None] | None:
+                    db: bool, out_dW: Tensor | None = None) -> tuple[Tensor, Tensor | None] | None:
     """For pre-activations ``x @ W_enc`` [n, m] and the gradient ``gp`` [nnz] at the entries (rows, cols) (``order``
     = :func:`csc_order` of cols): (dW_enc [d, m] = xᵀ S, contiguous in the parameter's layout; db [m] = the column
-    sums of S, when asked), in one pass over the entries by column. ``x`` float32 or bfloat16 (widened exactly),
+    sums of S, when asked), in one pass over the entries by column; dW_enc into ``out_dW`` when given (every
+    entry is written). ``x`` float32 or bfloat16 (widened exactly),
     ``gp`` float32; None when the kernel does not apply."""
     col_start, perm = order
     if (not _cpu_contiguous(x, gp, rows, col_start, perm) or x.dim() != 2
@@ -205,7 +217,7 @@ def encode_backward(x: Tensor, gp: Tensor, rows: Tensor, order: tuple[Tensor, Te
     if lib is None:
         return None
     d = x.shape[1]
-    out_dW = torch.empty(d, m, dtype=torch.float32)
+    out_dW = _out(out_dW, (d, m))
     out_db = torch.empty(m, dtype=torch.float32) if db else None
     fn = lib.encode_backward_f32 if x.dtype == torch.float32 else lib.encode_backward_bf16
     if fn(x.data_ptr(), gp.data_ptr(), rows.data_ptr(), perm.data_ptr(), col_start.data_ptr(), m, d,

@@ -35,9 +35,13 @@ measured with ``benchmarks/train_step.py``):
 - Index bookkeeping (CSR row pointer, the by-column order) is computed once per sparsity pattern and shared by the
   decoder forward/backward and the encoder backward (``_Plan``, cached on the pattern's ``cols`` tensor).
 
+- CPU buffers (``buffers``, :mod:`saeforge.kernels.buffers`): the compiled backward writes both weight gradients,
+  and the forward ``x - b_pre`` and the bfloat16 casts of x and W_enc, into tensors reused from step to step (fresh
+  ones page-faulted every step); the same ops, so the same bits.
+
 Measured on the benchmark shape: encoder GEMM ~100 ms, selection ~2-5 ms, the sparse backward ~7 ms; a whole
-saeforge TopK training step ~130-145 ms, ~72 % of the bare float32 ``addmm`` into a reused buffer (bfloat16
-encoder: ~55-61 ms, ~47-52 % of its GEMM); ``benchmarks/train_step.py``, ``benchmarks/train_step_floor.py`` and
+saeforge TopK training step ~123-130 ms, ~80 % of the bare float32 ``addmm`` into a reused buffer (bfloat16
+encoder: ~47-50 ms, ~52-53 % of its GEMM); ``benchmarks/train_step.py``, ``benchmarks/train_step_floor.py`` and
 docs/architecture.md ("Where the TopK train step's time goes").
 
 Semantics decided here (the reference path implements the same, the tests hold both to it):
@@ -72,6 +76,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from saeforge.kernels import native
+from saeforge.kernels.buffers import StepBuffers
 
 # The CSR patterns below are internal and valid by construction; silence torch's one-off "beta" notice about them.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -410,17 +415,22 @@ def _attach_plan(sel: _Selection, n_rows: int, n_cols: int) -> _Plan:
     return plan
 
 
-def _native_encode_backward(xm: Tensor, parts, d_sae: int, need_db: bool,
-                            dtype: torch.dtype) -> tuple[Tensor, Tensor | None] | None:
+def _native_encode_backward(xm: Tensor, parts, d_sae: int, need_db: bool, dtype: torch.dtype,
+                            buffers: StepBuffers | None) -> tuple[Tensor, Tensor | None] | None:
     """dW_enc [d_in, d_sae] (the parameter's layout) and db [d_sae] summed over the selections ``parts`` (plan,
-    cols, gradient at the entries) by the compiled kernel; None where it does not apply (the PyTorch path then)."""
+    cols, gradient at the entries) by the compiled kernel, dW_enc into a reused buffer of ``buffers`` when given;
+    None where it does not apply (the PyTorch path then)."""
     if dtype != torch.float32 or xm.device.type != "cpu":
         return None
     dW = db = None
     for pl, c, gp in parts:
         order = pl.native_order(c)
+        out = None
+        if buffers is not None and dW is None:  # the first part's result becomes the gradient; the others add to it
+            out = buffers.get(("dW_enc", xm.shape[1], d_sae), torch.Size((xm.shape[1], d_sae)), torch.float32,
+                              xm.device)
         found = None if order is None else native.encode_backward(xm, gp.contiguous(), pl.rows, order, d_sae,
-                                                                  db=need_db)
+                                                                  db=need_db, out_dW=out)
         if found is None:
             return None
         dW = found[0] if dW is None else dW.add_(found[0])
@@ -429,16 +439,32 @@ def _native_encode_backward(xm: Tensor, parts, d_sae: int, need_db: bool,
     return dW, db
 
 
+def _scratch(buffers: StepBuffers | None, key: str, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A tensor shaped as ``like`` (in ``dtype``, default like's) that the caller overwrites whole: a reused buffer of
+    ``buffers`` when given (on CPU, while nothing else holds it), a fresh tensor otherwise."""
+    dtype = like.dtype if dtype is None else dtype
+    if buffers is None or like.device.type != "cpu":
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    return buffers.get((key, *like.shape), like.shape, dtype, like.device)
+
+
 class _EncodeFn(torch.autograd.Function):
     """Sparse TopK / BatchTopK (+ AuxK) encoder: dense GEMM forward, backward only through the selected entries."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_pre, k, batch, aux_k, aux_mask, matmul_dtype):
+    def forward(ctx, x, W_enc, b_enc, b_pre, k, batch, aux_k, aux_mask, matmul_dtype, buffers):
         n, d_sae = x.shape[0], W_enc.shape[1]
         dtype = W_enc.dtype
         low = matmul_dtype is not None and matmul_dtype != dtype
-        xc = x if b_pre is None else x - b_pre  # the same op as the reference's, so the same bits
-        xm, Wm, bm = (xc.to(matmul_dtype), W_enc.to(matmul_dtype), b_enc.to(matmul_dtype)) if low else (xc, W_enc, b_enc)
+        # the same ops as the reference's, so the same bits; the [N, d_in] and [d_in, d_sae] results in reused
+        # buffers when given (fresh ones cost ~3 ms a step in page faults with a bfloat16 GEMM at the benchmark shape)
+        xc = x if b_pre is None else torch.sub(x, b_pre, out=_scratch(buffers, "x - b_pre", x))
+        if low:
+            xm = _scratch(buffers, "x in the matmul dtype", xc, matmul_dtype).copy_(xc)
+            Wm = _scratch(buffers, "W_enc in the matmul dtype", W_enc, matmul_dtype).copy_(W_enc)
+            bm = b_enc.to(matmul_dtype)
+        else:
+            xm, Wm, bm = xc, W_enc, b_enc
         pre = _workspace((n, d_sae), xm.dtype, x.device)
         torch.addmm(bm, xm, Wm, out=pre)  # the same op as _linear_pre, so the same bits as the reference
 
@@ -457,7 +483,7 @@ class _EncodeFn(torch.autograd.Function):
             aux_rows = aux_cols = sel.rows.new_empty(0)
             aux_plan = None
 
-        ctx.n, ctx.d_sae, ctx.dtype = n, d_sae, dtype
+        ctx.n, ctx.d_sae, ctx.dtype, ctx.buffers = n, d_sae, dtype, buffers
         ctx.plans = (plan, aux_plan)  # rows/cols are non-differentiable outputs: no reference cycle
         # dW_enc needs x (as the GEMM saw it); dx and db_pre need W_enc
         need_W = ctx.needs_input_grad[0] or ctx.needs_input_grad[3]
@@ -479,7 +505,7 @@ class _EncodeFn(torch.autograd.Function):
         dx = dW = db = None
         need_db = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         if ctx.needs_input_grad[1]:  # dW_enc and db in one compiled pass per selection, where it applies
-            found = _native_encode_backward(xm, parts, ctx.d_sae, need_db, ctx.dtype)
+            found = _native_encode_backward(xm, parts, ctx.d_sae, need_db, ctx.dtype, ctx.buffers)
             if found is not None:
                 dW, db = found
         if ctx.needs_input_grad[0]:  # dx = S W_encᵀ
@@ -504,17 +530,17 @@ class _EncodeFn(torch.autograd.Function):
                 db_pre = -(Wm.to(ctx.dtype) @ db) if wide is None else wide.neg_()
             if not ctx.needs_input_grad[2]:
                 db = None
-        return dx, dW, db, db_pre, None, None, None, None, None
+        return dx, dW, db, db_pre, None, None, None, None, None, None
 
 
 class _DecodeFn(torch.autograd.Function):
     """``dense(latents) @ W_dec`` touching only the stored entries, forward and backward."""
 
     @staticmethod
-    def forward(ctx, values, rows, cols, n, W_dec):
+    def forward(ctx, values, rows, cols, n, W_dec, buffers):
         plan = _Plan.of(rows, cols, n, W_dec.shape[0])
         out = _sparse_matmul(plan, cols, values.detach(), W_dec.detach())  # detached: forward-only embedding_bag
-        ctx.plan = plan
+        ctx.plan, ctx.buffers = plan, buffers
         ctx.save_for_backward(values, cols, W_dec)
         return out
 
@@ -526,15 +552,19 @@ class _DecodeFn(torch.autograd.Function):
         need_dv, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[4]
         order = ctx.plan.native_order(cols) if g.device.type == "cpu" else None
         if order is not None:  # both in one compiled pass over the entries, where it applies
-            found = native.decode_backward(g, W_dec, values, ctx.plan.rows, order, dv=need_dv, dW=need_dW)
+            out = None
+            if need_dW and ctx.buffers is not None and W_dec.dtype == torch.float32:
+                out = ctx.buffers.get(("dW_dec", *W_dec.shape), W_dec.shape, torch.float32, W_dec.device)
+            found = native.decode_backward(g, W_dec, values, ctx.plan.rows, order, dv=need_dv, dW=need_dW,
+                                           out_dW=out)
             if found is not None:
-                return found[0], None, None, None, found[1]
+                return found[0], None, None, None, found[1], None
         dv = dW = None
         if need_dv:
             dv = _sampled_dots(ctx.plan, cols, g, W_dec).to(values.dtype)
         if need_dW:
             dW = _sparse_t_matmul(ctx.plan, cols, values, g)
-        return dv, None, None, None, dW
+        return dv, None, None, None, dW, None
 
 
 class _DecodeBlocksFn(torch.autograd.Function):
@@ -578,6 +608,7 @@ def encode_topk(
     matmul_dtype: torch.dtype | None = None,
     impl: str = "fast",
     b_pre: Tensor | None = None,
+    buffers: StepBuffers | None = None,
 ) -> tuple[SparseLatents, SparseLatents | None]:
     """TopK (or BatchTopK) encoding ``ReLU(x @ W_enc + b_enc)`` returned sparse, plus the optional AuxK selection.
 
@@ -597,6 +628,8 @@ def encode_topk(
       ``b_dec`` in most SAEs). Same result as passing ``x - b_pre`` yourself, but cheaper to train: the fast path
       gets dL/db_pre = -W_enc · dL/db_enc from a matrix-vector product instead of back-propagating a full
       [N, d_in] gradient through x (about 4 ms of a 160 ms step at the benchmark shape).
+    - ``buffers`` (optional, CPU): the compiled backward writes dW_enc into a buffer of it reused from step to step
+      (:mod:`saeforge.kernels.buffers`) instead of a fresh tensor.
     """
     _check_impl(impl)
     _check_encode_args(x, W_enc, b_enc, k)
@@ -607,26 +640,29 @@ def encode_topk(
     n, d_sae = x.shape[0], W_enc.shape[1]
     has_aux = aux_k > 0 and aux_mask is not None and bool(aux_mask.any())  # (_select_aux validates the mask)
     values, rows, cols, aux_values, aux_rows, aux_cols = _EncodeFn.apply(
-        x, W_enc, b_enc, b_pre, k, batch, aux_k if has_aux else 0, aux_mask if has_aux else None, matmul_dtype)
+        x, W_enc, b_enc, b_pre, k, batch, aux_k if has_aux else 0, aux_mask if has_aux else None, matmul_dtype,
+        buffers)
     main = SparseLatents(values, rows, cols, (n, d_sae))
     if not has_aux:
         return main, None
     return main, SparseLatents(aux_values, aux_rows, aux_cols, (n, d_sae))
 
 
-def decode_sparse(latents: SparseLatents, W_dec: Tensor, *, impl: str = "fast") -> Tensor:
+def decode_sparse(latents: SparseLatents, W_dec: Tensor, *, impl: str = "fast",
+                  buffers: StepBuffers | None = None) -> Tensor:
     """``dense(latents) @ W_dec`` -> [N, d_out] (no bias). W_dec: [d_sae, d_out].
 
     ``latents.rows`` must be sorted ascending (as ``encode_topk`` returns them, and as any boolean filtering of them
     keeps them); the fast path also wants ``cols`` ascending within a row (the CSR order ``sampled_addmm`` needs
-    on CUDA). Gradients: to ``values`` (the selected dot products only) and to ``W_dec`` (only the rows used).
+    on CUDA). Gradients: to ``values`` (the selected dot products only) and to ``W_dec`` (only the rows used);
+    with ``buffers`` (CPU) the compiled backward writes dW_dec into a buffer of it reused from step to step.
     """
     _check_impl(impl)
     if W_dec.dim() != 2 or W_dec.shape[0] != latents.shape[1]:
         raise ValueError(f"W_dec must be [d_sae={latents.shape[1]}, d_out], got {tuple(W_dec.shape)}")
     if impl == "reference":
         return latents.to_dense().to(W_dec.dtype) @ W_dec
-    return _DecodeFn.apply(latents.values, latents.rows, latents.cols, latents.shape[0], W_dec)
+    return _DecodeFn.apply(latents.values, latents.rows, latents.cols, latents.shape[0], W_dec, buffers)
 
 
 def decode_sparse_blocks(latents: SparseLatents, W_dec: Tensor, *, impl: str = "fast") -> tuple[Tensor, ...]:

@@ -39,35 +39,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from saeforge.kernels.buffers import StepBuffers
 from saeforge.kernels.sparse_topk import SparseLatents, _Plan, _sampled_dots, _sparse_matmul, _sparse_t_matmul
 
 __all__ = ["StepBuffers", "cat_into_buffer", "decode_into_layers", "layer_views"]
-
-
-class StepBuffers:
-    """Buffers reused from step to step (CPU), one per key: see the module docstring."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[Any, Tensor] = {}
-
-    def __deepcopy__(self, memo: dict) -> "StepBuffers":
-        return StepBuffers()  # a copy of a module starts with buffers of its own
-
-    def get(self, key: Any, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A contiguous tensor of ``shape``, every entry of which the caller overwrites."""
-        if device.type != "cpu":
-            return torch.empty(shape, dtype=dtype, device=device)
-        buf = self._buffers.get(key)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = self._buffers[key] = torch.empty(shape, dtype=dtype)
-        elif torch._C._storage_Use_Count(buf.untyped_storage()._cdata) > 2:
-            # 2 = the cached tensor and the storage object just made; more: a .grad or a handed-out gradient holds
-            # this memory still, which must not be overwritten
-            return torch.empty(shape, dtype=dtype)
-        return buf.view(shape)  # a fresh alias: autograd adopts it as the .grad without a copy
-
-    def clear(self) -> None:
-        self._buffers.clear()
 
 
 class _LayerViewsFn(torch.autograd.Function):
@@ -92,7 +67,7 @@ class _LayerViewsFn(torch.autograd.Function):
         return out, None, None
 
 
-def layer_views(weight: Tensor, buffers: GradBuffers, key: Any) -> tuple[Tensor, ...]:
+def layer_views(weight: Tensor, buffers: StepBuffers, key: Any) -> tuple[Tensor, ...]:
     """The per-layer slices ``weight[i]`` of a stacked parameter, differentiable; see the module docstring."""
     return _LayerViewsFn.apply(weight, buffers, key)
 

@@ -29,10 +29,12 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from saeforge.distributed.batch import auxk_normalisers
 from saeforge.errors import SaeforgeError
 from saeforge.kernels import SparseLatents, decode_sparse, encode_topk
+from saeforge.kernels.buffers import StepBuffers
 from saeforge.saes.base import (
     DTYPES,
     SAE,
@@ -135,6 +137,32 @@ def auxk_loss(e_hat: Tensor, e: Tensor, target: Tensor, coefficient: float) -> T
     return torch.nan_to_num(term if share == 1 else term * share, nan=0.0)
 
 
+class _SquaredErrorFn(torch.autograd.Function):
+    """``(x_hat - target).pow(2).sum(-1).mean()`` (``SAE._squared_error``) with the difference, the squares and the
+    gradient in buffers reused from step to step: the same ops, so the same bits as autograd's, and the gradient
+    ``diff · 2(g/N)``, which is autograd's ``(g/N) · (2 diff)`` rounded once from the same exact product. Fresh [N,
+    d_out] tensors for these cost ~3 ms a step in page faults at the benchmark shape (``benchmarks/train_step.py``).
+    """
+
+    @staticmethod
+    def forward(ctx, x_hat, target, buffers):
+        diff = torch.sub(x_hat, target, out=buffers.get(("x_hat - target", *x_hat.shape), x_hat.shape, x_hat.dtype,
+                                                        x_hat.device))
+        squares = buffers.get(("squares", *x_hat.shape), x_hat.shape, x_hat.dtype, x_hat.device)
+        ctx.buffers = buffers
+        ctx.save_for_backward(diff)
+        return torch.pow(diff, 2, out=squares).sum(-1).mean()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (diff,) = ctx.saved_tensors
+        # the squares' buffer is free again (nothing kept it): the gradient goes there
+        out = ctx.buffers.get(("squares", *diff.shape), diff.shape, diff.dtype, diff.device)
+        grad = torch.mul(diff, g / diff.shape[0] * 2, out=out)
+        return grad, (-grad if ctx.needs_input_grad[1] else None), None
+
+
 @register_sae
 class TopKSAE(SAE):
     config_class: ClassVar[type[SAEConfig]] = TopKConfig
@@ -144,6 +172,17 @@ class TopKSAE(SAE):
     batch_selection: ClassVar[bool] = False
 
     # ---- kernels ----
+    @property
+    def _step_buffers(self) -> StepBuffers | None:
+        """The fast path's buffers reused from step to step (weight gradients, the projection's work tensors; see
+        :mod:`saeforge.kernels.buffers`); None for ``kernel="reference"``, which allocates as plain PyTorch does."""
+        if self.cfg.kernel != "fast":
+            return None
+        buffers = self.__dict__.get("_buffers_of_steps")
+        if buffers is None:
+            buffers = self.__dict__["_buffers_of_steps"] = StepBuffers()
+        return buffers
+
     @property
     def _matmul_dtype(self) -> torch.dtype | None:
         return None if self.cfg.matmul_dtype is None else DTYPES[self.cfg.matmul_dtype]
@@ -165,10 +204,11 @@ class TopKSAE(SAE):
         return encode_topk(x, self.W_enc, self.b_enc, k=self.cfg.k if k is None else k, batch=self.batch_selection,
                            aux_k=aux_k, aux_mask=dead_mask if aux_k else None,
                            matmul_dtype=matmul_dtype, impl=self.cfg.kernel,
-                           b_pre=self.b_dec if self.cfg.apply_b_dec_to_input else None)
+                           b_pre=self.b_dec if self.cfg.apply_b_dec_to_input else None, buffers=self._step_buffers)
 
     def _decode_sparse(self, lat: SparseLatents, W_dec: Tensor | None = None) -> Tensor:
-        return decode_sparse(lat, self.W_dec if W_dec is None else W_dec, impl=self.cfg.kernel)
+        return decode_sparse(lat, self.W_dec if W_dec is None else W_dec, impl=self.cfg.kernel,
+                             buffers=self._step_buffers)
 
     # ---- inference ----
     def encode(self, x: Tensor) -> Tensor:
@@ -190,14 +230,37 @@ class TopKSAE(SAE):
         x, target = self._check_batch(x, target)
         lat, aux = self._encode_sparse(x, dead_mask=state.dead_mask,
                                        matmul_dtype=self._matmul_dtype)
-        x_hat = self._decode_sparse(lat) + self.b_dec
-        terms = {"mse": self._squared_error(x_hat, target), "auxk": self._auxk_term(aux, target, x_hat)}
+        buffers = self._step_buffers
+        if buffers is None or x.device.type != "cpu":
+            x_hat = self._decode_sparse(lat) + self.b_dec
+            mse = self._squared_error(x_hat, target)
+        else:  # the same bits with fewer fresh [N, d_out] tensors: the bias added in place, the loss's in buffers
+            x_hat = self._decode_sparse(lat).add_(self.b_dec)
+            mse = _SquaredErrorFn.apply(x_hat, target, buffers)
+        terms = {"mse": mse, "auxk": self._auxk_term(aux, target, x_hat)}
         fired, l0 = _fired_and_l0(lat)
         self._after_training_forward(lat, state)
         return TrainOutput(loss=sum(terms.values()), terms=terms, x_hat=x_hat, fired=fired, l0=l0)
 
     def _after_training_forward(self, lat: SparseLatents, state: TrainState) -> None:
         """Hook for training-time statistics (BatchTopK's threshold)."""
+
+    # ---- optimiser hooks ----
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """The decoder gradient's projection off the unit-norm rows, the same ops as ``SAE.before_optimizer_step``
+        (so the same bits), with its two [d_sae, d_out] work tensors in buffers reused from step to step on the
+        fast path: fresh ones cost ~4 ms a step at the benchmark shape (``benchmarks/train_step.py``), writing
+        memory that is cold."""
+        buffers, g = self._step_buffers, self.W_dec.grad
+        if buffers is None or not self.unit_norm_decoder or g is None or g.device.type != "cpu":
+            return super().before_optimizer_step()
+        W = self.W_dec
+        w = buffers.get("projection: unit rows", W.shape, W.dtype, W.device)
+        torch.div(W, W.norm(dim=1, keepdim=True).clamp_min(1e-12), out=w)
+        gw = buffers.get("projection: products", W.shape, W.dtype, W.device)
+        torch.mul(g, w, out=gw)
+        g -= torch.mul(gw.sum(1, keepdim=True), w, out=gw)
 
     # ---- folding ----
     @torch.no_grad()

@@ -192,6 +192,28 @@ def test_encode_backward_within_the_bound_of_its_summation_order(x_dtype, m, see
     assert native.encode_backward(x, gp, rows, native.csc_order(cols, m), m, db=False)[1] is None
 
 
+def test_backward_kernels_write_into_a_given_output():
+    """``out_dW``: the same bits as a fresh result, in the given tensor (every entry overwritten); a tensor of
+    another shape, dtype or layout is refused."""
+    n, m, d = 300, 512, 48
+    rows, cols, values = _pattern(n, m, 8)
+    order = native.csc_order(cols, m)
+    g, W_dec, x = torch.randn(n, d), torch.randn(m, d), torch.randn(n, d)
+    out = torch.full((m, d), float("nan"))
+    dv, dW = native.decode_backward(g, W_dec, values, rows, order, dv=True, dW=True, out_dW=out)
+    assert dW.data_ptr() == out.data_ptr()
+    assert torch.equal(dW, native.decode_backward(g, W_dec, values, rows, order, dv=True, dW=True)[1])
+    out = torch.full((d, m), float("nan"))
+    dW, db = native.encode_backward(x, values, rows, order, m, db=True, out_dW=out)
+    assert dW.data_ptr() == out.data_ptr()
+    assert torch.equal(dW, native.encode_backward(x, values, rows, order, m, db=True)[0])
+    for bad in (torch.empty(m, d), torch.empty(d, m).double(), torch.empty(m, d).t()):
+        with pytest.raises(ValueError, match="out must be"):
+            native.encode_backward(x, values, rows, order, m, db=True, out_dW=bad)
+    with pytest.raises(ValueError, match="out must be"):
+        native.decode_backward(g, W_dec, values, rows, order, dv=True, dW=True, out_dW=torch.empty(d, m))
+
+
 def test_backward_kernels_decline_what_they_do_not_handle():
     rows, cols, values = _pattern(64, 256, 4)
     order = native.csc_order(cols, 256)

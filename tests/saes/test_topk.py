@@ -139,3 +139,108 @@ def test_saelens_view():
     assert set(sae.saelens_tensors()) == {"W_enc", "b_enc", "W_dec", "b_dec"}
     assert sae.extra_tensors() == {}
 
+
+
+# ---- the fast path's buffers reused from step to step (saeforge.kernels.buffers) ----
+
+def _train_steps(sae, xs, dead_mask):
+    """Whole training steps as the trainer takes them; the losses and the final parameters."""
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    losses = []
+    for step, x in enumerate(xs):
+        out = sae.training_loss(x, state=TrainState(step=step, dead_mask=dead_mask))
+        out.loss.backward()
+        sae.before_optimizer_step()
+        opt.step()
+        sae.after_optimizer_step()
+        opt.zero_grad(set_to_none=True)
+        losses.append((out.loss.detach().clone(), out.x_hat.detach().clone()))
+    return losses, {n: p.detach().clone() for n, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+@pytest.mark.parametrize("matmul_dtype", [None, "bfloat16"])
+def test_steps_through_reused_buffers_are_bit_identical_to_fresh_tensors(monkeypatch, arch, matmul_dtype):
+    """The buffers change where results are written, never a bit of them: four steps (AuxK on: half the latents
+    dead) against the same steps with every buffer off (fresh tensors, the base class's projection, autograd's
+    squared error)."""
+    from saeforge.saes.topk import TopKSAE
+
+    d_in, d_sae = 64, 512  # large enough for the compiled kernels (k at most one per 16 latents)
+    overrides = {"group_sizes": (64, 448)} if arch == "matryoshka" else {}
+    xs = [batch(256, d_in, seed=s) for s in range(4)]
+    dead = torch.arange(d_sae) % 2 == 0
+    buffered = build(arch, d_in=d_in, d_sae=d_sae, k=8, matmul_dtype=matmul_dtype, **overrides)
+    fresh = build(arch, d_in=d_in, d_sae=d_sae, k=8, matmul_dtype=matmul_dtype, **overrides)
+    got = _train_steps(buffered, xs, dead)
+    assert buffered._step_buffers._buffers  # the buffers were in use
+    monkeypatch.setattr(TopKSAE, "_step_buffers", property(lambda self: None))
+    expected = _train_steps(fresh, xs, dead)
+    for (loss_a, x_hat_a), (loss_b, x_hat_b) in zip(got[0], expected[0]):
+        assert torch.equal(loss_a, loss_b) and torch.equal(x_hat_a, x_hat_b)
+    for name in expected[1]:
+        assert torch.equal(got[1][name], expected[1][name]), name
+
+
+def test_gradients_land_in_reused_buffers_and_a_held_gradient_is_never_overwritten():
+    from saeforge.kernels import native
+
+    sae = build("topk", d_in=64, d_sae=512, k=8)
+    x1, x2 = batch(256, 64, seed=1), batch(256, 64, seed=2)
+    sae.training_loss(x1, state=TrainState()).loss.backward()
+    first = {n: p.grad.data_ptr() for n, p in sae.named_parameters() if p.dim() == 2}
+    held, kept = sae.W_dec.grad, sae.W_dec.grad.clone()
+    sae.zero_grad(set_to_none=True)
+    sae.training_loss(x2, state=TrainState()).loss.backward()
+    assert torch.equal(held, kept)  # someone held it: the step wrote elsewhere
+    assert sae.W_dec.grad.data_ptr() != held.data_ptr()
+    del held
+    sae.zero_grad(set_to_none=True)
+    sae.training_loss(x1, state=TrainState()).loss.backward()
+    if native.available():  # the compiled backward writes the weight gradients into the same memory every step
+        assert {n: p.grad.data_ptr() for n, p in sae.named_parameters() if p.dim() == 2} == first
+    # zero_grad(set_to_none=False): the .grad holds the buffer, so the next backward's gradient is added to it
+    once = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.training_loss(x1, state=TrainState()).loss.backward()
+    for n, p in sae.named_parameters():
+        assert torch.equal(p.grad, 2 * once[n]), n
+
+
+def test_the_buffered_squared_error_and_projection_give_autograds_and_the_base_classs_bits():
+    from saeforge.saes.base import SAE
+    from saeforge.saes.topk import _SquaredErrorFn
+
+    x_hat, target = torch.randn(300, 77, requires_grad=True), torch.randn(300, 77, requires_grad=True)
+    sae = build("topk", d_in=77, d_sae=333, k=8)
+    loss = _SquaredErrorFn.apply(x_hat, target, sae._step_buffers)
+    plain = (x_hat - target).pow(2).sum(-1).mean()
+    assert torch.equal(loss, plain)
+    g = torch.tensor(0.37)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(loss, (x_hat, target), g),
+                                                 torch.autograd.grad(plain, (x_hat, target), g)))
+    with torch.no_grad():
+        sae.W_dec.mul_(2 * torch.rand(333, 1))  # rows off the unit sphere: the projection normalises them itself
+    grad = torch.randn(333, 77)
+    sae.W_dec.grad = grad.clone()
+    sae.before_optimizer_step()
+    got = sae.W_dec.grad.clone()
+    sae.W_dec.grad = grad.clone()
+    SAE.before_optimizer_step(sae)
+    assert torch.equal(got, sae.W_dec.grad)
+
+
+@pytest.mark.parametrize("matmul_dtype", [None, "bfloat16"])
+def test_two_forwards_before_one_backward_keep_their_own_saved_tensors(monkeypatch, matmul_dtype):
+    """The second forward must not write into buffers the first one's graph still holds (x - b_dec, the casts)."""
+    from saeforge.saes.topk import TopKSAE
+
+    xs = [batch(256, 64, seed=s) for s in (1, 2)]
+
+    def grads():
+        sae = build("topk", d_in=64, d_sae=512, k=8, matmul_dtype=matmul_dtype)
+        sum(sae.training_loss(x, state=TrainState()).loss for x in xs).backward()
+        return [p.grad for p in sae.parameters()]
+
+    got = grads()
+    monkeypatch.setattr(TopKSAE, "_step_buffers", property(lambda self: None))
+    assert all(torch.equal(a, b) for a, b in zip(got, grads()))
