@@ -11,9 +11,11 @@ as the slow test
 ``tests/hierarchy/test_synthetic.py::test_hsae_recovers_the_true_tree_as_well_as_the_post_hoc_baseline``.
 
     PYTHONPATH=. .venv/bin/python benchmarks/hierarchy_ground_truth.py [--seeds 0 1 2 ...] [--jobs 2] [--options JSON]
-        [--tokens 600000] [--out hierarchy_ground_truth]
+        [--tokens 600000] [--regime JSON] [--out hierarchy_ground_truth]
 
-``--options``: HSAE options for all three SAEs (default none: the defaults). ``--jobs``: seeds trained at once
+``--options``: HSAE options for all three SAEs (default none: the defaults). ``--regime``: another data set and
+levels (generator options, level widths, target L0s; docs/hierarchy.md, "Data that should favour joint
+training"). ``--jobs``: seeds trained at once
 (default 2, one thread each; the scores do not depend on it). ``--tokens``: training samples per SAE (passes over
 200k). About 12 s per seed and job on a quiet machine at 600k. Writes ``benchmarks/results/<--out>.json``.
 """
