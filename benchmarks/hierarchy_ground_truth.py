@@ -11,9 +11,11 @@ as the slow test
 ``tests/hierarchy/test_synthetic.py::test_hsae_recovers_the_true_tree_as_well_as_the_post_hoc_baseline``.
 
     PYTHONPATH=. .venv/bin/python benchmarks/hierarchy_ground_truth.py [--seeds 0 1 2 ...] [--jobs 2] [--options JSON]
-        [--tokens 600000] [--out hierarchy_ground_truth]
+        [--tokens 600000] [--regime JSON] [--out hierarchy_ground_truth]
 
-``--options``: HSAE options for all three SAEs (default none: the defaults). ``--jobs``: seeds trained at once
+``--options``: HSAE options for all three SAEs (default none: the defaults). ``--regime``: another data set and
+levels (generator options, level widths, target L0s; docs/hierarchy.md, "Data that should favour joint
+training"). ``--jobs``: seeds trained at once
 (default 2, one thread each; the scores do not depend on it). ``--tokens``: training samples per SAE (passes over
 200k). About 12 s per seed and job on a quiet machine at 600k. Writes ``benchmarks/results/<--out>.json``.
 """
@@ -71,18 +73,23 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="seeds trained at once, one thread each")
     ap.add_argument("--options", default="{}", help="HSAE options (JSON) for the three SAEs")
     ap.add_argument("--tokens", type=int, default=600_000, help="training samples per SAE (586 steps of 1,024)")
+    ap.add_argument("--regime", default="{}",
+                    help='the data and levels (JSON), changes to tests.hierarchy.test_synthetic.DEFAULT_REGIME: '
+                         '{"truth": {HierarchicalFeatureModel.create options}, "widths": [...], "targets": [...]}')
     ap.add_argument("--out", default="hierarchy_ground_truth", help="result name under benchmarks/results/")
     args = ap.parse_args()
     options = json.loads(args.options)
+    regime = json.loads(args.regime)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed, scores in zip(args.seeds, _score_seeds(tmp, args.seeds, options, jobs=args.jobs,
-                                                                  tokens=args.tokens)):
+                                                         tokens=args.tokens, regime=regime)):
             rows.append(row(seed, scores))
             print(json.dumps(rows[-1]), flush=True)
     result = summary(rows)
     print(json.dumps(result, indent=1))
-    write_result(args.out, {"machine": machine(), "options": options, "tokens": args.tokens, "seeds": rows,
+    write_result(args.out, {"machine": machine(), "options": options, "regime": regime, "tokens": args.tokens,
+                            "seeds": rows,
                             **result})
 
 

@@ -5,7 +5,11 @@ direction leans towards its parent's (``cos ≈ child_similarity``), as a sub-co
 Per sample, every root is active independently (probabilities from a power law adding up to ``mean_active_roots``);
 an active node activates one of its children with probability ``child_probability`` (chosen uniformly; siblings
 exclude each other, as "dog" and "cat" under "animal"), so **a child fires only with its parent**. The sample is
-x = Σ_active m_node · dir_node with log-normal magnitudes m (median 1, σ ``magnitude_sigma``).
+x = Σ_active m_node · dir_node with log-normal magnitudes m (median 1 for the roots, ``child_scale`` per depth below
+them, σ ``magnitude_sigma``). ``parent_with_child`` scales a parent's own magnitude on the samples where one of its
+children fires: 1 (the default) adds the child to its parent; 0 lets the child, which leans towards its parent's
+direction, stand in for it (the finer concept *splits* the coarse one, as in the picture behind HSAE's structural
+loss, arXiv 2602.11881).
 
 :func:`edge_recovery` scores a learned tree against the truth: the true nodes of each depth are matched one to one
 to the learned latents of that level so that their firing agrees best (Jaccard index, summed over the matches:
@@ -38,12 +42,14 @@ class HierarchicalFeatureModel:
     root_frequencies: Tensor   # [n_roots]
     child_probability: float
     magnitude_sigma: float = 0.3
+    child_scale: float = 1.0
+    parent_with_child: float = 1.0
 
     @classmethod
     def create(cls, d: int = 64, n_roots: int = 16, branching: Sequence[int] = (4,), *,
                mean_active_roots: float = 2.0, child_probability: float = 0.8, child_similarity: float = 0.5,
-               frequency_exponent: float = 0.3, magnitude_sigma: float = 0.3, seed: int = 0
-               ) -> "HierarchicalFeatureModel":
+               frequency_exponent: float = 0.3, magnitude_sigma: float = 0.3, child_scale: float = 1.0,
+               parent_with_child: float = 1.0, seed: int = 0) -> "HierarchicalFeatureModel":
         if not (isinstance(d, int) and d > 0 and isinstance(n_roots, int) and n_roots > 0):
             raise SaeforgeError(f"d and n_roots must be positive integers, got {d!r}, {n_roots!r}",
                                 "e.g. d=64, n_roots=16")
@@ -53,9 +59,14 @@ class HierarchicalFeatureModel:
         if not 0 < mean_active_roots <= n_roots:
             raise SaeforgeError(f"mean_active_roots must be in (0, n_roots={n_roots}], got {mean_active_roots!r}",
                                 "it is the expected number of active roots per sample")
-        for name, v in (("child_probability", child_probability), ("child_similarity", child_similarity)):
-            if not 0 <= v < 1 + (name == "child_probability"):
-                raise SaeforgeError(f"{name} must be in [0, 1], got {v!r}", f"pass e.g. {name}=0.5")
+        for name, v in (("child_probability", child_probability), ("child_similarity", child_similarity),
+                        ("parent_with_child", parent_with_child)):
+            if not (0 <= v < 1 if name == "child_similarity" else 0 <= v <= 1):
+                raise SaeforgeError(f"{name} must be in [0, 1{')' if name == 'child_similarity' else ']'}, got {v!r}",
+                                    f"pass e.g. {name}=0.5")
+        if not child_scale > 0:
+            raise SaeforgeError(f"child_scale must be positive, got {child_scale!r}",
+                                "pass e.g. child_scale=0.5 (children's magnitudes half their parents')")
         g = torch.Generator().manual_seed(int(seed))
 
         def unit(n: int) -> Tensor:
@@ -73,7 +84,8 @@ class HierarchicalFeatureModel:
             directions.append(a * above[parent] + (1 - a * a) ** 0.5 * own)
             parents.append(parent)
         freqs = _power_law_frequencies(n_roots, float(mean_active_roots), float(frequency_exponent)).float()
-        return cls([t.float() for t in directions], parents, freqs, float(child_probability), float(magnitude_sigma))
+        return cls([t.float() for t in directions], parents, freqs, float(child_probability), float(magnitude_sigma),
+                   float(child_scale), float(parent_with_child))
 
     @property
     def d(self) -> int:
@@ -98,9 +110,16 @@ class HierarchicalFeatureModel:
             rows, cols = torch.nonzero(go, as_tuple=True)
             child[rows, cols * b + pick[rows, cols]] = True
             active.append(child)
+        magnitudes = [torch.exp(self.magnitude_sigma * torch.randn(n, act.shape[1], generator=g))
+                      * self.child_scale ** depth for depth, act in enumerate(active)]
+        if self.parent_with_child != 1:
+            for depth, parent in enumerate(self.parents, start=1):
+                b = parent.numel() // active[depth - 1].shape[1]
+                has_child = active[depth].view(n, -1, b).any(-1)
+                magnitudes[depth - 1] = torch.where(has_child, self.parent_with_child * magnitudes[depth - 1],
+                                                    magnitudes[depth - 1])
         x = torch.zeros(n, self.d)
-        for act, dirs in zip(active, self.directions):
-            m = torch.exp(self.magnitude_sigma * torch.randn(n, act.shape[1], generator=g))
+        for act, m, dirs in zip(active, magnitudes, self.directions):
             x += (act * m) @ dirs
         return x, active
 

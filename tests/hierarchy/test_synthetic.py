@@ -36,6 +36,33 @@ def test_children_fire_only_with_their_parent_and_lean_towards_it():
     assert float(active[0].float().sum(1).mean()) == pytest.approx(2.0, abs=0.05)
 
 
+def test_a_child_can_stand_in_for_its_parent_and_be_weaker():
+    """parent_with_child 0: on a sample where a child fires, its parent adds nothing of its own (x is the child's
+    direction, which leans towards the parent's); child_scale: children's magnitudes are that multiple of the
+    roots'. The firing is the default's, draw for draw."""
+    kw = dict(d=16, n_roots=4, branching=(3,), mean_active_roots=1.0, child_probability=0.5, seed=3)
+    plain = HierarchicalFeatureModel.create(**kw)
+    split = HierarchicalFeatureModel.create(**kw, parent_with_child=0.0, child_scale=0.25)
+    x0, active0 = plain.sample(4000, seed=4)
+    x1, active1 = split.sample(4000, seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(active0, active1))
+    roots, children = active1
+    one_root = roots.sum(1) == 1
+    has_child = children.any(1)
+    for i in torch.nonzero(one_root).flatten()[:300].tolist():
+        if bool(has_child[i]):  # only the child's direction
+            c = int(torch.nonzero(children[i])[0])
+            assert float(x1[i] @ split.directions[1][c] / x1[i].norm()) == pytest.approx(1.0, abs=1e-5)
+        else:                   # a root alone: as before
+            assert torch.allclose(x1[i], x0[i], atol=1e-6)
+    ratio = x1[one_root & has_child].norm(dim=1).median() / x1[one_root & ~has_child].norm(dim=1).median()
+    assert float(ratio) == pytest.approx(0.25, rel=0.1)
+    with pytest.raises(SaeforgeError, match="parent_with_child"):
+        HierarchicalFeatureModel.create(parent_with_child=1.5)
+    with pytest.raises(SaeforgeError, match="child_scale"):
+        HierarchicalFeatureModel.create(child_scale=0)
+
+
 def test_bad_generator_settings():
     with pytest.raises(SaeforgeError, match="branching"):
         HierarchicalFeatureModel.create(branching=(0,))
@@ -76,27 +103,36 @@ def _levels(widths):
     return [TreeLevel(f"level_{i}", "x", (0, w)) for i, w in enumerate(widths)]
 
 
-def _train_and_score(tmp_path, seed: int, options: dict | None = None, tokens: int = 600_000) -> dict:
+# The ground-truth comparison's data and levels: the generator's options (HierarchicalFeatureModel.create), the
+# level widths and each level's target L0 (the true L0 of the roots, and of roots and children together).
+DEFAULT_REGIME = {"truth": {"d": 64, "n_roots": 16, "branching": [4], "mean_active_roots": 2.0},
+                  "widths": [16, 64], "targets": [2.0, 3.6]}
+
+
+def _train_and_score(tmp_path, seed: int, options: dict | None = None, tokens: int = 600_000,
+                     regime: dict | None = None) -> dict:
     """Train an HSAE (16 / 64) and two single-level SAEs on one synthetic data set (``tokens`` samples each, passes
-    over 200k); ``options``: HSAE options for all three (benchmarks/hierarchy_ground_truth.py --options). The
+    over 200k); ``options``: HSAE options for all three (benchmarks/hierarchy_ground_truth.py --options);
+    ``regime``: what to change in DEFAULT_REGIME (``truth`` options are merged into the default ones). The
     post-hoc tree uses the HSAE's assignment rule (``tree_similarity``, ``unassigned_fraction``); co-activation
     counted on the training data."""
     options = options or {}
-    truth = HierarchicalFeatureModel.create(d=64, n_roots=16, branching=(4,), mean_active_roots=2.0, seed=seed)
+    regime = {**DEFAULT_REGIME, **(regime or {}),
+              "truth": {**DEFAULT_REGIME["truth"], **(regime or {}).get("truth", {})}}
+    truth = HierarchicalFeatureModel.create(**regime["truth"], seed=seed)
     x, _ = truth.sample(200_000, seed=seed + 1)
     held, held_active = truth.sample(20_000, seed=seed + 2)
-    targets = [2.0, 3.6]  # the true L0 of the roots, and of roots and children together
-    lr = HSAEConfig.default_lr(16 + 64)  # one learning rate for all, so only the training objective differs
+    widths, targets = list(regime["widths"]), list(regime["targets"])
+    lr = HSAEConfig.default_lr(sum(widths))  # one learning rate for all, so only the training objective differs
     saes = ({"site": "s", "name": "hsae",
-             "sae_options": json.dumps({**options, "level_sizes": [16, 64], "target_l0": targets})},
-            {"site": "s", "name": "w16",
-             "sae_options": json.dumps({**options, "level_sizes": [16], "target_l0": targets[:1]})},
-            {"site": "s", "name": "w64",
-             "sae_options": json.dumps({**options, "level_sizes": [64], "target_l0": targets[1:]})})
+             "sae_options": json.dumps({**options, "level_sizes": widths, "target_l0": targets})},
+            *({"site": "s", "name": f"w{w}", "sae_options": json.dumps({**options, "level_sizes": [w],
+                                                                           "target_l0": [t]})}
+              for w, t in zip(widths, targets)))
     out = tmp_path / f"seed{seed}"
     train_on_arrays({"s": x}, TrainConfig(out=str(out), tokens=tokens, batch_size=1024, architecture="hsae", lr=lr,
                                           seed=seed, progress=False, device="cpu", saes=saes))
-    posthoc = [out / "saes" / "w16", out / "saes" / "w64"]
+    posthoc = [out / "saes" / f"w{w}" for w in widths]
     batches = [x[i:i + 8192] for i in range(0, len(x), 8192)]
     rule = options.get("tree_similarity", "encoder")
     unassigned = options.get("unassigned_fraction", 0.2)
@@ -118,24 +154,26 @@ def _train_and_score(tmp_path, seed: int, options: dict | None = None, tokens: i
     return scores
 
 
-def _score_seed(folder: str, seed: int, options: dict | None = None, threads: int = 1, tokens: int = 600_000
-                ) -> dict:
+def _score_seed(folder: str, seed: int, options: dict | None = None, threads: int = 1, tokens: int = 600_000,
+                regime: dict | None = None) -> dict:
     """_train_and_score in ``folder`` on ``threads`` threads, its activations removed afterwards."""
     torch.set_num_threads(threads)
-    scores = _train_and_score(Path(folder), seed, options, tokens)
+    scores = _train_and_score(Path(folder), seed, options, tokens, regime)
     shutil.rmtree(Path(folder) / f"seed{seed}", ignore_errors=True)  # 50 MB of activations
     return scores
 
 
-def _score_seeds(folder, seeds, options: dict | None = None, jobs: int = 2, tokens: int = 600_000):
+def _score_seeds(folder, seeds, options: dict | None = None, jobs: int = 2, tokens: int = 600_000,
+                 regime: dict | None = None):
     """_score_seed for every seed in order (a generator), ``jobs`` at once (one thread each; spawned, as forking a
     process whose OpenMP threads already ran can hang). The scores do not depend on ``jobs``."""
     if jobs <= 1:
-        yield from (_score_seed(str(folder), s, options, 1, tokens) for s in seeds)
+        yield from (_score_seed(str(folder), s, options, 1, tokens, regime) for s in seeds)
         return
     n = len(seeds)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield from pool.map(_score_seed, [str(folder)] * n, seeds, [options] * n, [1] * n, [tokens] * n)
+        yield from pool.map(_score_seed, [str(folder)] * n, seeds, [options] * n, [1] * n, [tokens] * n,
+                            [regime] * n)
 
 
 SEEDS = 30  # independent data sets and trainings, about 12 s each on one thread of a quiet machine, two at once
