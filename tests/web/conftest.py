@@ -24,6 +24,20 @@ SOURCES = {"quiet": "llm-retry", "label": "top-tokens"}
 CHANCE_SD = 0.25 * (1 / 10 + 1 / 10) ** 0.5  # 10 + 10 scored excerpts
 
 
+NEVER_FIRES = 127  # a latent the fixture silences, so the "never fired" paths are always exercised
+
+
+def _silence_latent(weights_file, latent: int) -> None:
+    """No input can put this TopK latent among the k largest (its encoder row is zero and its bias far below any
+    other pre-activation), so the harvest records it as never firing."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(weights_file))
+    weights["W_enc"][:, latent] = 0
+    weights["b_enc"][latent] = -1e4
+    save_file(weights, str(weights_file))
+
+
 @pytest.fixture(scope="session")
 def web_run(tiny_run, tiny_llama, tmp_path_factory):
     """(run directory, {role: feature index}): a copy of the tiny run, evaluated, harvested and partly explained."""
@@ -35,6 +49,7 @@ def web_run(tiny_run, tiny_llama, tmp_path_factory):
     folder = tmp_path_factory.mktemp("web")
     run = folder / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    _silence_latent(run / "saes" / SAE / "sae_weights.safetensors", NEVER_FIRES)
     words = TEXT.split()
     rng = random.Random(7)
     heldout = folder / "heldout.txt"

@@ -8,7 +8,7 @@ import pytest
 from saeforge.interventions.generate import run_steering
 from saeforge.interventions.steering import FeatureEdit, Steerer
 from saeforge.web.steering import MAX_STEER_EDITS, MAX_STEER_NEW_TOKENS, MAX_STEER_PROMPTS
-from .conftest import SAE
+from .conftest import NEVER_FIRES, SAE
 
 PROMPTS = ["To be, or not to be", "Now is the winter of"]
 
@@ -102,12 +102,10 @@ def test_nan_and_infinite_strengths_name_the_allowed_range(client, web_run):
 
 
 def test_a_feature_that_never_fired_has_no_max_unit(client, steerer):
-    dead = [i for i in range(128) if float(steerer.max_acts[SAE][i]) <= 0]
-    if not dead:
-        pytest.skip("every feature of this tiny SAE fired during harvest")
-    r = _steer(client, [{"feature": dead[0], "strength": 2, "unit": "max"}])
+    assert float(steerer.max_acts[SAE][NEVER_FIRES]) == 0  # the fixture silenced it
+    r = _steer(client, [{"feature": NEVER_FIRES, "strength": 2, "unit": "max"}])
     assert r.status_code == 400 and "never fired" in r.json()["error"] and "raw" in r.json()["fix"]
-    assert _steer(client, [{"feature": dead[0], "strength": 2, "unit": "raw"}]).status_code == 200
+    assert _steer(client, [{"feature": NEVER_FIRES, "strength": 2, "unit": "raw"}]).status_code == 200
 
 
 @pytest.mark.parametrize("change, status, error, fix", [
