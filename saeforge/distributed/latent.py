@@ -132,7 +132,9 @@ def _winners(lat: SparseLatents, n: int, width: int, k: int, rank: int) -> tuple
     """This rank's entries of ``lat`` (the same number in every row, at most ``width``) that win the global per-row
     top ``k``, and the winning values of every row."""
     per_row = lat.values.numel() // n
-    candidates = lat.values.new_full((n, width), float("-inf"), dtype=torch.float32)
+    # float32, or the values' own wider dtype: a float64 SAE's near-ties must not round into ties
+    candidates = lat.values.new_full((n, width), float("-inf"), dtype=torch.promote_types(lat.values.dtype,
+                                                                                          torch.float32))
     candidates[:, :per_row] = lat.values.detach().reshape(n, per_row)
     keep, top = select_global_top(candidates, k, rank)
     keep = keep[:, :per_row].reshape(-1)

@@ -26,6 +26,7 @@ resumes on any number of ranks (docs/distributed.md says what "bit-identical" me
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -157,10 +158,12 @@ class DataParallelTrainer(_RankedTrainer):
         status[3 * rank:3 * rank + 3] = torch.stack([(~self._input_finite).float(), (~loss_finite).float(),
                                                      torch.nan_to_num(out.loss.detach().float(), nan=0.0,
                                                                       posinf=0.0, neginf=0.0)])
-        parts = [p.grad.reshape(-1).float() if p.grad is not None else p.new_zeros(p.numel(), dtype=torch.float32)
+        # summed in float32, or float64 for a float64 SAE (whose gradients float32 would round)
+        wide = functools.reduce(torch.promote_types, (p.dtype for p in params), torch.float32)
+        parts = [p.grad.reshape(-1).to(wide) if p.grad is not None else p.new_zeros(p.numel(), dtype=wide)
                  for p in params]
-        has_grad = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
-        buffer = torch.cat([*parts, has_grad, out.fired.float().to(self.device), status])
+        has_grad = torch.tensor([float(p.grad is not None) for p in params], dtype=wide, device=self.device)
+        buffer = torch.cat([*parts, has_grad, out.fired.to(wide).to(self.device), status.to(wide)])
         dist.all_reduce(buffer)
         status = buffer[-3 * world:].view(world, 3)
         for r in range(world):

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "csc_order", "decode_backward", "encode_backward", "matvec_bf16", "topk_rows"]
+__all__ = ["available", "csc_order", "decode_backward", "encode_backward", "matvec_bf16", "project_rows_", "topk_rows"]
 
 _SOURCES = [Path(__file__).with_name(name) for name in ("native_topk.c", "native_backward.c")]
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c99"]
@@ -70,6 +70,7 @@ _SIGNATURES = {
     "decode_backward_f32": [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64],
     "encode_backward_f32": [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64],
     "encode_backward_bf16": [_PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64],
+    "project_rows_f32": [_PTR, _PTR, _I64, _I64, _I64],
     "matvec_bf16": [_PTR, _PTR, _I64, _I64, _PTR, _I64],
     "native_openmp": [],
 }
@@ -224,6 +225,20 @@ def encode_backward(x: Tensor, gp: Tensor, rows: Tensor, order: tuple[Tensor, Te
           out_dW.data_ptr(), out_db.data_ptr() if db else None, _threads()):
         return None  # out of memory for the per-thread tiles
     return out_dW, out_db
+
+
+def project_rows_(g: Tensor, W: Tensor) -> bool:
+    """In place: remove from each row of ``g`` [m, d] its component along the same row of ``W`` (the gradient
+    projection of a unit-norm decoder), ``g_r -= (g_r · W_r) / max(|W_r|², 1e-24) W_r``, in one pass; each row by one
+    thread in a fixed order, so the result does not depend on the thread count. False (and ``g`` untouched) when
+    the kernel does not apply: the caller then runs its PyTorch projection."""
+    if not (_cpu_contiguous(g, W) and g.dtype == W.dtype == torch.float32 and g.dim() == 2 and g.shape == W.shape):
+        return False
+    lib = _library()
+    if lib is None:
+        return False
+    lib.project_rows_f32(g.data_ptr(), W.data_ptr(), g.shape[0], g.shape[1], _threads())
+    return True
 
 
 def matvec_bf16(W: Tensor, v: Tensor) -> Tensor | None:

@@ -18,8 +18,8 @@
  * in order) and adds them pairwise at the end; a column's sums add its entries in ascending row order, starting
  * from 0. With AVX-512 the products are fused into the additions (one rounding fewer each, inside the same bound).
  *
- * Also here: a bfloat16 matrix-vector product (`matvec_bf16`), one pass where the PyTorch version allocates a
- * float32 copy of the matrix.
+ * Also here: the decoder-gradient projection (`project_rows_f32`) and a bfloat16 matrix-vector product
+ * (`matvec_bf16`), each one pass where the PyTorch versions make [m, d] temporaries or a float32 copy.
  *
  * Columns are split over `threads` OpenMP threads (dynamic chunks: the entries per latent vary a lot); no two
  * threads write the same output.
@@ -191,6 +191,22 @@ int64_t encode_backward_bf16(const uint16_t *x, const float *gp, const int64_t *
                              const int64_t *col_start, int64_t m, int64_t d, float *dW, float *db,
                              int64_t threads) {
     return encode_tiles(x, 1, gp, rows, perm, col_start, m, d, dW, db, (int)threads);
+}
+
+/* The gradient g [m, d] of unit-norm decoder rows W [m, d], in place: each row's component along its decoder row
+ * removed, g_r -= ((g_r . W_r) / max(|W_r|^2, 1e-24)) W_r, in one pass (both dot products, then the update, while
+ * the two rows are in L1). The same projection as SAE.before_optimizer_step's, without its [m, d] temporaries. Each
+ * row is computed whole by one thread in a fixed order (dot()'s lanes), so the result does not depend on the number
+ * of threads. */
+int64_t project_rows_f32(float *g, const float *W, int64_t m, int64_t d, int64_t threads) {
+#pragma omp parallel for num_threads((int)threads) schedule(static)
+    for (int64_t r = 0; r < m; r++) {
+        float *gr = g + r * d;
+        const float *wr = W + r * d;
+        float n2 = dot(wr, wr, d), c = dot(gr, wr, d) / (n2 > 1e-24f ? n2 : 1e-24f);
+        for (int64_t i = 0; i < d; i++) gr[i] -= c * wr[i];
+    }
+    return 0;
 }
 
 /* out [d] = W v for a bfloat16 W [d, m] (widened exactly) and a float32 v [m]: the tied pre-encoder bias's gradient

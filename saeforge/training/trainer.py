@@ -409,6 +409,8 @@ class _BackgroundCall(threading.Thread):
 
 
 def _fvu(x_hat: torch.Tensor, reference: torch.Tensor) -> float:
+    """In float64, as the data-parallel trainer sums it: a float32 batch mean and variance would round at ~1e-7."""
+    x_hat, reference = x_hat.double(), reference.double()
     return float((x_hat - reference).pow(2).sum() / (reference - reference.mean(0)).pow(2).sum().clamp_min(1e-12))
 
 

@@ -15,6 +15,7 @@ from tests.distributed.test_training import (
     _assert_same_run,
     _cfg,
     _errors,
+    _f64,
     _interrupted_run,
     _metrics,
     _ok,
@@ -24,9 +25,10 @@ from tests.distributed.test_training import (
 
 @pytest.fixture(scope="module")
 def one_process_topk(tiny_cache, tmp_path_factory):
-    """The reference: one process, TopK (d_sae 128, k 8) with AuxK active, 24 steps of 256."""
+    """The reference: one process, TopK (d_sae 128, k 8) with AuxK active, 24 steps of 256, float64 (see FLOAT64 in
+    test_training.py: summed partial decodes round otherwise than one process's)."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    train(TrainConfig.from_dict(_cfg(tiny_cache, run)))
+    train(TrainConfig.from_dict(_cfg(tiny_cache, run, **_f64())))
     assert any(r["saes"][SITES[0]]["loss_auxk"] > 0 for r in _metrics(run))  # AuxK was active
     return run
 
@@ -37,7 +39,7 @@ def test_two_latent_shards_train_what_one_process_trains(tiny_cache, tmp_path, o
     SAE (gathered from the slices), every logged metric (L0, FVU, AuxK, the global dead fraction) and the
     checkpoint's Adam moments and dead-latent counters."""
     run = tmp_path / "run"
-    final = _ok(torchrun({"cfg": _cfg(tiny_cache, run, parallel="latent")}))
+    final = _ok(torchrun({"cfg": _cfg(tiny_cache, run, parallel="latent", **_f64())}))
     _assert_same_run(one_process_topk, run)
     assert final[SITES[0]]["l0"] == pytest.approx(8.0)
     one = torch.load(one_process_topk / "checkpoints" / "checkpoint.pt", weights_only=False)["saes"][SITES[0]]
@@ -45,7 +47,7 @@ def test_two_latent_shards_train_what_one_process_trains(tiny_cache, tmp_path, o
     assert torch.equal(one["tokens_since_fired"], two["tokens_since_fired"])
     for i, state in one["optimizer"]["state"].items():
         for key, value in state.items():
-            torch.testing.assert_close(two["optimizer"]["state"][i][key], value, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(two["optimizer"]["state"][i][key], value, rtol=1e-9, atol=1e-15)
     info = json.loads((run / "run.json").read_text())
     assert info["distributed"]["segments"] == [{"from_step": 0, "world_size": 2, "parallel": "latent"}]
 
@@ -55,7 +57,7 @@ def test_a_latent_run_stopped_on_one_rank_resumes_in_one_process(tiny_cache, tmp
     """Rank 1's batch of step 9 is NaN: both ranks stop with rank 1's error (no hang); the checkpoint of step 6 (the
     whole SAE, gathered from the two slices) resumes in one process and ends where the one-process run ends."""
     run = tmp_path / "run"
-    errors = _errors(torchrun({"cfg": _cfg(tiny_cache, run, parallel="latent"), "nan": [1, 9]}))
+    errors = _errors(torchrun({"cfg": _cfg(tiny_cache, run, parallel="latent", **_f64()), "nan": [1, 9]}))
     assert len(errors) == 2 and errors[0] == errors[1]
     assert errors[0].startswith("rank 1: NaN or Inf in the activations") and "batch of step 9" in errors[0]
     saved = torch.load(run / "checkpoints" / "checkpoint.pt", weights_only=False)

@@ -18,6 +18,22 @@ from tests.conftest import TRAIN_SITES as SITES
 
 TIMEOUT_S = 240  # a hang (a rank waiting in a collective for one that left) fails the test instead of the suite
 
+# Two ranks all-reduce two half-batch gradients, which rounds otherwise than one process's whole-batch gradient; in
+# float32 that difference (~1e-7) can flip a near-tie of the top-k within 24 steps, and the runs part ways for any
+# change of rounding (a faster decoder-gradient projection, a torch upgrade). In float64 it is ~1e-16 and a flip is
+# out of reach, so the runs compared across world sizes train float64 SAEs and are held to float64 tolerances. What
+# they test (the all-reduce, BatchTopK's global top-k, AuxK's statistics, resampling, HSAE's coefficients) does not
+# depend on the dtype; the float32 kernels are held to the PyTorch path by their own tests (tests/kernels).
+FLOAT64 = {"dtype": "float64"}
+
+# Two ranks all-reduce two half-batch gradients, which rounds otherwise than one process's whole-batch gradient; in
+# float32 that difference (~1e-7) can flip a near-tie of the top-k within 24 steps, and the runs part ways for any
+# change of rounding (a faster decoder-gradient projection, a torch upgrade). In float64 it is ~1e-16 and a flip is
+# out of reach, so the runs compared across world sizes train float64 SAEs and are held to float64 tolerances. What
+# they test (the all-reduce, BatchTopK's global top-k, AuxK's statistics, resampling, HSAE's coefficients) does not
+# depend on the dtype; the float32 kernels are held to the PyTorch path by their own tests (tests/kernels).
+FLOAT64 = {"dtype": "float64"}
+
 
 def _cfg(cache, out, **kw) -> dict:
     base = dict(out=str(out), cache=str(cache.folder) if cache else "", sites=[SITES[0]], tokens=256 * 24, batch_size=256, d_sae=128,
@@ -54,7 +70,14 @@ def _metrics(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _f64(options: dict | None = None) -> dict:
+    """TrainConfig fields for a float64 SAE, with the architecture's other ``options``."""
+    return {"sae_options": json.dumps({**(options or {}), **FLOAT64})}
+
+
 def _assert_same_run(one, two, exact: bool = False) -> None:
+    """Bit for bit (``exact``), or float64 runs equal up to float64 rounding of a gradient summed in another order,
+    carried through 24 Adam steps."""
     for name in json.loads((one / "run.json").read_text())["final"]:
         a, b = _weights(one, name), _weights(two, name)
         assert a.keys() == b.keys()
@@ -62,18 +85,19 @@ def _assert_same_run(one, two, exact: bool = False) -> None:
             if exact:
                 assert torch.equal(a[key], b[key]), (name, key)
             else:
-                # float32 rounding of a gradient summed in another order, carried through 24 Adam steps
-                torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=2e-5)
+                if a[key].is_floating_point() and key in ("W_enc", "W_dec", "b_enc", "b_dec"):
+                    assert a[key].dtype == torch.float64, (name, key)
+                torch.testing.assert_close(b[key], a[key], rtol=1e-9, atol=1e-12)
     m1, m2 = _metrics(one), _metrics(two)
     assert [r["step"] for r in m1] == [r["step"] for r in m2]
     for r1, r2 in zip(m1, m2):
         for name, s1 in r1["saes"].items():
             for key, v in s1.items():
                 if isinstance(v, float):
-                    assert r2["saes"][name][key] == pytest.approx(v, rel=1e-4, abs=1e-6), (r1["step"], name, key)
+                    assert r2["saes"][name][key] == pytest.approx(v, rel=1e-9, abs=1e-12), (r1["step"], name, key)
 
 
-CLASSIC_RELU = {"sae_options": '{"variant": "classic", "resample_every": 8}'}
+CLASSIC_RELU = {"variant": "classic", "resample_every": 8}
 
 
 @pytest.mark.parametrize("arch, options", [("topk", {}), ("batchtopk", {}),
@@ -87,16 +111,16 @@ def test_two_ranks_train_what_one_process_trains(tiny_cache, tmp_path, arch, opt
     statistics, AuxK's normalisation and the resampling draws are global, so 2 ranks × 128 rows = one process × 256
     rows."""
     one = tmp_path / "one"
-    train(TrainConfig.from_dict(_cfg(tiny_cache, one, architecture=arch, **options)))
+    train(TrainConfig.from_dict(_cfg(tiny_cache, one, architecture=arch, **_f64(options))))
     records = _metrics(one)
     if arch in ("topk", "batchtopk", "matryoshka"):
         assert any(r["saes"][SITES[0]]["loss_auxk"] > 0 for r in records)  # AuxK was active
     if arch in ("batchtopk", "matryoshka"):  # the threshold was learned (over the run's second half) and is saved
         assert float(_weights(one)["threshold"][0]) > 0
     two = tmp_path / "two"
-    final = _ok(torchrun({"cfg": _cfg(tiny_cache, two, architecture=arch, **options)}))
+    final = _ok(torchrun({"cfg": _cfg(tiny_cache, two, architecture=arch, **_f64(options))}))
     _assert_same_run(one, two)
-    assert final[SITES[0]]["fvu"] == pytest.approx(records[-1]["saes"][SITES[0]]["fvu"], rel=1e-4)
+    assert final[SITES[0]]["fvu"] == pytest.approx(records[-1]["saes"][SITES[0]]["fvu"], rel=1e-9)
     info = json.loads((two / "run.json").read_text())
     assert info["status"] == "complete"
     assert info["distributed"]["segments"] == [{"from_step": 0, "world_size": 2, "parallel": "data"}]
@@ -105,9 +129,9 @@ def test_two_ranks_train_what_one_process_trains(tiny_cache, tmp_path, arch, opt
 
 @pytest.fixture(scope="module")
 def one_process_run(tiny_cache, tmp_path_factory):
-    """The reference: one process, TopK with AuxK, 24 steps of 256."""
+    """The reference: one process, TopK with AuxK, 24 steps of 256, float64."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    train(TrainConfig.from_dict(_cfg(tiny_cache, run)))
+    train(TrainConfig.from_dict(_cfg(tiny_cache, run, **_f64())))
     return run
 
 
@@ -123,7 +147,7 @@ def test_a_nan_on_one_rank_stops_both_and_the_run_resumes_on_one(tiny_cache, tmp
     """Rank 1's share of step 9 is NaN: both ranks stop with the same error naming rank 1 (no hang); the checkpoint
     of step 6 resumes in one process and ends where the uninterrupted one-process run ends."""
     run = tmp_path / "run"
-    errors = _errors(torchrun({"cfg": _cfg(tiny_cache, run), "nan": [1, 9]}))
+    errors = _errors(torchrun({"cfg": _cfg(tiny_cache, run, **_f64()), "nan": [1, 9]}))
     assert len(errors) == 2 and errors[0] == errors[1]
     assert "NaN or Inf in the activations" in errors[0] and "rank 1's share of the batch of step 9" in errors[0]
     assert torch.load(run / "checkpoints" / "checkpoint.pt", weights_only=False)["step"] == 6
@@ -159,7 +183,7 @@ def _interrupted_run(tiny_cache, run, monkeypatch) -> None:
 
     monkeypatch.setattr(Trainer, "_batches", stop_at_step_9)
     with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig.from_dict(_cfg(tiny_cache, run)))
+        train(TrainConfig.from_dict(_cfg(tiny_cache, run, **_f64())))
     monkeypatch.undo()
 
 
@@ -183,6 +207,8 @@ def test_a_checkpoint_of_another_run_is_refused_on_every_rank(tiny_cache, tmp_pa
 @pytest.mark.slow  # two launches, over 20 s
 def test_module_parallel_trains_the_same_saes_bit_for_bit(tiny_cache, tmp_path):
     """Three SAEs (one BatchTopK) spread over 2 ranks, whole batches each."""
+    # float32 on purpose: each SAE sees the whole batch on one rank and runs the same ops as one process, so the
+    # bits agree whatever the ops round like (the float32 fast path is the one people train)
     saes = [{"site": SITES[0], "name": "a"}, {"site": SITES[1], "name": "b", "k": 4, "d_sae": 64},
             {"site": SITES[0], "name": "c", "architecture": "batchtopk"}]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -215,6 +241,6 @@ def test_data_parallel_from_the_live_model_shares_the_forward_passes(tiny_llama_
     live = dict(model=str(tiny_llama_dir), corpus=str(text_file), cache="", sites=["layers.1.mlp_out"],
                 context_length=32, buffer_tokens=1024, tokens=128 * 12, batch_size=128, d_sae=64, k=4)
     one, two = tmp_path / "one", tmp_path / "two"
-    train(TrainConfig.from_dict({**_cfg(None, one), **live}))
-    _ok(torchrun({"cfg": {**_cfg(None, two), **live}}))
+    train(TrainConfig.from_dict({**_cfg(None, one, **_f64()), **live}))
+    _ok(torchrun({"cfg": {**_cfg(None, two, **_f64()), **live}}))
     _assert_same_run(one, two)

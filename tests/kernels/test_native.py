@@ -264,6 +264,44 @@ def test_sae_gradients_through_the_compiled_backward_match_the_pytorch_backward(
     assert bool(((fast[0].t() - slow[0].t()).double().abs() <= bound).all()), f"seed {seed}"
 
 
+def test_project_rows_within_the_bound_of_its_summation_order(seed):
+    """g_r -= (g_r . W_r) / |W_r|^2 W_r: c's error is at most gamma(t + 2) (sum|g W| + |g . W|) / |W|^2 (two dot
+    products of t roundings each, one division), then a product and a subtraction (gamma(2) of their sizes)."""
+    m, d = 777, 576
+    W, g = torch.randn(m, d) * torch.rand(m, 1), torch.randn(m, d)
+    W[3] = 0  # an all-zero row: the clamp leaves its gradient as it is
+    out = g.clone()
+    assert native.project_rows_(out, W)
+    W64, g64 = W.double(), g.double()
+    n2 = (W64 * W64).sum(1, keepdim=True)
+    c = (g64 * W64).sum(1, keepdim=True) / n2.clamp_min(1e-24)
+    exact = g64 - c * W64
+    t = -(-d // 16) + 4
+    c_err = _gamma(t + 2) * 2 * (g64 * W64).abs().sum(1, keepdim=True) / n2.clamp_min(1e-24) \
+        + _gamma(t + 2) * c.abs() * 2  # the relative error of |W|^2 passed on to c
+    bound = c_err * W64.abs() + _gamma(2) * ((c * W64).abs() + exact.abs() + g64.abs())
+    assert bool(((out.double() - exact).abs() <= bound).all()), f"seed {seed}"
+    assert torch.equal(out[3], g[3])
+    assert not native.project_rows_(g.double(), W.double()) and not native.project_rows_(g, W.t())
+
+
+def test_project_rows_gives_the_same_bits_on_any_number_of_threads(seed):
+    """Each row is reduced by one thread in a fixed order: 1, 2 and 3 threads (and a forked child's one) agree bit
+    for bit, so data-parallel ranks and one process project alike."""
+    W, g = torch.randn(1000, 576), torch.randn(1000, 576)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = g.clone()
+            assert native.project_rows_(out, W)
+            outs.append(out)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:]), f"seed {seed}"
+
+
 def test_matvec_bf16_within_the_bound_of_its_summation_order(seed):
     d, m = 96, 4608
     W, v = torch.randn(d, m).bfloat16(), torch.randn(m)

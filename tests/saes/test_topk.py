@@ -163,8 +163,11 @@ def _train_steps(sae, xs, dead_mask):
 def test_steps_through_reused_buffers_are_bit_identical_to_fresh_tensors(monkeypatch, arch, matmul_dtype):
     """The buffers change where results are written, never a bit of them: four steps (AuxK on: half the latents
     dead) against the same steps with every buffer off (fresh tensors, the base class's projection, autograd's
-    squared error)."""
+    squared error); the compiled projection, which rounds differently, is off in both (tested on its own)."""
+    from saeforge.kernels import native
     from saeforge.saes.topk import TopKSAE
+
+    monkeypatch.setattr(native, "project_rows_", lambda g, W: False)
 
     d_in, d_sae = 64, 512  # large enough for the compiled kernels (k at most one per 16 latents)
     overrides = {"group_sizes": (64, 448)} if arch == "matryoshka" else {}
@@ -206,7 +209,8 @@ def test_gradients_land_in_reused_buffers_and_a_held_gradient_is_never_overwritt
         assert torch.equal(p.grad, 2 * once[n]), n
 
 
-def test_the_buffered_squared_error_and_projection_give_autograds_and_the_base_classs_bits():
+def test_the_buffered_squared_error_and_projection_give_autograds_and_the_base_classs_bits(monkeypatch):
+    from saeforge.kernels import native
     from saeforge.saes.base import SAE
     from saeforge.saes.topk import _SquaredErrorFn
 
@@ -222,6 +226,7 @@ def test_the_buffered_squared_error_and_projection_give_autograds_and_the_base_c
         sae.W_dec.mul_(2 * torch.rand(333, 1))  # rows off the unit sphere: the projection normalises them itself
     grad = torch.randn(333, 77)
     sae.W_dec.grad = grad.clone()
+    monkeypatch.setattr(native, "project_rows_", lambda g, W: False)  # the buffered PyTorch ops, not the kernel
     sae.before_optimizer_step()
     got = sae.W_dec.grad.clone()
     sae.W_dec.grad = grad.clone()
@@ -244,3 +249,24 @@ def test_two_forwards_before_one_backward_keep_their_own_saved_tensors(monkeypat
     got = grads()
     monkeypatch.setattr(TopKSAE, "_step_buffers", property(lambda self: None))
     assert all(torch.equal(a, b) for a, b in zip(got, grads()))
+
+
+def test_fast_kernel_projects_the_decoder_gradient_with_the_compiled_pass():
+    """kernel="fast": the one-pass compiled projection where it is built (held to its error bound in
+    tests/kernels); "reference" (or no compiler): the plain-PyTorch projection of the base class, bit for bit."""
+    from saeforge.kernels import native
+    from saeforge.saes.base import SAE
+
+    for kernel in ("fast", "reference"):
+        sae = build("topk", kernel=kernel)
+        sae.training_loss(batch(64), state=TrainState()).loss.backward()
+        g = sae.W_dec.grad.clone()
+        sae.before_optimizer_step()
+        got = sae.W_dec.grad.clone()
+        expected = g.clone()
+        if not (kernel == "fast" and native.project_rows_(expected, sae.W_dec.detach())):
+            sae.W_dec.grad = g
+            SAE.before_optimizer_step(sae)
+            expected = sae.W_dec.grad
+        assert torch.equal(got, expected), kernel
+        assert (got * sae.W_dec).sum(1).abs().max() < 1e-5
