@@ -67,10 +67,24 @@ def start(device: str = "auto") -> Ranks:
         torch.cuda.set_device(wanted)
     started = False
     if not dist.is_initialized():
+        _import_world_defaults()
         dist.init_process_group("nccl" if wanted.type == "cuda" else "gloo", timeout=TIMEOUT,
                                 device_id=wanted if wanted.type == "cuda" else None)
         started = True
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, wanted, started)
+
+
+def _import_world_defaults() -> None:
+    """Import, before the default group exists, the torch module that takes it as a default argument.
+
+    ``torch.distributed.nn.functional`` declares ``def broadcast(tensor, src, group=group.WORLD)`` (and nine more
+    like it): the default is evaluated once, when the module is first imported. torch imports it lazily (the first
+    optimiser a process builds imports ``torch._dynamo``, which imports it), so imported during training those
+    defaults hold the default group for the life of the process: ``destroy_process_group`` then cannot free it,
+    gloo's threads (``gloo_tcp_loop``, ``pt_gloo_runloop``) outlive it, and their teardown at interpreter exit aborted
+    a rank now and then (SIGABRT, 'terminate called without an active exception'). Imported before the group
+    exists, the defaults are None, which torch reads as the default group of each call."""
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 def leave_together() -> None:
