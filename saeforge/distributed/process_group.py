@@ -67,10 +67,24 @@ def start(device: str = "auto") -> Ranks:
         torch.cuda.set_device(wanted)
     started = False
     if not dist.is_initialized():
+        _import_world_defaults()
         dist.init_process_group("nccl" if wanted.type == "cuda" else "gloo", timeout=TIMEOUT,
                                 device_id=wanted if wanted.type == "cuda" else None)
         started = True
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, wanted, started)
+
+
+def _import_world_defaults() -> None:
+    """Import, before the default group exists, the torch module that takes it as a default argument.
+
+    ``torch.distributed.nn.functional`` declares ``def broadcast(tensor, src, group=group.WORLD)`` (and nine more
+    like it): the default is evaluated once, when the module is first imported. torch imports it lazily (the first
+    optimiser a process builds imports ``torch._dynamo``, which imports it), so imported during training those
+    defaults hold the default group for the life of the process: ``destroy_process_group`` then cannot free it,
+    gloo's threads (``gloo_tcp_loop``, ``pt_gloo_runloop``) outlive it, and their teardown at interpreter exit aborted
+    a rank now and then (SIGABRT, 'terminate called without an active exception'). Imported before the group
+    exists, the defaults are None, which torch reads as the default group of each call."""
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 def leave_together() -> None:
@@ -90,12 +104,13 @@ def exit_rank(code: int) -> NoReturn:
     """End a rank's process once its command has finished and written everything, without the interpreter's
     teardown.
 
-    After a training run gloo's threads (``gloo_tcp_loop``, ``pt_gloo_runloop``) outlive ``destroy_process_group``
-    (torch 2.13: something inside torch still holds the backend), and destroying them during interpreter exit aborts
-    the rank now and then (SIGABRT, 'terminate called without an active exception'; 4 in 10 two-rank runs on a loaded
-    2-core machine), so torchrun reports a finished run as failed. Every file saeforge writes is complete (atomic
-    rename) before the command returns, so skipping the teardown loses nothing; the standard streams are flushed
-    first."""
+    A defence kept by the ``saeforge`` entry point: the one known cause of a rank aborting in that teardown (gloo's
+    threads outliving ``destroy_process_group`` and dying at exit with SIGABRT, 'terminate called without an active
+    exception') is removed at its root (:func:`_import_world_defaults`), and a script that calls
+    :func:`saeforge.training.train` ends through the plain teardown (tests/distributed/test_teardown.py). Exiting this
+    way also ignores whatever else a process might still hold (a group captured by some other module). Every file
+    saeforge writes is complete (atomic rename) before the command returns, so skipping the teardown loses nothing;
+    the standard streams are flushed first."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
