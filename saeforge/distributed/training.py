@@ -55,6 +55,7 @@ from saeforge.training.config import TrainConfig, resolve_config
 from saeforge.training.run_dir import open_run, record_data
 from saeforge.training.scaling import scaler_from_dict
 from saeforge.training.trainer import Trainee, Trainer
+from saeforge.utils.finite import all_finite
 from saeforge.utils.threads import thread_policy
 
 __all__ = ["DataParallelTrainer", "ModuleParallelTrainer", "data_parallel_problem", "train_distributed"]
@@ -144,7 +145,8 @@ class DataParallelTrainer(_RankedTrainer):
             yield {site: x[lo:lo + self.local_batch] for site, x in batch.items()}
 
     def _check_input(self, x: torch.Tensor, t: Trainee) -> None:
-        self._input_finite = torch.isfinite(x).all()  # reported in the collective of _backward
+        # reported in the collective of _backward; one aminmax pass, as the one-process trainer checks
+        self._input_finite = torch.tensor(all_finite(x), device=x.device)
 
     def _backward(self, t: Trainee, out: TrainOutput, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         world, rank = self.ranks.world_size, self.ranks.rank
